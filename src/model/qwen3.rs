@@ -1,0 +1,280 @@
+//! Qwen3 body with optional LoRA, computing only what a yes/no reranker needs: the final hidden
+//! state at each row's last real token. Nothing of size batch x length x vocab (or batch x vocab)
+//! is ever built; the head is two rows of the embedding (or lm_head) matrix.
+//!
+//! Frozen weights are f32 (widened once at load); the embedding table stays in the checkpoint's
+//! dtype and only the looked-up rows are widened, which is exact.
+
+use candle_core::{D, DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+use super::checkpoint::WeightSource;
+use super::lora::{LoraSet, Target};
+use super::ops::{RopeTables, causal_softmax, frozen_linear, rms_norm};
+use super::{Qwen3Config, Result};
+
+/// One decoder layer. q/k/v and gate/up are stored fused (one matmul each); LoRA is added per
+/// projection on the slices.
+struct Layer {
+    qkv_proj: Tensor,     // [q + 2 kv, hidden]
+    o_proj: Tensor,       // [hidden, q]
+    gate_up_proj: Tensor, // [2 inter, hidden]
+    down_proj: Tensor,    // [hidden, inter]
+    q_norm: Tensor,       // [head_dim]
+    k_norm: Tensor,       // [head_dim]
+    input_layernorm: Tensor,
+    post_attention_layernorm: Tensor,
+}
+
+/// Dropout on LoRA inputs during training: seeded, so runs are reproducible.
+pub struct Dropout {
+    pub p: f64,
+    rng: rand::rngs::StdRng,
+}
+
+impl Dropout {
+    pub fn new(p: f64, seed: u64) -> Self {
+        Self {
+            p,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+        }
+    }
+
+    fn apply(&mut self, x: &Tensor) -> Result<Tensor> {
+        if self.p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - self.p;
+        let n = x.elem_count();
+        let mask: Vec<f32> = (0..n)
+            .map(|_| {
+                if self.rng.random::<f64>() < keep {
+                    (1.0 / keep) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
+        Ok((x * mask)?)
+    }
+}
+
+/// What a forward pass adds on top of the frozen model.
+pub struct Adapters<'a> {
+    pub lora: Option<&'a LoraSet>,
+    /// Some only in training; scoring never applies dropout.
+    pub dropout: Option<&'a mut Dropout>,
+}
+
+impl Adapters<'_> {
+    pub fn none() -> Adapters<'static> {
+        Adapters {
+            lora: None,
+            dropout: None,
+        }
+    }
+}
+
+pub struct Qwen3 {
+    pub cfg: Qwen3Config,
+    embed_tokens: Tensor, // [vocab, hidden], checkpoint dtype
+    layers: Vec<Layer>,
+    norm: Tensor,
+    /// Rows [no, yes] of the output head, f32: `[2, hidden]`.
+    head: Tensor,
+    device: Device,
+}
+
+impl Qwen3 {
+    /// Builds the model from a weight source; `yes_id` / `no_id` pick the head rows.
+    pub fn load(
+        cfg: &Qwen3Config,
+        w: &dyn WeightSource,
+        yes_id: u32,
+        no_id: u32,
+        device: &Device,
+    ) -> Result<Self> {
+        let (d, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+        let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+        let f32w = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            Ok(w.get(name, shape)?.to_dtype(DType::F32)?)
+        };
+        let embed_tokens = w.get("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                let qkv = Tensor::cat(
+                    &[
+                        f32w(&format!("{p}.self_attn.q_proj.weight"), &[q, d])?,
+                        f32w(&format!("{p}.self_attn.k_proj.weight"), &[kv, d])?,
+                        f32w(&format!("{p}.self_attn.v_proj.weight"), &[kv, d])?,
+                    ],
+                    0,
+                )?;
+                let gate_up = Tensor::cat(
+                    &[
+                        f32w(&format!("{p}.mlp.gate_proj.weight"), &[inter, d])?,
+                        f32w(&format!("{p}.mlp.up_proj.weight"), &[inter, d])?,
+                    ],
+                    0,
+                )?;
+                Ok(Layer {
+                    qkv_proj: qkv,
+                    o_proj: f32w(&format!("{p}.self_attn.o_proj.weight"), &[d, q])?,
+                    gate_up_proj: gate_up,
+                    down_proj: f32w(&format!("{p}.mlp.down_proj.weight"), &[d, inter])?,
+                    q_norm: f32w(&format!("{p}.self_attn.q_norm.weight"), &[hd])?,
+                    k_norm: f32w(&format!("{p}.self_attn.k_norm.weight"), &[hd])?,
+                    input_layernorm: f32w(&format!("{p}.input_layernorm.weight"), &[d])?,
+                    post_attention_layernorm: f32w(
+                        &format!("{p}.post_attention_layernorm.weight"),
+                        &[d],
+                    )?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = f32w("model.norm.weight", &[d])?;
+        let ids = Tensor::new(&[no_id, yes_id], device)?;
+        let head = if !cfg.tie_word_embeddings && w.has("lm_head.weight") {
+            w.get("lm_head.weight", &[cfg.vocab_size, d])?
+                .index_select(&ids, 0)?
+        } else {
+            embed_tokens.index_select(&ids, 0)?
+        }
+        .to_dtype(DType::F32)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            head,
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Bytes held by the frozen weights (what the memory governor counts as fixed cost).
+    pub fn weight_bytes(&self) -> usize {
+        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        t(&self.embed_tokens)
+            + self
+                .layers
+                .iter()
+                .map(|l| t(&l.qkv_proj) + t(&l.o_proj) + t(&l.gate_up_proj) + t(&l.down_proj))
+                .sum::<usize>()
+    }
+
+    /// `[batch, 2]` logits `[no, yes]` at each row's last real token.
+    /// `ids: [batch, seq]` right-padded; `last[b]` is the index of row b's last real token.
+    pub fn yes_no_logits(&self, ids: &Tensor, last: &[usize], ad: &mut Adapters) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        // Right padding + causal attention: real tokens never see the padding, so no pad mask.
+        let x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(DType::F32)?; // [b*t, d]
+        let rope = RopeTables::new(self.cfg.head_dim, t, self.cfg.rope_theta, &self.device)?;
+        let mut x = x;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward(i, layer, &x, b, t, &rope, ad)?;
+        }
+        let rows: Vec<u32> = last
+            .iter()
+            .enumerate()
+            .map(|(r, &l)| (r * t + l) as u32)
+            .collect();
+        let h = x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?; // [b, d]
+        let h = rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)?;
+        Ok(h.matmul(&self.head.t()?)?) // [b, 2]
+    }
+
+    fn proj(
+        &self,
+        i: usize,
+        t: Target,
+        x: &Tensor,
+        base: Tensor,
+        ad: &mut Adapters,
+    ) -> Result<Tensor> {
+        let Some(p) = ad.lora.and_then(|l| l.get(i, t)) else {
+            return Ok(base);
+        };
+        let scale = ad.lora.map(|l| l.cfg.scale()).unwrap_or(1.0);
+        let xin = match ad.dropout.as_deref_mut() {
+            Some(d) => d.apply(x)?,
+            None => x.clone(),
+        };
+        let delta = xin
+            .matmul(&p.a.as_tensor().t()?)?
+            .matmul(&p.b.as_tensor().t()?)?;
+        Ok((base + (delta * scale)?)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        i: usize,
+        l: &Layer,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        rope: &RopeTables,
+        ad: &mut Adapters,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (h, hk, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (qd, kvd, rep) = (h * hd, hk * hd, h / hk);
+        let eps = c.rms_norm_eps;
+
+        let hn = rms_norm(x, &l.input_layernorm, eps)?; // [b*t, d]
+        let qkv = frozen_linear(&hn, &l.qkv_proj)?; // [b*t, qd + 2 kvd]
+        let q = self.proj(i, Target::Q, &hn, qkv.narrow(1, 0, qd)?, ad)?;
+        let k = self.proj(i, Target::K, &hn, qkv.narrow(1, qd, kvd)?, ad)?;
+        let v = self.proj(i, Target::V, &hn, qkv.narrow(1, qd + kvd, kvd)?, ad)?;
+
+        let q = rms_norm(&q.reshape((b, t, h, hd))?, &l.q_norm, eps)?;
+        let q = super::ops::rope(&q, rope)?.transpose(1, 2)?.contiguous()?; // [b, h, t, hd]
+        // Heads sharing a KV head are consecutive: stack them along rows, no K/V copies.
+        let q = q.reshape((b, hk, rep * t, hd))?;
+        let k = rms_norm(&k.reshape((b, t, hk, hd))?, &l.k_norm, eps)?;
+        let k = super::ops::rope(&k, rope)?.transpose(1, 2)?.contiguous()?; // [b, hk, t, hd]
+        let v = v.reshape((b, t, hk, hd))?.transpose(1, 2)?.contiguous()?; // [b, hk, t, hd]
+
+        let s = q.matmul(&k.t()?)?; // [b, hk, rep*t, t]
+        let p = causal_softmax(&s, 1.0 / (hd as f64).sqrt())?;
+        let o = p.matmul(&v)?; // [b, hk, rep*t, hd]
+        let o = o
+            .reshape((b, h, t, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * t, qd))?;
+        let o = self.proj(i, Target::O, &o, frozen_linear(&o, &l.o_proj)?, ad)?;
+        let x = (x + o)?;
+
+        let hn = rms_norm(&x, &l.post_attention_layernorm, eps)?;
+        let gu = frozen_linear(&hn, &l.gate_up_proj)?; // [b*t, 2 inter]
+        let inter = c.intermediate_size;
+        let g = self.proj(i, Target::Gate, &hn, gu.narrow(1, 0, inter)?, ad)?;
+        let u = self.proj(i, Target::Up, &hn, gu.narrow(1, inter, inter)?, ad)?;
+        let a = (g.silu()? * u)?;
+        let m = self.proj(i, Target::Down, &a, frozen_linear(&a, &l.down_proj)?, ad)?;
+        Ok((x + m)?)
+    }
+}
+
+/// Mean (weighted) 2-way cross-entropy over `[no, yes]` logits; `labels[b]` is 1.0 for relevant.
+/// `weights[b]` scales each row's loss (1/batch for a mean, 1/effective-batch under accumulation).
+pub fn yes_no_loss(logits: &Tensor, labels: &[f32], weights: &[f32]) -> Result<Tensor> {
+    let dev = logits.device();
+    let b = labels.len();
+    let onehot: Vec<f32> = labels.iter().flat_map(|&y| [1.0 - y, y]).collect();
+    let onehot = Tensor::from_vec(onehot, (b, 2), dev)?;
+    let w = Tensor::from_vec(weights.to_vec(), b, dev)?;
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?; // stable: max subtracted
+    let nll = (logp * onehot)?.sum(D::Minus1)?.neg()?; // [b]
+    Ok((nll * w)?.sum_all()?)
+}

@@ -1,0 +1,3 @@
+//! Training: the optimizer, its schedule, gradient clipping and accumulation.
+
+pub mod optim;

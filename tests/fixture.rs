@@ -1,0 +1,230 @@
+//! The engine against Hugging Face transformers + peft on the tiny Qwen3 fixture
+//! (tests/fixtures/tiny-qwen3, see its README): tokens, logits, scores, loss and every LoRA gradient.
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use rerankd::model::lora::{LoraConfig, LoraSet, Target};
+use rerankd::model::{PairLogits, Reranker};
+use serde_json::Value;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-qwen3")
+}
+
+struct Pair {
+    query: String,
+    document: String,
+    label: f32,
+    ids: Vec<u32>,
+    base: [f32; 3],
+    lora: [f32; 3],
+}
+
+fn reference() -> (Value, Vec<Pair>) {
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap())
+            .unwrap();
+    let f = |p: &Value, k: &str| p[k].as_f64().unwrap() as f32;
+    let pairs = v["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| Pair {
+            query: p["query"].as_str().unwrap().into(),
+            document: p["document"].as_str().unwrap().into(),
+            label: f(p, "label"),
+            ids: p["input_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect(),
+            base: [
+                f(p, "base_yes_logit"),
+                f(p, "base_no_logit"),
+                f(p, "base_score"),
+            ],
+            lora: [
+                f(p, "lora_yes_logit"),
+                f(p, "lora_no_logit"),
+                f(p, "lora_score"),
+            ],
+        })
+        .collect();
+    (v, pairs)
+}
+
+fn model() -> Reranker {
+    let mut r = Reranker::load(fixture().to_str().unwrap(), &Device::Cpu).unwrap();
+    let (v, _) = reference();
+    r.instruction = v["instruction"].as_str().unwrap().into();
+    r
+}
+
+fn fixture_lora(r: &Reranker) -> LoraSet {
+    let cfg = LoraConfig::new(4, 8.0, 0.0, &Target::ALL);
+    LoraSet::load_tensors(
+        &cfg,
+        &fixture().join("lora_init.safetensors"),
+        &r.model.cfg,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+fn assert_close(got: &PairLogits, want: &[f32; 3], what: &str) {
+    let d = [
+        (got.yes_logit - want[0]).abs(),
+        (got.no_logit - want[1]).abs(),
+        (got.score - want[2]).abs(),
+    ];
+    assert!(
+        d.iter().all(|&d| d < 1e-4),
+        "{what}: got {got:?}, want {want:?} (diff {d:?})"
+    );
+}
+
+fn check_scores(r: &Reranker, lora: Option<&LoraSet>, pick: fn(&Pair) -> [f32; 3]) {
+    let (_, pairs) = reference();
+    for (i, p) in pairs.iter().enumerate() {
+        let one = r.score_ids(&[p.ids.as_slice()], lora).unwrap();
+        assert_close(&one[0], &pick(p), &format!("pair {i} alone"));
+    }
+    // One padded batch, and the reversed order, must agree with the singletons.
+    let seqs: Vec<&[u32]> = pairs.iter().map(|p| p.ids.as_slice()).collect();
+    for (i, s) in r.score_ids(&seqs, lora).unwrap().iter().enumerate() {
+        assert_close(s, &pick(&pairs[i]), &format!("pair {i} in a padded batch"));
+    }
+    let rev: Vec<&[u32]> = seqs.iter().rev().copied().collect();
+    for (j, s) in r.score_ids(&rev, lora).unwrap().iter().enumerate() {
+        assert_close(
+            s,
+            &pick(&pairs[pairs.len() - 1 - j]),
+            &format!("pair {j} in a reversed batch"),
+        );
+    }
+}
+
+#[test]
+fn prompt_tokens_match_the_reference() {
+    let r = model();
+    let (_, pairs) = reference();
+    let lens: Vec<usize> = pairs.iter().map(|p| p.ids.len()).collect();
+    assert!(
+        lens.iter().any(|&l| l != lens[0]),
+        "the fixture should have pairs of different lengths"
+    );
+    for p in &pairs {
+        assert_eq!(
+            r.encode(&p.query, &p.document, 100_000).unwrap(),
+            p.ids,
+            "tokens of {:?}",
+            p.query
+        );
+    }
+}
+
+#[test]
+fn base_scores_match_one_by_one_and_batched() {
+    check_scores(&model(), None, |p| p.base);
+}
+
+#[test]
+fn lora_scores_match_one_by_one_and_batched() {
+    let r = model();
+    check_scores(&r, Some(&fixture_lora(&r)), |p| p.lora);
+}
+
+#[test]
+fn peft_adapter_directory_loads_and_scores_the_same() {
+    let r = model();
+    let lora = LoraSet::load(&fixture().join("peft_adapter"), &r.model.cfg, &Device::Cpu).unwrap();
+    assert_eq!(lora.cfg.r, 4);
+    assert_eq!(lora.cfg.targets.len(), 7);
+    check_scores(&r, Some(&lora), |p| p.lora);
+}
+
+#[test]
+fn head_output_is_batch_by_two() {
+    let r = model();
+    let (_, pairs) = reference();
+    let seqs: Vec<&[u32]> = pairs.iter().map(|p| p.ids.as_slice()).collect();
+    let b = r.batch(&seqs).unwrap();
+    assert_eq!(r.logits(&b, None).unwrap().dims(), &[pairs.len(), 2]);
+}
+
+fn reference_grads(r: &Reranker, lora: &LoraSet) -> Vec<Tensor> {
+    let want =
+        candle_core::safetensors::load(fixture().join("lora_grads.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert_eq!(
+        want.len(),
+        lora.named().len(),
+        "reference has a gradient for every LoRA tensor"
+    );
+    let _ = r;
+    lora.named()
+        .iter()
+        .map(|(n, _)| {
+            want.get(n)
+                .unwrap_or_else(|| panic!("no reference grad {n}"))
+                .clone()
+        })
+        .collect()
+}
+
+fn assert_grads(got: &[Tensor], want: &[Tensor], names: &[String]) {
+    for ((g, w), n) in got.iter().zip(want).zip(names) {
+        let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
+        let w: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(g.len(), w.len(), "{n}");
+        assert!(
+            w.iter().any(|&x| x != 0.0),
+            "reference gradient of {n} is zero"
+        );
+        for (a, b) in g.iter().zip(&w) {
+            let ok = (a - b).abs() <= 1e-4 || (a - b).abs() <= 1e-3 * b.abs();
+            assert!(ok, "{n}: got {a}, want {b}");
+        }
+    }
+}
+
+#[test]
+fn loss_and_every_lora_gradient_match_the_reference() {
+    let r = model();
+    let (v, pairs) = reference();
+    let lora = fixture_lora(&r);
+    let names: Vec<String> = lora.named().into_iter().map(|(n, _)| n).collect();
+    let want = reference_grads(&r, &lora);
+    let seqs: Vec<&[u32]> = pairs.iter().map(|p| p.ids.as_slice()).collect();
+    let labels: Vec<f32> = pairs.iter().map(|p| p.label).collect();
+    let n = pairs.len() as f32;
+
+    // One padded batch.
+    let b = r.batch(&seqs).unwrap();
+    let (loss, grads) = r
+        .micro_step(&b, &labels, &vec![1.0 / n; pairs.len()], &lora, None)
+        .unwrap();
+    let want_loss = v["lora_mean_loss"].as_f64().unwrap() as f32;
+    assert!(
+        (loss - want_loss).abs() < 1e-5,
+        "loss {loss} vs {want_loss}"
+    );
+    assert_grads(&grads, &want, &names);
+
+    // The same as four micro-batches of one, accumulated.
+    let mut acc = rerankd::train::optim::Accumulator::default();
+    let mut total = 0.0;
+    for (s, y) in seqs.iter().zip(&labels) {
+        let b = r.batch(&[s]).unwrap();
+        let (l, g) = r.micro_step(&b, &[*y], &[1.0 / n], &lora, None).unwrap();
+        total += l;
+        acc.add(g).unwrap();
+    }
+    assert!(
+        (total - want_loss).abs() < 1e-5,
+        "accumulated loss {total} vs {want_loss}"
+    );
+    assert_grads(&acc.take().unwrap(), &want, &names);
+}
