@@ -22,9 +22,7 @@ struct Pair {
 }
 
 fn reference() -> (Value, Vec<Pair>) {
-    let v: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap())
-            .unwrap();
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap()).unwrap();
     let f = |p: &Value, k: &str| p[k].as_f64().unwrap() as f32;
     let pairs = v["pairs"]
         .as_array()
@@ -34,22 +32,9 @@ fn reference() -> (Value, Vec<Pair>) {
             query: p["query"].as_str().unwrap().into(),
             document: p["document"].as_str().unwrap().into(),
             label: f(p, "label"),
-            ids: p["input_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect(),
-            base: [
-                f(p, "base_yes_logit"),
-                f(p, "base_no_logit"),
-                f(p, "base_score"),
-            ],
-            lora: [
-                f(p, "lora_yes_logit"),
-                f(p, "lora_no_logit"),
-                f(p, "lora_score"),
-            ],
+            ids: p["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect(),
+            base: [f(p, "base_yes_logit"), f(p, "base_no_logit"), f(p, "base_score")],
+            lora: [f(p, "lora_yes_logit"), f(p, "lora_no_logit"), f(p, "lora_score")],
         })
         .collect();
     (v, pairs)
@@ -64,25 +49,12 @@ fn model() -> Reranker {
 
 fn fixture_lora(r: &Reranker) -> LoraSet {
     let cfg = LoraConfig::new(4, 8.0, 0.0, &Target::ALL);
-    LoraSet::load_tensors(
-        &cfg,
-        &fixture().join("lora_init.safetensors"),
-        &r.model.cfg,
-        &Device::Cpu,
-    )
-    .unwrap()
+    LoraSet::load_tensors(&cfg, &fixture().join("lora_init.safetensors"), &r.model.cfg, &Device::Cpu).unwrap()
 }
 
 fn assert_close(got: &PairLogits, want: &[f32; 3], what: &str) {
-    let d = [
-        (got.yes_logit - want[0]).abs(),
-        (got.no_logit - want[1]).abs(),
-        (got.score - want[2]).abs(),
-    ];
-    assert!(
-        d.iter().all(|&d| d < 1e-4),
-        "{what}: got {got:?}, want {want:?} (diff {d:?})"
-    );
+    let d = [(got.yes_logit - want[0]).abs(), (got.no_logit - want[1]).abs(), (got.score - want[2]).abs()];
+    assert!(d.iter().all(|&d| d < 1e-4), "{what}: got {got:?}, want {want:?} (diff {d:?})");
 }
 
 fn check_scores(r: &Reranker, lora: Option<&LoraSet>, pick: fn(&Pair) -> [f32; 3]) {
@@ -98,11 +70,7 @@ fn check_scores(r: &Reranker, lora: Option<&LoraSet>, pick: fn(&Pair) -> [f32; 3
     }
     let rev: Vec<&[u32]> = seqs.iter().rev().copied().collect();
     for (j, s) in r.score_ids(&rev, lora).unwrap().iter().enumerate() {
-        assert_close(
-            s,
-            &pick(&pairs[pairs.len() - 1 - j]),
-            &format!("pair {j} in a reversed batch"),
-        );
+        assert_close(s, &pick(&pairs[pairs.len() - 1 - j]), &format!("pair {j} in a reversed batch"));
     }
 }
 
@@ -111,17 +79,9 @@ fn prompt_tokens_match_the_reference() {
     let r = model();
     let (_, pairs) = reference();
     let lens: Vec<usize> = pairs.iter().map(|p| p.ids.len()).collect();
-    assert!(
-        lens.iter().any(|&l| l != lens[0]),
-        "the fixture should have pairs of different lengths"
-    );
+    assert!(lens.iter().any(|&l| l != lens[0]), "the fixture should have pairs of different lengths");
     for p in &pairs {
-        assert_eq!(
-            r.encode(&p.query, &p.document, 100_000).unwrap(),
-            p.ids,
-            "tokens of {:?}",
-            p.query
-        );
+        assert_eq!(r.encode(&p.query, &p.document, 100_000).unwrap(), p.ids, "tokens of {:?}", p.query);
     }
 }
 
@@ -155,23 +115,10 @@ fn head_output_is_batch_by_two() {
 }
 
 fn reference_grads(r: &Reranker, lora: &LoraSet) -> Vec<Tensor> {
-    let want =
-        candle_core::safetensors::load(fixture().join("lora_grads.safetensors"), &Device::Cpu)
-            .unwrap();
-    assert_eq!(
-        want.len(),
-        lora.named().len(),
-        "reference has a gradient for every LoRA tensor"
-    );
+    let want = candle_core::safetensors::load(fixture().join("lora_grads.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(want.len(), lora.named().len(), "reference has a gradient for every LoRA tensor");
     let _ = r;
-    lora.named()
-        .iter()
-        .map(|(n, _)| {
-            want.get(n)
-                .unwrap_or_else(|| panic!("no reference grad {n}"))
-                .clone()
-        })
-        .collect()
+    lora.named().iter().map(|(n, _)| want.get(n).unwrap_or_else(|| panic!("no reference grad {n}")).clone()).collect()
 }
 
 fn assert_grads(got: &[Tensor], want: &[Tensor], names: &[String]) {
@@ -179,10 +126,7 @@ fn assert_grads(got: &[Tensor], want: &[Tensor], names: &[String]) {
         let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
         let w: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(g.len(), w.len(), "{n}");
-        assert!(
-            w.iter().any(|&x| x != 0.0),
-            "reference gradient of {n} is zero"
-        );
+        assert!(w.iter().any(|&x| x != 0.0), "reference gradient of {n} is zero");
         for (a, b) in g.iter().zip(&w) {
             let ok = (a - b).abs() <= 1e-4 || (a - b).abs() <= 1e-3 * b.abs();
             assert!(ok, "{n}: got {a}, want {b}");
@@ -203,14 +147,9 @@ fn loss_and_every_lora_gradient_match_the_reference() {
 
     // One padded batch.
     let b = r.batch(&seqs).unwrap();
-    let (loss, grads) = r
-        .micro_step(&b, &labels, &vec![1.0 / n; pairs.len()], &lora, None)
-        .unwrap();
+    let (loss, grads) = r.micro_step(&b, &labels, &vec![1.0 / n; pairs.len()], &lora, None).unwrap();
     let want_loss = v["lora_mean_loss"].as_f64().unwrap() as f32;
-    assert!(
-        (loss - want_loss).abs() < 1e-5,
-        "loss {loss} vs {want_loss}"
-    );
+    assert!((loss - want_loss).abs() < 1e-5, "loss {loss} vs {want_loss}");
     assert_grads(&grads, &want, &names);
 
     // The same as four micro-batches of one, accumulated.
@@ -222,9 +161,6 @@ fn loss_and_every_lora_gradient_match_the_reference() {
         total += l;
         acc.add(g).unwrap();
     }
-    assert!(
-        (total - want_loss).abs() < 1e-5,
-        "accumulated loss {total} vs {want_loss}"
-    );
+    assert!((total - want_loss).abs() < 1e-5, "accumulated loss {total} vs {want_loss}");
     assert_grads(&acc.take().unwrap(), &want, &names);
 }

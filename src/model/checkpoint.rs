@@ -41,30 +41,13 @@ impl CheckpointDir {
     pub fn open(dir: &Path) -> Result<Self> {
         let need = |name: &str| {
             let p = dir.join(name);
-            if p.is_file() {
-                Ok(p)
-            } else {
-                Err(ModelError::file(
-                    &p,
-                    None,
-                    "missing from the checkpoint directory",
-                ))
-            }
+            if p.is_file() { Ok(p) } else { Err(ModelError::file(&p, None, "missing from the checkpoint directory")) }
         };
         let config = need("config.json")?;
         let tokenizer = need("tokenizer.json")?;
         let index = dir.join("model.safetensors.index.json");
-        let weights = if index.is_file() {
-            shard_files(&index)?
-        } else {
-            vec![need("model.safetensors")?]
-        };
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            config,
-            tokenizer,
-            weights,
-        })
+        let weights = if index.is_file() { shard_files(&index)? } else { vec![need("model.safetensors")?] };
+        Ok(Self { dir: dir.to_path_buf(), config, tokenizer, weights })
     }
 
     pub fn read_config(&self) -> Result<Qwen3Config> {
@@ -92,8 +75,7 @@ pub fn hf_hub_cache() -> Option<PathBuf> {
 /// `models--Owner--Name/snapshots/<rev>` where `<rev>` is what `refs/main` names, else the only
 /// (or newest) snapshot.
 fn hf_cache_snapshot(repo: &str) -> Result<PathBuf> {
-    let cache = hf_hub_cache()
-        .ok_or_else(|| ModelError::Invalid("no HF_HOME and no HOME to find the cache".into()))?;
+    let cache = hf_hub_cache().ok_or_else(|| ModelError::Invalid("no HF_HOME and no HOME to find the cache".into()))?;
     let repo_dir = cache.join(format!("models--{}", repo.replace('/', "--")));
     let snapshots = repo_dir.join("snapshots");
     if let Ok(rev) = std::fs::read_to_string(repo_dir.join("refs/main")) {
@@ -119,42 +101,26 @@ fn hf_cache_snapshot(repo: &str) -> Result<PathBuf> {
 
 fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| ModelError::io(index, "reading", e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| ModelError::file(index, None, format!("not valid JSON: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| ModelError::file(index, None, format!("not valid JSON: {e}")))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
-        .ok_or_else(|| {
-            ModelError::file(index, Some("weight_map".into()), "missing or not an object")
-        })?;
+        .ok_or_else(|| ModelError::file(index, Some("weight_map".into()), "missing or not an object"))?;
     let dir = index.parent().unwrap_or(Path::new("."));
     let mut files = BTreeSet::new();
     for (name, file) in map {
         let f = file
             .as_str()
             .filter(|f| !f.contains('/') && !f.starts_with('.'))
-            .ok_or_else(|| {
-                ModelError::file(
-                    index,
-                    Some(format!("weight_map.{name}")),
-                    "must be a file name",
-                )
-            })?;
+            .ok_or_else(|| ModelError::file(index, Some(format!("weight_map.{name}")), "must be a file name"))?;
         files.insert(f.to_string());
     }
     files
         .into_iter()
         .map(|f| {
             let p = dir.join(&f);
-            if p.is_file() {
-                Ok(p)
-            } else {
-                Err(ModelError::file(
-                    &p,
-                    None,
-                    "shard named in the index is missing",
-                ))
-            }
+            if p.is_file() { Ok(p) } else { Err(ModelError::file(&p, None, "shard named in the index is missing")) }
         })
         .collect()
 }
@@ -186,72 +152,43 @@ impl SafetensorsWeights {
         let st = unsafe { MmapedSafetensors::multi(files) }
             .map_err(|e| ModelError::Invalid(format!("reading {}: {e}", display_list(files))))?;
         let names = st.tensors().into_iter().map(|(n, _)| (n, ())).collect();
-        Ok(Self {
-            st,
-            files: files.to_vec(),
-            names,
-            device: device.clone(),
-        })
+        Ok(Self { st, files: files.to_vec(), names, device: device.clone() })
     }
 
     fn resolve_name(&self, name: &str) -> Option<String> {
         // Qwen3ForCausalLM keeps `model.` in front; a bare Qwen3Model checkpoint does not.
-        [
-            name.to_string(),
-            name.strip_prefix("model.").unwrap_or(name).to_string(),
-        ]
-        .into_iter()
-        .find(|n| self.names.contains_key(n))
+        [name.to_string(), name.strip_prefix("model.").unwrap_or(name).to_string()]
+            .into_iter()
+            .find(|n| self.names.contains_key(n))
     }
 }
 
 fn display_list(files: &[PathBuf]) -> String {
-    files
-        .iter()
-        .map(|f| f.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
 fn check_safetensors_header(path: &Path) -> Result<()> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).map_err(|e| ModelError::io(path, "opening", e))?;
     let mut len = [0u8; 8];
-    f.read_exact(&mut len)
-        .map_err(|_| ModelError::file(path, None, "too short to be a safetensors file"))?;
+    f.read_exact(&mut len).map_err(|_| ModelError::file(path, None, "too short to be a safetensors file"))?;
     let n = u64::from_le_bytes(len);
-    let size = f
-        .metadata()
-        .map_err(|e| ModelError::io(path, "reading metadata of", e))?
-        .len();
+    let size = f.metadata().map_err(|e| ModelError::io(path, "reading metadata of", e))?.len();
     if n == 0 || n > 100_000_000 || n + 8 > size {
-        return Err(ModelError::file(
-            path,
-            None,
-            format!("not a safetensors file (header length {n})"),
-        ));
+        return Err(ModelError::file(path, None, format!("not a safetensors file (header length {n})")));
     }
     let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header)
-        .map_err(|e| ModelError::io(path, "reading", e))?;
-    serde_json::from_slice::<serde_json::Value>(&header).map_err(|e| {
-        ModelError::file(
-            path,
-            None,
-            format!("safetensors header is not valid JSON: {e}"),
-        )
-    })?;
+    f.read_exact(&mut header).map_err(|e| ModelError::io(path, "reading", e))?;
+    serde_json::from_slice::<serde_json::Value>(&header)
+        .map_err(|e| ModelError::file(path, None, format!("safetensors header is not valid JSON: {e}")))?;
     Ok(())
 }
 
 impl WeightSource for SafetensorsWeights {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let key = self.resolve_name(name).ok_or_else(|| {
-            ModelError::Invalid(format!(
-                "{}: tensor `{name}` is missing",
-                display_list(&self.files)
-            ))
-        })?;
+        let key = self
+            .resolve_name(name)
+            .ok_or_else(|| ModelError::Invalid(format!("{}: tensor `{name}` is missing", display_list(&self.files))))?;
         let t = self.st.load(&key, &self.device)?;
         if t.dims() != shape {
             return Err(ModelError::Invalid(format!(
@@ -288,17 +225,15 @@ impl WeightSource for RandomWeights {
         let data: Vec<f32> = if name.ends_with("norm.weight") {
             vec![1.0; n]
         } else {
-            let h = name.bytes().fold(self.seed ^ 0xcbf29ce484222325, |h, b| {
-                (h ^ b as u64).wrapping_mul(0x100000001b3)
-            });
+            let h =
+                name.bytes().fold(self.seed ^ 0xcbf29ce484222325, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
             let bound = 0.02 * 3f32.sqrt();
             // Generate in parallel chunks, each with its own stream, so large tables are quick.
             let mut v = vec![0f32; n];
             use rayon::prelude::*;
             v.par_chunks_mut(1 << 20).enumerate().for_each(|(i, c)| {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(h.wrapping_add(i as u64));
-                c.iter_mut()
-                    .for_each(|x| *x = rng.random_range(-bound..bound));
+                c.iter_mut().for_each(|x| *x = rng.random_range(-bound..bound));
             });
             v
         };

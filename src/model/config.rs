@@ -26,39 +26,30 @@ impl Qwen3Config {
     /// Reads and validates `config.json`; every error names the file and the field.
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, "reading", e))?;
-        let value: Value = serde_json::from_str(&text)
-            .map_err(|e| ModelError::file(path, None, format!("not valid JSON: {e}")))?;
+        let value: Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::file(path, None, format!("not valid JSON: {e}")))?;
         Self::from_value(&value).map_err(|(field, msg)| ModelError::file(path, Some(field), msg))
     }
 
     /// Parses a config object; an error is `(field, message)`.
     pub fn from_value(v: &Value) -> Result<Self, (String, String)> {
-        let obj = v
-            .as_object()
-            .ok_or(("(root)".to_string(), "expected a JSON object".to_string()))?;
+        let obj = v.as_object().ok_or(("(root)".to_string(), "expected a JSON object".to_string()))?;
         let usize_field = |name: &str| -> Result<usize, (String, String)> {
             match obj.get(name) {
-                Some(Value::Number(n)) => {
-                    n.as_u64().filter(|&n| n > 0).map(|n| n as usize).ok_or((
-                        name.to_string(),
-                        format!("must be a positive integer, got {n}"),
-                    ))
-                }
-                Some(other) => Err((
-                    name.to_string(),
-                    format!("must be a positive integer, got {other}"),
-                )),
+                Some(Value::Number(n)) => n
+                    .as_u64()
+                    .filter(|&n| n > 0)
+                    .map(|n| n as usize)
+                    .ok_or((name.to_string(), format!("must be a positive integer, got {n}"))),
+                Some(other) => Err((name.to_string(), format!("must be a positive integer, got {other}"))),
                 None => Err((name.to_string(), "missing".to_string())),
             }
         };
-        let f64_in = |o: &serde_json::Map<String, Value>,
-                      name: &str|
-         -> Option<Result<f64, (String, String)>> {
+        let f64_in = |o: &serde_json::Map<String, Value>, name: &str| -> Option<Result<f64, (String, String)>> {
             o.get(name).map(|x| {
-                x.as_f64().filter(|f| f.is_finite() && *f > 0.0).ok_or((
-                    name.to_string(),
-                    format!("must be a positive number, got {x}"),
-                ))
+                x.as_f64()
+                    .filter(|f| f.is_finite() && *f > 0.0)
+                    .ok_or((name.to_string(), format!("must be a positive number, got {x}")))
             })
         };
         let hidden_size = usize_field("hidden_size")?;
@@ -70,9 +61,7 @@ impl Qwen3Config {
         if num_attention_heads % num_key_value_heads != 0 {
             return Err((
                 "num_key_value_heads".into(),
-                format!(
-                    "{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"
-                ),
+                format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"),
             ));
         }
         let head_dim = match obj.get("head_dim") {
@@ -80,10 +69,7 @@ impl Qwen3Config {
             Some(_) => usize_field("head_dim")?,
         };
         if head_dim % 2 != 0 {
-            return Err((
-                "head_dim".into(),
-                format!("must be even for rotary embeddings, got {head_dim}"),
-            ));
+            return Err(("head_dim".into(), format!("must be even for rotary embeddings, got {head_dim}")));
         }
         // Newer configs move rope_theta into `rope_parameters`; older ones keep it at the top.
         let rope_theta = match obj.get("rope_parameters").and_then(Value::as_object) {
@@ -98,10 +84,7 @@ impl Qwen3Config {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
             Some(other) => {
-                return Err((
-                    "tie_word_embeddings".into(),
-                    format!("must be true or false, got {other}"),
-                ));
+                return Err(("tie_word_embeddings".into(), format!("must be true or false, got {other}")));
             }
         };
         Ok(Self {
@@ -158,15 +141,9 @@ mod tests {
         assert_eq!(Qwen3Config::from_value(&v).unwrap_err().0, "hidden_size");
         let mut v = base();
         v.as_object_mut().unwrap().remove("num_hidden_layers");
-        assert_eq!(
-            Qwen3Config::from_value(&v).unwrap_err().0,
-            "num_hidden_layers"
-        );
+        assert_eq!(Qwen3Config::from_value(&v).unwrap_err().0, "num_hidden_layers");
         let mut v = base();
         v["num_key_value_heads"] = json!(3);
-        assert_eq!(
-            Qwen3Config::from_value(&v).unwrap_err().0,
-            "num_key_value_heads"
-        );
+        assert_eq!(Qwen3Config::from_value(&v).unwrap_err().0, "num_key_value_heads");
     }
 }

@@ -24,9 +24,7 @@ impl std::str::FromStr for DeviceChoice {
             "cpu" => Ok(Self::Cpu),
             "cuda" => Ok(Self::Cuda),
             "metal" => Ok(Self::Metal),
-            _ => Err(format!(
-                "unknown device `{s}` (expected auto, cpu, cuda or metal)"
-            )),
+            _ => Err(format!("unknown device `{s}` (expected auto, cpu, cuda or metal)")),
         }
     }
 }

@@ -26,15 +26,7 @@ pub enum Target {
 }
 
 impl Target {
-    pub const ALL: [Target; 7] = [
-        Target::Q,
-        Target::K,
-        Target::V,
-        Target::O,
-        Target::Gate,
-        Target::Up,
-        Target::Down,
-    ];
+    pub const ALL: [Target; 7] = [Target::Q, Target::K, Target::V, Target::O, Target::Gate, Target::Up, Target::Down];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -111,21 +103,11 @@ impl LoraConfig {
         let mut targets = targets.to_vec();
         targets.sort();
         targets.dedup();
-        Self {
-            r,
-            alpha,
-            dropout,
-            targets,
-            use_rslora: false,
-        }
+        Self { r, alpha, dropout, targets, use_rslora: false }
     }
 
     pub fn scale(&self) -> f64 {
-        if self.use_rslora {
-            self.alpha / (self.r as f64).sqrt()
-        } else {
-            self.alpha / self.r as f64
-        }
+        if self.use_rslora { self.alpha / (self.r as f64).sqrt() } else { self.alpha / self.r as f64 }
     }
 
     /// The `adapter_config.json` PEFT writes for this adapter.
@@ -156,15 +138,10 @@ impl LoraConfig {
     /// Reads PEFT's `adapter_config.json`, refusing variants this engine does not compute.
     pub fn from_peft_json(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, "reading", e))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| ModelError::file(path, None, format!("not valid JSON: {e}")))?;
-        let err = |field: &str, msg: &str| {
-            ModelError::file(path, Some(field.to_string()), msg.to_string())
-        };
-        if v.get("peft_type")
-            .and_then(Value::as_str)
-            .is_some_and(|t| t != "LORA")
-        {
+        let v: Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::file(path, None, format!("not valid JSON: {e}")))?;
+        let err = |field: &str, msg: &str| ModelError::file(path, Some(field.to_string()), msg.to_string());
+        if v.get("peft_type").and_then(Value::as_str).is_some_and(|t| t != "LORA") {
             return Err(err("peft_type", "only LORA adapters are supported"));
         }
         let r = v
@@ -172,22 +149,15 @@ impl LoraConfig {
             .and_then(Value::as_u64)
             .filter(|&r| r > 0)
             .ok_or_else(|| err("r", "must be a positive integer"))?;
-        let alpha = v
-            .get("lora_alpha")
-            .and_then(Value::as_f64)
-            .ok_or_else(|| err("lora_alpha", "must be a number"))?;
+        let alpha = v.get("lora_alpha").and_then(Value::as_f64).ok_or_else(|| err("lora_alpha", "must be a number"))?;
         let dropout = v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
         let targets = match v.get("target_modules") {
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|t| t.as_str().and_then(Target::parse))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
-                    err(
-                        "target_modules",
-                        "only q/k/v/o/gate/up/down_proj are supported",
-                    )
-                })?,
+            Some(Value::Array(a)) => {
+                a.iter()
+                    .map(|t| t.as_str().and_then(Target::parse))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| err("target_modules", "only q/k/v/o/gate/up/down_proj are supported"))?
+            }
             _ => return Err(err("target_modules", "must be a list of module names")),
         };
         for flag in ["use_dora", "fan_in_fan_out"] {
@@ -196,18 +166,12 @@ impl LoraConfig {
             }
         }
         for pattern in ["rank_pattern", "alpha_pattern"] {
-            if v.get(pattern)
-                .and_then(Value::as_object)
-                .is_some_and(|o| !o.is_empty())
-            {
+            if v.get(pattern).and_then(Value::as_object).is_some_and(|o| !o.is_empty()) {
                 return Err(err(pattern, "per-module ranks or alphas are not supported"));
             }
         }
         let mut cfg = Self::new(r as usize, alpha, dropout, &targets);
-        cfg.use_rslora = v
-            .get("use_rslora")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        cfg.use_rslora = v.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
         Ok(cfg)
     }
 }
@@ -227,11 +191,7 @@ pub struct LoraSet {
 }
 
 fn peft_name(layer: usize, t: Target, ab: &str) -> String {
-    format!(
-        "base_model.model.model.layers.{layer}.{}.{}.lora_{ab}.weight",
-        t.module_path(),
-        t.name()
-    )
+    format!("base_model.model.model.layers.{layer}.{}.{}.lora_{ab}.weight", t.module_path(), t.name())
 }
 
 impl LoraSet {
@@ -244,9 +204,7 @@ impl LoraSet {
                 for &t in &cfg.targets {
                     let (i, o) = t.dims(model);
                     let bound = 1.0 / (i as f32).sqrt();
-                    let a: Vec<f32> = (0..cfg.r * i)
-                        .map(|_| rng.random_range(-bound..bound))
-                        .collect();
+                    let a: Vec<f32> = (0..cfg.r * i).map(|_| rng.random_range(-bound..bound)).collect();
                     row[t.index()] = Some(LoraPair {
                         a: Var::from_tensor(&Tensor::from_vec(a, (cfg.r, i), device)?)?,
                         b: Var::zeros((o, cfg.r), DType::F32, device)?,
@@ -255,10 +213,7 @@ impl LoraSet {
                 Ok(row)
             })
             .collect::<Result<_>>()?;
-        Ok(Self {
-            cfg: cfg.clone(),
-            layers,
-        })
+        Ok(Self { cfg: cfg.clone(), layers })
     }
 
     pub fn get(&self, layer: usize, t: Target) -> Option<&LoraPair> {
@@ -267,10 +222,7 @@ impl LoraSet {
 
     /// Every trainable tensor, in a fixed order (layer, target, A then B).
     pub fn vars(&self) -> Vec<&Var> {
-        self.layers
-            .iter()
-            .flat_map(|l| l.iter().flatten().flat_map(|p| [&p.a, &p.b]))
-            .collect()
+        self.layers.iter().flat_map(|l| l.iter().flatten().flat_map(|p| [&p.a, &p.b])).collect()
     }
 
     /// `(PEFT name, tensor)` for every trainable tensor, in `vars()` order.
@@ -300,8 +252,7 @@ impl LoraSet {
         candle_core::safetensors::save(&tensors, &st)
             .map_err(|e| ModelError::Invalid(format!("writing {}: {e}", st.display())))?;
         let cfg = dir.join("adapter_config.json");
-        let text = serde_json::to_string_pretty(&self.cfg.to_peft_json(base_model))
-            .expect("json value serialises");
+        let text = serde_json::to_string_pretty(&self.cfg.to_peft_json(base_model)).expect("json value serialises");
         std::fs::write(&cfg, text).map_err(|e| ModelError::io(&cfg, "writing", e))
     }
 
@@ -312,28 +263,19 @@ impl LoraSet {
     }
 
     /// Reads LoRA tensors with PEFT names from one safetensors file.
-    pub fn load_tensors(
-        cfg: &LoraConfig,
-        path: &Path,
-        model: &Qwen3Config,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn load_tensors(cfg: &LoraConfig, path: &Path, model: &Qwen3Config, device: &Device) -> Result<Self> {
         if !path.is_file() {
             return Err(ModelError::file(path, None, "missing"));
         }
-        let map = candle_core::safetensors::load(path, device).map_err(|e| {
-            ModelError::file(path, None, format!("not a readable safetensors file: {e}"))
-        })?;
-        let mut layers: Vec<[Option<LoraPair>; 7]> = (0..model.num_hidden_layers)
-            .map(|_| Default::default())
-            .collect();
+        let map = candle_core::safetensors::load(path, device)
+            .map_err(|e| ModelError::file(path, None, format!("not a readable safetensors file: {e}")))?;
+        let mut layers: Vec<[Option<LoraPair>; 7]> = (0..model.num_hidden_layers).map(|_| Default::default()).collect();
         let mut found = 0;
         for (i, row) in layers.iter_mut().enumerate() {
             for &t in &cfg.targets {
                 let get = |ab: &str| {
-                    map.get(&peft_name(i, t, ab)).or_else(|| {
-                        map.get(&peft_name(i, t, ab).replace(".weight", ".default.weight"))
-                    })
+                    map.get(&peft_name(i, t, ab))
+                        .or_else(|| map.get(&peft_name(i, t, ab).replace(".weight", ".default.weight")))
                 };
                 let (a, b) = match (get("A"), get("B")) {
                     (Some(a), Some(b)) => (a, b),
@@ -367,16 +309,9 @@ impl LoraSet {
             }
         }
         if found == 0 {
-            return Err(ModelError::file(
-                path,
-                None,
-                "holds no LoRA tensor for this model's layers",
-            ));
+            return Err(ModelError::file(path, None, "holds no LoRA tensor for this model's layers"));
         }
-        Ok(Self {
-            cfg: cfg.clone(),
-            layers,
-        })
+        Ok(Self { cfg: cfg.clone(), layers })
     }
 
     /// Copies the values of another set with the same layout (used to keep a best epoch).
@@ -397,9 +332,6 @@ impl LoraSet {
                 Ok(row)
             })
             .collect::<Result<_>>()?;
-        Ok(Self {
-            cfg: self.cfg.clone(),
-            layers,
-        })
+        Ok(Self { cfg: self.cfg.clone(), layers })
     }
 }

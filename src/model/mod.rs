@@ -22,17 +22,9 @@ pub use reranker::{PairLogits, Reranker};
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("I/O error at {path} while {action}: {source}")]
-    Io {
-        path: PathBuf,
-        action: &'static str,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, action: &'static str, source: std::io::Error },
     #[error("{path}{}: {message}", field.as_ref().map(|f| format!(": field `{f}`")).unwrap_or_default())]
-    File {
-        path: PathBuf,
-        field: Option<String>,
-        message: String,
-    },
+    File { path: PathBuf, field: Option<String>, message: String },
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
@@ -41,18 +33,10 @@ pub enum ModelError {
 
 impl ModelError {
     pub fn io(path: &Path, action: &'static str, source: std::io::Error) -> Self {
-        Self::Io {
-            path: path.to_path_buf(),
-            action,
-            source,
-        }
+        Self::Io { path: path.to_path_buf(), action, source }
     }
     pub fn file(path: &Path, field: Option<String>, message: impl Into<String>) -> Self {
-        Self::File {
-            path: path.to_path_buf(),
-            field,
-            message: message.into(),
-        }
+        Self::File { path: path.to_path_buf(), field, message: message.into() }
     }
 }
 

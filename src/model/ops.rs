@@ -44,11 +44,7 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, x: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         let (ws, wl) = self.w.storage_and_layout();
         match &*ws {
             Storage::Cuda(w) => matmul_wt(x, l, w, wl),
@@ -57,11 +53,7 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     #[cfg(feature = "metal")]
-    fn metal_fwd(
-        &self,
-        x: &candle_core::MetalStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
+    fn metal_fwd(&self, x: &candle_core::MetalStorage, l: &Layout) -> Result<(candle_core::MetalStorage, Shape)> {
         let (ws, wl) = self.w.storage_and_layout();
         match &*ws {
             Storage::Metal(w) => matmul_wt(x, l, w, wl),
@@ -77,11 +69,7 @@ impl CustomOp1 for FrozenMatmul {
 /// `x [n, in] @ w[out, in]^T -> [n, out]`, recording a backward for `x` only.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let x = x.contiguous()?;
-    if x.track_op() {
-        x.apply_op1(FrozenMatmul { w: w.clone() })
-    } else {
-        x.matmul(&w.t()?)
-    }
+    if x.track_op() { x.apply_op1(FrozenMatmul { w: w.clone() }) } else { x.matmul(&w.t()?) }
 }
 
 fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -108,37 +96,34 @@ impl CustomOp1 for RmsNorm {
         let w: Vec<f32> = self.w.to_vec1()?;
         let d = w.len();
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .for_each(|(o, x)| {
-                let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
-                let r = 1.0 / (ms + self.eps).sqrt();
-                for ((o, x), w) in o.iter_mut().zip(x).zip(&w) {
-                    *o = x * r * w;
-                }
-            });
+        out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, x)| {
+            let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let r = 1.0 / (ms + self.eps).sqrt();
+            for ((o, x), w) in o.iter_mut().zip(x).zip(&w) {
+                *o = x * r * w;
+            }
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        // y = x r w with r = (mean(x^2) + eps)^-1/2  =>  dx = r (g w) - x r^3 mean(g w x)
-        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps as f64)?
-            .sqrt()?
-            .recip()?;
-        let gw = g.broadcast_mul(&self.w)?;
-        let dot = (&gw * x)?.mean_keepdim(D::Minus1)?;
-        let dx = (gw.broadcast_mul(&r)? - x.broadcast_mul(&(dot * r.powf(3.0)?)?)?)?;
-        Ok(Some(dx))
+        Ok(Some(rms_norm_bwd(x, &self.w, self.eps as f64, g)?))
     }
+}
+
+/// Input gradient of `rms_norm(x) * w` for output gradient `g`.
+fn rms_norm_bwd(x: &Tensor, w: &Tensor, eps: f64, g: &Tensor) -> Result<Tensor> {
+    // y = x r w with r = (mean(x^2) + eps)^-1/2  =>  dx = r (g w) - x r^3 mean(g w x)
+    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let gw = g.broadcast_mul(w)?;
+    let dot = (&gw * x)?.mean_keepdim(D::Minus1)?;
+    gw.broadcast_mul(&r)? - x.broadcast_mul(&(dot * r.powf(3.0)?)?)?
 }
 
 /// RMS norm over the last dimension, times `w` (not trained).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
-        x.contiguous()?.apply_op1(RmsNorm {
-            w: w.clone(),
-            eps: eps as f32,
-        })
+        x.contiguous()?.apply_op1(RmsNorm { w: w.clone(), eps: eps as f32 })
     } else {
         rms_norm_composed(x, w, eps)
     }
@@ -158,16 +143,9 @@ pub struct RopeTables {
 }
 
 impl RopeTables {
-    pub fn new(
-        head_dim: usize,
-        len: usize,
-        theta: f64,
-        device: &candle_core::Device,
-    ) -> Result<Self> {
+    pub fn new(head_dim: usize, len: usize, theta: f64, device: &candle_core::Device) -> Result<Self> {
         let half = head_dim / 2;
-        let inv: Vec<f64> = (0..half)
-            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64))
-            .collect();
+        let inv: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
         for p in 0..len {
@@ -177,10 +155,7 @@ impl RopeTables {
                 sin.push(a.sin() as f32);
             }
         }
-        Ok(Self {
-            cos: Tensor::from_vec(cos, (len, half), device)?,
-            sin: Tensor::from_vec(sin, (len, half), device)?,
-        })
+        Ok(Self { cos: Tensor::from_vec(cos, (len, half), device)?, sin: Tensor::from_vec(sin, (len, half), device)? })
     }
 }
 
@@ -202,35 +177,26 @@ impl CustomOp1 for Rope {
         let (_b, t, h, hd) = l.shape().dims4()?;
         let half = hd / 2;
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(t * h * hd)
-            .zip(x.par_chunks(t * h * hd))
-            .for_each(|(o, x)| {
-                for p in 0..t {
-                    let (cos, sin) = (
-                        &self.cos[p * half..(p + 1) * half],
-                        &self.sin[p * half..(p + 1) * half],
-                    );
-                    for head in 0..h {
-                        let base = (p * h + head) * hd;
-                        let (x1, x2) = x[base..base + hd].split_at(half);
-                        let (o1, o2) = o[base..base + hd].split_at_mut(half);
-                        for i in 0..half {
-                            let s = self.sign * sin[i];
-                            o1[i] = x1[i] * cos[i] - x2[i] * s;
-                            o2[i] = x2[i] * cos[i] + x1[i] * s;
-                        }
+        out.par_chunks_mut(t * h * hd).zip(x.par_chunks(t * h * hd)).for_each(|(o, x)| {
+            for p in 0..t {
+                let (cos, sin) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
+                for head in 0..h {
+                    let base = (p * h + head) * hd;
+                    let (x1, x2) = x[base..base + hd].split_at(half);
+                    let (o1, o2) = o[base..base + hd].split_at_mut(half);
+                    for i in 0..half {
+                        let s = self.sign * sin[i];
+                        o1[i] = x1[i] * cos[i] - x2[i] * s;
+                        o2[i] = x2[i] * cos[i] + x1[i] * s;
                     }
                 }
-            });
+            }
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let inverse = Rope {
-            cos: self.cos.clone(),
-            sin: self.sin.clone(),
-            sign: -self.sign,
-        };
+        let inverse = Rope { cos: self.cos.clone(), sin: self.sin.clone(), sign: -self.sign };
         Ok(Some(g.contiguous()?.apply_op1_no_bwd(&inverse)?))
     }
 }
@@ -279,39 +245,32 @@ impl CustomOp1 for CausalSoftmax {
         let x = cpu_f32(s, l, "causal_softmax")?;
         let t = l.shape().dims4()?.3;
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(t)
-            .zip(x.par_chunks(t))
-            .enumerate()
-            .for_each(|(row, (o, x))| {
-                let q = row % t;
-                let max = x[..=q].iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) * self.scale;
-                let mut sum = 0f32;
-                for j in 0..=q {
-                    let e = (x[j] * self.scale - max).exp();
-                    o[j] = e;
-                    sum += e;
-                }
-                let inv = 1.0 / sum;
-                o[..=q].iter_mut().for_each(|v| *v *= inv);
-            });
+        out.par_chunks_mut(t).zip(x.par_chunks(t)).enumerate().for_each(|(row, (o, x))| {
+            let q = row % t;
+            let max = x[..=q].iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) * self.scale;
+            let mut sum = 0f32;
+            for j in 0..=q {
+                let e = (x[j] * self.scale - max).exp();
+                o[j] = e;
+                sum += e;
+            }
+            let inv = 1.0 / sum;
+            o[..=q].iter_mut().for_each(|v| *v *= inv);
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
     fn bwd(&self, _s: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         // d/ds softmax(c s) = c y (g - sum(g y)); masked entries have y = 0 and get 0.
         let dot = (g * y)?.sum_keepdim(D::Minus1)?;
-        Ok(Some(
-            (g.broadcast_sub(&dot)? * y)?.affine(self.scale as f64, 0.0)?,
-        ))
+        Ok(Some((g.broadcast_sub(&dot)? * y)?.affine(self.scale as f64, 0.0)?))
     }
 }
 
 /// Causal softmax of `scale * s`, `s: [batch, groups, rows, seq]`, row `i` at position `i % seq`.
 pub fn causal_softmax(s: &Tensor, scale: f64) -> Result<Tensor> {
     if s.device().is_cpu() && s.dtype() == DType::F32 {
-        s.contiguous()?.apply_op1(CausalSoftmax {
-            scale: scale as f32,
-        })
+        s.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32 })
     } else {
         causal_softmax_composed(s, scale)
     }
@@ -320,9 +279,8 @@ pub fn causal_softmax(s: &Tensor, scale: f64) -> Result<Tensor> {
 /// The same causal softmax as a composition of differentiable ops.
 pub fn causal_softmax_composed(s: &Tensor, scale: f64) -> Result<Tensor> {
     let (_b, _g, rows, t) = s.dims4()?;
-    let mask: Vec<f32> = (0..rows)
-        .flat_map(|r| (0..t).map(move |j| if j <= r % t { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
+    let mask: Vec<f32> =
+        (0..rows).flat_map(|r| (0..t).map(move |j| if j <= r % t { 0.0 } else { f32::NEG_INFINITY })).collect();
     let mask = Tensor::from_vec(mask, (rows, t), s.device())?.to_dtype(s.dtype())?;
     let s = (s * scale)?.broadcast_add(&mask)?;
     candle_nn::ops::softmax(&s, D::Minus1)
@@ -342,91 +300,373 @@ mod tests {
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
     }
 
     /// Forward and input-gradient of `fused` and `composed` agree (loss = sum(out * probe)).
-    fn check(
-        shape: &[usize],
-        fused: impl Fn(&Tensor) -> Tensor,
-        composed: impl Fn(&Tensor) -> Tensor,
-    ) {
+    fn check(shape: &[usize], fused: impl Fn(&Tensor) -> Tensor, composed: impl Fn(&Tensor) -> Tensor) {
         let x = Var::from_tensor(&rand(shape, 1)).unwrap();
         let a = fused(x.as_tensor());
         let b = composed(x.as_tensor());
-        assert!(
-            max_diff(&a, &b) < 1e-5,
-            "forward differs by {}",
-            max_diff(&a, &b)
-        );
+        assert!(max_diff(&a, &b) < 1e-5, "forward differs by {}", max_diff(&a, &b));
         let probe = rand(a.dims(), 2);
         let ga = (a * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (b * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let (ga, gb) = (
-            ga.get(x.as_tensor()).unwrap(),
-            gb.get(x.as_tensor()).unwrap(),
-        );
-        assert!(
-            max_diff(ga, gb) < 1e-5,
-            "gradient differs by {}",
-            max_diff(ga, gb)
-        );
-        assert!(
-            ga.abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                > 0.0
-        );
+        let (ga, gb) = (ga.get(x.as_tensor()).unwrap(), gb.get(x.as_tensor()).unwrap());
+        assert!(max_diff(ga, gb) < 1e-5, "gradient differs by {}", max_diff(ga, gb));
+        assert!(ga.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
     }
 
     #[test]
     fn fused_rms_norm_matches_composition() {
         let w = rand(&[8], 3);
-        check(
-            &[2, 3, 8],
-            |x| rms_norm(x, &w, 1e-6).unwrap(),
-            |x| rms_norm_composed(x, &w, 1e-6).unwrap(),
-        );
+        check(&[2, 3, 8], |x| rms_norm(x, &w, 1e-6).unwrap(), |x| rms_norm_composed(x, &w, 1e-6).unwrap());
     }
 
     #[test]
     fn fused_rope_matches_composition() {
         let t = RopeTables::new(8, 16, 10000.0, &Device::Cpu).unwrap();
-        check(
-            &[2, 5, 3, 8],
-            |x| rope(x, &t).unwrap(),
-            |x| rope_composed(x, &t).unwrap(),
-        );
+        check(&[2, 5, 3, 8], |x| rope(x, &t).unwrap(), |x| rope_composed(x, &t).unwrap());
     }
 
     #[test]
     fn fused_causal_softmax_matches_composition() {
-        check(
-            &[2, 2, 6, 3],
-            |x| causal_softmax(x, 0.7).unwrap(),
-            |x| causal_softmax_composed(x, 0.7).unwrap(),
-        );
+        check(&[2, 2, 6, 3], |x| causal_softmax(x, 0.7).unwrap(), |x| causal_softmax_composed(x, 0.7).unwrap());
     }
 
     #[test]
     fn frozen_linear_grads_input_only() {
         let w = rand(&[5, 4], 4);
+        check(&[3, 4], |x| frozen_linear(x, &w).unwrap(), |x| x.matmul(&w.t().unwrap()).unwrap());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused blocks that keep only their inputs for the backward pass and recompute the rest there.
+// candle's graph retains every intermediate of a composition until the backward is done; these
+// keep the memory of a training step to its inputs (see README "Performance").
+
+/// A CPU tensor holding a copy of an f32 storage (contiguous layouts only).
+fn cpu_tensor(s: &CpuStorage, l: &Layout, op: &str) -> Result<Tensor> {
+    Tensor::from_slice(cpu_f32(s, l, op)?, l.shape(), &candle_core::Device::Cpu)
+}
+
+/// Moves a computed CPU tensor back into a storage for a custom op's result.
+fn cpu_result(t: &Tensor) -> Result<(CpuStorage, Shape)> {
+    let v = t.flatten_all()?.to_vec1::<f32>()?;
+    Ok((CpuStorage::F32(v), t.shape().clone()))
+}
+
+/// `y = x w^T + scale ((x ⊙ mask) a^T) b^T`: a projection with its LoRA adapter.
+struct LoraLinear {
+    w: Tensor,
+    scale: f64,
+    mask: Option<Tensor>,
+}
+
+impl LoraLinear {
+    fn forward(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let xm = match &self.mask {
+            Some(m) => (x * m)?,
+            None => x.clone(),
+        };
+        let delta = (xm.matmul(&a.t()?)? * self.scale)?.matmul(&b.t()?)?;
+        x.matmul(&self.w.t()?)? + delta
+    }
+}
+
+impl candle_core::CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = self.forward(&cpu_tensor(x, xl, "lora")?, &cpu_tensor(a, al, "lora")?, &cpu_tensor(b, bl, "lora")?)?;
+        cpu_result(&y)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let xm = match &self.mask {
+            Some(m) => (x * m)?,
+            None => x.clone(),
+        };
+        let t = xm.matmul(&a.t()?)?; // [n, r]
+        let gb = g.matmul(b)?; // [n, r]
+        let mut dx_lora = (gb.matmul(a)? * self.scale)?;
+        if let Some(m) = &self.mask {
+            dx_lora = (dx_lora * m)?;
+        }
+        let dx = (g.matmul(&self.w)? + dx_lora)?;
+        let da = (gb.t()?.matmul(&xm)? * self.scale)?;
+        let db = (g.t()?.matmul(&t)? * self.scale)?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+/// `x [n, in] @ w^T + scale ((x ⊙ mask) a^T) b^T` with `a [r, in]`, `b [out, r]`.
+pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64, mask: Option<Tensor>) -> Result<Tensor> {
+    let op = LoraLinear { w: w.clone(), scale, mask };
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.contiguous()?.apply_op3(a, b, op)
+    } else {
+        let xm = match &op.mask {
+            Some(m) => (x * m)?,
+            None => x.clone(),
+        };
+        frozen_linear(x, w)? + (xm.matmul(&a.t()?)? * scale)?.matmul(&b.t()?)?
+    }
+}
+
+/// Causal attention `softmax(scale q k^T) v` on `q [b, g, rows, hd]`, `k, v [b, g, seq, hd]`
+/// (row `i` at position `i % seq`); the backward recomputes the probabilities.
+struct Attention {
+    scale: f64,
+}
+
+impl Attention {
+    fn probs(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+        q.matmul(&k.t()?)?.contiguous()?.apply_op1_no_bwd(&CausalSoftmax { scale: self.scale as f32 })
+    }
+}
+
+impl candle_core::CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (cpu_tensor(q, ql, "attn")?, cpu_tensor(k, kl, "attn")?, cpu_tensor(v, vl, "attn")?);
+        cpu_result(&self.probs(&q, &k)?.matmul(&v)?)
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let p = self.probs(q, k)?; // [b, g, rows, seq]
+        let dv = p.t()?.matmul(g)?;
+        let dp = g.matmul(&v.t()?)?;
+        let dot = (&dp * &p)?.sum_keepdim(D::Minus1)?;
+        let ds = ((dp.broadcast_sub(&dot)? * p)? * self.scale)?;
+        let dq = ds.matmul(k)?;
+        let dk = ds.t()?.matmul(q)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Causal attention; see [`Attention`]. Other devices use the differentiable composition.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    if q.device().is_cpu() && q.dtype() == DType::F32 {
+        q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Attention { scale })
+    } else {
+        causal_softmax_composed(&q.matmul(&k.t()?)?, scale)?.matmul(v)
+    }
+}
+
+/// `silu(gate) * up` on `gu [n, 2 inter]` (gate first, as the fused projection lays it out).
+struct SwiGlu;
+
+impl CustomOp1 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s, l, "swiglu")?;
+        let (n, two_i) = l.shape().dims2()?;
+        let i = two_i / 2;
+        let mut out = vec![0f32; n * i];
+        out.par_chunks_mut(i).zip(x.par_chunks(two_i)).for_each(|(o, x)| {
+            let (g, u) = x.split_at(i);
+            for j in 0..i {
+                o[j] = g[j] / (1.0 + (-g[j]).exp()) * u[j];
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, i))))
+    }
+
+    fn bwd(&self, gu: &Tensor, _res: &Tensor, gy: &Tensor) -> Result<Option<Tensor>> {
+        let i = gu.dim(1)? / 2;
+        let (g, u) = (gu.narrow(1, 0, i)?, gu.narrow(1, i, i)?);
+        let sig = (g.neg()?.exp()? + 1.0)?.recip()?;
+        let silu = (&g * &sig)?;
+        // silu'(g) = sig (1 + g (1 - sig))
+        let dsilu = (&sig * ((&g * (1.0 - &sig)?)? + 1.0)?)?;
+        let dg = ((gy * u)? * dsilu)?;
+        let du = (gy * silu)?;
+        Ok(Some(Tensor::cat(&[dg, du], 1)?))
+    }
+}
+
+/// `silu(gu[:, :inter]) * gu[:, inter:]`.
+pub fn swiglu(gu: &Tensor) -> Result<Tensor> {
+    if gu.device().is_cpu() && gu.dtype() == DType::F32 {
+        gu.contiguous()?.apply_op1(SwiGlu)
+    } else {
+        let i = gu.dim(1)? / 2;
+        gu.narrow(1, 0, i)?.silu()? * gu.narrow(1, i, i)?
+    }
+}
+
+/// Per-head RMS norm, rotary embedding and the move of heads before positions:
+/// `[b, seq, heads, hd] -> [b, heads, seq, hd]`, keeping only the input for the backward.
+struct NormRope {
+    w: Tensor,
+    eps: f32,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl CustomOp1 for NormRope {
+    fn name(&self) -> &'static str {
+        "norm-rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = cpu_tensor(s, l, "norm_rope")?;
+        let rope = Rope { cos: self.cos.clone(), sin: self.sin.clone(), sign: 1.0 };
+        let y = x.apply_op1_no_bwd(&RmsNorm { w: self.w.clone(), eps: self.eps })?.apply_op1_no_bwd(&rope)?;
+        cpu_result(&y.transpose(1, 2)?.contiguous()?)
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let inverse = Rope { cos: self.cos.clone(), sin: self.sin.clone(), sign: -1.0 };
+        let g = g.transpose(1, 2)?.contiguous()?.apply_op1_no_bwd(&inverse)?;
+        Ok(Some(rms_norm_bwd(x, &self.w, self.eps as f64, &g)?))
+    }
+}
+
+/// `rope(rms_norm(x) * w)` transposed to `[b, heads, seq, hd]` (contiguous).
+pub fn norm_rope(x: &Tensor, w: &Tensor, eps: f64, tables: &RopeTables) -> Result<Tensor> {
+    let t = x.dim(1)?;
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        let op = NormRope {
+            w: w.clone(),
+            eps: eps as f32,
+            cos: tables.cos.narrow(0, 0, t)?.flatten_all()?.to_vec1()?,
+            sin: tables.sin.narrow(0, 0, t)?.flatten_all()?.to_vec1()?,
+        };
+        x.contiguous()?.apply_op1(op)
+    } else {
+        rope_composed(&rms_norm_composed(x, w, eps)?, tables)?.transpose(1, 2)?.contiguous()
+    }
+}
+
+#[cfg(test)]
+mod fused_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        Tensor::from_vec((0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>(), shape, &Device::Cpu)
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// Fused and composed forms agree in value and in the gradient of every input.
+    fn check(shapes: &[&[usize]], fused: impl Fn(&[Tensor]) -> Tensor, composed: impl Fn(&[Tensor]) -> Tensor) {
+        let vars: Vec<Var> =
+            shapes.iter().enumerate().map(|(i, s)| Var::from_tensor(&rand(s, i as u64)).unwrap()).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let (a, b) = (fused(&ts), composed(&ts));
+        assert!(max_diff(&a, &b) < 1e-5, "forward differs by {}", max_diff(&a, &b));
+        let probe = rand(a.dims(), 99);
+        let ga = (a * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (b * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, v) in vars.iter().enumerate() {
+            let (x, y) = (ga.get(v.as_tensor()).expect("fused grad"), gb.get(v.as_tensor()).expect("composed grad"));
+            assert!(max_diff(x, y) < 1e-4, "gradient of input {i} differs by {}", max_diff(x, y));
+            assert!(x.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "input {i} got zero grad");
+        }
+    }
+
+    #[test]
+    fn lora_linear_matches_composition() {
+        let w = rand(&[6, 5], 7);
+        let mask = rand(&[4, 5], 8).ge(0.0).unwrap().to_dtype(DType::F32).unwrap();
+        for m in [None, Some(mask)] {
+            let (w1, m1) = (w.clone(), m.clone());
+            check(
+                &[&[4, 5], &[3, 5], &[6, 3]],
+                |t| lora_linear(&t[0], &w1, &t[1], &t[2], 2.0, m1.clone()).unwrap(),
+                |t| {
+                    let xm = m.as_ref().map(|m| (&t[0] * m).unwrap()).unwrap_or(t[0].clone());
+                    let d = (xm.matmul(&t[1].t().unwrap()).unwrap() * 2.0).unwrap().matmul(&t[2].t().unwrap()).unwrap();
+                    (t[0].matmul(&w.t().unwrap()).unwrap() + d).unwrap()
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn attention_matches_composition() {
         check(
-            &[3, 4],
-            |x| frozen_linear(x, &w).unwrap(),
-            |x| x.matmul(&w.t().unwrap()).unwrap(),
+            &[&[2, 2, 6, 4], &[2, 2, 3, 4], &[2, 2, 3, 4]],
+            |t| attention(&t[0], &t[1], &t[2], 0.5).unwrap(),
+            |t| {
+                let s = t[0].matmul(&t[1].t().unwrap()).unwrap();
+                causal_softmax_composed(&s, 0.5).unwrap().matmul(&t[2]).unwrap()
+            },
+        );
+    }
+
+    #[test]
+    fn swiglu_matches_composition() {
+        check(
+            &[&[3, 8]],
+            |t| swiglu(&t[0]).unwrap(),
+            |t| (t[0].narrow(1, 0, 4).unwrap().silu().unwrap() * t[0].narrow(1, 4, 4).unwrap()).unwrap(),
+        );
+    }
+
+    #[test]
+    fn norm_rope_matches_composition() {
+        let w = rand(&[8], 5);
+        let tables = RopeTables::new(8, 16, 1e4, &Device::Cpu).unwrap();
+        check(
+            &[&[2, 5, 3, 8]],
+            |t| norm_rope(&t[0], &w, 1e-6, &tables).unwrap(),
+            |t| {
+                rope_composed(&rms_norm_composed(&t[0], &w, 1e-6).unwrap(), &tables)
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            },
         );
     }
 }

@@ -10,8 +10,7 @@ use super::{ModelError, Result};
 
 pub const PREFIX: &str = "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n";
 pub const SUFFIX: &str = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n";
-pub const DEFAULT_INSTRUCTION: &str =
-    "Given a web search query, retrieve relevant passages that answer the query";
+pub const DEFAULT_INSTRUCTION: &str = "Given a web search query, retrieve relevant passages that answer the query";
 
 /// The tokenizer plus the ids the head needs.
 pub struct PromptBuilder {
@@ -30,35 +29,23 @@ impl PromptBuilder {
         let tok = Tokenizer::from_file(path)
             .map_err(|e| ModelError::file(path, None, format!("not a readable tokenizer: {e}")))?;
         let id = |t: &str, field: &str| {
-            tok.token_to_id(t).ok_or_else(|| {
-                ModelError::file(path, Some(field.to_string()), format!("has no token `{t}`"))
-            })
+            tok.token_to_id(t)
+                .ok_or_else(|| ModelError::file(path, Some(field.to_string()), format!("has no token `{t}`")))
         };
         let yes_id = id("yes", "model.vocab")?;
         let no_id = id("no", "model.vocab")?;
         let pad_id = id("<|endoftext|>", "added_tokens")?;
-        Ok(Self {
-            tok,
-            yes_id,
-            no_id,
-            pad_id,
-        })
+        Ok(Self { tok, yes_id, no_id, pad_id })
     }
 
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .tok
-            .encode(text, false)
-            .map_err(|e| ModelError::Invalid(format!("tokenizing: {e}")))?;
+        let enc = self.tok.encode(text, false).map_err(|e| ModelError::Invalid(format!("tokenizing: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Char offsets where each token of `text` ends, to cut text at a token boundary.
     fn token_ends(&self, text: &str) -> Result<Vec<usize>> {
-        let enc = self
-            .tok
-            .encode(text, false)
-            .map_err(|e| ModelError::Invalid(format!("tokenizing: {e}")))?;
+        let enc = self.tok.encode(text, false).map_err(|e| ModelError::Invalid(format!("tokenizing: {e}")))?;
         Ok(enc.get_offsets().iter().map(|&(_, e)| e).collect())
     }
 
@@ -68,13 +55,7 @@ impl PromptBuilder {
     }
 
     /// Token ids of the prompt for one pair, at most `max_length` long.
-    pub fn encode_pair(
-        &self,
-        instruction: &str,
-        query: &str,
-        doc: &str,
-        max_length: usize,
-    ) -> Result<Vec<u32>> {
+    pub fn encode_pair(&self, instruction: &str, query: &str, doc: &str, max_length: usize) -> Result<Vec<u32>> {
         let ids = self.encode_text(&render(instruction, query, doc))?;
         if ids.len() <= max_length {
             return Ok(ids);
@@ -91,21 +72,13 @@ impl PromptBuilder {
         // token boundaries can move by one where pieces meet, so a couple of rounds may be needed.
         while ids.len() > max_length {
             let excess = ids.len() - max_length;
-            let target = if !doc.is_empty() {
-                &mut doc
-            } else {
-                &mut query
-            };
+            let target = if !doc.is_empty() { &mut doc } else { &mut query };
             let ends = self.token_ends(target)?;
             let keep = ends.len().saturating_sub(excess);
             let cut = if keep == 0 { 0 } else { ends[keep - 1] };
             let cut = floor_char_boundary(target, cut.min(target.len()));
             // Always make progress even if a boundary shift left the text the same length.
-            let cut = if cut >= target.len() {
-                prev_char_boundary(target)
-            } else {
-                cut
-            };
+            let cut = if cut >= target.len() { prev_char_boundary(target) } else { cut };
             target.truncate(cut);
             ids = self.encode_text(&render(instruction, &query, &doc))?;
         }

@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 
 use super::checkpoint::WeightSource;
 use super::lora::{LoraSet, Target};
-use super::ops::{RopeTables, causal_softmax, frozen_linear, rms_norm};
+use super::ops::{RopeTables, attention, frozen_linear, lora_linear, norm_rope, rms_norm, swiglu};
 use super::{Qwen3Config, Result};
 
 /// One decoder layer. q/k/v and gate/up are stored fused (one matmul each); LoRA is added per
@@ -34,29 +34,19 @@ pub struct Dropout {
 
 impl Dropout {
     pub fn new(p: f64, seed: u64) -> Self {
-        Self {
-            p,
-            rng: rand::rngs::StdRng::seed_from_u64(seed),
-        }
+        Self { p, rng: rand::rngs::StdRng::seed_from_u64(seed) }
     }
 
-    fn apply(&mut self, x: &Tensor) -> Result<Tensor> {
+    /// A fresh mask for `x` (kept entries scaled by 1/(1-p)), or None when p is 0.
+    fn mask(&mut self, x: &Tensor) -> Result<Option<Tensor>> {
         if self.p <= 0.0 {
-            return Ok(x.clone());
+            return Ok(None);
         }
         let keep = 1.0 - self.p;
         let n = x.elem_count();
-        let mask: Vec<f32> = (0..n)
-            .map(|_| {
-                if self.rng.random::<f64>() < keep {
-                    (1.0 / keep) as f32
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
-        Ok((x * mask)?)
+        let mask: Vec<f32> =
+            (0..n).map(|_| if self.rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
+        Ok(Some(Tensor::from_vec(mask, x.shape(), x.device())?))
     }
 }
 
@@ -65,14 +55,34 @@ pub struct Adapters<'a> {
     pub lora: Option<&'a LoraSet>,
     /// Some only in training; scoring never applies dropout.
     pub dropout: Option<&'a mut Dropout>,
+    /// Record a graph for the LoRA tensors (training). Scoring builds no graph at all, so each
+    /// intermediate is freed as soon as the next layer has used it.
+    pub train: bool,
 }
 
-impl Adapters<'_> {
-    pub fn none() -> Adapters<'static> {
-        Adapters {
-            lora: None,
-            dropout: None,
+/// Token ids of several prompts, right-padded to the longest.
+pub struct Batch {
+    /// `[batch, seq]` u32
+    pub ids: Tensor,
+    /// Index of each row's last real token.
+    pub last: Vec<usize>,
+    /// batch x seq, padding included (what the step computes on).
+    pub tokens: usize,
+}
+
+impl Batch {
+    pub fn new(seqs: &[&[u32]], pad_id: u32, device: &Device) -> Result<Self> {
+        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        if t == 0 || seqs.iter().any(|s| s.is_empty()) {
+            return Err(super::ModelError::Invalid("empty batch or empty sequence".into()));
         }
+        let mut flat = Vec::with_capacity(seqs.len() * t);
+        for s in seqs {
+            flat.extend_from_slice(s);
+            flat.extend(std::iter::repeat_n(pad_id, t - s.len()));
+        }
+        let ids = Tensor::from_vec(flat, (seqs.len(), t), device)?;
+        Ok(Batch { ids, last: seqs.iter().map(|s| s.len() - 1).collect(), tokens: seqs.len() * t })
     }
 }
 
@@ -88,18 +98,10 @@ pub struct Qwen3 {
 
 impl Qwen3 {
     /// Builds the model from a weight source; `yes_id` / `no_id` pick the head rows.
-    pub fn load(
-        cfg: &Qwen3Config,
-        w: &dyn WeightSource,
-        yes_id: u32,
-        no_id: u32,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn load(cfg: &Qwen3Config, w: &dyn WeightSource, yes_id: u32, no_id: u32, device: &Device) -> Result<Self> {
         let (d, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
         let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
-        let f32w = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            Ok(w.get(name, shape)?.to_dtype(DType::F32)?)
-        };
+        let f32w = |name: &str, shape: &[usize]| -> Result<Tensor> { Ok(w.get(name, shape)?.to_dtype(DType::F32)?) };
         let embed_tokens = w.get("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
@@ -127,30 +129,19 @@ impl Qwen3 {
                     q_norm: f32w(&format!("{p}.self_attn.q_norm.weight"), &[hd])?,
                     k_norm: f32w(&format!("{p}.self_attn.k_norm.weight"), &[hd])?,
                     input_layernorm: f32w(&format!("{p}.input_layernorm.weight"), &[d])?,
-                    post_attention_layernorm: f32w(
-                        &format!("{p}.post_attention_layernorm.weight"),
-                        &[d],
-                    )?,
+                    post_attention_layernorm: f32w(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let norm = f32w("model.norm.weight", &[d])?;
         let ids = Tensor::new(&[no_id, yes_id], device)?;
         let head = if !cfg.tie_word_embeddings && w.has("lm_head.weight") {
-            w.get("lm_head.weight", &[cfg.vocab_size, d])?
-                .index_select(&ids, 0)?
+            w.get("lm_head.weight", &[cfg.vocab_size, d])?.index_select(&ids, 0)?
         } else {
             embed_tokens.index_select(&ids, 0)?
         }
         .to_dtype(DType::F32)?;
-        Ok(Self {
-            cfg: cfg.clone(),
-            embed_tokens,
-            layers,
-            norm,
-            head,
-            device: device.clone(),
-        })
+        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, head, device: device.clone() })
     }
 
     pub fn device(&self) -> &Device {
@@ -170,48 +161,36 @@ impl Qwen3 {
 
     /// `[batch, 2]` logits `[no, yes]` at each row's last real token.
     /// `ids: [batch, seq]` right-padded; `last[b]` is the index of row b's last real token.
-    pub fn yes_no_logits(&self, ids: &Tensor, last: &[usize], ad: &mut Adapters) -> Result<Tensor> {
+    pub fn yes_no_logits(&self, batch: &Batch, ad: &mut Adapters) -> Result<Tensor> {
+        let (ids, last) = (&batch.ids, &batch.last);
         let (b, t) = ids.dims2()?;
         // Right padding + causal attention: real tokens never see the padding, so no pad mask.
-        let x = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .to_dtype(DType::F32)?; // [b*t, d]
+        let x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.to_dtype(DType::F32)?; // [b*t, d]
         let rope = RopeTables::new(self.cfg.head_dim, t, self.cfg.rope_theta, &self.device)?;
         let mut x = x;
         for (i, layer) in self.layers.iter().enumerate() {
             x = self.layer_forward(i, layer, &x, b, t, &rope, ad)?;
         }
-        let rows: Vec<u32> = last
-            .iter()
-            .enumerate()
-            .map(|(r, &l)| (r * t + l) as u32)
-            .collect();
+        let rows: Vec<u32> = last.iter().enumerate().map(|(r, &l)| (r * t + l) as u32).collect();
         let h = x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?; // [b, d]
         let h = rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)?;
         Ok(h.matmul(&self.head.t()?)?) // [b, 2]
     }
 
-    fn proj(
-        &self,
-        i: usize,
-        t: Target,
-        x: &Tensor,
-        base: Tensor,
-        ad: &mut Adapters,
-    ) -> Result<Tensor> {
-        let Some(p) = ad.lora.and_then(|l| l.get(i, t)) else {
-            return Ok(base);
-        };
+    /// Projection `t` of layer `i` over `x` with frozen weight `w`, plus its LoRA if it has one.
+    fn proj(&self, i: usize, t: Target, x: &Tensor, w: &Tensor, ad: &mut Adapters) -> Result<Tensor> {
+        let Some(p) = ad.lora.and_then(|l| l.get(i, t)) else { return Ok(frozen_linear(x, w)?) };
         let scale = ad.lora.map(|l| l.cfg.scale()).unwrap_or(1.0);
-        let xin = match ad.dropout.as_deref_mut() {
-            Some(d) => d.apply(x)?,
-            None => x.clone(),
+        let mask = match ad.dropout.as_deref_mut() {
+            Some(d) => d.mask(x)?,
+            None => None,
         };
-        let delta = xin
-            .matmul(&p.a.as_tensor().t()?)?
-            .matmul(&p.b.as_tensor().t()?)?;
-        Ok((base + (delta * scale)?)?)
+        let (a, b) = if ad.train {
+            (p.a.as_tensor().clone(), p.b.as_tensor().clone())
+        } else {
+            (p.a.as_tensor().detach(), p.b.as_tensor().detach())
+        };
+        Ok(lora_linear(x, w, &a, &b, scale, mask)?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -231,38 +210,59 @@ impl Qwen3 {
         let eps = c.rms_norm_eps;
 
         let hn = rms_norm(x, &l.input_layernorm, eps)?; // [b*t, d]
-        let qkv = frozen_linear(&hn, &l.qkv_proj)?; // [b*t, qd + 2 kvd]
-        let q = self.proj(i, Target::Q, &hn, qkv.narrow(1, 0, qd)?, ad)?;
-        let k = self.proj(i, Target::K, &hn, qkv.narrow(1, qd, kvd)?, ad)?;
-        let v = self.proj(i, Target::V, &hn, qkv.narrow(1, qd + kvd, kvd)?, ad)?;
+        let q = self.proj(i, Target::Q, &hn, &l.qkv_proj.narrow(0, 0, qd)?, ad)?; // [b*t, qd]
+        let k = self.proj(i, Target::K, &hn, &l.qkv_proj.narrow(0, qd, kvd)?, ad)?; // [b*t, kvd]
+        let v = self.proj(i, Target::V, &hn, &l.qkv_proj.narrow(0, qd + kvd, kvd)?, ad)?;
 
-        let q = rms_norm(&q.reshape((b, t, h, hd))?, &l.q_norm, eps)?;
-        let q = super::ops::rope(&q, rope)?.transpose(1, 2)?.contiguous()?; // [b, h, t, hd]
+        let q = norm_rope(&q.reshape((b, t, h, hd))?, &l.q_norm, eps, rope)?; // [b, h, t, hd]
         // Heads sharing a KV head are consecutive: stack them along rows, no K/V copies.
         let q = q.reshape((b, hk, rep * t, hd))?;
-        let k = rms_norm(&k.reshape((b, t, hk, hd))?, &l.k_norm, eps)?;
-        let k = super::ops::rope(&k, rope)?.transpose(1, 2)?.contiguous()?; // [b, hk, t, hd]
+        let k = norm_rope(&k.reshape((b, t, hk, hd))?, &l.k_norm, eps, rope)?; // [b, hk, t, hd]
         let v = v.reshape((b, t, hk, hd))?.transpose(1, 2)?.contiguous()?; // [b, hk, t, hd]
 
-        let s = q.matmul(&k.t()?)?; // [b, hk, rep*t, t]
-        let p = causal_softmax(&s, 1.0 / (hd as f64).sqrt())?;
-        let o = p.matmul(&v)?; // [b, hk, rep*t, hd]
-        let o = o
-            .reshape((b, h, t, hd))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b * t, qd))?;
-        let o = self.proj(i, Target::O, &o, frozen_linear(&o, &l.o_proj)?, ad)?;
+        let o = attention(&q, &k, &v, 1.0 / (hd as f64).sqrt())?; // [b, hk, rep*t, hd]
+        let o = o.reshape((b, h, t, hd))?.transpose(1, 2)?.contiguous()?.reshape((b * t, qd))?;
+        let o = self.proj(i, Target::O, &o, &l.o_proj, ad)?;
         let x = (x + o)?;
 
         let hn = rms_norm(&x, &l.post_attention_layernorm, eps)?;
-        let gu = frozen_linear(&hn, &l.gate_up_proj)?; // [b*t, 2 inter]
         let inter = c.intermediate_size;
-        let g = self.proj(i, Target::Gate, &hn, gu.narrow(1, 0, inter)?, ad)?;
-        let u = self.proj(i, Target::Up, &hn, gu.narrow(1, inter, inter)?, ad)?;
-        let a = (g.silu()? * u)?;
-        let m = self.proj(i, Target::Down, &a, frozen_linear(&a, &l.down_proj)?, ad)?;
+        let lora_mlp = ad.lora.is_some_and(|lo| lo.get(i, Target::Gate).is_some() || lo.get(i, Target::Up).is_some());
+        let a = if lora_mlp {
+            let g = self.proj(i, Target::Gate, &hn, &l.gate_up_proj.narrow(0, 0, inter)?, ad)?;
+            let u = self.proj(i, Target::Up, &hn, &l.gate_up_proj.narrow(0, inter, inter)?, ad)?;
+            (g.silu()? * u)?
+        } else {
+            swiglu(&frozen_linear(&hn, &l.gate_up_proj)?)? // [b*t, inter]
+        };
+        let m = self.proj(i, Target::Down, &a, &l.down_proj, ad)?;
         Ok((x + m)?)
+    }
+
+    /// Forward + backward of one micro-batch. Returns the loss value (weighted as asked) and the
+    /// gradient of every LoRA tensor, in `lora.vars()` order. Fails if any tensor got none.
+    pub fn micro_step(
+        &self,
+        batch: &Batch,
+        labels: &[f32],
+        weights: &[f32],
+        lora: &LoraSet,
+        dropout: Option<&mut Dropout>,
+    ) -> Result<(f32, Vec<Tensor>)> {
+        let mut ad = Adapters { lora: Some(lora), dropout, train: true };
+        let logits = self.yes_no_logits(batch, &mut ad)?;
+        let loss = yes_no_loss(&logits, labels, weights)?;
+        let mut grads = loss.backward()?;
+        let value = loss.to_scalar::<f32>()?;
+        lora.named()
+            .into_iter()
+            .map(|(name, v)| {
+                grads
+                    .remove(v.as_tensor())
+                    .ok_or_else(|| super::ModelError::Invalid(format!("LoRA tensor {name} received no gradient")))
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(|g| (value, g))
     }
 }
 

@@ -6,8 +6,9 @@ use candle_core::{Device, Tensor};
 use super::checkpoint::{CheckpointDir, RandomWeights, SafetensorsWeights};
 use super::lora::LoraSet;
 use super::prompt::PromptBuilder;
-use super::qwen3::{Adapters, Dropout, Qwen3, yes_no_loss};
-use super::{ModelError, Qwen3Config, Result};
+pub use super::qwen3::Batch;
+use super::qwen3::{Adapters, Dropout, Qwen3};
+use super::{Qwen3Config, Result};
 
 /// The yes/no logits of one pair and its score, sigmoid(yes - no).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -15,13 +16,6 @@ pub struct PairLogits {
     pub yes_logit: f32,
     pub no_logit: f32,
     pub score: f32,
-}
-
-/// Token ids of several prompts, right-padded to the longest.
-pub struct Batch {
-    pub ids: Tensor,
-    pub last: Vec<usize>,
-    pub tokens: usize,
 }
 
 pub struct Reranker {
@@ -38,77 +32,36 @@ impl Reranker {
         let prompt = PromptBuilder::from_file(&ck.tokenizer)?;
         let w = SafetensorsWeights::open(&ck.weights, device)?;
         let model = Qwen3::load(&cfg, &w, prompt.yes_id, prompt.no_id, device)?;
-        Ok(Self {
-            model,
-            prompt,
-            instruction: super::prompt::DEFAULT_INSTRUCTION.to_string(),
-        })
+        Ok(Self { model, prompt, instruction: super::prompt::DEFAULT_INSTRUCTION.to_string() })
     }
 
     /// Random weights of `cfg` (benchmarks), with a tokenizer for prompts.
-    pub fn random(
-        cfg: &Qwen3Config,
-        prompt: PromptBuilder,
-        seed: u64,
-        device: &Device,
-    ) -> Result<Self> {
-        let w = RandomWeights {
-            seed,
-            dtype: candle_core::DType::BF16,
-            device: device.clone(),
-        };
+    pub fn random(cfg: &Qwen3Config, prompt: PromptBuilder, seed: u64, device: &Device) -> Result<Self> {
+        let w = RandomWeights { seed, dtype: candle_core::DType::BF16, device: device.clone() };
         let model = Qwen3::load(cfg, &w, prompt.yes_id, prompt.no_id, device)?;
-        Ok(Self {
-            model,
-            prompt,
-            instruction: super::prompt::DEFAULT_INSTRUCTION.to_string(),
-        })
+        Ok(Self { model, prompt, instruction: super::prompt::DEFAULT_INSTRUCTION.to_string() })
     }
 
     pub fn encode(&self, query: &str, doc: &str, max_length: usize) -> Result<Vec<u32>> {
-        self.prompt
-            .encode_pair(&self.instruction, query, doc, max_length)
+        self.prompt.encode_pair(&self.instruction, query, doc, max_length)
     }
 
     /// Right-pads `seqs` into one `[batch, longest]` tensor.
     pub fn batch(&self, seqs: &[&[u32]]) -> Result<Batch> {
-        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
-        if t == 0 {
-            return Err(ModelError::Invalid("empty batch or empty sequence".into()));
-        }
-        let mut flat = Vec::with_capacity(seqs.len() * t);
-        for s in seqs {
-            flat.extend_from_slice(s);
-            flat.extend(std::iter::repeat_n(self.prompt.pad_id, t - s.len()));
-        }
-        let ids = Tensor::from_vec(flat, (seqs.len(), t), self.model.device())?;
-        Ok(Batch {
-            ids,
-            last: seqs.iter().map(|s| s.len() - 1).collect(),
-            tokens: seqs.len() * t,
-        })
+        Batch::new(seqs, self.prompt.pad_id, self.model.device())
     }
 
     /// `[batch, 2]` logits `[no, yes]`, with LoRA when given, without dropout.
     pub fn logits(&self, batch: &Batch, lora: Option<&LoraSet>) -> Result<Tensor> {
-        let mut ad = Adapters {
-            lora,
-            dropout: None,
-        };
-        self.model.yes_no_logits(&batch.ids, &batch.last, &mut ad)
+        let mut ad = Adapters { lora, dropout: None, train: false };
+        self.model.yes_no_logits(batch, &mut ad)
     }
 
     /// Scores tokenized prompts in one forward pass.
     pub fn score_ids(&self, seqs: &[&[u32]], lora: Option<&LoraSet>) -> Result<Vec<PairLogits>> {
         let batch = self.batch(seqs)?;
         let l: Vec<Vec<f32>> = self.logits(&batch, lora)?.detach().to_vec2()?;
-        Ok(l.into_iter()
-            .map(|r| PairLogits {
-                no_logit: r[0],
-                yes_logit: r[1],
-                score: sigmoid(r[1] - r[0]),
-            })
-            .collect())
+        Ok(l.into_iter().map(|r| PairLogits { no_logit: r[0], yes_logit: r[1], score: sigmoid(r[1] - r[0]) }).collect())
     }
 
     /// Scores (query, doc) pairs in batches of `batch_size` (grouped by length to pad little).
@@ -119,10 +72,8 @@ impl Reranker {
         batch_size: usize,
         lora: Option<&LoraSet>,
     ) -> Result<Vec<PairLogits>> {
-        let ids: Vec<Vec<u32>> = query_docs
-            .iter()
-            .map(|(q, d)| self.encode(q, d, max_length))
-            .collect::<Result<_>>()?;
+        let ids: Vec<Vec<u32>> =
+            query_docs.iter().map(|(q, d)| self.encode(q, d, max_length)).collect::<Result<_>>()?;
         let mut order: Vec<usize> = (0..ids.len()).collect();
         order.sort_by_key(|&i| ids[i].len());
         let mut out = vec![None; ids.len()];
@@ -132,14 +83,10 @@ impl Reranker {
                 out[i] = Some(s);
             }
         }
-        Ok(out
-            .into_iter()
-            .map(|s| s.expect("every pair scored"))
-            .collect())
+        Ok(out.into_iter().map(|s| s.expect("every pair scored")).collect())
     }
 
-    /// Forward + backward of one micro-batch. Returns the loss value (weighted as asked) and the
-    /// gradient of every LoRA tensor, in `lora.vars()` order. Fails if any tensor got none.
+    /// Forward + backward of one micro-batch; see [`Qwen3::micro_step`].
     pub fn micro_step(
         &self,
         batch: &Batch,
@@ -148,31 +95,10 @@ impl Reranker {
         lora: &LoraSet,
         dropout: Option<&mut Dropout>,
     ) -> Result<(f32, Vec<Tensor>)> {
-        let mut ad = Adapters {
-            lora: Some(lora),
-            dropout,
-        };
-        let logits = self.model.yes_no_logits(&batch.ids, &batch.last, &mut ad)?;
-        let loss = yes_no_loss(&logits, labels, weights)?;
-        let mut grads = loss.backward()?;
-        let value = loss.to_scalar::<f32>()?;
-        let out = lora
-            .named()
-            .into_iter()
-            .map(|(name, v)| {
-                grads.remove(v.as_tensor()).ok_or_else(|| {
-                    ModelError::Invalid(format!("LoRA tensor {name} received no gradient"))
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((value, out))
+        self.model.micro_step(batch, labels, weights, lora, dropout)
     }
 }
 
 pub fn sigmoid(x: f32) -> f32 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        x.exp() / (1.0 + x.exp())
-    }
+    if x >= 0.0 { 1.0 / (1.0 + (-x).exp()) } else { x.exp() / (1.0 + x.exp()) }
 }

@@ -34,11 +34,7 @@ impl Accumulator {
         let grads: Vec<Tensor> = grads.into_iter().map(|g| g.detach()).collect();
         self.sums = Some(match self.sums.take() {
             None => grads,
-            Some(s) => s
-                .iter()
-                .zip(&grads)
-                .map(|(a, b)| a + b)
-                .collect::<Result<_>>()?,
+            Some(s) => s.iter().zip(&grads).map(|(a, b)| a + b).collect::<Result<_>>()?,
         });
         self.micro_batches += 1;
         Ok(())
@@ -86,24 +82,9 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(vars: Vec<Var>, weight_decay: f64) -> Result<Self> {
-        let m = vars
-            .iter()
-            .map(|v| v.as_tensor().zeros_like())
-            .collect::<Result<_>>()?;
-        let v = vars
-            .iter()
-            .map(|v| v.as_tensor().zeros_like())
-            .collect::<Result<_>>()?;
-        Ok(Self {
-            vars,
-            m,
-            v,
-            t: 0,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay,
-        })
+        let m = vars.iter().map(|v| v.as_tensor().zeros_like()).collect::<Result<_>>()?;
+        let v = vars.iter().map(|v| v.as_tensor().zeros_like()).collect::<Result<_>>()?;
+        Ok(Self { vars, m, v, t: 0, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay })
     }
 
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
@@ -132,11 +113,7 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays_to_zero() {
-        let s = Schedule {
-            lr: 1.0,
-            warmup_steps: 4,
-            total_steps: 14,
-        };
+        let s = Schedule { lr: 1.0, warmup_steps: 4, total_steps: 14 };
         assert_eq!(s.lr_at(0), 0.25);
         assert_eq!(s.lr_at(3), 1.0);
         assert!((s.lr_at(4) - 1.0).abs() < 1e-12);
@@ -146,10 +123,7 @@ mod tests {
 
     #[test]
     fn clipping_bounds_the_global_norm() {
-        let mut g = vec![
-            Tensor::new(&[3f32, 0.0], &Device::Cpu).unwrap(),
-            Tensor::new(&[4f32], &Device::Cpu).unwrap(),
-        ];
+        let mut g = vec![Tensor::new(&[3f32, 0.0], &Device::Cpu).unwrap(), Tensor::new(&[4f32], &Device::Cpu).unwrap()];
         let before = clip_grad_norm(&mut g, 1.0).unwrap();
         assert!((before - 5.0).abs() < 1e-6);
         assert!((global_norm(&g).unwrap() - 1.0).abs() < 1e-5);
@@ -160,12 +134,8 @@ mod tests {
         // With bias correction, Adam's first update is lr * sign(g).
         let v = Var::new(&[1f32, -1.0], &Device::Cpu).unwrap();
         let mut opt = AdamW::new(vec![v.clone()], 0.0).unwrap();
-        opt.step(&[Tensor::new(&[0.5f32, -2.0], &Device::Cpu).unwrap()], 0.1)
-            .unwrap();
+        opt.step(&[Tensor::new(&[0.5f32, -2.0], &Device::Cpu).unwrap()], 0.1).unwrap();
         let w: Vec<f32> = v.as_tensor().to_vec1().unwrap();
-        assert!(
-            (w[0] - 0.9).abs() < 1e-5 && (w[1] + 0.9).abs() < 1e-5,
-            "{w:?}"
-        );
+        assert!((w[0] - 0.9).abs() < 1e-5 && (w[1] + 0.9).abs() < 1e-5, "{w:?}");
     }
 }

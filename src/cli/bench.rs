@@ -1,0 +1,126 @@
+//! `rerankd bench`: LoRA training micro-steps and scoring forwards on random weights of a config,
+//! timed after one warm-up; one JSON line with medians, achieved GFLOP/s and peak RSS.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Args;
+use rand::{Rng, SeedableRng};
+use rerankd::model::Qwen3Config;
+use rerankd::model::checkpoint::RandomWeights;
+use rerankd::model::device::DeviceChoice;
+use rerankd::model::lora::{LoraConfig, LoraSet, Target};
+use rerankd::model::qwen3::{Adapters, Batch, Qwen3};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// A Qwen3 config.json (e.g. tests/fixtures/qwen3-0.6b.config.json).
+    #[arg(long)]
+    pub config: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 256)]
+    pub length: usize,
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 16)]
+    pub lora_r: usize,
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
+    let cfg = Qwen3Config::from_file(&a.config)?;
+    let device = a.device.open()?;
+    let w = RandomWeights { seed: 0, dtype: candle_core::DType::BF16, device: device.clone() };
+    let model = Qwen3::load(&cfg, &w, 9693, 2152, &device)?;
+    let lcfg = LoraConfig::new(a.lora_r, 2.0 * a.lora_r as f64, 0.0, &[Target::Q, Target::K, Target::V, Target::O]);
+    let lora = LoraSet::init(&lcfg, &cfg, 0, &device)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let seqs: Vec<Vec<u32>> =
+        (0..a.batch).map(|_| (0..a.length).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect()).collect();
+    let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
+    let batch = Batch::new(&refs, 151643, &device)?;
+    let labels: Vec<f32> = (0..a.batch).map(|i| (i % 2) as f32).collect();
+    let weights = vec![1.0 / a.batch as f32; a.batch];
+
+    let mut step_ms = Vec::new();
+    for i in 0..=a.steps {
+        let t0 = Instant::now();
+        let (_loss, grads) = model.micro_step(&batch, &labels, &weights, &lora, None)?;
+        device.synchronize()?;
+        drop(grads);
+        if i > 0 {
+            step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let mut score_ms = Vec::new();
+    for i in 0..=a.steps {
+        let t0 = Instant::now();
+        let mut ad = Adapters { lora: Some(&lora), dropout: None, train: false };
+        let l = model.yes_no_logits(&batch, &mut ad)?;
+        let _ = l.to_vec2::<f32>()?;
+        if i > 0 {
+            score_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let step = median(&mut step_ms);
+    let flops = train_flops(&cfg, a.batch, a.length, a.lora_r);
+    let line = serde_json::json!({
+        "step_ms_median": round1(step),
+        "score_ms_median": round1(median(&mut score_ms)),
+        "peak_rss_mb": peak_rss_mb(),
+        "gflops": round1(flops / (step / 1e3) / 1e9),
+        "batch": a.batch,
+        "length": a.length,
+        "lora_r": a.lora_r,
+        "steps": a.steps,
+        "device": format!("{:?}", device.location()),
+        "threads": rayon::current_num_threads(),
+    });
+    if a.json {
+        println!("{line}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&line)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+}
+
+/// Analytic FLOPs of one LoRA training micro-step: the forward (2 per multiply-add over the
+/// projections, full QK^T and PV), the backward's input gradients (same again for projections,
+/// twice the attention), and LoRA's own small matmuls (x3 for forward + both gradients).
+pub fn train_flops(c: &Qwen3Config, b: usize, t: usize, r: usize) -> f64 {
+    let n = (b * t) as f64;
+    let proj = c.body_params() as f64;
+    let attn = 2.0 * 2.0 * (b * c.num_attention_heads * t * t * c.head_dim) as f64;
+    let (d, q, kv) = (
+        c.hidden_size as f64,
+        (c.num_attention_heads * c.head_dim) as f64,
+        (c.num_key_value_heads * c.head_dim) as f64,
+    );
+    let lora = c.num_hidden_layers as f64 * r as f64 * ((d + q) + 2.0 * (d + kv) + (q + d));
+    2.0 * n * proj * 2.0 + attn * 3.0 + 2.0 * n * lora * 3.0
+}
+
+/// Peak resident set size of this process (VmHWM), in MB; 0 where /proc is not available.
+fn peak_rss_mb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kb| kb / 1024)
+        .unwrap_or(0)
+}
