@@ -1,8 +1,12 @@
 //! rerankd: fine-tunes a Qwen3 yes/no cross-encoder reranker with LoRA on a user's own relevance
-//! feedback, as a job-queue daemon. See README.md and DESIGN notes there.
+//! feedback, as a job-queue daemon. See README.md.
 //!
 //! - [`model`]: Qwen3 + LoRA + fused differentiable ops + prompt + scoring (pure candle).
-//! - [`train`]: optimizer, schedule, clipping, accumulation.
+//! - [`train`]: optimizer, schedule, clipping, accumulation, the training loop.
+//! - [`job`]: the job file, validated into an effective job.
+//! - [`store`]: the run store; the only code that touches files under the state root.
 
+pub mod job;
 pub mod model;
+pub mod store;
 pub mod train;

@@ -36,15 +36,15 @@ impl DeviceChoice {
             Self::Cuda => Device::new_cuda(0).map_err(|e| unavailable("cuda", e)),
             Self::Metal => Device::new_metal(0).map_err(|e| unavailable("metal", e)),
             Self::Auto => {
-                if cfg!(feature = "metal") {
-                    if let Ok(d) = Device::new_metal(0) {
-                        return Ok(d);
-                    }
+                if cfg!(feature = "metal")
+                    && let Ok(d) = Device::new_metal(0)
+                {
+                    return Ok(d);
                 }
-                if cfg!(feature = "cuda") {
-                    if let Ok(d) = Device::new_cuda(0) {
-                        return Ok(d);
-                    }
+                if cfg!(feature = "cuda")
+                    && let Ok(d) = Device::new_cuda(0)
+                {
+                    return Ok(d);
                 }
                 Ok(Device::Cpu)
             }

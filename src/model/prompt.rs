@@ -1,6 +1,7 @@
-//! The Qwen3-Reranker prompt and its truncation: prefix + `<Instruct>: ..\n<Query>: ..\n<Document>: ..`
-//! + suffix, tokenized with special tokens recognised in the text. Only the document is cut to fit
-//! `max_length`, then the query; the template never is.
+//! The Qwen3-Reranker prompt and its truncation: the prefix, then
+//! `<Instruct>: ..\n<Query>: ..\n<Document>: ..`, then the suffix, tokenized with special tokens
+//! recognised in the text. Only the document is cut to fit `max_length`, then the query; the
+//! template never is.
 
 use std::path::Path;
 

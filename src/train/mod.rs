@@ -1,3 +1,6 @@
-//! Training: the optimizer, its schedule, gradient clipping and accumulation.
+//! Training: the optimizer, its schedule, clipping and accumulation, and the loop that drives
+//! them. It reports through [`Reporter`] and never writes run files itself.
 
+pub mod data;
 pub mod optim;
+pub mod trainer;

@@ -1,0 +1,411 @@
+//! The job file (DESIGN §7): parsed from what a user dropped into plain values, validated once
+//! into an effective [`Job`] with every default filled in. Every rejection names the field.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::model::device::DeviceChoice;
+use crate::model::lora::Target;
+
+/// Why a job file was rejected: the `.error.json` beside it in `spool/rejected/`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobError {
+    pub error: String,
+    pub field: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl JobError {
+    fn at(field: &str, error: impl Into<String>, hint: Option<&str>) -> Self {
+        Self { error: error.into(), field: Some(field.to_string()), hint: hint.map(str::to_string) }
+    }
+    pub fn whole(error: impl Into<String>, hint: Option<&str>) -> Self {
+        Self { error: error.into(), field: None, hint: hint.map(str::to_string) }
+    }
+}
+
+impl std::fmt::Display for JobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.field {
+            Some(field) => write!(f, "field `{field}`: {}", self.error)?,
+            None => write!(f, "{}", self.error)?,
+        }
+        if let Some(h) = &self.hint {
+            write!(f, " (hint: {h})")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Data {
+    Triplets { triplets: PathBuf },
+    Feedback { feedback: PathBuf, documents: PathBuf },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Train {
+    pub epochs: u64,
+    pub batch_size: u64,
+    pub grad_accum: u64,
+    pub max_length: u64,
+    pub lr: f64,
+    pub warmup_ratio: f64,
+    pub negative_ratio: u64,
+    pub seed: u64,
+    pub max_grad_norm: f64,
+    pub weight_decay: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lora {
+    pub r: u64,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: Vec<Target>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Eval {
+    pub primary_metric: String,
+    pub dev_fraction: f64,
+    pub list_size: u64,
+    pub epsilon: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Promote {
+    IfImproves,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IfBusy {
+    Queue,
+    Reject,
+    Supersede,
+}
+
+/// The effective job: what `runs/<id>/job.json` holds. Data paths are absolute.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub corpus: String,
+    pub model: String,
+    pub data: Data,
+    pub train: Train,
+    pub lora: Lora,
+    pub eval: Eval,
+    pub promote: Promote,
+    pub device: DeviceChoice,
+    pub memory_budget_mb: Option<u64>,
+    pub if_busy: IfBusy,
+    pub instruction: Option<String>,
+}
+
+pub const DEFAULT_MODEL: &str = "Qwen/Qwen3-Reranker-0.6B";
+pub const METRICS: [&str; 4] = ["ndcg@10", "mrr@10", "recall@10", "map"];
+/// A job file is a few hundred bytes; anything past this is not a job.
+pub const MAX_JOB_BYTES: u64 = 1 << 20;
+
+/// `[A-Za-z0-9._-]{1,64}`, no leading dot.
+pub fn valid_corpus_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && !s.starts_with('.')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+/// A JSON object whose keys are checked off as they are read, so unknown ones can be named.
+struct Obj<'a> {
+    map: &'a Map<String, Value>,
+    path: String,
+    seen: Vec<&'static str>,
+}
+
+impl<'a> Obj<'a> {
+    fn new(v: &'a Value, path: &str) -> Result<Self, JobError> {
+        match v.as_object() {
+            Some(map) => Ok(Self { map, path: path.to_string(), seen: Vec::new() }),
+            None => Err(JobError::at(if path.is_empty() { "(root)" } else { path }, "must be a JSON object", None)),
+        }
+    }
+    fn field(&self, k: &str) -> String {
+        if self.path.is_empty() { k.to_string() } else { format!("{}.{k}", self.path) }
+    }
+    fn get(&mut self, k: &'static str) -> Option<&'a Value> {
+        self.seen.push(k);
+        self.map.get(k).filter(|v| !v.is_null())
+    }
+    fn int(&mut self, k: &'static str, default: u64, lo: u64, hi: u64) -> Result<u64, JobError> {
+        match self.get(k) {
+            None => Ok(default),
+            Some(v) => match v.as_u64() {
+                Some(n) if (lo..=hi).contains(&n) => Ok(n),
+                _ => Err(JobError::at(&self.field(k), format!("must be an integer from {lo} to {hi}, got {v}"), None)),
+            },
+        }
+    }
+    fn num(&mut self, k: &'static str, default: f64, lo: f64, hi: f64, hi_open: bool) -> Result<f64, JobError> {
+        match self.get(k) {
+            None => Ok(default),
+            Some(v) => match v.as_f64() {
+                Some(x) if x >= lo && (x < hi || (!hi_open && x == hi)) => Ok(x),
+                _ => {
+                    let range = if hi_open { format!("[{lo}, {hi})") } else { format!("[{lo}, {hi}]") };
+                    Err(JobError::at(&self.field(k), format!("must be a number in {range}, got {v}"), None))
+                }
+            },
+        }
+    }
+    fn string(&mut self, k: &'static str) -> Result<Option<&'a str>, JobError> {
+        match self.get(k) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(JobError::at(&self.field(k), format!("must be a string, got {v}"), None)),
+        }
+    }
+    fn choice<T>(&mut self, k: &'static str, default: T, options: &[(&str, T)]) -> Result<T, JobError>
+    where
+        T: Copy,
+    {
+        match self.string(k)? {
+            None => Ok(default),
+            Some(s) => options.iter().find(|(n, _)| *n == s).map(|(_, t)| *t).ok_or_else(|| {
+                let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+                JobError::at(
+                    &self.field(k),
+                    format!("unknown value `{s}`"),
+                    Some(&format!("one of {}", names.join(", "))),
+                )
+            }),
+        }
+    }
+    fn finish(self) -> Result<(), JobError> {
+        match self.map.keys().find(|k| !self.seen.contains(&k.as_str())) {
+            Some(k) => Err(JobError::at(
+                &self.field(k),
+                "unknown field",
+                Some(&format!("known fields here: {}", self.seen.join(", "))),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Parses and validates a job file's text. `corpus_home(corpus)` is where relative data paths
+/// resolve (ROOT/corpora/<corpus>/); data files must exist and be readable.
+pub fn parse_job(text: &str, corpus_home: impl Fn(&str) -> PathBuf) -> Result<Job, JobError> {
+    let v: Value = serde_json::from_str(text).map_err(|e| {
+        JobError::whole(format!("not valid JSON: {e}"), Some("a job file is one JSON object, see README"))
+    })?;
+    let mut o = Obj::new(&v, "")?;
+    let corpus = o.string("corpus")?.ok_or_else(|| JobError::at("corpus", "is required", None))?.to_string();
+    if !valid_corpus_name(&corpus) {
+        return Err(JobError::at(
+            "corpus",
+            format!("`{corpus}` is not a valid corpus name"),
+            Some("1 to 64 of A-Z a-z 0-9 . _ -, not starting with a dot"),
+        ));
+    }
+    let home = corpus_home(&corpus);
+    let model = o.string("model")?.unwrap_or(DEFAULT_MODEL).to_string();
+    if model.is_empty() {
+        return Err(JobError::at("model", "must not be empty", None));
+    }
+    let data = parse_data(
+        o.get("data").ok_or_else(|| {
+            JobError::at(
+                "data",
+                "is required",
+                Some("{\"triplets\": path} or {\"feedback\": path, \"documents\": path}"),
+            )
+        })?,
+        &home,
+    )?;
+    let train = parse_train(o.get("train"))?;
+    let lora = parse_lora(o.get("lora"))?;
+    let eval = parse_eval(o.get("eval"))?;
+    let promote = o.choice(
+        "promote",
+        Promote::IfImproves,
+        &[("if_improves", Promote::IfImproves), ("always", Promote::Always), ("never", Promote::Never)],
+    )?;
+    let device = o.choice(
+        "device",
+        DeviceChoice::Auto,
+        &[
+            ("auto", DeviceChoice::Auto),
+            ("cpu", DeviceChoice::Cpu),
+            ("cuda", DeviceChoice::Cuda),
+            ("metal", DeviceChoice::Metal),
+        ],
+    )?;
+    let memory_budget_mb = match o.get("memory_budget_mb") {
+        None => None,
+        Some(_) => {
+            o.seen.pop();
+            Some(o.int("memory_budget_mb", 0, 256, 1 << 20)?)
+        }
+    };
+    let if_busy = o.choice(
+        "if_busy",
+        IfBusy::Queue,
+        &[("queue", IfBusy::Queue), ("reject", IfBusy::Reject), ("supersede", IfBusy::Supersede)],
+    )?;
+    let instruction = o.string("instruction")?.map(str::to_string);
+    o.finish()?;
+    Ok(Job { corpus, model, data, train, lora, eval, promote, device, memory_budget_mb, if_busy, instruction })
+}
+
+fn data_path(o: &mut Obj, k: &'static str, home: &Path, dir_ok: bool) -> Result<PathBuf, JobError> {
+    let s = o.string(k)?.ok_or_else(|| JobError::at(&o.field(k), "is required", None))?;
+    if s.is_empty() {
+        return Err(JobError::at(&o.field(k), "must not be empty", None));
+    }
+    let p = Path::new(s);
+    let p = if p.is_absolute() { p.to_path_buf() } else { home.join(p) };
+    let meta = std::fs::metadata(&p).map_err(|e| {
+        JobError::at(
+            &o.field(k),
+            format!("cannot read {}: {e}", p.display()),
+            Some("relative paths resolve in ROOT/corpora/<corpus>/"),
+        )
+    })?;
+    if meta.is_dir() {
+        if !dir_ok {
+            return Err(JobError::at(
+                &o.field(k),
+                format!("{} is a directory, expected a JSONL file", p.display()),
+                None,
+            ));
+        }
+        std::fs::read_dir(&p)
+            .map_err(|e| JobError::at(&o.field(k), format!("cannot list {}: {e}", p.display()), None))?;
+    } else {
+        std::fs::File::open(&p)
+            .map_err(|e| JobError::at(&o.field(k), format!("cannot open {}: {e}", p.display()), None))?;
+    }
+    Ok(p)
+}
+
+fn parse_data(v: &Value, home: &Path) -> Result<Data, JobError> {
+    let mut o = Obj::new(v, "data")?;
+    let data = if o.map.contains_key("triplets") {
+        Data::Triplets { triplets: data_path(&mut o, "triplets", home, false)? }
+    } else if o.map.contains_key("feedback") || o.map.contains_key("documents") {
+        let feedback = data_path(&mut o, "feedback", home, false)?;
+        let documents = data_path(&mut o, "documents", home, true)?;
+        Data::Feedback { feedback, documents }
+    } else {
+        return Err(JobError::at("data", "needs `triplets`, or `feedback` and `documents`", None));
+    };
+    o.finish()?;
+    Ok(data)
+}
+
+fn parse_train(v: Option<&Value>) -> Result<Train, JobError> {
+    let empty = Value::Object(Map::new());
+    let mut o = Obj::new(v.unwrap_or(&empty), "train")?;
+    let t = Train {
+        epochs: o.int("epochs", 2, 1, 1000)?,
+        batch_size: o.int("batch_size", 16, 1, 4096)?,
+        grad_accum: o.int("grad_accum", 1, 1, 4096)?,
+        max_length: o.int("max_length", 512, 32, 32768)?,
+        lr: o.num("lr", 2e-5, 1e-9, 1.0, false)?,
+        warmup_ratio: o.num("warmup_ratio", 0.1, 0.0, 1.0, true)?,
+        negative_ratio: o.int("negative_ratio", 5, 1, 1000)?,
+        seed: o.int("seed", 0, 0, u64::MAX)?,
+        max_grad_norm: o.num("max_grad_norm", 1.0, 0.0, 1e6, false)?,
+        weight_decay: o.num("weight_decay", 0.0, 0.0, 1.0, true)?,
+    };
+    o.finish()?;
+    Ok(t)
+}
+
+fn parse_lora(v: Option<&Value>) -> Result<Lora, JobError> {
+    let empty = Value::Object(Map::new());
+    let mut o = Obj::new(v.unwrap_or(&empty), "lora")?;
+    let r = o.int("r", 16, 1, 1024)?;
+    let alpha = o.num("alpha", 2.0 * r as f64, 1e-6, 1e6, false)?;
+    let dropout = o.num("dropout", 0.05, 0.0, 1.0, true)?;
+    let target_modules = match o.get("target_modules") {
+        None => vec![Target::Q, Target::K, Target::V, Target::O],
+        Some(Value::Array(a)) if !a.is_empty() => {
+            a.iter().map(|t| t.as_str().and_then(Target::parse)).collect::<Option<Vec<_>>>().ok_or_else(|| {
+                JobError::at(
+                    "lora.target_modules",
+                    "unknown module",
+                    Some("q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"),
+                )
+            })?
+        }
+        Some(_) => return Err(JobError::at("lora.target_modules", "must be a non-empty list of module names", None)),
+    };
+    o.finish()?;
+    Ok(Lora { r, alpha, dropout, target_modules })
+}
+
+fn parse_eval(v: Option<&Value>) -> Result<Eval, JobError> {
+    let empty = Value::Object(Map::new());
+    let mut o = Obj::new(v.unwrap_or(&empty), "eval")?;
+    let primary_metric = o.string("primary_metric")?.unwrap_or("ndcg@10").to_string();
+    if !METRICS.contains(&primary_metric.as_str()) {
+        return Err(JobError::at(
+            "eval.primary_metric",
+            format!("unknown metric `{primary_metric}`"),
+            Some("ndcg@10, mrr@10, recall@10 or map"),
+        ));
+    }
+    let e = Eval {
+        primary_metric,
+        dev_fraction: o.num("dev_fraction", 0.1, 0.0, 0.9, false)?,
+        list_size: o.int("list_size", 20, 2, 1000)?,
+        epsilon: o.num("epsilon", 0.0, 0.0, 1.0, false)?,
+    };
+    o.finish()?;
+    Ok(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, home: &Path) -> Result<Job, JobError> {
+        parse_job(text, |_| home.to_path_buf())
+    }
+
+    #[test]
+    fn defaults_and_errors_name_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.jsonl"), "").unwrap();
+        let j = parse(r#"{"corpus": "c1", "data": {"triplets": "t.jsonl"}}"#, dir.path()).unwrap();
+        assert_eq!(j.model, DEFAULT_MODEL);
+        assert_eq!(j.train.batch_size, 16);
+        assert_eq!(j.data, Data::Triplets { triplets: dir.path().join("t.jsonl") });
+        let cases = [
+            (r#"[1]"#, "(root)"),
+            (r#"{"corpus": "c1", "data": {"triplets": "t.jsonl"}, "colour": 1}"#, "colour"),
+            (r#"{"corpus": "c1", "data": {"triplets": "t.jsonl"}, "train": {"epochs": "2"}}"#, "train.epochs"),
+            (r#"{"corpus": "c1", "data": {"triplets": "t.jsonl"}, "train": {"lr": -1}}"#, "train.lr"),
+            (r#"{"corpus": "c1", "data": {"triplets": "t.jsonl"}, "train": {"batch_size": 1e12}}"#, "train.batch_size"),
+            (r#"{"corpus": "../x", "data": {"triplets": "t.jsonl"}}"#, "corpus"),
+            (r#"{"corpus": "", "data": {"triplets": "t.jsonl"}}"#, "corpus"),
+            (r#"{"corpus": "c1", "data": {"triplets": "missing.jsonl"}}"#, "data.triplets"),
+            (
+                r#"{"corpus": "c1", "data": {"triplets": "t.jsonl"}, "lora": {"target_modules": ["qq"]}}"#,
+                "lora.target_modules",
+            ),
+            (r#"{"corpus": "c1", "data": {"triplets": "t.jsonl"}, "if_busy": "maybe"}"#, "if_busy"),
+        ];
+        for (text, field) in cases {
+            let e = parse(text, dir.path()).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some(field), "{text}: {e}");
+        }
+        assert!(parse("not json", dir.path()).unwrap_err().error.contains("not valid JSON"));
+    }
+}

@@ -1,0 +1,39 @@
+//! The one way a state file is written: temp file in the same directory, fsync, rename over the
+//! target, fsync the directory. Readers see the old file or the new one, never a mix.
+
+use std::io::Write;
+use std::path::Path;
+
+use super::{Result, StoreError};
+
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| StoreError::io(&tmp, "creating", e))?;
+    f.write_all(bytes).map_err(|e| StoreError::io(&tmp, "writing", e))?;
+    f.sync_all().map_err(|e| StoreError::io(&tmp, "syncing", e))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| StoreError::io(path, "renaming into place", e))?;
+    sync_dir(dir)
+}
+
+/// fsync a directory so a rename or create in it survives a crash.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    let d = std::fs::File::open(dir).map_err(|e| StoreError::io(dir, "opening directory", e))?;
+    d.sync_all().map_err(|e| StoreError::io(dir, "syncing directory", e))
+}
+
+/// `write_atomic` of a JSON value, pretty-printed with a trailing newline.
+pub fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
+    let mut s = serde_json::to_string_pretty(v)
+        .map_err(|e| StoreError::Corrupt { path: path.into(), message: e.to_string() })?;
+    s.push('\n');
+    write_atomic(path, s.as_bytes())
+}
+
+/// Reads a JSON file into `T`, naming the file on error.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| StoreError::io(path, "reading", e))?;
+    serde_json::from_str(&text).map_err(|e| StoreError::Corrupt { path: path.into(), message: e.to_string() })
+}

@@ -1,0 +1,100 @@
+//! `metrics.jsonl`: the append-only event log of a run. One JSON object per line, written with a
+//! single `write` of the whole line, numbered by `seq`. A torn last line (a crash mid-write) is
+//! truncated when the log is reopened and skipped by every reader.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use super::time::now_rfc3339;
+use super::{Result, StoreError};
+
+pub struct MetricsLog {
+    file: File,
+    path: PathBuf,
+    run_id: String,
+    next_seq: u64,
+}
+
+impl MetricsLog {
+    /// Opens (creating) the log, cutting a torn last line and continuing the `seq` numbering.
+    pub fn open(path: &Path, run_id: &str) -> Result<Self> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(StoreError::io(path, "reading", e)),
+        };
+        let good = bytes.iter().rposition(|&b| b == b'\n').map(|i| i + 1).unwrap_or(0);
+        let next_seq = parse_lines(&bytes[..good]).len() as u64;
+        let file =
+            OpenOptions::new().create(true).append(true).open(path).map_err(|e| StoreError::io(path, "opening", e))?;
+        if good < bytes.len() {
+            file.set_len(good as u64).map_err(|e| StoreError::io(path, "truncating a torn line", e))?;
+        }
+        Ok(Self { file, path: path.to_path_buf(), run_id: run_id.to_string(), next_seq })
+    }
+
+    /// Appends one event of `kind` with `fields`; `ts`, `seq`, `run_id` and `type` are added.
+    pub fn append(&mut self, kind: &str, fields: Value) -> Result<()> {
+        let mut obj = Map::new();
+        obj.insert("ts".into(), now_rfc3339().into());
+        obj.insert("seq".into(), self.next_seq.into());
+        obj.insert("run_id".into(), self.run_id.clone().into());
+        obj.insert("type".into(), kind.into());
+        if let Value::Object(f) = fields {
+            obj.extend(f);
+        }
+        let mut line = Value::Object(obj).to_string();
+        line.push('\n');
+        self.file.write_all(line.as_bytes()).map_err(|e| StoreError::io(&self.path, "appending", e))?;
+        self.file.flush().map_err(|e| StoreError::io(&self.path, "flushing", e))?;
+        self.next_seq += 1;
+        Ok(())
+    }
+
+    /// Makes everything appended so far durable (used at state changes).
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| StoreError::io(&self.path, "syncing", e))
+    }
+}
+
+fn parse_lines(bytes: &[u8]) -> Vec<Value> {
+    bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()).filter_map(|l| serde_json::from_slice(l).ok()).collect()
+}
+
+/// Every complete event of a log (a torn or garbled line is skipped).
+pub fn read_events(path: &Path) -> Result<Vec<Value>> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(parse_lines(&b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(StoreError::io(path, "reading", e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn torn_line_is_cut_on_reopen_and_seq_continues() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("metrics.jsonl");
+        let mut log = MetricsLog::open(&p, "r1").unwrap();
+        log.append("log", json!({"level": "info", "message": "a"})).unwrap();
+        log.append("log", json!({"level": "info", "message": "b"})).unwrap();
+        drop(log);
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"{\"ts\": \"2026-").unwrap();
+        drop(f);
+        assert_eq!(read_events(&p).unwrap().len(), 2);
+        let mut log = MetricsLog::open(&p, "r1").unwrap();
+        log.append("log", json!({"level": "info", "message": "c"})).unwrap();
+        let ev = read_events(&p).unwrap();
+        assert_eq!(ev.iter().map(|e| e["seq"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(ev[2]["message"], "c");
+        assert!(std::fs::read_to_string(&p).unwrap().ends_with("}\n"));
+    }
+}

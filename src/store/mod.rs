@@ -1,0 +1,34 @@
+//! The run store: every file under the state root is read and written here and nowhere else.
+//! Paths, atomic writes, the metrics log, status transitions, the cancel sentinel and locks.
+
+pub mod atomic;
+pub mod lock;
+pub mod metrics;
+pub mod paths;
+pub mod status;
+pub mod time;
+
+pub use atomic::write_atomic;
+pub use lock::FileLock;
+pub use metrics::MetricsLog;
+pub use paths::Root;
+pub use status::{RunState, Status};
+
+use std::path::{Path, PathBuf};
+
+/// Store errors carry the path and what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("I/O error at {path} while {action}: {source}")]
+    Io { path: PathBuf, action: &'static str, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Corrupt { path: PathBuf, message: String },
+}
+
+impl StoreError {
+    pub fn io(path: &Path, action: &'static str, source: std::io::Error) -> Self {
+        Self::Io { path: path.to_path_buf(), action, source }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
