@@ -6,7 +6,9 @@
 //! - [`job`]: the job file, validated into an effective job.
 //! - [`store`]: the run store; the only code that touches files under the state root.
 
+pub mod daemon;
 pub mod job;
 pub mod model;
+pub mod runner;
 pub mod store;
 pub mod train;

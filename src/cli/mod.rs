@@ -1,33 +1,82 @@
 //! Command-line parsing into plain structs, and dispatch: one file per subcommand.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use rerankd::store::Root;
 
 mod bench;
+mod daemon;
+mod demo;
+mod install;
+mod runs;
 mod score;
+mod submit;
 
 /// The command failed (bad input, I/O, a model that would not load).
 pub const EXIT_FAILURE: u8 = 1;
+/// Not found: no such run or corpus.
+pub const EXIT_NOT_FOUND: u8 = 3;
+/// Refused: the root is held by a daemon, or the job was rejected.
+pub const EXIT_REFUSED: u8 = 4;
 
 #[derive(Parser, Debug)]
 #[command(name = "rerankd", version, about = "Fine-tune a Qwen3 reranker on your own relevance feedback")]
 pub struct Cli {
+    /// State root (default: $RERANKD_ROOT, else the platform's state directory).
+    #[arg(long, global = true)]
+    pub root: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the daemon in the foreground (what launchd/systemd start).
+    Daemon(daemon::DaemonArgs),
+    /// (internal) Execute one run; started by the daemon.
+    #[command(hide = true)]
+    Run { run_dir: PathBuf },
+    /// Submit a job file: copied through spool/tmp and renamed into the spool.
+    Submit(submit::SubmitArgs),
+    /// Show one run, or the runs of a corpus.
+    Status(runs::StatusArgs),
+    /// List all runs.
+    Runs(runs::RunsArgs),
+    /// Request cancellation of a run.
+    Cancel { run: String },
+    /// Cancel a corpus's active and queued runs.
+    Stop { corpus: String },
+    /// The boot sweep on demand (refused while a daemon holds the root).
+    Sweep,
     /// Score documents against a query with a model (and optionally a LoRA adapter).
     Score(score::ScoreArgs),
     /// Time LoRA training micro-steps and scoring on random weights of a config.
     Bench(bench::BenchArgs),
+    /// Write a launchd LaunchAgent plist for this root and print the launchctl lines.
+    InstallLaunchd(install::InstallArgs),
+    /// Write a systemd user unit for this root and print the systemctl lines.
+    InstallSystemd(install::InstallArgs),
+    /// Train on the shipped demo corpus with the tiny fixture model, end to end.
+    Demo(demo::DemoArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let root = Root::resolve(cli.root.as_deref());
     match cli.command {
+        Command::Daemon(a) => daemon::run(&root, a),
+        Command::Run { run_dir } => Ok(ExitCode::from(rerankd::runner::run(&root, &run_dir)? as u8)),
+        Command::Submit(a) => submit::run(&root, a),
+        Command::Status(a) => runs::status(&root, a),
+        Command::Runs(a) => runs::list(&root, a),
+        Command::Cancel { run } => runs::cancel(&root, &run),
+        Command::Stop { corpus } => runs::stop(&root, &corpus),
+        Command::Sweep => daemon::sweep(&root),
         Command::Score(a) => score::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::InstallLaunchd(a) => install::launchd(&root, a),
+        Command::InstallSystemd(a) => install::systemd(&root, a),
+        Command::Demo(a) => demo::run(a),
     }
 }

@@ -1,0 +1,89 @@
+//! `rerankd demo`: the whole path on the shipped demo corpus (examples/demo) with the tiny fixture
+//! model: a fresh root under target/, the job dropped into the spool, the daemon run until idle,
+//! then the trained adapter scoring a query against the base model.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use rerankd::model::device::DeviceChoice;
+use rerankd::model::{LoraSet, Reranker};
+use rerankd::store::paths::RunFiles;
+use rerankd::store::{Root, Status};
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Where the demo's state root goes (wiped first).
+    #[arg(long, default_value = "target/demo-root")]
+    pub demo_root: PathBuf,
+}
+
+fn repo_dir() -> PathBuf {
+    let here = PathBuf::from(".");
+    if here.join("examples/demo/job.json").is_file() { here } else { PathBuf::from(env!("CARGO_MANIFEST_DIR")) }
+}
+
+pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
+    super::daemon::init_logging();
+    let repo = std::fs::canonicalize(repo_dir())?;
+    let demo = repo.join("examples/demo");
+    if a.demo_root.exists() {
+        std::fs::remove_dir_all(&a.demo_root).with_context(|| format!("clearing {}", a.demo_root.display()))?;
+    }
+    let root = Root { dir: a.demo_root.clone() };
+    root.ensure()?;
+    let home = root.corpus_home("demo");
+    std::fs::create_dir_all(&home)?;
+    std::fs::copy(demo.join("triplets.jsonl"), home.join("triplets.jsonl"))?;
+    let mut job: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(demo.join("job.json"))?)?;
+    let model = repo.join(job["model"].as_str().unwrap_or("tests/fixtures/tiny-qwen3"));
+    job["model"] = model.display().to_string().into();
+    let tmp = root.spool_tmp().join("demo.json");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&job)?)?;
+    std::fs::rename(&tmp, root.spool().join("demo.json"))?;
+    println!("dropped demo.json into {}; running the daemon until the run is done...", root.spool().display());
+    rerankd::daemon::run(&root, true)?;
+    let receipt: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.accepted().join("demo.json")).context("the demo job was not accepted")?,
+    )?;
+    let run_id = receipt["run_id"].as_str().context("receipt without run_id")?;
+    let files = RunFiles::new(&root.run_dir(run_id));
+    let st = Status::read(&files.status())?;
+    println!("\nrun {run_id}: {}", st.state.as_str());
+    if let Some(s) = &st.summary {
+        println!("summary: {s}");
+    }
+    if let Some(e) = &st.error {
+        println!("error: {e}");
+    }
+    println!("events: {}", files.metrics().display());
+    if files.adapter().is_dir() {
+        show_scores(&model, &files.adapter())?;
+    }
+    println!(
+        "\nThe tiny random model only learns the demo's patterns. For a useful reranker, set \"model\" in the job\n\
+         to a real checkpoint: \"Qwen/Qwen3-Reranker-0.6B\" (from your Hugging Face cache) or a Qwen3 directory."
+    );
+    Ok(if st.state == rerankd::store::RunState::Completed { ExitCode::SUCCESS } else { ExitCode::from(super::EXIT_FAILURE) })
+}
+
+fn show_scores(model: &Path, adapter: &Path) -> anyhow::Result<()> {
+    let device = DeviceChoice::Cpu.open()?;
+    let r = Reranker::load(&model.display().to_string(), &device)?;
+    let lora = LoraSet::load(adapter, &r.model.cfg, &device)?;
+    let q = "how does espresso work";
+    let docs = [
+        "Espresso is brewed by forcing hot water through finely ground coffee.",
+        "A latte adds steamed milk to espresso.",
+        "Tides are caused by the gravitational pull of the moon and the sun.",
+    ];
+    let pairs: Vec<(&str, &str)> = docs.iter().map(|d| (q, *d)).collect();
+    let base = r.score_pairs(&pairs, 192, 8, None)?;
+    let tuned = r.score_pairs(&pairs, 192, 8, Some(&lora))?;
+    println!("\nquery: {q}\n{:>8} {:>8}  document", "base", "adapter");
+    for (i, d) in docs.iter().enumerate() {
+        println!("{:>8.4} {:>8.4}  {d}", base[i].score, tuned[i].score);
+    }
+    Ok(())
+}

@@ -1,0 +1,51 @@
+//! `rerankd submit FILE`: the Maildir rule done for you (spool/tmp, then rename into spool/), then
+//! wait for the daemon's verdict and print the receipt (or the rejection).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use rerankd::store::Root;
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    pub file: PathBuf,
+    /// Seconds to wait for a running daemon to accept or reject the job (0: do not wait).
+    #[arg(long, default_value_t = 10.0)]
+    pub wait: f64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(root: &Root, a: SubmitArgs) -> anyhow::Result<ExitCode> {
+    root.ensure()?;
+    let text = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let base = a.file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "job".into());
+    let stamp = rerankd::store::time::compact(std::time::SystemTime::now());
+    let name = format!("{base}-{stamp}-{}.json", std::process::id());
+    let tmp = root.spool_tmp().join(&name);
+    rerankd::store::write_atomic(&tmp, &text)?;
+    std::fs::rename(&tmp, root.spool().join(&name)).context("renaming into the spool")?;
+    let deadline = Instant::now() + Duration::from_secs_f64(a.wait);
+    let (acc, rej, err) = (root.accepted().join(&name), root.rejected().join(&name), root.rejected().join(name.replace(".json", ".error.json")));
+    loop {
+        if let Ok(r) = std::fs::read_to_string(&acc) {
+            print!("{r}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        if rej.exists() {
+            let why = std::fs::read_to_string(&err).unwrap_or_default();
+            eprintln!("rerankd: job rejected: {}", why.trim());
+            return Ok(ExitCode::from(super::EXIT_REFUSED));
+        }
+        if Instant::now() >= deadline {
+            let msg = if a.wait > 0.0 { " (no daemon answered yet)" } else { "" };
+            println!("{{\"submitted\": {:?}, \"spool\": {:?}}}", name, root.spool().join(&name));
+            eprintln!("submitted {name}{msg}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
