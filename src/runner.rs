@@ -165,12 +165,17 @@ fn materialise(ctx: &mut RunContext, r: &Reranker, job: &Job) -> anyhow::Result<
     let mut pairs = Vec::new();
     let mut out = String::new();
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let v: Value = serde_json::from_str(line).with_context(|| format!("{}: line {}: not JSON", triplets.display(), n + 1))?;
+        let v: Value =
+            serde_json::from_str(line).with_context(|| format!("{}: line {}: not JSON", triplets.display(), n + 1))?;
         let field = |k: &str| v.get(k).and_then(Value::as_str);
         let (Some(q), Some(pos)) = (field("query"), field("positive")) else {
             anyhow::bail!("{}: line {}: needs `query` and `positive` strings", triplets.display(), n + 1);
         };
-        let negs: Vec<&str> = v.get("negatives").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+        let negs: Vec<&str> = v
+            .get("negatives")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
         pairs.push(TrainPair { ids: r.encode(q, pos, max_len)?, label: 1.0 });
         for neg in negs.iter().take(job.train.negative_ratio as usize) {
             pairs.push(TrainPair { ids: r.encode(q, neg, max_len)?, label: 0.0 });

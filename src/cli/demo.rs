@@ -65,7 +65,11 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         "\nThe tiny random model only learns the demo's patterns. For a useful reranker, set \"model\" in the job\n\
          to a real checkpoint: \"Qwen/Qwen3-Reranker-0.6B\" (from your Hugging Face cache) or a Qwen3 directory."
     );
-    Ok(if st.state == rerankd::store::RunState::Completed { ExitCode::SUCCESS } else { ExitCode::from(super::EXIT_FAILURE) })
+    Ok(if st.state == rerankd::store::RunState::Completed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(super::EXIT_FAILURE)
+    })
 }
 
 fn show_scores(model: &Path, adapter: &Path) -> anyhow::Result<()> {

@@ -75,7 +75,10 @@ pub fn systemd(root: &Root, a: InstallArgs) -> anyhow::Result<ExitCode> {
     let dest = a.dest.unwrap_or_else(|| home().join(".config/systemd/user/rerankd.service"));
     write(&dest, &fill(UNIT, root)?)?;
     println!("enable and start with:");
-    run_lines(&["systemctl --user daemon-reload".into(), "systemctl --user enable --now rerankd.service".into()], a.load)?;
+    run_lines(
+        &["systemctl --user daemon-reload".into(), "systemctl --user enable --now rerankd.service".into()],
+        a.load,
+    )?;
     println!("  journalctl --user -u rerankd -f      # logs");
     Ok(ExitCode::SUCCESS)
 }

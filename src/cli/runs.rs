@@ -81,7 +81,8 @@ pub fn cancel(root: &Root, run: &str) -> anyhow::Result<ExitCode> {
 }
 
 pub fn stop(root: &Root, corpus: &str) -> anyhow::Result<ExitCode> {
-    let live: Vec<Status> = all_runs(root).into_iter().filter(|s| s.corpus == corpus && !s.state.is_terminal()).collect();
+    let live: Vec<Status> =
+        all_runs(root).into_iter().filter(|s| s.corpus == corpus && !s.state.is_terminal()).collect();
     for s in &live {
         rerankd::daemon::request_cancel(root, &s.run_id, &format!("corpus {corpus} stopped by user"));
         println!("cancel requested for {} ({})", s.run_id, s.state.as_str());

@@ -29,7 +29,11 @@ pub fn run(root: &Root, a: SubmitArgs) -> anyhow::Result<ExitCode> {
     rerankd::store::write_atomic(&tmp, &text)?;
     std::fs::rename(&tmp, root.spool().join(&name)).context("renaming into the spool")?;
     let deadline = Instant::now() + Duration::from_secs_f64(a.wait);
-    let (acc, rej, err) = (root.accepted().join(&name), root.rejected().join(&name), root.rejected().join(name.replace(".json", ".error.json")));
+    let (acc, rej, err) = (
+        root.accepted().join(&name),
+        root.rejected().join(&name),
+        root.rejected().join(name.replace(".json", ".error.json")),
+    );
     loop {
         if let Ok(r) = std::fs::read_to_string(&acc) {
             print!("{r}");

@@ -35,14 +35,17 @@ impl DaemonConfig {
                 anyhow::bail!("{}: line {}: expected `key = value`", path.display(), n + 1);
             };
             let (k, v) = (k.trim(), v.trim());
-            let num: f64 = v.parse().map_err(|_| anyhow::anyhow!("{}: field `{k}`: `{v}` is not a number", path.display()))?;
+            let num: f64 =
+                v.parse().map_err(|_| anyhow::anyhow!("{}: field `{k}`: `{v}` is not a number", path.display()))?;
             let bad = |what: &str| anyhow::anyhow!("{}: field `{k}`: {what}", path.display());
             match k {
                 "max_concurrent_runs" if num >= 1.0 && num.fract() == 0.0 => c.max_concurrent_runs = num as usize,
                 "cancel_grace_s" if num >= 0.0 => c.cancel_grace_s = num,
                 "rescan_s" if num >= 1.0 => c.rescan_s = num as u64,
                 "shutdown_timeout_s" if num >= 1.0 => c.shutdown_timeout_s = num,
-                "max_concurrent_runs" | "cancel_grace_s" | "rescan_s" | "shutdown_timeout_s" => return Err(bad("out of range")),
+                "max_concurrent_runs" | "cancel_grace_s" | "rescan_s" | "shutdown_timeout_s" => {
+                    return Err(bad("out of range"));
+                }
                 _ => return Err(bad("unknown setting")),
             }
         }

@@ -156,7 +156,10 @@ impl Intake {
 fn read_claimed(path: &Path) -> Result<String, JobError> {
     let meta = path.symlink_metadata().map_err(|e| JobError::whole(format!("cannot stat: {e}"), None))?;
     if meta.file_type().is_symlink() {
-        return Err(JobError::whole("is a symbolic link, not a regular file", Some("copy the job file into the spool")));
+        return Err(JobError::whole(
+            "is a symbolic link, not a regular file",
+            Some("copy the job file into the spool"),
+        ));
     }
     if meta.is_dir() {
         return Err(JobError::whole("is a directory, not a job file", None));
@@ -178,7 +181,10 @@ fn unique_in(dir: &Path, name: &str) -> PathBuf {
         return p;
     }
     let (stem, ext) = name.rsplit_once('.').unwrap_or((name, ""));
-    (2..).map(|n| dir.join(format!("{stem}.{n}.{ext}"))).find(|p| p.symlink_metadata().is_err()).expect("some free name")
+    (2..)
+        .map(|n| dir.join(format!("{stem}.{n}.{ext}")))
+        .find(|p| p.symlink_metadata().is_err())
+        .expect("some free name")
 }
 
 fn reject(root: &Root, claimed: &Path, original: &str, err: &JobError) {
@@ -225,7 +231,10 @@ fn create_run(root: &Root, job: &Job, source: &str) -> anyhow::Result<String> {
     let files = crate::store::paths::RunFiles::new(&root.run_dir(&run_id));
     write_json(&files.job(), job)?;
     let mut log = crate::store::MetricsLog::open(&files.metrics(), &run_id)?;
-    log.append("log", json!({"level": "info", "message": format!("primary metric locked: {}", job.eval.primary_metric)}))?;
+    log.append(
+        "log",
+        json!({"level": "info", "message": format!("primary metric locked: {}", job.eval.primary_metric)}),
+    )?;
     log.append("state", json!({"state": "queued", "reason": null}))?;
     log.sync()?;
     Status::new_queued(&run_id, &job.corpus, Some(source.to_string())).write(&files.status())?;

@@ -54,7 +54,9 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
     root.ensure()?;
     check_spool_permissions(root)?;
     let Some(mut lock) = FileLock::try_acquire(&root.daemon_lock())? else {
-        let pid = crate::store::lock::holder_pid(&root.daemon_lock()).map(|p| format!("pid {p}")).unwrap_or("another process".into());
+        let pid = crate::store::lock::holder_pid(&root.daemon_lock())
+            .map(|p| format!("pid {p}"))
+            .unwrap_or("another process".into());
         anyhow::bail!("another rerankd daemon ({pid}) holds {}; one daemon per root", root.daemon_lock().display());
     };
     lock.write_pid()?;
@@ -69,7 +71,8 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
     if settled > 0 {
         tracing::warn!(settled, "boot sweep settled orphaned runs");
     }
-    let mut d = Daemon { root: root.clone(), cfg, queue: VecDeque::new(), active: Vec::new(), intake: Intake::default() };
+    let mut d =
+        Daemon { root: root.clone(), cfg, queue: VecDeque::new(), active: Vec::new(), intake: Intake::default() };
     for id in queued {
         if let Ok(st) = Status::read(&RunFiles::new(&root.run_dir(&id)).status()) {
             d.queue.push_back((id, st.corpus));
@@ -219,7 +222,8 @@ impl Daemon {
                     tracing::error!(run_id = %run_id, error = %e, "could not start the run");
                     let files = RunFiles::new(&self.root.run_dir(&run_id));
                     if let Ok(mut st) = Status::read(&files.status()) {
-                        let _ = settle(&files, &mut st, RunState::Failed, None, Some(format!("could not start: {e:#}")));
+                        let _ =
+                            settle(&files, &mut st, RunState::Failed, None, Some(format!("could not start: {e:#}")));
                     }
                 }
             }
@@ -320,7 +324,9 @@ fn finish(files: &RunFiles, a: &Active, exit: std::process::ExitStatus) {
     };
     let result = match files.cancel_requested() {
         Some(reason) => settle(files, &mut st, RunState::Cancelled, Some(reason), None),
-        None => settle(files, &mut st, RunState::Failed, None, Some(format!("run process died without a result ({how})"))),
+        None => {
+            settle(files, &mut st, RunState::Failed, None, Some(format!("run process died without a result ({how})")))
+        }
     };
     if let Err(e) = result {
         tracing::error!(run_id = %a.run_id, error = %e, "recording the end of a run");
@@ -359,7 +365,11 @@ fn check_spool_permissions(root: &Root) -> anyhow::Result<()> {
     for dir in [root.dir.clone(), root.spool()] {
         let m = std::fs::metadata(&dir).with_context(|| format!("reading {}", dir.display()))?;
         if m.uid() != uid {
-            anyhow::bail!("{} is owned by uid {}, not by you (uid {uid}); refusing to run on it", dir.display(), m.uid());
+            anyhow::bail!(
+                "{} is owned by uid {}, not by you (uid {uid}); refusing to run on it",
+                dir.display(),
+                m.uid()
+            );
         }
         if m.mode() & 0o022 != 0 {
             anyhow::bail!(
@@ -375,7 +385,8 @@ fn check_spool_permissions(root: &Root) -> anyhow::Result<()> {
 
 fn install_signals(tx: mpsc::Sender<Wake>) -> anyhow::Result<std::thread::JoinHandle<()>> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
     Ok(std::thread::spawn(move || {
         for s in signals.forever() {
             if tx.send(Wake::Signal(s)).is_err() {

@@ -1,0 +1,335 @@
+//! The daemon as users drive it: the real binary on a temp root, real child processes, signals,
+//! flock locks and files. Tests wait for conditions with timeouts; they never sleep-and-hope.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_rerankd");
+
+fn fixture_model() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-qwen3").display().to_string()
+}
+
+struct Root {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+impl Root {
+    fn new(config: &str) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("root");
+        for d in ["spool/tmp", "corpora"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        std::fs::write(dir.join("config.toml"), config).unwrap();
+        let triplets: String = (0..16)
+            .map(|i| {
+                json!({"query": format!("q{i}"), "positive": format!("answer {i}"), "negatives": ["noise", "other"]})
+                    .to_string()
+                    + "\n"
+            })
+            .collect();
+        std::fs::write(tmp.path().join("triplets.jsonl"), triplets).unwrap();
+        Self { _tmp: tmp, dir }
+    }
+
+    fn triplets(&self) -> String {
+        self.dir.parent().unwrap().join("triplets.jsonl").display().to_string()
+    }
+
+    fn job(&self, corpus: &str, epochs: u64) -> Value {
+        json!({"corpus": corpus, "model": fixture_model(), "data": {"triplets": self.triplets()},
+               "train": {"epochs": epochs, "batch_size": 4, "max_length": 128, "lr": 1e-3}, "device": "cpu"})
+    }
+
+    /// Maildir-style drop: write in spool/tmp, rename into spool/.
+    fn drop_job(&self, name: &str, job: &Value) {
+        let tmp = self.dir.join("spool/tmp").join(name);
+        std::fs::write(&tmp, job.to_string()).unwrap();
+        std::fs::rename(tmp, self.dir.join("spool").join(name)).unwrap();
+    }
+
+    fn daemon(&self) -> Child {
+        self.daemon_env(&[])
+    }
+
+    fn daemon_env(&self, env: &[(&str, &str)]) -> Child {
+        let mut c = Command::new(BIN);
+        c.args(["--root", self.dir.to_str().unwrap(), "daemon"]).stdin(Stdio::null()).stdout(Stdio::null());
+        c.stderr(Stdio::null());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.spawn().unwrap()
+    }
+
+    fn receipt(&self, name: &str) -> Option<Value> {
+        std::fs::read_to_string(self.dir.join("spool/accepted").join(name))
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+    }
+
+    fn status(&self, run_id: &str) -> Value {
+        serde_json::from_str(&std::fs::read_to_string(self.dir.join("runs").join(run_id).join("status.json")).unwrap())
+            .unwrap()
+    }
+
+    fn events(&self, run_id: &str) -> Vec<Value> {
+        let text =
+            std::fs::read_to_string(self.dir.join("runs").join(run_id).join("metrics.jsonl")).unwrap_or_default();
+        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn run_id_of(root: &Root, name: &str) -> String {
+    let r = wait_for(&format!("receipt of {name}"), Duration::from_secs(20), || root.receipt(name));
+    r["run_id"].as_str().unwrap().to_string()
+}
+
+fn wait_state(root: &Root, run_id: &str, states: &[&str], timeout: Duration) -> Value {
+    wait_for(&format!("{run_id} to reach {states:?}"), timeout, || {
+        let s = root.status(run_id);
+        states.contains(&s["state"].as_str().unwrap()).then_some(s)
+    })
+}
+
+fn wait_steps(root: &Root, run_id: &str, n: usize) {
+    wait_for(&format!("{n} steps of {run_id}"), Duration::from_secs(30), || {
+        (root.events(run_id).iter().filter(|e| e["type"] == "step").count() >= n).then_some(())
+    });
+}
+
+fn signal(child: &Child, sig: i32) {
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+}
+
+fn stop(mut d: Child) {
+    signal(&d, libc::SIGTERM);
+    let _ = d.wait();
+}
+
+#[test]
+fn second_daemon_refuses_at_once_naming_the_pid() {
+    let root = Root::new("");
+    let d = root.daemon();
+    wait_for("daemon.lock", Duration::from_secs(10), || {
+        std::fs::read_to_string(root.dir.join("daemon.lock")).ok().filter(|s| !s.is_empty())
+    });
+    let t0 = Instant::now();
+    let out = Command::new(BIN).args(["--root", root.dir.to_str().unwrap(), "daemon"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("pid {}", d.id())), "{err}");
+    stop(d);
+}
+
+#[test]
+fn touch_cancel_stops_the_run_and_the_next_job_starts() {
+    let root = Root::new("");
+    let d = root.daemon();
+    root.drop_job("long.json", &root.job("c1", 1000));
+    let long = run_id_of(&root, "long.json");
+    root.drop_job("next.json", &root.job("c1", 1));
+    let next = run_id_of(&root, "next.json");
+    wait_steps(&root, &long, 2);
+    assert_eq!(root.status(&next)["state"], "queued");
+    std::fs::write(root.dir.join("runs").join(&long).join("cancel"), "").unwrap();
+    let t0 = Instant::now();
+    let st = wait_state(&root, &long, &["cancelled"], Duration::from_secs(10));
+    eprintln!("touch cancel -> cancelled: {:?}", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    assert_eq!(st["reason"], "cancelled by user");
+    wait_state(&root, &next, &["completed"], Duration::from_secs(30));
+    stop(d);
+}
+
+#[test]
+fn a_child_ignoring_cancel_is_killed_after_the_grace_period() {
+    let root = Root::new("cancel_grace_s = 1\n");
+    let d = root.daemon_env(&[("RERANKD_TEST_IGNORE_CANCEL", "1")]);
+    root.drop_job("stubborn.json", &root.job("c1", 1000));
+    let id = run_id_of(&root, "stubborn.json");
+    wait_steps(&root, &id, 2);
+    std::fs::write(root.dir.join("runs").join(&id).join("cancel"), "please stop").unwrap();
+    let st = wait_state(&root, &id, &["cancelled"], Duration::from_secs(15));
+    assert_eq!(st["reason"], "please stop");
+    let steps_after = root.events(&id).iter().filter(|e| e["type"] == "step").count();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(root.events(&id).iter().filter(|e| e["type"] == "step").count(), steps_after, "child is dead");
+    stop(d);
+}
+
+#[test]
+fn kill_9_of_daemon_and_child_then_restart_settles_the_orphan() {
+    let root = Root::new("");
+    let mut d = root.daemon();
+    root.drop_job("a.json", &root.job("c1", 1000));
+    let a = run_id_of(&root, "a.json");
+    wait_steps(&root, &a, 2);
+    let child_pid = root.status(&a)["pid"].as_u64().unwrap() as i32;
+    signal(&d, libc::SIGKILL);
+    let _ = d.wait();
+    unsafe { libc::kill(child_pid, libc::SIGKILL) };
+    wait_for("child gone", Duration::from_secs(5), || (unsafe { libc::kill(child_pid, 0) } != 0).then_some(()));
+    // A job dropped while no daemon runs must not be lost.
+    root.drop_job("b.json", &root.job("c1", 1));
+    let d2 = root.daemon();
+    let st = wait_state(&root, &a, &["cancelled"], Duration::from_secs(10));
+    assert!(st["reason"].as_str().unwrap().starts_with("orphaned"), "{st}");
+    assert!(root.events(&a).iter().any(|e| e["type"] == "state" && e["state"] == "cancelled"));
+    let b = run_id_of(&root, "b.json");
+    wait_state(&root, &b, &["completed"], Duration::from_secs(30));
+    stop(d2);
+}
+
+#[test]
+fn sigterm_cancels_the_run_as_daemon_shutdown_and_exits_0() {
+    let root = Root::new("");
+    let mut d = root.daemon();
+    root.drop_job("a.json", &root.job("c1", 1000));
+    let a = run_id_of(&root, "a.json");
+    wait_steps(&root, &a, 2);
+    signal(&d, libc::SIGTERM);
+    let t0 = Instant::now();
+    let code = wait_for("daemon exit", Duration::from_secs(25), || d.try_wait().unwrap());
+    assert!(code.success(), "{code:?}");
+    assert!(t0.elapsed() < Duration::from_secs(20));
+    let st = root.status(&a);
+    assert_eq!(st["state"], "cancelled");
+    assert_eq!(st["reason"], "daemon shutdown");
+}
+
+#[test]
+fn bad_job_files_are_rejected_with_the_problem_named() {
+    let root = Root::new("");
+    let d = root.daemon();
+    let good = root.job("c1", 1);
+    let mut unknown = good.clone();
+    unknown["colour"] = "blue".into();
+    let mut wrong_type = good.clone();
+    wrong_type["train"]["epochs"] = "two".into();
+    let mut negative = good.clone();
+    negative["train"]["batch_size"] = (-3).into();
+    let mut huge = good.clone();
+    huge["train"]["epochs"] = 1e15.into();
+    let mut escape = good.clone();
+    escape["corpus"] = "../x".into();
+    let mut empty = good.clone();
+    empty["corpus"] = "".into();
+    let mut missing = good.clone();
+    missing["data"]["triplets"] = "/nonexistent/t.jsonl".into();
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("notjson.json", "this is not json".into(), "JSON"),
+        ("array.json", "[1, 2, 3]".into(), "object"),
+        ("unknown.json", unknown.to_string(), "colour"),
+        ("wrongtype.json", wrong_type.to_string(), "train.epochs"),
+        ("negative.json", negative.to_string(), "train.batch_size"),
+        ("huge.json", huge.to_string(), "train.epochs"),
+        ("escape.json", escape.to_string(), "corpus"),
+        ("empty.json", empty.to_string(), "corpus"),
+        ("missing.json", missing.to_string(), "data.triplets"),
+        ("garbage.json", "x".repeat(10 << 20), "bytes"),
+    ];
+    for (name, text, _) in &cases {
+        root.drop_job_text(name, text);
+    }
+    std::fs::create_dir(root.dir.join("spool/dir.json")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", root.dir.join("spool/zero.json")).unwrap();
+    for (name, _, needle) in cases
+        .iter()
+        .map(|(n, t, s)| (*n, t, *s))
+        .chain([("dir.json", &String::new(), "directory"), ("zero.json", &String::new(), "link")])
+    {
+        let err_path = root.dir.join("spool/rejected").join(name.replace(".json", ".error.json"));
+        let err = wait_for(&format!("rejection of {name}"), Duration::from_secs(15), || {
+            std::fs::read_to_string(&err_path).ok()
+        });
+        assert!(err.contains(needle), "{name}: {err}");
+        assert!(root.dir.join("spool/rejected").join(name).symlink_metadata().is_ok(), "{name} kept in rejected/");
+        assert!(root.receipt(name).is_none());
+    }
+    // Untouched: the rejected file is byte-for-byte what was dropped.
+    assert_eq!(std::fs::read_to_string(root.dir.join("spool/rejected/notjson.json")).unwrap(), "this is not json");
+    root.drop_job("good.json", &good);
+    let id = run_id_of(&root, "good.json");
+    wait_state(&root, &id, &["completed"], Duration::from_secs(30));
+    stop(d);
+}
+
+impl Root {
+    fn drop_job_text(&self, name: &str, text: &str) {
+        let tmp = self.dir.join("spool/tmp").join(name);
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(tmp, self.dir.join("spool").join(name)).unwrap();
+    }
+}
+
+fn ts_of(e: &Value) -> String {
+    e["ts"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn thirty_jobs_over_three_corpora_all_land_and_never_overlap() {
+    let root = Root::new("max_concurrent_runs = 3\n");
+    let d = root.daemon();
+    let mut names = Vec::new();
+    let mut writers = Vec::new();
+    for i in 0..30 {
+        let corpus = format!("c{}", i % 3);
+        let name = format!("job{i:02}.json");
+        let text = root.job(&corpus, 1).to_string();
+        if i % 2 == 0 {
+            root.drop_job_text(&name, &text);
+        } else {
+            // Non-atomic, cp-style: written in place in two halves, completed within a second.
+            let path = root.dir.join("spool").join(&name);
+            writers.push(std::thread::spawn(move || {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&path).unwrap();
+                let (a, b) = text.split_at(text.len() / 2);
+                f.write_all(a.as_bytes()).unwrap();
+                f.flush().unwrap();
+                std::thread::sleep(Duration::from_millis(400));
+                f.write_all(b.as_bytes()).unwrap();
+            }));
+        }
+        names.push((name, corpus));
+    }
+    for w in writers {
+        w.join().unwrap();
+    }
+    let mut by_corpus: std::collections::HashMap<String, Vec<(String, String, String)>> = Default::default();
+    for (name, corpus) in &names {
+        let id = run_id_of(&root, name);
+        assert!(!root.dir.join("spool/rejected").join(name).exists(), "{name} in both");
+        let st = wait_state(&root, &id, &["completed"], Duration::from_secs(120));
+        let ev = root.events(&id);
+        let start = ev.iter().find(|e| e["type"] == "state" && e["state"] == "running").map(ts_of).unwrap();
+        let end = ev.iter().rev().find(|e| e["type"] == "state").map(ts_of).unwrap();
+        by_corpus.entry(corpus.clone()).or_default().push((st["created_at"].as_str().unwrap().to_string(), start, end));
+    }
+    for (c, mut runs) in by_corpus {
+        runs.sort();
+        for w in runs.windows(2) {
+            assert!(w[0].2 <= w[1].1, "corpus {c}: runs overlap: {w:?}");
+            assert!(w[0].1 <= w[1].1, "corpus {c}: started out of arrival order");
+        }
+    }
+    stop(d);
+}
