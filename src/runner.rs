@@ -146,7 +146,7 @@ fn execute(ctx: &mut RunContext) -> anyhow::Result<Finished> {
         dropout: job.lora.dropout,
     };
     match train(&r, &lora, &pairs, &cfg, ctx, &mut |_, _| Ok(()))? {
-        Outcome::Cancelled { reason } => return Ok(Finished::Cancelled(reason)),
+        Outcome::Cancelled { reason } => Ok(Finished::Cancelled(reason)),
         Outcome::Completed { steps, last_loss } => {
             check_cancel!(ctx);
             lora.save(&ctx.files.adapter(), Some(&job.model))?;

@@ -1,7 +1,7 @@
 //! The daemon as users drive it: the real binary on a temp root, real child processes, signals,
 //! flock locks and files. Tests wait for conditions with timeouts; they never sleep-and-hope.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -331,5 +331,59 @@ fn thirty_jobs_over_three_corpora_all_land_and_never_overlap() {
             assert!(w[0].1 <= w[1].1, "corpus {c}: started out of arrival order");
         }
     }
+    stop(d);
+}
+
+fn parse_ts(s: &str) -> std::time::SystemTime {
+    // 2026-11-25T23:19:25.123456Z -> via `date`-free arithmetic on the time of day only is not
+    // enough across midnight, so compare against the same clock: seconds since the epoch.
+    let (date, time) = s.trim_end_matches('Z').split_once('T').unwrap();
+    let d: Vec<i64> = date.split('-').map(|x| x.parse().unwrap()).collect();
+    let (hms, frac) = time.split_once('.').unwrap();
+    let t: Vec<i64> = hms.split(':').map(|x| x.parse().unwrap()).collect();
+    let (y, m) = if d[1] <= 2 { (d[0] - 1, d[1] + 9) } else { (d[0], d[1] - 3) };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + d[2] - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2];
+    std::time::UNIX_EPOCH + Duration::from_secs(secs as u64) + Duration::from_micros(frac.parse().unwrap())
+}
+
+/// Reports (does not assert) the latency from a job's rename into spool/ to its run's first
+/// `state` event, median over 20, and from `touch cancel` to the terminal state.
+#[test]
+fn latency_report() {
+    let root = Root::new("");
+    let d = root.daemon();
+    wait_for("daemon up", Duration::from_secs(10), || {
+        std::fs::read_to_string(root.dir.join("daemon.lock")).ok().filter(|s| !s.is_empty())
+    });
+    let mut lat = Vec::new();
+    for i in 0..20 {
+        let name = format!("lat{i}.json");
+        let mut job = root.job(&format!("l{i}"), 1);
+        job["if_busy"] = "queue".into();
+        let tmp = root.dir.join("spool/tmp").join(&name);
+        std::fs::write(&tmp, job.to_string()).unwrap();
+        let t0 = std::time::SystemTime::now();
+        std::fs::rename(tmp, root.dir.join("spool").join(&name)).unwrap();
+        let id = run_id_of(&root, &name);
+        let first = root.events(&id).into_iter().find(|e| e["type"] == "state").unwrap();
+        lat.push(parse_ts(first["ts"].as_str().unwrap()).duration_since(t0).unwrap_or_default());
+    }
+    lat.sort();
+    eprintln!(
+        "LATENCY rename -> first state event: median {:?} (min {:?}, max {:?}) over 20",
+        lat[10], lat[0], lat[19]
+    );
+    root.drop_job("long.json", &root.job("zz", 1000));
+    let id = run_id_of(&root, "long.json");
+    wait_steps(&root, &id, 2);
+    let t0 = Instant::now();
+    std::fs::write(root.dir.join("runs").join(&id).join("cancel"), "").unwrap();
+    wait_state(&root, &id, &["cancelled"], Duration::from_secs(10));
+    eprintln!("LATENCY touch cancel -> cancelled: {:?}", t0.elapsed());
     stop(d);
 }

@@ -37,7 +37,7 @@ fn fill(template: &str, root: &Root) -> anyhow::Result<String> {
         .replace("@LOGDIR@", &logdir.display().to_string()))
 }
 
-fn write(dest: &PathBuf, text: &str) -> anyhow::Result<()> {
+fn write(dest: &std::path::Path, text: &str) -> anyhow::Result<()> {
     if let Some(p) = dest.parent() {
         std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
     }

@@ -191,10 +191,10 @@ impl Daemon {
         self.queue.retain(|(id, _)| {
             let files = RunFiles::new(&root.run_dir(id));
             let Some(reason) = files.cancel_requested() else { return true };
-            if let Ok(mut st) = Status::read(&files.status()) {
-                if let Err(e) = settle(&files, &mut st, RunState::Cancelled, Some(reason), None) {
-                    tracing::error!(run_id = %id, error = %e, "recording a cancelled queued run");
-                }
+            if let Ok(mut st) = Status::read(&files.status())
+                && let Err(e) = settle(&files, &mut st, RunState::Cancelled, Some(reason), None)
+            {
+                tracing::error!(run_id = %id, error = %e, "recording a cancelled queued run");
             }
             tracing::info!(run_id = %id, "queued run cancelled");
             false
@@ -337,10 +337,10 @@ fn finish(files: &RunFiles, a: &Active, exit: std::process::ExitStatus) {
 /// Creates the cancel sentinel with a reason (if none exists yet).
 pub fn request_cancel(root: &Root, run_id: &str, reason: &str) {
     let p = RunFiles::new(&root.run_dir(run_id)).cancel();
-    if !p.exists() {
-        if let Err(e) = crate::store::write_atomic(&p, reason.as_bytes()) {
-            tracing::error!(run_id, error = %e, "writing the cancel sentinel");
-        }
+    if !p.exists()
+        && let Err(e) = crate::store::write_atomic(&p, reason.as_bytes())
+    {
+        tracing::error!(run_id, error = %e, "writing the cancel sentinel");
     }
 }
 
