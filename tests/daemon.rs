@@ -97,7 +97,7 @@ fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
 }
 
 fn run_id_of(root: &Root, name: &str) -> String {
-    let r = wait_for(&format!("receipt of {name}"), Duration::from_secs(20), || root.receipt(name));
+    let r = wait_for(&format!("receipt of {name}"), Duration::from_secs(60), || root.receipt(name));
     r["run_id"].as_str().unwrap().to_string()
 }
 
@@ -109,7 +109,7 @@ fn wait_state(root: &Root, run_id: &str, states: &[&str], timeout: Duration) -> 
 }
 
 fn wait_steps(root: &Root, run_id: &str, n: usize) {
-    wait_for(&format!("{n} steps of {run_id}"), Duration::from_secs(30), || {
+    wait_for(&format!("{n} steps of {run_id}"), Duration::from_secs(90), || {
         (root.events(run_id).iter().filter(|e| e["type"] == "step").count() >= n).then_some(())
     });
 }
@@ -155,7 +155,7 @@ fn touch_cancel_stops_the_run_and_the_next_job_starts() {
     eprintln!("touch cancel -> cancelled: {:?}", t0.elapsed());
     assert!(t0.elapsed() < Duration::from_secs(2));
     assert_eq!(st["reason"], "cancelled by user");
-    wait_state(&root, &next, &["completed"], Duration::from_secs(30));
+    wait_state(&root, &next, &["completed"], Duration::from_secs(90));
     stop(d);
 }
 
@@ -194,7 +194,7 @@ fn kill_9_of_daemon_and_child_then_restart_settles_the_orphan() {
     assert!(st["reason"].as_str().unwrap().starts_with("orphaned"), "{st}");
     assert!(root.events(&a).iter().any(|e| e["type"] == "state" && e["state"] == "cancelled"));
     let b = run_id_of(&root, "b.json");
-    wait_state(&root, &b, &["completed"], Duration::from_secs(30));
+    wait_state(&root, &b, &["completed"], Duration::from_secs(90));
     stop(d2);
 }
 
@@ -268,7 +268,7 @@ fn bad_job_files_are_rejected_with_the_problem_named() {
     assert_eq!(std::fs::read_to_string(root.dir.join("spool/rejected/notjson.json")).unwrap(), "this is not json");
     root.drop_job("good.json", &good);
     let id = run_id_of(&root, "good.json");
-    wait_state(&root, &id, &["completed"], Duration::from_secs(30));
+    wait_state(&root, &id, &["completed"], Duration::from_secs(90));
     stop(d);
 }
 
@@ -355,7 +355,7 @@ fn parse_ts(s: &str) -> std::time::SystemTime {
 /// `state` event, median over 20, and from `touch cancel` to the terminal state.
 #[test]
 fn latency_report() {
-    let root = Root::new("");
+    let root = Root::new("max_concurrent_runs = 4\n");
     let d = root.daemon();
     wait_for("daemon up", Duration::from_secs(10), || {
         std::fs::read_to_string(root.dir.join("daemon.lock")).ok().filter(|s| !s.is_empty())
