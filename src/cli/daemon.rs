@@ -10,11 +10,24 @@ pub struct DaemonArgs {
     /// Exit once the spool is empty and no run is queued or active (for scripts and the demo).
     #[arg(long)]
     pub until_idle: bool,
+    /// Fork into the background (pidfile ROOT/daemon.pid, logs in ROOT/logs/daemon.log). Only for a
+    /// manual start outside a service manager: launchd and systemd must get the foreground process.
+    #[arg(long)]
+    pub detach: bool,
 }
 
 pub fn run(root: &Root, a: DaemonArgs) -> anyhow::Result<ExitCode> {
+    let root = if a.detach {
+        root.ensure()?;
+        // The daemon's working directory becomes the root: make the path absolute first.
+        let abs = Root { dir: std::fs::canonicalize(&root.dir)? };
+        detach(&abs)?;
+        abs
+    } else {
+        root.clone()
+    };
     init_logging();
-    match rerankd::daemon::run(root, a.until_idle) {
+    match rerankd::daemon::run(&root, a.until_idle) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) if e.to_string().contains("holds") => {
             eprintln!("rerankd: {e:#}");
@@ -43,4 +56,29 @@ pub fn sweep(root: &Root) -> anyhow::Result<ExitCode> {
     let (queued, settled) = rerankd::daemon::sweep::sweep(root)?;
     println!("settled {settled} orphaned run(s); {} queued run(s) wait for a daemon", queued.len());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Daemonizes before any thread exists (the watcher and signal threads start later).
+fn detach(root: &Root) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let logs = root.dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let open = |name: &str| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(logs.join(name))
+            .with_context(|| format!("opening {}", logs.join(name).display()))
+    };
+    let (out, err) = (open("daemon.out.log")?, open("daemon.log")?);
+    println!("rerankd: detaching; pid in {}, logs in {}", root.dir.join("daemon.pid").display(), logs.display());
+    daemonize::Daemonize::new()
+        .pid_file(root.dir.join("daemon.pid"))
+        .chown_pid_file(false)
+        .working_directory(&root.dir)
+        .stdout(out)
+        .stderr(err)
+        .start()
+        .context("detaching into the background")?;
+    Ok(())
 }
