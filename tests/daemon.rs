@@ -387,3 +387,21 @@ fn latency_report() {
     eprintln!("LATENCY touch cancel -> cancelled: {:?}", t0.elapsed());
     stop(d);
 }
+
+#[test]
+fn a_child_killed_while_the_daemon_lives_is_recorded_failed_and_the_queue_moves_on() {
+    let root = Root::new("");
+    let d = root.daemon();
+    root.drop_job("a.json", &root.job("c1", 1000));
+    let a = run_id_of(&root, "a.json");
+    root.drop_job("b.json", &root.job("c1", 1));
+    let b = run_id_of(&root, "b.json");
+    wait_steps(&root, &a, 2);
+    let pid = root.status(&a)["pid"].as_u64().unwrap() as i32;
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let st = wait_state(&root, &a, &["failed"], Duration::from_secs(10));
+    assert!(st["error"].as_str().unwrap().contains("signal 9"), "{st}");
+    assert!(root.events(&a).iter().any(|e| e["type"] == "error"));
+    wait_state(&root, &b, &["completed"], Duration::from_secs(90));
+    stop(d);
+}
