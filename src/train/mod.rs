@@ -2,5 +2,6 @@
 //! them. It reports through [`Reporter`] and never writes run files itself.
 
 pub mod data;
+pub mod metrics;
 pub mod optim;
 pub mod trainer;
