@@ -3,5 +3,6 @@
 
 pub mod data;
 pub mod metrics;
+pub mod mining;
 pub mod optim;
 pub mod trainer;
