@@ -114,7 +114,7 @@ pub fn mine(feedback: &str, doc_ids: &[String], negatives: usize, seed: u64) -> 
         let ev = &events[&id];
         for pos in &ev.positives {
             let mut negs: Vec<String> = Vec::new();
-            let mut push = |d: &String, negs: &mut Vec<String>| {
+            let push = |d: &String, negs: &mut Vec<String>| {
                 if negs.len() < negatives
                     && !ev.positives.contains(d)
                     && !negs.contains(d)
