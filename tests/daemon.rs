@@ -193,6 +193,13 @@ fn kill_9_of_daemon_and_child_then_restart_settles_the_orphan() {
     let st = wait_state(&root, &a, &["cancelled"], Duration::from_secs(10));
     assert!(st["reason"].as_str().unwrap().starts_with("orphaned"), "{st}");
     assert!(root.events(&a).iter().any(|e| e["type"] == "state" && e["state"] == "cancelled"));
+    // Every line of the log parses (the sweep's reopen cut any torn line), seq is gapless.
+    let text = std::fs::read_to_string(root.dir.join("runs").join(&a).join("metrics.jsonl")).unwrap();
+    let seqs: Vec<u64> = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("every line parses")["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
     let b = run_id_of(&root, "b.json");
     wait_state(&root, &b, &["completed"], Duration::from_secs(90));
     stop(d2);
