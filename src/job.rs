@@ -39,11 +39,18 @@ impl std::fmt::Display for JobError {
     }
 }
 
+/// Where the training data comes from: `triplets` (texts, or document ids when `documents` is
+/// given), or `feedback` + `documents`. Paths are absolute in the effective job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum Data {
-    Triplets { triplets: PathBuf },
-    Feedback { feedback: PathBuf, documents: PathBuf },
+pub struct Data {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub triplets: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feedback: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub documents: Option<PathBuf>,
+    /// Characters of each document kept (files of a documents directory, and JSONL texts).
+    pub doc_chars: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -295,17 +302,26 @@ fn data_path(o: &mut Obj, k: &'static str, home: &Path, dir_ok: bool) -> Result<
 
 fn parse_data(v: &Value, home: &Path) -> Result<Data, JobError> {
     let mut o = Obj::new(v, "data")?;
-    let data = if o.map.contains_key("triplets") {
-        Data::Triplets { triplets: data_path(&mut o, "triplets", home, false)? }
-    } else if o.map.contains_key("feedback") || o.map.contains_key("documents") {
-        let feedback = data_path(&mut o, "feedback", home, false)?;
-        let documents = data_path(&mut o, "documents", home, true)?;
-        Data::Feedback { feedback, documents }
-    } else {
-        return Err(JobError::at("data", "needs `triplets`, or `feedback` and `documents`", None));
-    };
+    let (has_t, has_f) = (o.map.contains_key("triplets"), o.map.contains_key("feedback"));
+    let hint = Some("{\"triplets\": path} or {\"feedback\": path, \"documents\": path}");
+    if has_t == has_f {
+        let msg = if has_t {
+            "give `triplets` or `feedback`, not both"
+        } else {
+            "needs `triplets`, or `feedback` and `documents`"
+        };
+        return Err(JobError::at("data", msg, hint));
+    }
+    if has_f && !o.map.contains_key("documents") {
+        return Err(JobError::at("data.documents", "is required with `feedback`", hint));
+    }
+    let triplets = if has_t { Some(data_path(&mut o, "triplets", home, false)?) } else { None };
+    let feedback = if has_f { Some(data_path(&mut o, "feedback", home, false)?) } else { None };
+    let documents =
+        if o.map.contains_key("documents") { Some(data_path(&mut o, "documents", home, true)?) } else { None };
+    let doc_chars = o.int("doc_chars", 2000, 1, 1_000_000)?;
     o.finish()?;
-    Ok(data)
+    Ok(Data { triplets, feedback, documents, doc_chars })
 }
 
 fn parse_train(v: Option<&Value>) -> Result<Train, JobError> {
@@ -386,7 +402,8 @@ mod tests {
         let j = parse(r#"{"corpus": "c1", "data": {"triplets": "t.jsonl"}}"#, dir.path()).unwrap();
         assert_eq!(j.model, DEFAULT_MODEL);
         assert_eq!(j.train.batch_size, 16);
-        assert_eq!(j.data, Data::Triplets { triplets: dir.path().join("t.jsonl") });
+        assert_eq!(j.data.triplets, Some(dir.path().join("t.jsonl")));
+        assert_eq!(j.data.doc_chars, 2000);
         let cases = [
             (r#"[1]"#, "(root)"),
             (r#"{"corpus": "c1", "data": {"triplets": "t.jsonl"}, "colour": 1}"#, "colour"),

@@ -7,13 +7,21 @@ use std::path::Path;
 use anyhow::Context;
 use serde_json::{Value, json};
 
-use crate::job::{Data, Job};
+use std::collections::BTreeMap;
+
+use crate::job::{Job, Promote};
 use crate::model::lora::LoraConfig;
 use crate::model::{LoraSet, Reranker};
-use crate::store::atomic::read_json;
+use crate::store::atomic::{read_json, write_json};
+use crate::store::models;
 use crate::store::paths::RunFiles;
 use crate::store::{FileLock, MetricsLog, Root, RunState, Status};
 use crate::train::data::TrainPair;
+use crate::train::dataset::{
+    DevList, Documents, Judged, QueryRows, TextPair, dev_lists, group_by_query, read_triplets, split_dev, train_pairs,
+};
+use crate::train::eval::{EvalResult, evaluate};
+use crate::train::mining;
 use crate::train::trainer::{Outcome, Reporter, TrainConfig, train};
 
 /// Test-only fault injection: the child neither checks the cancel sentinel nor obeys SIGTERM, so
@@ -91,7 +99,7 @@ pub fn run(root: &Root, run_dir: &Path) -> anyhow::Result<i32> {
     let log = MetricsLog::open(&files.metrics(), &status.run_id)?;
     let mut ctx = RunContext { files, status, log, ignore_cancel };
     ctx.set_state(RunState::Running, None, None)?;
-    let outcome = execute(&mut ctx);
+    let outcome = execute(&mut ctx, root);
     let result = match outcome {
         Ok(Finished::Completed(summary)) => {
             ctx.status.summary = Some(summary);
@@ -121,17 +129,63 @@ macro_rules! check_cancel {
     };
 }
 
-fn execute(ctx: &mut RunContext) -> anyhow::Result<Finished> {
+/// What the baseline is: the corpus's promoted adapter, the base model, or unknown (it could not
+/// be evaluated; `if_improves` then does not promote).
+enum Baseline {
+    Known { what: String, metrics: BTreeMap<String, f64> },
+    Unknown(String),
+    NotEvaluated,
+}
+
+fn execute(ctx: &mut RunContext, root: &Root) -> anyhow::Result<Finished> {
     check_cancel!(ctx);
     let job: Job = read_json(&ctx.files.job())?;
+    let primary = job.eval.primary_metric.clone();
     let device = job.device.open()?;
     ctx.info(&format!("loading model {} on {:?}", job.model, device.location()))?;
     let mut r = Reranker::load(&job.model, &device).with_context(|| format!("loading model `{}`", job.model))?;
     if let Some(i) = &job.instruction {
         r.instruction = i.clone();
     }
-    let pairs = materialise(ctx, &r, &job)?;
+    let max_len = job.train.max_length as usize;
+    let data = materialise(ctx, &job)?;
     check_cancel!(ctx);
+
+    let pairs: Vec<TrainPair> = data
+        .train_pairs
+        .iter()
+        .map(|p| Ok(TrainPair { ids: r.encode(&p.query, &p.doc, max_len)?, label: p.label }))
+        .collect::<anyhow::Result<_>>()?;
+    check_cancel!(ctx);
+
+    let lists = &data.dev_lists;
+    let cancelled = |c: &mut RunContext| c.cancel_requested().is_some();
+    let baseline = if lists.is_empty() {
+        Baseline::NotEvaluated
+    } else {
+        let (what, adapter) = match models::current(root, &job.corpus) {
+            None => ("base model".to_string(), Ok(None)),
+            Some((id, dir)) => (format!("promoted adapter of {id}"), load_baseline_adapter(&dir, &job, &r).map(Some)),
+        };
+        match adapter {
+            Err(why) => {
+                ctx.log.append("log", json!({"level": "warn", "message": format!("baseline unknown: {why}")}))?;
+                Baseline::Unknown(why)
+            }
+            Ok(adapter) => match evaluate(&r, adapter.as_ref(), lists, max_len, &mut || cancelled(ctx))? {
+                None => return Ok(Finished::Cancelled(ctx.cancel_requested().unwrap_or_default())),
+                Some(res) => {
+                    ctx.log.append(
+                        "eval",
+                        json!({"split": "dev", "which": "baseline", "metrics": res.metrics, "adapter": what}),
+                    )?;
+                    Baseline::Known { what, metrics: res.metrics }
+                }
+            },
+        }
+    };
+    check_cancel!(ctx);
+
     let lcfg = LoraConfig::new(job.lora.r as usize, job.lora.alpha, job.lora.dropout, &job.lora.target_modules);
     let lora = LoraSet::init(&lcfg, &r.model.cfg, job.train.seed, &device)?;
     let cfg = TrainConfig {
@@ -145,45 +199,184 @@ fn execute(ctx: &mut RunContext) -> anyhow::Result<Finished> {
         weight_decay: job.train.weight_decay,
         dropout: job.lora.dropout,
     };
-    match train(&r, &lora, &pairs, &cfg, ctx, &mut |_, _| Ok(()))? {
-        Outcome::Cancelled { reason } => Ok(Finished::Cancelled(reason)),
-        Outcome::Completed { steps, last_loss } => {
-            check_cancel!(ctx);
-            lora.save(&ctx.files.adapter(), Some(&job.model))?;
-            Ok(Finished::Completed(json!({"steps": steps, "last_loss": last_loss, "pairs": pairs.len()})))
+    // The best epoch on dev (by the locked primary metric) is the candidate.
+    let mut best: Option<(usize, EvalResult, LoraSet)> = None;
+    let mut epochs: Vec<Value> = Vec::new();
+    let mut after_epoch = |epoch: usize, rep: &mut dyn Reporter| -> anyhow::Result<()> {
+        if lists.is_empty() {
+            return Ok(());
         }
+        let Some(res) = evaluate(&r, Some(&lora), lists, max_len, &mut || rep.cancel_requested().is_some())? else {
+            return Ok(()); // cancelled: the loop sees it next
+        };
+        rep.event("eval", json!({"split": "dev", "which": "epoch", "epoch": epoch, "metrics": res.metrics}))?;
+        epochs.push(json!({"epoch": epoch, "metrics": res.metrics}));
+        let better = best.as_ref().is_none_or(|(_, b, _)| res.metrics[&primary] > b.metrics[&primary]);
+        if better {
+            best = Some((epoch, res, lora.snapshot()?));
+        }
+        Ok(())
+    };
+    let (steps, last_loss) = match train(&r, &lora, &pairs, &cfg, ctx, &mut after_epoch)? {
+        Outcome::Cancelled { reason } => return Ok(Finished::Cancelled(reason)),
+        Outcome::Completed { steps, last_loss } => (steps, last_loss),
+    };
+    let (best_epoch, cand_res, candidate) = match best {
+        Some((e, res, l)) => (Some(e), Some(res), l),
+        None => (None, None, lora),
+    };
+    if let Some(res) = &cand_res {
+        ctx.log.append(
+            "eval",
+            json!({"split": "dev", "which": "candidate", "epoch": best_epoch, "metrics": res.metrics}),
+        )?;
+    }
+    let cand_metric = cand_res.as_ref().map(|r| r.metrics[&primary]);
+    let manifest = json!({"model": job.model, "corpus": job.corpus, "run_id": ctx.status.run_id,
+        "max_length": max_len, "instruction": r.instruction, "primary_metric": primary,
+        "metrics": cand_res.as_ref().map(|r| &r.metrics), "best_epoch": best_epoch});
+    candidate.save(&ctx.files.adapter(), Some(&job.model))?;
+    write_json(&ctx.files.adapter().join("manifest.json"), &manifest)?;
+    let (base_metric, base_what) = match &baseline {
+        Baseline::Known { what, metrics } => (Some(metrics[&primary]), what.clone()),
+        Baseline::Unknown(why) => (None, format!("unknown: {why}")),
+        Baseline::NotEvaluated => (None, "not evaluated".to_string()),
+    };
+    let eval_doc = json!({"primary_metric": primary, "dev_queries": lists.len(), "list_size": job.eval.list_size,
+        "baseline": {"what": base_what, "metrics": match &baseline { Baseline::Known { metrics, .. } => Some(metrics), _ => None }},
+        "candidate": {"best_epoch": best_epoch, "metrics": cand_res.as_ref().map(|r| &r.metrics)},
+        "epochs": epochs, "lists": cand_res.as_ref().map(|r| &r.lists), "skipped": data.skipped});
+    write_json(&ctx.files.eval(), &eval_doc)?;
+    check_cancel!(ctx);
+
+    let eps = job.eval.epsilon;
+    let (promote, reason) = decide(job.promote, cand_metric, base_metric, eps, &primary, &baseline);
+    let mut path = Value::Null;
+    if promote {
+        let details = json!({"primary": primary, "candidate": cand_metric, "baseline": base_metric, "reason": reason});
+        let dest = models::promote(root, &job.corpus, &ctx.status.run_id, &ctx.files.adapter(), "auto", details)?;
+        path = dest.display().to_string().into();
+    }
+    ctx.log.append(
+        "promote",
+        json!({"promoted": promote, "primary": primary, "candidate": cand_metric,
+        "baseline": base_metric, "epsilon": eps, "path": path, "reason": reason}),
+    )?;
+    Ok(Finished::Completed(json!({"steps": steps, "last_loss": last_loss, "pairs": pairs.len(),
+        "dev_queries": lists.len(), "primary_metric": primary, "candidate": cand_metric, "baseline": base_metric,
+        "promoted": promote})))
+}
+
+fn decide(
+    policy: Promote,
+    cand: Option<f64>,
+    base: Option<f64>,
+    eps: f64,
+    primary: &str,
+    baseline: &Baseline,
+) -> (bool, String) {
+    match policy {
+        Promote::Never => (false, "policy `never`".into()),
+        Promote::Always => (true, "policy `always`".into()),
+        Promote::IfImproves => match (cand, base, baseline) {
+            (Some(c), Some(b), _) if c > b + eps => (true, format!("{primary} {c:.4} > baseline {b:.4} + {eps}")),
+            (Some(c), Some(b), _) => (false, format!("{primary} {c:.4} is not above baseline {b:.4} + {eps}")),
+            (_, _, Baseline::Unknown(why)) => {
+                (false, format!("baseline unknown ({why}); not promoting without a comparison"))
+            }
+            _ => (
+                false,
+                "no evaluation: fewer than 5 distinct queries, so no dev split; `if_improves` cannot promote".into(),
+            ),
+        },
     }
 }
 
-/// Reads the job's data into tokenized pairs and records them in `triplets.jsonl`.
-fn materialise(ctx: &mut RunContext, r: &Reranker, job: &Job) -> anyhow::Result<Vec<TrainPair>> {
-    let Data::Triplets { triplets } = &job.data else {
-        anyhow::bail!("feedback data is not supported by this build yet; give `data.triplets`");
+/// The promoted adapter, if it belongs to this job's base model and loads.
+fn load_baseline_adapter(dir: &Path, job: &Job, r: &Reranker) -> Result<LoraSet, String> {
+    let manifest: Value = read_json(&dir.join("manifest.json")).map_err(|e| e.to_string())?;
+    if manifest["model"].as_str() != Some(job.model.as_str()) {
+        return Err(format!(
+            "the promoted adapter was trained on model `{}`, this job uses `{}`",
+            manifest["model"], job.model
+        ));
+    }
+    LoraSet::load(dir, &r.model.cfg, r.model.device()).map_err(|e| e.to_string())
+}
+
+struct Materialised {
+    train_pairs: Vec<TextPair>,
+    dev_lists: Vec<DevList>,
+    skipped: BTreeMap<String, usize>,
+}
+
+/// Reads the job's data (triplets, or feedback mined against the documents), splits it by query,
+/// and records the rows used, each with its split, in `triplets.jsonl`.
+fn materialise(ctx: &mut RunContext, job: &Job) -> anyhow::Result<Materialised> {
+    let d = &job.data;
+    let docs = match &d.documents {
+        Some(p) => Some(Documents::load(p, d.doc_chars as usize)?),
+        None => None,
     };
-    let text = std::fs::read_to_string(triplets).with_context(|| format!("reading {}", triplets.display()))?;
-    let max_len = job.train.max_length as usize;
-    let mut pairs = Vec::new();
-    let mut out = String::new();
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let v: Value =
-            serde_json::from_str(line).with_context(|| format!("{}: line {}: not JSON", triplets.display(), n + 1))?;
-        let field = |k: &str| v.get(k).and_then(Value::as_str);
-        let (Some(q), Some(pos)) = (field("query"), field("positive")) else {
-            anyhow::bail!("{}: line {}: needs `query` and `positive` strings", triplets.display(), n + 1);
-        };
-        let negs: Vec<&str> = v
-            .get("negatives")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        pairs.push(TrainPair { ids: r.encode(q, pos, max_len)?, label: 1.0 });
-        for neg in negs.iter().take(job.train.negative_ratio as usize) {
-            pairs.push(TrainPair { ids: r.encode(q, neg, max_len)?, label: 0.0 });
+    let mut skipped = BTreeMap::new();
+    let rows = match (&d.triplets, &d.feedback) {
+        (Some(t), _) => read_triplets(t, docs.as_ref())?,
+        (None, Some(f)) => {
+            let docs = docs.as_ref().context("feedback needs documents")?;
+            let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            let mined = mining::mine(&text, &docs.ids, job.train.negative_ratio as usize, job.train.seed);
+            skipped = mined.skipped;
+            let j = |id: &String, label: u8| Judged { id: Some(id.clone()), text: docs.text[id].clone(), label };
+            mined
+                .triplets
+                .iter()
+                .map(|t| QueryRows {
+                    query: t.query.clone(),
+                    positives: vec![j(&t.positive, 1)],
+                    negatives: t.negatives.iter().map(|n| j(n, 0)).collect(),
+                })
+                .collect()
         }
-        out.push_str(&json!({"query": q, "positive": pos, "negatives": negs, "split": "train"}).to_string());
+        (None, None) => anyhow::bail!("the job has no data source"),
+    };
+    if !skipped.is_empty() {
+        ctx.log.append("log", json!({"level": "warn", "message": "skipped feedback events", "skipped": skipped}))?;
+    }
+    let queries = group_by_query(rows);
+    anyhow::ensure!(!queries.is_empty(), "no usable training data (no query with a positive)");
+    let dev = split_dev(&queries, job.eval.dev_fraction, job.train.seed);
+    let mut out = String::new();
+    for (q, &is_dev) in queries.iter().zip(&dev) {
+        let side = |v: &Vec<Judged>| {
+            v.iter().map(|j| json!({"id": j.id, "text": j.text, "label": j.label})).collect::<Vec<_>>()
+        };
+        let row = json!({"query": q.query, "positives": side(&q.positives), "negatives": side(&q.negatives),
+                         "split": if is_dev { "dev" } else { "train" }});
+        out.push_str(&row.to_string());
         out.push('\n');
     }
     crate::store::write_atomic(&ctx.files.triplets(), out.as_bytes())?;
-    ctx.info(&format!("materialised {} training pairs", pairs.len()))?;
-    Ok(pairs)
+    let train_q: Vec<&QueryRows> = queries.iter().zip(&dev).filter(|(_, d)| !**d).map(|(q, _)| q).collect();
+    let dev_q: Vec<&QueryRows> = queries.iter().zip(&dev).filter(|(_, d)| **d).map(|(q, _)| q).collect();
+    let train_pairs = train_pairs(&train_q, job.train.negative_ratio as usize);
+    let pool: Vec<(Option<String>, String)> = match &docs {
+        Some(docs) => docs.ids.iter().map(|id| (Some(id.clone()), docs.text[id].clone())).collect(),
+        None => queries
+            .iter()
+            .flat_map(|q| q.positives.iter().chain(&q.negatives))
+            .map(|j| (j.id.clone(), j.text.clone()))
+            .collect(),
+    };
+    let dev_lists = dev_lists(&dev_q, &pool, job.eval.list_size as usize, job.train.seed);
+    ctx.info(&format!(
+        "materialised {} queries ({} train, {} dev), {} training pairs",
+        queries.len(),
+        train_q.len(),
+        dev_q.len(),
+        train_pairs.len()
+    ))?;
+    if dev_q.is_empty() {
+        ctx.info(&format!("only {} distinct queries (fewer than 5): no dev split, evaluation skipped", queries.len()))?;
+    }
+    Ok(Materialised { train_pairs, dev_lists, skipped })
 }

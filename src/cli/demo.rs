@@ -35,8 +35,11 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     root.ensure()?;
     let home = root.corpus_home("demo");
     std::fs::create_dir_all(&home)?;
-    std::fs::copy(demo.join("triplets.jsonl"), home.join("triplets.jsonl"))?;
+    for f in ["documents.jsonl", "feedback.jsonl"] {
+        std::fs::copy(demo.join(f), home.join(f)).with_context(|| format!("copying {f}"))?;
+    }
     let mut job: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(demo.join("job.json"))?)?;
+    // The shipped job names the fixture model relative to the repository.
     let model = repo.join(job["model"].as_str().unwrap_or("tests/fixtures/tiny-qwen3"));
     job["model"] = model.display().to_string().into();
     let tmp = root.spool_tmp().join("demo.json");
@@ -58,8 +61,16 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         println!("error: {e}");
     }
     println!("events: {}", files.metrics().display());
-    if files.adapter().is_dir() {
-        show_scores(&model, &files.adapter())?;
+    for e in rerankd::store::metrics::read_events(&files.metrics())? {
+        match e["type"].as_str() {
+            Some("eval") => println!("eval {:<9} {}", e["which"].as_str().unwrap_or(""), e["metrics"]),
+            Some("promote") => println!("promote: {} ({})", e["promoted"], e["reason"].as_str().unwrap_or("")),
+            _ => {}
+        }
+    }
+    if let Some((id, dir)) = rerankd::store::models::current(&root, "demo") {
+        println!("models/demo/current -> {id}");
+        show_scores(&model, &dir)?;
     }
     println!(
         "\nThe tiny random model only learns the demo's patterns. For a useful reranker, set \"model\" in the job\n\
@@ -78,13 +89,13 @@ fn show_scores(model: &Path, adapter: &Path) -> anyhow::Result<()> {
     let lora = LoraSet::load(adapter, &r.model.cfg, &device)?;
     let q = "how does espresso work";
     let docs = [
-        "Espresso is brewed by forcing hot water through finely ground coffee.",
-        "A latte adds steamed milk to espresso.",
-        "Tides are caused by the gravitational pull of the moon and the sun.",
+        "Guide to espresso. Espresso is brewed by forcing hot water at high pressure through finely ground coffee.",
+        "BUY CHEAP ESPRESSO DEALS NOW!!! Limited offer, click here, free shipping!!!",
+        "re: espresso lol same here +1 anyone?? bump",
     ];
     let pairs: Vec<(&str, &str)> = docs.iter().map(|d| (q, *d)).collect();
-    let base = r.score_pairs(&pairs, 192, 8, None)?;
-    let tuned = r.score_pairs(&pairs, 192, 8, Some(&lora))?;
+    let base = r.score_pairs(&pairs, 160, 16, None)?;
+    let tuned = r.score_pairs(&pairs, 160, 16, Some(&lora))?;
     println!("\nquery: {q}\n{:>8} {:>8}  document", "base", "adapter");
     for (i, d) in docs.iter().enumerate() {
         println!("{:>8.4} {:>8.4}  {d}", base[i].score, tuned[i].score);

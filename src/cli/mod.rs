@@ -10,6 +10,7 @@ mod bench;
 mod daemon;
 mod demo;
 mod install;
+mod promote;
 mod runs;
 mod score;
 mod submit;
@@ -50,8 +51,12 @@ pub enum Command {
     Stop { corpus: String },
     /// The boot sweep on demand (refused while a daemon holds the root).
     Sweep,
-    /// Score documents against a query with a model (and optionally a LoRA adapter).
+    /// Score documents against a query with a corpus's promoted adapter, an adapter or a model.
     Score(score::ScoreArgs),
+    /// Promote a completed run's adapter to its corpus's current adapter, by hand.
+    Promote { run: String },
+    /// Restore the adapter that was current before the current one.
+    Rollback { corpus: String },
     /// Time LoRA training micro-steps and scoring on random weights of a config.
     Bench(bench::BenchArgs),
     /// Write a launchd LaunchAgent plist for this root and print the launchctl lines.
@@ -73,7 +78,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cancel { run } => runs::cancel(&root, &run),
         Command::Stop { corpus } => runs::stop(&root, &corpus),
         Command::Sweep => daemon::sweep(&root),
-        Command::Score(a) => score::run(a),
+        Command::Score(a) => score::run(&root, a),
+        Command::Promote { run } => promote::promote(&root, &run),
+        Command::Rollback { corpus } => promote::rollback(&root, &corpus),
         Command::Bench(a) => bench::run(a),
         Command::InstallLaunchd(a) => install::launchd(&root, a),
         Command::InstallSystemd(a) => install::systemd(&root, a),

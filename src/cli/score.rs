@@ -1,4 +1,5 @@
-//! `rerankd score`: rank documents for a query with the base model or an adapter.
+//! `rerankd score`: rank documents for a query with a corpus's promoted adapter, an adapter
+//! directory, or the base model. It calls the same `score_pairs` (same batch size) as evaluation.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,25 +8,37 @@ use anyhow::Context;
 use clap::Args;
 use rerankd::model::device::DeviceChoice;
 use rerankd::model::{LoraSet, Reranker};
+use rerankd::store::{Root, models};
+use rerankd::train::dataset::Documents;
+use rerankd::train::eval::SCORE_BATCH;
+use serde_json::{Value, json};
 
 #[derive(Args, Debug)]
 pub struct ScoreArgs {
-    /// Checkpoint directory or Hugging Face repo id (resolved in the local HF cache).
-    #[arg(long, default_value = "Qwen/Qwen3-Reranker-0.6B")]
-    pub model: String,
-    /// A PEFT LoRA adapter directory to apply.
+    /// Checkpoint directory or Hugging Face repo id (default: the corpus adapter's base model,
+    /// else Qwen/Qwen3-Reranker-0.6B).
     #[arg(long)]
+    pub model: Option<String>,
+    /// Use this corpus's promoted adapter (models/<corpus>/current).
+    #[arg(long)]
+    pub corpus: Option<String>,
+    /// A PEFT LoRA adapter directory to apply.
+    #[arg(long, conflicts_with = "corpus")]
     pub adapter: Option<PathBuf>,
     #[arg(long)]
     pub instruction: Option<String>,
-    #[arg(long, default_value_t = 512)]
-    pub max_length: usize,
+    /// Default: the adapter's training max_length, else 512.
+    #[arg(long)]
+    pub max_length: Option<usize>,
     #[arg(long)]
     pub query: String,
     /// A document text; repeat for several.
-    #[arg(long = "doc", required = true)]
-    pub docs: Vec<String>,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long = "doc", required_unless_present = "docs")]
+    pub doc: Vec<String>,
+    /// Documents as JSONL `{id, text}`.
+    #[arg(long, conflicts_with = "doc")]
+    pub docs: Option<PathBuf>,
+    #[arg(long, default_value_t = SCORE_BATCH)]
     pub batch_size: usize,
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
@@ -34,32 +47,64 @@ pub struct ScoreArgs {
     pub json: bool,
 }
 
-pub fn run(a: ScoreArgs) -> anyhow::Result<ExitCode> {
+pub fn run(root: &Root, a: ScoreArgs) -> anyhow::Result<ExitCode> {
+    let adapter_dir = match (&a.corpus, &a.adapter) {
+        (Some(c), _) => match models::current(root, c) {
+            Some((_, dir)) => Some(dir),
+            None if a.model.is_some() => {
+                eprintln!("rerankd: corpus `{c}` has no promoted adapter; scoring with the base model");
+                None
+            }
+            None => anyhow::bail!("corpus `{c}` has no promoted adapter (and no --model given)"),
+        },
+        (None, a) => a.clone(),
+    };
+    let manifest: Option<Value> = adapter_dir
+        .as_ref()
+        .and_then(|d| std::fs::read_to_string(d.join("manifest.json")).ok())
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let from_manifest = |k: &str| manifest.as_ref().and_then(|m| m[k].as_str().map(str::to_string));
+    let model =
+        a.model.clone().or_else(|| from_manifest("model")).unwrap_or_else(|| rerankd::job::DEFAULT_MODEL.into());
+    let max_length = a
+        .max_length
+        .or_else(|| manifest.as_ref().and_then(|m| m["max_length"].as_u64()).map(|n| n as usize))
+        .unwrap_or(512);
     let device = a.device.open()?;
-    let mut r = Reranker::load(&a.model, &device)?;
-    if let Some(i) = a.instruction {
+    let mut r = Reranker::load(&model, &device)?;
+    if let Some(i) = a.instruction.clone().or_else(|| from_manifest("instruction")) {
         r.instruction = i;
     }
-    let lora = match &a.adapter {
+    let lora = match &adapter_dir {
         Some(dir) => Some(
             LoraSet::load(dir, &r.model.cfg, &device).with_context(|| format!("loading adapter {}", dir.display()))?,
         ),
         None => None,
     };
-    let pairs: Vec<(&str, &str)> = a.docs.iter().map(|d| (a.query.as_str(), d.as_str())).collect();
-    let scores = r.score_pairs(&pairs, a.max_length, a.batch_size, lora.as_ref())?;
+    let (ids, texts): (Vec<Option<String>>, Vec<String>) = match &a.docs {
+        Some(path) => {
+            let d = Documents::load(path, usize::MAX)?;
+            d.ids.iter().map(|id| (Some(id.clone()), d.text[id].clone())).unzip()
+        }
+        None => a.doc.iter().map(|t| (None, t.clone())).unzip(),
+    };
+    let pairs: Vec<(&str, &str)> = texts.iter().map(|d| (a.query.as_str(), d.as_str())).collect();
+    let scores = r.score_pairs(&pairs, max_length, a.batch_size, lora.as_ref())?;
     if a.json {
         for (i, s) in scores.iter().enumerate() {
-            let line =
-                serde_json::json!({"index": i, "score": s.score, "yes_logit": s.yes_logit, "no_logit": s.no_logit});
+            let mut line = json!({"index": i, "score": s.score, "yes_logit": s.yes_logit, "no_logit": s.no_logit});
+            if let Some(id) = &ids[i] {
+                line["id"] = id.clone().into();
+            }
             println!("{line}");
         }
     } else {
         let mut order: Vec<usize> = (0..scores.len()).collect();
         order.sort_by(|&x, &y| scores[y].score.total_cmp(&scores[x].score));
-        println!("{:>4}  {:>8}  {:>5}  document", "rank", "score", "index");
+        println!("{:>4}  {:>8}  {:<24}  document", "rank", "score", "id");
         for (rank, &i) in order.iter().enumerate() {
-            println!("{:>4}  {:>8.4}  {:>5}  {}", rank + 1, scores[i].score, i, preview(&a.docs[i]));
+            let id = ids[i].clone().unwrap_or_else(|| format!("#{i}"));
+            println!("{:>4}  {:>8.4}  {:<24}  {}", rank + 1, scores[i].score, id, preview(&texts[i]));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -67,8 +112,8 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<ExitCode> {
 
 fn preview(s: &str) -> String {
     let one_line: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
-    if one_line.chars().count() > 70 {
-        format!("{}...", one_line.chars().take(67).collect::<String>())
+    if one_line.chars().count() > 60 {
+        format!("{}...", one_line.chars().take(57).collect::<String>())
     } else {
         one_line
     }

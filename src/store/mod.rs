@@ -4,6 +4,7 @@
 pub mod atomic;
 pub mod lock;
 pub mod metrics;
+pub mod models;
 pub mod paths;
 pub mod status;
 pub mod time;

@@ -2,6 +2,8 @@
 //! them. It reports through [`Reporter`] and never writes run files itself.
 
 pub mod data;
+pub mod dataset;
+pub mod eval;
 pub mod metrics;
 pub mod mining;
 pub mod optim;

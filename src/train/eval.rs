@@ -1,0 +1,57 @@
+//! Listwise evaluation: every dev query's candidate list is scored with the reranker (the same
+//! `score_pairs` that `rerankd score` uses), ranked, and measured; metrics are query means.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::dataset::DevList;
+use super::metrics::rank_and_measure;
+use crate::model::{LoraSet, Reranker};
+
+/// Batch size of evaluation and of `rerankd score`: equal, so both compute the same numbers.
+pub const SCORE_BATCH: usize = 16;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoredList {
+    pub query: String,
+    pub ids: Vec<Option<String>>,
+    pub labels: Vec<u8>,
+    pub scores: Vec<f32>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalResult {
+    /// ndcg@10, mrr@10, recall@10, map: means over the dev queries.
+    pub metrics: BTreeMap<String, f64>,
+    pub queries: usize,
+    pub lists: Vec<ScoredList>,
+}
+
+/// Scores and measures `lists`; `None` if `cancelled()` said so between lists.
+pub fn evaluate(
+    r: &Reranker,
+    lora: Option<&LoraSet>,
+    lists: &[DevList],
+    max_length: usize,
+    cancelled: &mut dyn FnMut() -> bool,
+) -> anyhow::Result<Option<EvalResult>> {
+    let mut sums = [0f64; 4];
+    let mut scored = Vec::with_capacity(lists.len());
+    for l in lists {
+        if cancelled() {
+            return Ok(None);
+        }
+        let pairs: Vec<(&str, &str)> = l.docs.iter().map(|d| (l.query.as_str(), d.as_str())).collect();
+        let scores: Vec<f32> = r.score_pairs(&pairs, max_length, SCORE_BATCH, lora)?.iter().map(|s| s.score).collect();
+        let m = rank_and_measure(&scores, &l.labels, 10);
+        for (s, v) in sums.iter_mut().zip([m.ndcg, m.mrr, m.recall, m.ap]) {
+            *s += v;
+        }
+        scored.push(ScoredList { query: l.query.clone(), ids: l.ids.clone(), labels: l.labels.clone(), scores });
+    }
+    let n = lists.len().max(1) as f64;
+    let metrics =
+        ["ndcg@10", "mrr@10", "recall@10", "map"].iter().zip(sums).map(|(k, s)| (k.to_string(), s / n)).collect();
+    Ok(Some(EvalResult { metrics, queries: lists.len(), lists: scored }))
+}
