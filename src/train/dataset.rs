@@ -190,7 +190,13 @@ fn split_hash(q: &str, seed: u64) -> u64 {
     for b in normalise(q).bytes() {
         h = (h ^ b as u64).wrapping_mul(0x100000001b3);
     }
-    h
+    // FNV's high bits barely depend on the last bytes: finish with splitmix64's mixer so the
+    // fraction test (`h < dev_fraction * 2^64`) sees uniform values.
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58476d1ce4e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d049bb133111eb);
+    h ^ (h >> 31)
 }
 
 /// Which queries are dev: those whose hash falls under `dev_fraction`, at least one when there
