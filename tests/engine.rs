@@ -194,6 +194,12 @@ fn long_query_and_document_are_truncated_never_the_template() {
     }
     let s = r.score_pairs(&[(&long_q, &long_d)], 128, 1, None).unwrap();
     assert!(s[0].score.is_finite());
+    // It trains, too: a micro-step on the truncated pair yields finite loss and gradients.
+    let lora =
+        LoraSet::init(&LoraConfig::new(4, 8.0, 0.0, &[Target::Q, Target::V]), &r.model.cfg, 0, &Device::Cpu).unwrap();
+    let ids = r.encode(&long_q, &long_d, 128).unwrap();
+    let (loss, grads) = r.micro_step(&r.batch(&[ids.as_slice()]).unwrap(), &[1.0], &[1.0], &lora, None).unwrap();
+    assert!(loss.is_finite() && !grads.is_empty());
     assert!(r.encode("q", "d", floor - 1).is_err(), "max_length below the template is an error");
 }
 

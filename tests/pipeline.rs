@@ -176,3 +176,27 @@ fn read_docs(p: &Path) -> std::collections::HashMap<String, String> {
         })
         .collect()
 }
+
+#[test]
+fn fewer_than_five_queries_trains_but_if_improves_does_not_promote_and_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    std::fs::create_dir_all(root.join("spool/tmp")).unwrap();
+    let home = root.join("corpora/small");
+    std::fs::create_dir_all(&home).unwrap();
+    let rows: String = ["alpha", "beta", "gamma"]
+        .iter()
+        .map(|w| json!({"query": w, "positive": format!("{w} facts"), "negatives": ["noise"]}).to_string() + "\n")
+        .collect();
+    std::fs::write(home.join("t.jsonl"), rows).unwrap();
+    let job = json!({"corpus": "small", "model": repo().join("tests/fixtures/tiny-qwen3"), "data": {"triplets": "t.jsonl"},
+                     "train": {"epochs": 1, "batch_size": 2, "max_length": 128}, "device": "cpu"});
+    let run = run_job(&root, "small.json", &job);
+    assert_eq!(read(&root.join("runs").join(&run).join("status.json"))["state"], "completed");
+    let ev = events(&root, &run);
+    let p = ev.iter().find(|e| e["type"] == "promote").unwrap();
+    assert_eq!(p["promoted"], false);
+    assert!(p["reason"].as_str().unwrap().contains("fewer than 5"), "{p}");
+    assert!(ev.iter().any(|e| e["type"] == "log" && e["message"].as_str().unwrap_or("").contains("fewer than 5")));
+    assert!(!root.join("models/small/current").exists());
+}
