@@ -198,7 +198,7 @@ fn long_query_and_document_are_truncated_never_the_template() {
     let lora =
         LoraSet::init(&LoraConfig::new(4, 8.0, 0.0, &[Target::Q, Target::V]), &r.model.cfg, 0, &Device::Cpu).unwrap();
     let ids = r.encode(&long_q, &long_d, 128).unwrap();
-    let (loss, grads) = r.micro_step(&r.batch(&[ids.as_slice()]).unwrap(), &[1.0], &[1.0], &lora, None).unwrap();
+    let (loss, grads) = r.model.micro_step(&r.batch(&[ids.as_slice()]).unwrap(), &[1.0], &[1.0], &lora, None).unwrap();
     assert!(loss.is_finite() && !grads.is_empty());
     assert!(r.encode("q", "d", floor - 1).is_err(), "max_length below the template is an error");
 }
@@ -290,7 +290,7 @@ fn training_drives_loss_down_and_held_out_accuracy_up() {
         let refs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
         let labels: Vec<f32> = chunk.iter().map(|c| c.2).collect();
         let (loss, mut grads) =
-            r.micro_step(&r.batch(&refs).unwrap(), &labels, &[1.0 / 8.0; 8], &lora, Some(&mut dropout)).unwrap();
+            r.model.micro_step(&r.batch(&refs).unwrap(), &labels, &[1.0 / 8.0; 8], &lora, Some(&mut dropout)).unwrap();
         clip_grad_norm(&mut grads, 1.0).unwrap();
         opt.step(&grads, sched.lr_at(step)).unwrap();
         losses.push(loss);

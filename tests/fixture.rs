@@ -147,7 +147,7 @@ fn loss_and_every_lora_gradient_match_the_reference() {
 
     // One padded batch.
     let b = r.batch(&seqs).unwrap();
-    let (loss, grads) = r.micro_step(&b, &labels, &vec![1.0 / n; pairs.len()], &lora, None).unwrap();
+    let (loss, grads) = r.model.micro_step(&b, &labels, &vec![1.0 / n; pairs.len()], &lora, None).unwrap();
     let want_loss = v["lora_mean_loss"].as_f64().unwrap() as f32;
     assert!((loss - want_loss).abs() < 1e-5, "loss {loss} vs {want_loss}");
     assert_grads(&grads, &want, &names);
@@ -157,7 +157,7 @@ fn loss_and_every_lora_gradient_match_the_reference() {
     let mut total = 0.0;
     for (s, y) in seqs.iter().zip(&labels) {
         let b = r.batch(&[s]).unwrap();
-        let (l, g) = r.micro_step(&b, &[*y], &[1.0 / n], &lora, None).unwrap();
+        let (l, g) = r.model.micro_step(&b, &[*y], &[1.0 / n], &lora, None).unwrap();
         total += l;
         acc.add(g).unwrap();
     }

@@ -79,7 +79,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         "step_ms_median": round1(step),
         "train_fwd_ms_median": round1(median(&mut fwd_ms)),
         "score_ms_median": round1(median(&mut score_ms)),
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": rerankd::runner::peak_rss_mb(),
         "gflops": round1(flops / (step / 1e3) / 1e9),
         "batch": a.batch,
         "length": a.length,
@@ -119,15 +119,4 @@ pub fn train_flops(c: &Qwen3Config, b: usize, t: usize, r: usize) -> f64 {
     );
     let lora = c.num_hidden_layers as f64 * r as f64 * ((d + q) + 2.0 * (d + kv) + (q + d));
     2.0 * n * proj * 2.0 + attn * 3.0 + 2.0 * n * lora * 3.0
-}
-
-/// Peak resident set size of this process (VmHWM), in MB; 0 where /proc is not available.
-fn peak_rss_mb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map(|kb| kb / 1024)
-        .unwrap_or(0)
 }

@@ -7,7 +7,7 @@ use super::checkpoint::{CheckpointDir, RandomWeights, SafetensorsWeights};
 use super::lora::LoraSet;
 use super::prompt::PromptBuilder;
 pub use super::qwen3::Batch;
-use super::qwen3::{Adapters, Dropout, Qwen3};
+use super::qwen3::{Adapters, Qwen3};
 use super::{Qwen3Config, Result};
 
 /// The yes/no logits of one pair and its score, sigmoid(yes - no).
@@ -84,18 +84,6 @@ impl Reranker {
             }
         }
         Ok(out.into_iter().map(|s| s.expect("every pair scored")).collect())
-    }
-
-    /// Forward + backward of one micro-batch; see [`Qwen3::micro_step`].
-    pub fn micro_step(
-        &self,
-        batch: &Batch,
-        labels: &[f32],
-        weights: &[f32],
-        lora: &LoraSet,
-        dropout: Option<&mut Dropout>,
-    ) -> Result<(f32, Vec<Tensor>)> {
-        self.model.micro_step(batch, labels, weights, lora, dropout)
     }
 }
 

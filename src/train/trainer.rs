@@ -82,7 +82,7 @@ pub fn train(
                 let batch = r.batch(&seqs)?;
                 tokens += batch.tokens;
                 let weights = vec![1.0 / n_pairs as f32; mb.len()];
-                let (l, grads) = r.micro_step(&batch, &labels, &weights, lora, Some(&mut dropout))?;
+                let (l, grads) = r.model.micro_step(&batch, &labels, &weights, lora, Some(&mut dropout))?;
                 loss += l;
                 acc.add(grads)?;
             }
