@@ -92,12 +92,24 @@ pub fn run(root: &Root, run_dir: &Path) -> anyhow::Result<i32> {
         unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
     }
     let lock_path = root.corpus_lock(&status.corpus);
-    let Some(mut lock) = FileLock::try_acquire(&lock_path)? else {
-        anyhow::bail!("corpus `{}` is locked by another run ({})", status.corpus, lock_path.display());
-    };
-    lock.write_pid()?;
     let log = MetricsLog::open(&files.metrics(), &status.run_id)?;
     let mut ctx = RunContext { files, status, log, ignore_cancel };
+    // The daemon starts a run only when the lock is free, but a `promote`/`rollback` by hand may
+    // hold it for a moment: wait a little before giving up.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut lock = loop {
+        if let Some(l) = FileLock::try_acquire(&lock_path)? {
+            break l;
+        }
+        if std::time::Instant::now() >= deadline {
+            let msg =
+                format!("corpus `{}` stayed locked by another process ({})", ctx.status.corpus, lock_path.display());
+            ctx.set_state(RunState::Failed, None, Some(msg))?;
+            return Ok(0);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    lock.write_pid()?;
     ctx.set_state(RunState::Running, None, None)?;
     let outcome = execute(&mut ctx, root);
     let result = match outcome {
@@ -140,7 +152,6 @@ enum Baseline {
 fn execute(ctx: &mut RunContext, root: &Root) -> anyhow::Result<Finished> {
     check_cancel!(ctx);
     let job: Job = read_json(&ctx.files.job())?;
-    let primary = job.eval.primary_metric.clone();
     let device = job.device.open()?;
     ctx.info(&format!("loading model {} on {:?}", job.model, device.location()))?;
     let mut r = Reranker::load(&job.model, &device).with_context(|| format!("loading model `{}`", job.model))?;
@@ -150,107 +161,31 @@ fn execute(ctx: &mut RunContext, root: &Root) -> anyhow::Result<Finished> {
     let max_len = job.train.max_length as usize;
     let data = materialise(ctx, &job)?;
     check_cancel!(ctx);
-
     let pairs: Vec<TrainPair> = data
         .train_pairs
         .iter()
         .map(|p| Ok(TrainPair { ids: r.encode(&p.query, &p.doc, max_len)?, label: p.label }))
         .collect::<anyhow::Result<_>>()?;
     check_cancel!(ctx);
-
-    let lists = &data.dev_lists;
-    let cancelled = |c: &mut RunContext| c.cancel_requested().is_some();
-    let baseline = if lists.is_empty() {
-        Baseline::NotEvaluated
-    } else {
-        let (what, adapter) = match models::current(root, &job.corpus) {
-            None => ("base model".to_string(), Ok(None)),
-            Some((id, dir)) => (format!("promoted adapter of {id}"), load_baseline_adapter(&dir, &job, &r).map(Some)),
-        };
-        match adapter {
-            Err(why) => {
-                ctx.log.append("log", json!({"level": "warn", "message": format!("baseline unknown: {why}")}))?;
-                Baseline::Unknown(why)
-            }
-            Ok(adapter) => match evaluate(&r, adapter.as_ref(), lists, max_len, &mut || cancelled(ctx))? {
-                None => return Ok(Finished::Cancelled(ctx.cancel_requested().unwrap_or_default())),
-                Some(res) => {
-                    ctx.log.append(
-                        "eval",
-                        json!({"split": "dev", "which": "baseline", "metrics": res.metrics, "adapter": what}),
-                    )?;
-                    Baseline::Known { what, metrics: res.metrics }
-                }
-            },
-        }
+    let Some(baseline) = evaluate_baseline(ctx, root, &job, &r, &data.dev_lists)? else {
+        return Ok(Finished::Cancelled(ctx.cancel_requested().unwrap_or_default()));
     };
     check_cancel!(ctx);
-
-    let lcfg = LoraConfig::new(job.lora.r as usize, job.lora.alpha, job.lora.dropout, &job.lora.target_modules);
-    let lora = LoraSet::init(&lcfg, &r.model.cfg, job.train.seed, &device)?;
-    let cfg = TrainConfig {
-        epochs: job.train.epochs as usize,
-        micro_batch: job.train.batch_size as usize,
-        grad_accum: job.train.grad_accum as usize,
-        lr: job.train.lr,
-        warmup_ratio: job.train.warmup_ratio,
-        seed: job.train.seed,
-        max_grad_norm: job.train.max_grad_norm,
-        weight_decay: job.train.weight_decay,
-        dropout: job.lora.dropout,
+    let trained = match train_and_select(ctx, &job, &r, &pairs, &data.dev_lists)? {
+        Ok(t) => t,
+        Err(reason) => return Ok(Finished::Cancelled(reason)),
     };
-    // The best epoch on dev (by the locked primary metric) is the candidate.
-    let mut best: Option<(usize, EvalResult, LoraSet)> = None;
-    let mut epochs: Vec<Value> = Vec::new();
-    let mut after_epoch = |epoch: usize, rep: &mut dyn Reporter| -> anyhow::Result<()> {
-        if lists.is_empty() {
-            return Ok(());
-        }
-        let Some(res) = evaluate(&r, Some(&lora), lists, max_len, &mut || rep.cancel_requested().is_some())? else {
-            return Ok(()); // cancelled: the loop sees it next
-        };
-        rep.event("eval", json!({"split": "dev", "which": "epoch", "epoch": epoch, "metrics": res.metrics}))?;
-        epochs.push(json!({"epoch": epoch, "metrics": res.metrics}));
-        let better = best.as_ref().is_none_or(|(_, b, _)| res.metrics[&primary] > b.metrics[&primary]);
-        if better {
-            best = Some((epoch, res, lora.snapshot()?));
-        }
-        Ok(())
+    let primary = &job.eval.primary_metric;
+    let cand_metric = trained.best.as_ref().map(|(_, res)| res.metrics[primary]);
+    let base_metric = match &baseline {
+        Baseline::Known { metrics, .. } => Some(metrics[primary]),
+        _ => None,
     };
-    let (steps, last_loss) = match train(&r, &lora, &pairs, &cfg, ctx, &mut after_epoch)? {
-        Outcome::Cancelled { reason } => return Ok(Finished::Cancelled(reason)),
-        Outcome::Completed { steps, last_loss } => (steps, last_loss),
-    };
-    let (best_epoch, cand_res, candidate) = match best {
-        Some((e, res, l)) => (Some(e), Some(res), l),
-        None => (None, None, lora),
-    };
-    if let Some(res) = &cand_res {
-        ctx.log.append(
-            "eval",
-            json!({"split": "dev", "which": "candidate", "epoch": best_epoch, "metrics": res.metrics}),
-        )?;
-    }
-    let cand_metric = cand_res.as_ref().map(|r| r.metrics[&primary]);
-    let manifest = json!({"model": job.model, "corpus": job.corpus, "run_id": ctx.status.run_id,
-        "max_length": max_len, "instruction": r.instruction, "primary_metric": primary,
-        "metrics": cand_res.as_ref().map(|r| &r.metrics), "best_epoch": best_epoch});
-    candidate.save(&ctx.files.adapter(), Some(&job.model))?;
-    write_json(&ctx.files.adapter().join("manifest.json"), &manifest)?;
-    let (base_metric, base_what) = match &baseline {
-        Baseline::Known { what, metrics } => (Some(metrics[&primary]), what.clone()),
-        Baseline::Unknown(why) => (None, format!("unknown: {why}")),
-        Baseline::NotEvaluated => (None, "not evaluated".to_string()),
-    };
-    let eval_doc = json!({"primary_metric": primary, "dev_queries": lists.len(), "list_size": job.eval.list_size,
-        "baseline": {"what": base_what, "metrics": match &baseline { Baseline::Known { metrics, .. } => Some(metrics), _ => None }},
-        "candidate": {"best_epoch": best_epoch, "metrics": cand_res.as_ref().map(|r| &r.metrics)},
-        "epochs": epochs, "lists": cand_res.as_ref().map(|r| &r.lists), "skipped": data.skipped});
-    write_json(&ctx.files.eval(), &eval_doc)?;
+    write_outputs(ctx, &job, &r, &trained, &baseline, &data)?;
     check_cancel!(ctx);
 
     let eps = job.eval.epsilon;
-    let (promote, reason) = decide(job.promote, cand_metric, base_metric, eps, &primary, &baseline);
+    let (promote, reason) = decide(job.promote, cand_metric, base_metric, eps, primary, &baseline);
     let mut path = Value::Null;
     if promote {
         let details = json!({"primary": primary, "candidate": cand_metric, "baseline": base_metric, "reason": reason});
@@ -262,9 +197,133 @@ fn execute(ctx: &mut RunContext, root: &Root) -> anyhow::Result<Finished> {
         json!({"promoted": promote, "primary": primary, "candidate": cand_metric,
         "baseline": base_metric, "epsilon": eps, "path": path, "reason": reason}),
     )?;
-    Ok(Finished::Completed(json!({"steps": steps, "last_loss": last_loss, "pairs": pairs.len(),
-        "dev_queries": lists.len(), "primary_metric": primary, "candidate": cand_metric, "baseline": base_metric,
-        "promoted": promote})))
+    Ok(Finished::Completed(json!({"steps": trained.steps, "last_loss": trained.last_loss, "pairs": pairs.len(),
+        "dev_queries": data.dev_lists.len(), "primary_metric": primary, "candidate": cand_metric,
+        "baseline": base_metric, "promoted": promote})))
+}
+
+/// Scores the dev lists with the corpus's promoted adapter, or the base model when none is
+/// promoted. `None` if cancelled meanwhile.
+fn evaluate_baseline(
+    ctx: &mut RunContext,
+    root: &Root,
+    job: &Job,
+    r: &Reranker,
+    lists: &[DevList],
+) -> anyhow::Result<Option<Baseline>> {
+    if lists.is_empty() {
+        return Ok(Some(Baseline::NotEvaluated));
+    }
+    let (what, adapter) = match models::current(root, &job.corpus) {
+        None => ("base model".to_string(), Ok(None)),
+        Some((id, dir)) => (format!("promoted adapter of {id}"), load_baseline_adapter(&dir, job, r).map(Some)),
+    };
+    let adapter = match adapter {
+        Ok(a) => a,
+        Err(why) => {
+            ctx.log.append("log", json!({"level": "warn", "message": format!("baseline unknown: {why}")}))?;
+            return Ok(Some(Baseline::Unknown(why)));
+        }
+    };
+    let max_len = job.train.max_length as usize;
+    let Some(res) = evaluate(r, adapter.as_ref(), lists, max_len, &mut || ctx.cancel_requested().is_some())? else {
+        return Ok(None);
+    };
+    ctx.log.append("eval", json!({"split": "dev", "which": "baseline", "metrics": res.metrics, "adapter": what}))?;
+    Ok(Some(Baseline::Known { what, metrics: res.metrics }))
+}
+
+/// The outcome of training: the best epoch on dev (the candidate) and every epoch's metrics.
+struct Trained {
+    steps: usize,
+    last_loss: f32,
+    /// (epoch, its evaluation); None when there is no dev split.
+    best: Option<(usize, EvalResult)>,
+    candidate: LoraSet,
+    epochs: Vec<Value>,
+}
+
+/// Trains, evaluating every epoch on dev and keeping the best epoch's adapter (by the locked
+/// primary metric). `Err(reason)` when cancelled.
+fn train_and_select(
+    ctx: &mut RunContext,
+    job: &Job,
+    r: &Reranker,
+    pairs: &[TrainPair],
+    lists: &[DevList],
+) -> anyhow::Result<Result<Trained, String>> {
+    let lcfg = LoraConfig::new(job.lora.r as usize, job.lora.alpha, job.lora.dropout, &job.lora.target_modules);
+    let lora = LoraSet::init(&lcfg, &r.model.cfg, job.train.seed, r.model.device())?;
+    let cfg = TrainConfig {
+        epochs: job.train.epochs as usize,
+        micro_batch: job.train.batch_size as usize,
+        grad_accum: job.train.grad_accum as usize,
+        lr: job.train.lr,
+        warmup_ratio: job.train.warmup_ratio,
+        seed: job.train.seed,
+        max_grad_norm: job.train.max_grad_norm,
+        weight_decay: job.train.weight_decay,
+        dropout: job.lora.dropout,
+    };
+    let (primary, max_len) = (&job.eval.primary_metric, job.train.max_length as usize);
+    let mut best: Option<(usize, EvalResult, LoraSet)> = None;
+    let mut epochs: Vec<Value> = Vec::new();
+    let mut after_epoch = |epoch: usize, rep: &mut dyn Reporter| -> anyhow::Result<()> {
+        if lists.is_empty() {
+            return Ok(());
+        }
+        let Some(res) = evaluate(r, Some(&lora), lists, max_len, &mut || rep.cancel_requested().is_some())? else {
+            return Ok(()); // cancelled: the loop sees it next
+        };
+        rep.event("eval", json!({"split": "dev", "which": "epoch", "epoch": epoch, "metrics": res.metrics}))?;
+        epochs.push(json!({"epoch": epoch, "metrics": res.metrics}));
+        if best.as_ref().is_none_or(|(_, b, _)| res.metrics[primary] > b.metrics[primary]) {
+            best = Some((epoch, res, lora.snapshot()?));
+        }
+        Ok(())
+    };
+    let (steps, last_loss) = match train(r, &lora, pairs, &cfg, ctx, &mut after_epoch)? {
+        Outcome::Cancelled { reason } => return Ok(Err(reason)),
+        Outcome::Completed { steps, last_loss } => (steps, last_loss),
+    };
+    let (best, candidate) = match best {
+        Some((e, res, l)) => (Some((e, res)), l),
+        None => (None, lora),
+    };
+    if let Some((epoch, res)) = &best {
+        ctx.log
+            .append("eval", json!({"split": "dev", "which": "candidate", "epoch": epoch, "metrics": res.metrics}))?;
+    }
+    Ok(Ok(Trained { steps, last_loss, best, candidate, epochs }))
+}
+
+/// The candidate adapter with its manifest, and `eval.json`.
+fn write_outputs(
+    ctx: &mut RunContext,
+    job: &Job,
+    r: &Reranker,
+    t: &Trained,
+    baseline: &Baseline,
+    data: &Materialised,
+) -> anyhow::Result<()> {
+    let cand = t.best.as_ref().map(|(_, res)| res);
+    let best_epoch = t.best.as_ref().map(|(e, _)| *e);
+    let manifest = json!({"model": job.model, "corpus": job.corpus, "run_id": ctx.status.run_id,
+        "max_length": job.train.max_length, "instruction": r.instruction, "primary_metric": job.eval.primary_metric,
+        "metrics": cand.map(|c| &c.metrics), "best_epoch": best_epoch});
+    t.candidate.save(&ctx.files.adapter(), Some(&job.model))?;
+    write_json(&ctx.files.adapter().join("manifest.json"), &manifest)?;
+    let (base_what, base_metrics) = match baseline {
+        Baseline::Known { what, metrics } => (what.clone(), Some(metrics)),
+        Baseline::Unknown(why) => (format!("unknown: {why}"), None),
+        Baseline::NotEvaluated => ("not evaluated".to_string(), None),
+    };
+    let eval_doc = json!({"primary_metric": job.eval.primary_metric, "dev_queries": data.dev_lists.len(),
+        "list_size": job.eval.list_size, "baseline": {"what": base_what, "metrics": base_metrics},
+        "candidate": {"best_epoch": best_epoch, "metrics": cand.map(|c| &c.metrics)},
+        "epochs": t.epochs, "lists": cand.map(|c| &c.lists), "skipped": data.skipped});
+    write_json(&ctx.files.eval(), &eval_doc)?;
+    Ok(())
 }
 
 fn decide(
