@@ -412,3 +412,114 @@ fn a_child_killed_while_the_daemon_lives_is_recorded_failed_and_the_queue_moves_
     wait_state(&root, &b, &["completed"], Duration::from_secs(90));
     stop(d);
 }
+
+#[test]
+fn supersede_cancels_the_active_run_and_stop_cancels_active_and_queued() {
+    let root = Root::new("");
+    let d = root.daemon();
+    root.drop_job("a.json", &root.job("c1", 1000));
+    let a = run_id_of(&root, "a.json");
+    wait_steps(&root, &a, 1);
+    let mut sup = root.job("c1", 1);
+    sup["if_busy"] = "supersede".into();
+    root.drop_job("b.json", &sup);
+    let b = run_id_of(&root, "b.json");
+    let st = wait_state(&root, &a, &["cancelled"], Duration::from_secs(20));
+    assert_eq!(st["reason"], format!("superseded by {b}"));
+    wait_state(&root, &b, &["completed"], Duration::from_secs(90));
+
+    // `if_busy: reject` on a busy corpus is a rejection naming the field.
+    root.drop_job("c.json", &root.job("c2", 1000));
+    let c = run_id_of(&root, "c.json");
+    wait_steps(&root, &c, 1);
+    let mut rej = root.job("c2", 1);
+    rej["if_busy"] = "reject".into();
+    root.drop_job("r.json", &rej);
+    let err = wait_for("rejection", Duration::from_secs(20), || {
+        std::fs::read_to_string(root.dir.join("spool/rejected/r.error.json")).ok()
+    });
+    assert!(err.contains("if_busy"), "{err}");
+
+    // `stop` cancels the active run and the queued one, which never starts.
+    root.drop_job("q.json", &root.job("c2", 1));
+    let q = run_id_of(&root, "q.json");
+    let out = Command::new(BIN).args(["--root", root.dir.to_str().unwrap(), "stop", "c2"]).output().unwrap();
+    assert!(out.status.success());
+    wait_state(&root, &c, &["cancelled"], Duration::from_secs(20));
+    let st = wait_state(&root, &q, &["cancelled"], Duration::from_secs(20));
+    assert!(st["started_at"].is_null(), "the queued run never started: {st}");
+    stop(d);
+}
+
+#[test]
+fn after_a_crash_claimed_files_are_reprocessed_and_queued_runs_keep_their_order() {
+    let root = Root::new("");
+    let mut d = root.daemon();
+    root.drop_job("long.json", &root.job("c1", 1000));
+    let long = run_id_of(&root, "long.json");
+    let q1 = {
+        root.drop_job("q1.json", &root.job("c1", 1));
+        run_id_of(&root, "q1.json")
+    };
+    let q2 = {
+        root.drop_job("q2.json", &root.job("c1", 1));
+        run_id_of(&root, "q2.json")
+    };
+    wait_steps(&root, &long, 1);
+    let child = root.status(&long)["pid"].as_u64().unwrap() as i32;
+    signal(&d, libc::SIGKILL);
+    let _ = d.wait();
+    unsafe { libc::kill(child, libc::SIGKILL) };
+    wait_for("child gone", Duration::from_secs(5), || (unsafe { libc::kill(child, 0) } != 0).then_some(()));
+    // A file claimed (renamed into spool/.claimed/) by a daemon that died before judging it.
+    std::fs::create_dir_all(root.dir.join("spool/.claimed")).unwrap();
+    std::fs::write(root.dir.join("spool/.claimed/123-1-1__claimed.json"), root.job("c1", 1).to_string()).unwrap();
+    let d2 = root.daemon();
+    let claimed = run_id_of(&root, "claimed.json");
+    assert!(std::fs::read_dir(root.dir.join("spool/.claimed")).unwrap().next().is_none());
+    for id in [&q1, &q2, &claimed] {
+        wait_state(&root, id, &["completed"], Duration::from_secs(90));
+    }
+    let start =
+        |id: &str| root.events(id).iter().find(|e| e["type"] == "state" && e["state"] == "running").map(ts_of).unwrap();
+    assert!(start(&q1) < start(&q2) && start(&q2) < start(&claimed), "original order kept");
+    assert!(root.status(&long)["reason"].as_str().unwrap().starts_with("orphaned"));
+    stop(d2);
+}
+
+#[test]
+fn submit_prints_the_receipt_and_install_launchd_writes_a_plist() {
+    let root = Root::new("");
+    let d = root.daemon();
+    let job = root.dir.parent().unwrap().join("my-job.json");
+    std::fs::write(&job, root.job("c1", 1).to_string()).unwrap();
+    let out = Command::new(BIN)
+        .args(["--root", root.dir.to_str().unwrap(), "submit", job.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let receipt: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(receipt["run_id"].as_str().unwrap().starts_with("c1__"));
+    std::fs::write(&job, "{\"corpus\": 5}").unwrap();
+    let out = Command::new(BIN)
+        .args(["--root", root.dir.to_str().unwrap(), "submit", job.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "a rejected submission exits 4");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("corpus"));
+    stop(d);
+
+    let plist = root.dir.parent().unwrap().join("agent.plist");
+    let out = Command::new(BIN)
+        .args(["--root", root.dir.to_str().unwrap(), "install-launchd", "--dest", plist.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = std::fs::read_to_string(&plist).unwrap();
+    for needle in
+        ["<key>KeepAlive</key>", "<key>SuccessfulExit</key>", "<key>ExitTimeOut</key>", root.dir.to_str().unwrap(), BIN]
+    {
+        assert!(text.contains(needle), "{needle} missing from the plist");
+    }
+    assert!(String::from_utf8_lossy(&out.stdout).contains("launchctl bootstrap gui/"));
+}
