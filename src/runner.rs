@@ -8,6 +8,8 @@ use anyhow::Context;
 use serde_json::{Value, json};
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::job::{Job, Promote};
 use crate::model::lora::LoraConfig;
@@ -34,6 +36,8 @@ pub struct RunContext {
     pub status: Status,
     pub log: MetricsLog,
     ignore_cancel: bool,
+    /// Set by SIGTERM/SIGINT: treated like the cancel sentinel, at the next boundary.
+    terminated: Arc<AtomicBool>,
 }
 
 impl RunContext {
@@ -59,7 +63,12 @@ impl Reporter for RunContext {
     }
 
     fn cancel_requested(&mut self) -> Option<String> {
-        if self.ignore_cancel { None } else { self.files.cancel_requested() }
+        if self.ignore_cancel {
+            return None;
+        }
+        self.files.cancel_requested().or_else(|| {
+            self.terminated.load(Ordering::Relaxed).then(|| "terminated by a signal (SIGTERM/SIGINT)".to_string())
+        })
     }
 
     fn peak_mem_mb(&mut self) -> u64 {
@@ -87,13 +96,20 @@ pub fn run(root: &Root, run_dir: &Path) -> anyhow::Result<i32> {
         return Ok(0);
     }
     let ignore_cancel = std::env::var_os(TEST_IGNORE_CANCEL_ENV).is_some();
+    let terminated = Arc::new(AtomicBool::new(false));
     if ignore_cancel {
         // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
         unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+    } else {
+        // A SIGTERM (the daemon's escalation, or a service manager signalling the whole group)
+        // ends the run at its next boundary, recorded, rather than mid-write.
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register(sig, Arc::clone(&terminated))?;
+        }
     }
     let lock_path = root.corpus_lock(&status.corpus);
     let log = MetricsLog::open(&files.metrics(), &status.run_id)?;
-    let mut ctx = RunContext { files, status, log, ignore_cancel };
+    let mut ctx = RunContext { files, status, log, ignore_cancel, terminated };
     // The daemon starts a run only when the lock is free, but a `promote`/`rollback` by hand may
     // hold it for a moment: wait a little before giving up.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

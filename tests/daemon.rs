@@ -523,3 +523,18 @@ fn submit_prints_the_receipt_and_install_launchd_writes_a_plist() {
     }
     assert!(String::from_utf8_lossy(&out.stdout).contains("launchctl bootstrap gui/"));
 }
+
+#[test]
+fn sigterm_to_a_child_ends_its_run_recorded_at_the_next_boundary() {
+    let root = Root::new("");
+    let d = root.daemon();
+    root.drop_job("a.json", &root.job("c1", 1000));
+    let a = run_id_of(&root, "a.json");
+    wait_steps(&root, &a, 1);
+    let pid = root.status(&a)["pid"].as_u64().unwrap() as i32;
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let st = wait_state(&root, &a, &["cancelled", "failed"], Duration::from_secs(10));
+    assert_eq!(st["state"], "cancelled", "{st}");
+    assert!(st["reason"].as_str().unwrap().contains("SIGTERM"), "{st}");
+    stop(d);
+}
