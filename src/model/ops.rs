@@ -405,15 +405,16 @@ impl candle_core::CustomOp3 for LoraLinear {
             Some(m) => (x * m)?,
             None => x.clone(),
         };
-        let t = xm.matmul(&a.t()?)?; // [n, r]
-        let gb = g.matmul(b)?; // [n, r]
-        let mut dx_lora = (gb.matmul(a)? * self.scale)?;
+        // The scale goes on the [n, r] tensors: one pass over small data instead of large.
+        let ts = (xm.matmul(&a.t()?)? * self.scale)?; // [n, r]
+        let gbs = (g.matmul(b)? * self.scale)?; // [n, r]
+        let mut dx_lora = gbs.matmul(a)?;
         if let Some(m) = &self.mask {
             dx_lora = (dx_lora * m)?;
         }
         let dx = (g.matmul(&self.w)? + dx_lora)?;
-        let da = (gb.t()?.matmul(&xm)? * self.scale)?;
-        let db = (g.t()?.matmul(&t)? * self.scale)?;
+        let da = gbs.t()?.matmul(&xm)?;
+        let db = g.t()?.matmul(&ts)?;
         Ok((Some(dx), Some(da), Some(db)))
     }
 }
@@ -472,12 +473,35 @@ impl candle_core::CustomOp3 for Attention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let p = self.probs(q, k)?; // [b, g, rows, seq]
         let dv = p.t()?.matmul(g)?;
-        let dp = g.matmul(&v.t()?)?;
-        let dot = (&dp * &p)?.sum_keepdim(D::Minus1)?;
-        let ds = ((dp.broadcast_sub(&dot)? * p)? * self.scale)?;
+        let dp = g.matmul(&v.t()?)?.contiguous()?;
+        let ds = dp.apply_op2_no_bwd(&p, &SoftmaxBwd { scale: self.scale as f32 })?;
         let dq = ds.matmul(k)?;
         let dk = ds.t()?.matmul(q)?;
         Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// `scale * p * (dp - sum(dp * p))` row by row: the softmax backward in one pass (CPU).
+struct SoftmaxBwd {
+    scale: f32,
+}
+
+impl candle_core::CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "softmax-bwd"
+    }
+
+    fn cpu_fwd(&self, dp: &CpuStorage, dl: &Layout, p: &CpuStorage, pl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (dp, p) = (cpu_f32(dp, dl, "softmax_bwd")?, cpu_f32(p, pl, "softmax_bwd")?);
+        let t = *dl.shape().dims().last().unwrap_or(&1);
+        let mut out = vec![0f32; dp.len()];
+        out.par_chunks_mut(t).zip(dp.par_chunks(t).zip(p.par_chunks(t))).for_each(|(o, (dp, p))| {
+            let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
+            for j in 0..t {
+                o[j] = self.scale * p[j] * (dp[j] - dot);
+            }
+        });
+        Ok((CpuStorage::F32(out), dl.shape().clone()))
     }
 }
 
@@ -513,15 +537,34 @@ impl CustomOp1 for SwiGlu {
     }
 
     fn bwd(&self, gu: &Tensor, _res: &Tensor, gy: &Tensor) -> Result<Option<Tensor>> {
-        let i = gu.dim(1)? / 2;
-        let (g, u) = (gu.narrow(1, 0, i)?, gu.narrow(1, i, i)?);
-        let sig = (g.neg()?.exp()? + 1.0)?.recip()?;
-        let silu = (&g * &sig)?;
-        // silu'(g) = sig (1 + g (1 - sig))
-        let dsilu = (&sig * ((&g * (1.0 - &sig)?)? + 1.0)?)?;
-        let dg = ((gy * u)? * dsilu)?;
-        let du = (gy * silu)?;
-        Ok(Some(Tensor::cat(&[dg, du], 1)?))
+        Ok(Some(gu.apply_op2_no_bwd(&gy.contiguous()?, &SwiGluBwd)?))
+    }
+}
+
+/// Gradient of `silu(g) * u` with respect to `gu = [g | u]`, given the output gradient (CPU).
+struct SwiGluBwd;
+
+impl candle_core::CustomOp2 for SwiGluBwd {
+    fn name(&self) -> &'static str {
+        "swiglu-bwd"
+    }
+
+    fn cpu_fwd(&self, gu: &CpuStorage, gl: &Layout, gy: &CpuStorage, yl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (gu, gy) = (cpu_f32(gu, gl, "swiglu_bwd")?, cpu_f32(gy, yl, "swiglu_bwd")?);
+        let (n, two_i) = gl.shape().dims2()?;
+        let i = two_i / 2;
+        let mut out = vec![0f32; n * two_i];
+        out.par_chunks_mut(two_i).zip(gu.par_chunks(two_i).zip(gy.par_chunks(i))).for_each(|(o, (x, gy))| {
+            let (g, u) = x.split_at(i);
+            let (dg, du) = o.split_at_mut(i);
+            for j in 0..i {
+                let sig = 1.0 / (1.0 + (-g[j]).exp());
+                // silu'(g) = sig (1 + g (1 - sig))
+                dg[j] = gy[j] * u[j] * sig * (1.0 + g[j] * (1.0 - sig));
+                du[j] = gy[j] * g[j] * sig;
+            }
+        });
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
 }
 
