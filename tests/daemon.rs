@@ -155,6 +155,9 @@ fn touch_cancel_stops_the_run_and_the_next_job_starts() {
     eprintln!("touch cancel -> cancelled: {:?}", t0.elapsed());
     assert!(t0.elapsed() < Duration::from_secs(2));
     assert_eq!(st["reason"], "cancelled by user");
+    let watch = Command::new(BIN).args(["--root", root.dir.to_str().unwrap(), "watch", &long]).output().unwrap();
+    assert_eq!(watch.status.code(), Some(5), "watch exits 5 for a cancelled run");
+    assert!(String::from_utf8_lossy(&watch.stdout).contains("cancelled (cancelled by user)"));
     wait_state(&root, &next, &["completed"], Duration::from_secs(90));
     stop(d);
 }

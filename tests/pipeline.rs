@@ -88,6 +88,10 @@ fn feedback_to_promotion_then_a_worse_run_is_not_promoted_and_rollback_restores(
     let promote = ev.iter().find(|e| e["type"] == "promote").unwrap();
     assert_eq!(promote["promoted"], true, "{promote}");
     assert_eq!(current(&root), r1);
+    let watch = rerankd(&root, &["watch", &r1]);
+    assert!(watch.status.success());
+    let shown = String::from_utf8_lossy(&watch.stdout);
+    assert!(shown.contains("promoted: true") && shown.contains("ETA") && shown.ends_with("completed\n"), "{shown}");
     for why in ["signal for an unknown event_id", "no event_id"] {
         assert!(eval["skipped"][why].as_u64().unwrap_or(0) >= 1, "skipped events are counted: {}", eval["skipped"]);
     }

@@ -14,6 +14,7 @@ mod promote;
 mod runs;
 mod score;
 mod submit;
+mod watch;
 
 /// The command failed (bad input, I/O, a model that would not load).
 pub const EXIT_FAILURE: u8 = 1;
@@ -45,6 +46,8 @@ pub enum Command {
     Status(runs::StatusArgs),
     /// List all runs.
     Runs(runs::RunsArgs),
+    /// Follow a run: progress, loss, ETA, evaluation; exits when it ends (0/1/5).
+    Watch { run: String },
     /// Request cancellation of a run.
     Cancel { run: String },
     /// Cancel a corpus's active and queued runs.
@@ -75,6 +78,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Submit(a) => submit::run(&root, a),
         Command::Status(a) => runs::status(&root, a),
         Command::Runs(a) => runs::list(&root, a),
+        Command::Watch { run } => watch::run(&root, &run),
         Command::Cancel { run } => runs::cancel(&root, &run),
         Command::Stop { corpus } => runs::stop(&root, &corpus),
         Command::Sweep => daemon::sweep(&root),

@@ -59,6 +59,11 @@ pub fn train(
     let total = per_epoch * cfg.epochs;
     let sched =
         Schedule { lr: cfg.lr, warmup_steps: (total as f64 * cfg.warmup_ratio).round() as usize, total_steps: total };
+    rep.event(
+        "log",
+        json!({"level": "info", "message": format!("training: {total} optimizer steps over {} epochs", cfg.epochs),
+               "total_steps": total, "pairs": pairs.len()}),
+    )?;
     let mut opt = AdamW::new(lora.vars().into_iter().cloned().collect(), cfg.weight_decay)?;
     let mut dropout = Dropout::new(cfg.dropout, cfg.seed ^ 0x5eed);
     let mut step = 0;

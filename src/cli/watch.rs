@@ -1,0 +1,99 @@
+//! `rerankd watch RUN`: follow a run's metrics.jsonl: one line per step with loss, learning rate,
+//! progress and ETA, evaluation and promotion results; exits when the run reaches a terminal
+//! state (0 completed, 1 failed, 5 cancelled).
+
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use rerankd::store::Root;
+use rerankd::store::paths::RunFiles;
+use serde_json::Value;
+
+pub const EXIT_CANCELLED: u8 = 5;
+
+pub fn run(root: &Root, run: &str) -> anyhow::Result<ExitCode> {
+    let files = RunFiles::new(&root.run_dir(run));
+    if !files.status().is_file() {
+        eprintln!("rerankd: no run `{run}`");
+        return Ok(ExitCode::from(super::EXIT_NOT_FOUND));
+    }
+    let mut pos = 0u64;
+    let mut total: Option<u64> = None;
+    let mut step_ms: Vec<f64> = Vec::new();
+    loop {
+        let mut f = std::fs::File::open(files.metrics())?;
+        f.seek(SeekFrom::Start(pos))?;
+        let mut reader = BufReader::new(f);
+        let mut line = String::new();
+        while reader.read_line(&mut line)? > 0 {
+            if !line.ends_with('\n') {
+                break; // a line still being written: read it whole next time
+            }
+            pos += line.len() as u64;
+            if let Ok(e) = serde_json::from_str::<Value>(&line)
+                && let Some(code) = show(&e, &mut total, &mut step_ms)
+            {
+                return Ok(ExitCode::from(code));
+            }
+            line.clear();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Prints one event; returns an exit code when the run is over.
+fn show(e: &Value, total: &mut Option<u64>, step_ms: &mut Vec<f64>) -> Option<u8> {
+    let ts = e["ts"].as_str().unwrap_or("").get(11..19).unwrap_or("");
+    match e["type"].as_str()? {
+        "log" => {
+            if let Some(t) = e["total_steps"].as_u64() {
+                *total = Some(t);
+            }
+            println!("{ts} {}", e["message"].as_str().unwrap_or(""));
+        }
+        "step" => {
+            let step = e["step"].as_u64().unwrap_or(0) + 1;
+            step_ms.push(e["step_time_ms"].as_f64().unwrap_or(0.0));
+            let (bar, eta) = match *total {
+                Some(t) if t > 0 => {
+                    let mut recent = step_ms[step_ms.len().saturating_sub(20)..].to_vec();
+                    recent.sort_by(f64::total_cmp);
+                    let eta_s = recent[recent.len() / 2] * t.saturating_sub(step) as f64 / 1e3;
+                    let filled = (20 * step / t) as usize;
+                    (
+                        format!("[{}{}] {step}/{t}", "#".repeat(filled), ".".repeat(20 - filled.min(20))),
+                        format!("ETA {eta_s:.0}s"),
+                    )
+                }
+                _ => (format!("step {step}"), String::new()),
+            };
+            println!(
+                "{ts} {bar} epoch {} loss {:.4} lr {:.2e} grad {:.3} {:.0} ms {eta}",
+                e["epoch"],
+                e["loss"].as_f64().unwrap_or(f64::NAN),
+                e["lr"].as_f64().unwrap_or(0.0),
+                e["grad_norm"].as_f64().unwrap_or(0.0),
+                e["step_time_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
+        "eval" => println!("{ts} eval {} {}", e["which"].as_str().unwrap_or(""), e["metrics"]),
+        "promote" => println!("{ts} promoted: {} ({})", e["promoted"], e["reason"].as_str().unwrap_or("")),
+        "error" => println!("{ts} error: {}", e["message"].as_str().unwrap_or("")),
+        "state" => {
+            let state = e["state"].as_str().unwrap_or("");
+            match e["reason"].as_str() {
+                Some(r) => println!("{ts} {state} ({r})"),
+                None => println!("{ts} {state}"),
+            }
+            return match state {
+                "completed" => Some(0),
+                "failed" => Some(super::EXIT_FAILURE),
+                "cancelled" => Some(EXIT_CANCELLED),
+                _ => None,
+            };
+        }
+        _ => {}
+    }
+    None
+}
