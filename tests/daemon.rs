@@ -58,13 +58,25 @@ impl Root {
     }
 
     fn daemon_env(&self, env: &[(&str, &str)]) -> Child {
-        let mut c = Command::new(BIN);
-        c.args(["--root", self.dir.to_str().unwrap(), "daemon"]).stdin(Stdio::null()).stdout(Stdio::null());
-        c.stderr(Stdio::null());
+        let mut c = self.cli_cmd(["daemon"]);
+        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         for (k, v) in env {
             c.env(k, v);
         }
         c.spawn().unwrap()
+    }
+
+    /// Drops a job and waits for its receipt: the run id.
+    fn submit(&self, name: &str, job: &Value) -> String {
+        self.drop_job(name, job);
+        run_id_of(self, name)
+    }
+
+    /// `rerankd --root ROOT <args>`.
+    fn cli_cmd<const N: usize>(&self, args: [&str; N]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("--root").arg(&self.dir).args(args);
+        c
     }
 
     fn receipt(&self, name: &str) -> Option<Value> {
@@ -131,7 +143,7 @@ fn second_daemon_refuses_at_once_naming_the_pid() {
         std::fs::read_to_string(root.dir.join("daemon.lock")).ok().filter(|s| !s.is_empty())
     });
     let t0 = Instant::now();
-    let out = Command::new(BIN).args(["--root", root.dir.to_str().unwrap(), "daemon"]).output().unwrap();
+    let out = root.cli_cmd(["daemon"]).output().unwrap();
     assert!(!out.status.success());
     assert!(t0.elapsed() < Duration::from_secs(5));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -143,10 +155,8 @@ fn second_daemon_refuses_at_once_naming_the_pid() {
 fn touch_cancel_stops_the_run_and_the_next_job_starts() {
     let root = Root::new("");
     let d = root.daemon();
-    root.drop_job("long.json", &root.job("c1", 1000));
-    let long = run_id_of(&root, "long.json");
-    root.drop_job("next.json", &root.job("c1", 1));
-    let next = run_id_of(&root, "next.json");
+    let long = root.submit("long.json", &root.job("c1", 1000));
+    let next = root.submit("next.json", &root.job("c1", 1));
     wait_steps(&root, &long, 2);
     assert_eq!(root.status(&next)["state"], "queued");
     std::fs::write(root.dir.join("runs").join(&long).join("cancel"), "").unwrap();
@@ -155,7 +165,7 @@ fn touch_cancel_stops_the_run_and_the_next_job_starts() {
     eprintln!("touch cancel -> cancelled: {:?}", t0.elapsed());
     assert!(t0.elapsed() < Duration::from_secs(2));
     assert_eq!(st["reason"], "cancelled by user");
-    let watch = Command::new(BIN).args(["--root", root.dir.to_str().unwrap(), "watch", &long]).output().unwrap();
+    let watch = root.cli_cmd(["watch", &long]).output().unwrap();
     assert_eq!(watch.status.code(), Some(5), "watch exits 5 for a cancelled run");
     assert!(String::from_utf8_lossy(&watch.stdout).contains("cancelled (cancelled by user)"));
     wait_state(&root, &next, &["completed"], Duration::from_secs(90));
@@ -166,8 +176,7 @@ fn touch_cancel_stops_the_run_and_the_next_job_starts() {
 fn a_child_ignoring_cancel_is_killed_after_the_grace_period() {
     let root = Root::new("cancel_grace_s = 1\n");
     let d = root.daemon_env(&[("RERANKD_TEST_IGNORE_CANCEL", "1")]);
-    root.drop_job("stubborn.json", &root.job("c1", 1000));
-    let id = run_id_of(&root, "stubborn.json");
+    let id = root.submit("stubborn.json", &root.job("c1", 1000));
     wait_steps(&root, &id, 2);
     std::fs::write(root.dir.join("runs").join(&id).join("cancel"), "please stop").unwrap();
     let st = wait_state(&root, &id, &["cancelled"], Duration::from_secs(15));
@@ -182,8 +191,7 @@ fn a_child_ignoring_cancel_is_killed_after_the_grace_period() {
 fn kill_9_of_daemon_and_child_then_restart_settles_the_orphan() {
     let root = Root::new("");
     let mut d = root.daemon();
-    root.drop_job("a.json", &root.job("c1", 1000));
-    let a = run_id_of(&root, "a.json");
+    let a = root.submit("a.json", &root.job("c1", 1000));
     wait_steps(&root, &a, 2);
     let child_pid = root.status(&a)["pid"].as_u64().unwrap() as i32;
     signal(&d, libc::SIGKILL);
@@ -212,8 +220,7 @@ fn kill_9_of_daemon_and_child_then_restart_settles_the_orphan() {
 fn sigterm_cancels_the_run_as_daemon_shutdown_and_exits_0() {
     let root = Root::new("");
     let mut d = root.daemon();
-    root.drop_job("a.json", &root.job("c1", 1000));
-    let a = run_id_of(&root, "a.json");
+    let a = root.submit("a.json", &root.job("c1", 1000));
     wait_steps(&root, &a, 2);
     signal(&d, libc::SIGTERM);
     let t0 = Instant::now();
@@ -276,8 +283,7 @@ fn bad_job_files_are_rejected_with_the_problem_named() {
     }
     // Untouched: the rejected file is byte-for-byte what was dropped.
     assert_eq!(std::fs::read_to_string(root.dir.join("spool/rejected/notjson.json")).unwrap(), "this is not json");
-    root.drop_job("good.json", &good);
-    let id = run_id_of(&root, "good.json");
+    let id = root.submit("good.json", &good);
     wait_state(&root, &id, &["completed"], Duration::from_secs(90));
     stop(d);
 }
@@ -388,8 +394,7 @@ fn latency_report() {
         "LATENCY rename -> first state event: median {:?} (min {:?}, max {:?}) over 20",
         lat[10], lat[0], lat[19]
     );
-    root.drop_job("long.json", &root.job("zz", 1000));
-    let id = run_id_of(&root, "long.json");
+    let id = root.submit("long.json", &root.job("zz", 1000));
     wait_steps(&root, &id, 2);
     let t0 = Instant::now();
     std::fs::write(root.dir.join("runs").join(&id).join("cancel"), "").unwrap();
@@ -402,10 +407,8 @@ fn latency_report() {
 fn a_child_killed_while_the_daemon_lives_is_recorded_failed_and_the_queue_moves_on() {
     let root = Root::new("");
     let d = root.daemon();
-    root.drop_job("a.json", &root.job("c1", 1000));
-    let a = run_id_of(&root, "a.json");
-    root.drop_job("b.json", &root.job("c1", 1));
-    let b = run_id_of(&root, "b.json");
+    let a = root.submit("a.json", &root.job("c1", 1000));
+    let b = root.submit("b.json", &root.job("c1", 1));
     wait_steps(&root, &a, 2);
     let pid = root.status(&a)["pid"].as_u64().unwrap() as i32;
     unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -420,20 +423,17 @@ fn a_child_killed_while_the_daemon_lives_is_recorded_failed_and_the_queue_moves_
 fn supersede_cancels_the_active_run_and_stop_cancels_active_and_queued() {
     let root = Root::new("");
     let d = root.daemon();
-    root.drop_job("a.json", &root.job("c1", 1000));
-    let a = run_id_of(&root, "a.json");
+    let a = root.submit("a.json", &root.job("c1", 1000));
     wait_steps(&root, &a, 1);
     let mut sup = root.job("c1", 1);
     sup["if_busy"] = "supersede".into();
-    root.drop_job("b.json", &sup);
-    let b = run_id_of(&root, "b.json");
+    let b = root.submit("b.json", &sup);
     let st = wait_state(&root, &a, &["cancelled"], Duration::from_secs(20));
     assert_eq!(st["reason"], format!("superseded by {b}"));
     wait_state(&root, &b, &["completed"], Duration::from_secs(90));
 
     // `if_busy: reject` on a busy corpus is a rejection naming the field.
-    root.drop_job("c.json", &root.job("c2", 1000));
-    let c = run_id_of(&root, "c.json");
+    let c = root.submit("c.json", &root.job("c2", 1000));
     wait_steps(&root, &c, 1);
     let mut rej = root.job("c2", 1);
     rej["if_busy"] = "reject".into();
@@ -444,9 +444,8 @@ fn supersede_cancels_the_active_run_and_stop_cancels_active_and_queued() {
     assert!(err.contains("if_busy"), "{err}");
 
     // `stop` cancels the active run and the queued one, which never starts.
-    root.drop_job("q.json", &root.job("c2", 1));
-    let q = run_id_of(&root, "q.json");
-    let out = Command::new(BIN).args(["--root", root.dir.to_str().unwrap(), "stop", "c2"]).output().unwrap();
+    let q = root.submit("q.json", &root.job("c2", 1));
+    let out = root.cli_cmd(["stop", "c2"]).output().unwrap();
     assert!(out.status.success());
     wait_state(&root, &c, &["cancelled"], Duration::from_secs(20));
     let st = wait_state(&root, &q, &["cancelled"], Duration::from_secs(20));
@@ -458,16 +457,9 @@ fn supersede_cancels_the_active_run_and_stop_cancels_active_and_queued() {
 fn after_a_crash_claimed_files_are_reprocessed_and_queued_runs_keep_their_order() {
     let root = Root::new("");
     let mut d = root.daemon();
-    root.drop_job("long.json", &root.job("c1", 1000));
-    let long = run_id_of(&root, "long.json");
-    let q1 = {
-        root.drop_job("q1.json", &root.job("c1", 1));
-        run_id_of(&root, "q1.json")
-    };
-    let q2 = {
-        root.drop_job("q2.json", &root.job("c1", 1));
-        run_id_of(&root, "q2.json")
-    };
+    let long = root.submit("long.json", &root.job("c1", 1000));
+    let q1 = root.submit("q1.json", &root.job("c1", 1));
+    let q2 = root.submit("q2.json", &root.job("c1", 1));
     wait_steps(&root, &long, 1);
     let child = root.status(&long)["pid"].as_u64().unwrap() as i32;
     signal(&d, libc::SIGKILL);
@@ -496,27 +488,18 @@ fn submit_prints_the_receipt_and_install_launchd_writes_a_plist() {
     let d = root.daemon();
     let job = root.dir.parent().unwrap().join("my-job.json");
     std::fs::write(&job, root.job("c1", 1).to_string()).unwrap();
-    let out = Command::new(BIN)
-        .args(["--root", root.dir.to_str().unwrap(), "submit", job.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = root.cli_cmd(["submit", job.to_str().unwrap()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let receipt: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(receipt["run_id"].as_str().unwrap().starts_with("c1__"));
     std::fs::write(&job, "{\"corpus\": 5}").unwrap();
-    let out = Command::new(BIN)
-        .args(["--root", root.dir.to_str().unwrap(), "submit", job.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = root.cli_cmd(["submit", job.to_str().unwrap()]).output().unwrap();
     assert_eq!(out.status.code(), Some(4), "a rejected submission exits 4");
     assert!(String::from_utf8_lossy(&out.stderr).contains("corpus"));
     stop(d);
 
     let plist = root.dir.parent().unwrap().join("agent.plist");
-    let out = Command::new(BIN)
-        .args(["--root", root.dir.to_str().unwrap(), "install-launchd", "--dest", plist.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = root.cli_cmd(["install-launchd", "--dest", plist.to_str().unwrap()]).output().unwrap();
     assert!(out.status.success());
     let text = std::fs::read_to_string(&plist).unwrap();
     for needle in
@@ -531,8 +514,7 @@ fn submit_prints_the_receipt_and_install_launchd_writes_a_plist() {
 fn sigterm_to_a_child_ends_its_run_recorded_at_the_next_boundary() {
     let root = Root::new("");
     let d = root.daemon();
-    root.drop_job("a.json", &root.job("c1", 1000));
-    let a = run_id_of(&root, "a.json");
+    let a = root.submit("a.json", &root.job("c1", 1000));
     wait_steps(&root, &a, 1);
     let pid = root.status(&a)["pid"].as_u64().unwrap() as i32;
     unsafe { libc::kill(pid, libc::SIGTERM) };
