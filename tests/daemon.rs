@@ -202,6 +202,10 @@ fn kill_9_of_daemon_and_child_then_restart_settles_the_orphan() {
     let _ = d.wait();
     unsafe { libc::kill(child_pid, libc::SIGKILL) };
     wait_for("child gone", Duration::from_secs(5), || (unsafe { libc::kill(child_pid, 0) } != 0).then_some(()));
+    let doc = root.cli_cmd(["doctor"]).output().unwrap();
+    assert_eq!(doc.status.code(), Some(1), "doctor reports problems");
+    let text = String::from_utf8_lossy(&doc.stdout);
+    assert!(text.contains("no daemon holds this root") && text.contains("its process is gone"), "{text}");
     // A job dropped while no daemon runs must not be lost.
     root.drop_job("b.json", &root.job("c1", 1));
     let d2 = root.daemon();

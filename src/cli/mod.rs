@@ -9,6 +9,7 @@ use rerankd::store::Root;
 mod bench;
 mod daemon;
 mod demo;
+mod doctor;
 mod install;
 mod promote;
 mod runs;
@@ -54,6 +55,8 @@ pub enum Command {
     Stop { corpus: String },
     /// The boot sweep on demand (refused while a daemon holds the root).
     Sweep,
+    /// Check the root, the daemon, the runs, the promoted models and this build.
+    Doctor,
     /// Score documents against a query with a corpus's promoted adapter, an adapter or a model.
     Score(score::ScoreArgs),
     /// Promote a completed run's adapter to its corpus's current adapter, by hand.
@@ -82,6 +85,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cancel { run } => runs::cancel(&root, &run),
         Command::Stop { corpus } => runs::stop(&root, &corpus),
         Command::Sweep => daemon::sweep(&root),
+        Command::Doctor => doctor::run(&root),
         Command::Score(a) => score::run(&root, a),
         Command::Promote { run } => promote::promote(&root, &run),
         Command::Rollback { corpus } => promote::rollback(&root, &corpus),

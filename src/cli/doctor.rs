@@ -1,0 +1,108 @@
+//! `rerankd doctor`: what state the root, the daemon, the runs, the models and this build are in,
+//! one line each, with what to do about anything wrong. Exit 0 when nothing is wrong, 1 otherwise.
+
+use std::os::unix::fs::MetadataExt;
+use std::process::ExitCode;
+
+use rerankd::daemon::sweep::pid_alive;
+use rerankd::store::lock::{holder_pid, is_held};
+use rerankd::store::{Root, RunState, Status, models};
+
+struct Report {
+    problems: usize,
+}
+
+impl Report {
+    fn ok(&self, what: &str) {
+        println!("ok    {what}");
+    }
+    fn warn(&mut self, what: &str, fix: &str) {
+        self.problems += 1;
+        println!("WARN  {what}\n      -> {fix}");
+    }
+    fn info(&self, what: &str) {
+        println!("info  {what}");
+    }
+}
+
+pub fn run(root: &Root) -> anyhow::Result<ExitCode> {
+    let mut r = Report { problems: 0 };
+    println!("root: {}", root.dir.display());
+    if !root.dir.is_dir() {
+        r.warn("the root does not exist yet", "start the daemon (it creates the layout) or `rerankd submit` a job");
+        return Ok(ExitCode::from(super::EXIT_FAILURE));
+    }
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    for dir in [root.dir.clone(), root.spool()] {
+        match std::fs::metadata(&dir) {
+            Ok(m) if m.uid() != uid => {
+                r.warn(&format!("{} is owned by uid {}", dir.display(), m.uid()), "chown it to yourself")
+            }
+            Ok(m) if m.mode() & 0o022 != 0 => {
+                r.warn(&format!("{} is writable by others", dir.display()), &format!("chmod go-w {}", dir.display()))
+            }
+            Ok(_) => r.ok(&format!("{} is yours and private", dir.display())),
+            Err(e) => r.warn(&format!("{}: {e}", dir.display()), "start the daemon once to create the layout"),
+        }
+    }
+    match is_held(&root.daemon_lock()) {
+        Ok(true) => r.ok(&format!(
+            "a daemon runs (pid {})",
+            holder_pid(&root.daemon_lock()).map_or("?".into(), |p| p.to_string())
+        )),
+        Ok(false) => r.warn("no daemon holds this root", "`rerankd daemon`, or install-launchd / install-systemd"),
+        Err(e) => r.warn(&format!("cannot probe the daemon lock: {e}"), "check the root's permissions"),
+    }
+    let claimed = std::fs::read_dir(root.claimed()).map(|d| d.count()).unwrap_or(0);
+    let waiting = std::fs::read_dir(root.spool())
+        .map(|d| d.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".json")).count())
+        .unwrap_or(0);
+    if claimed + waiting > 0 {
+        r.info(&format!("{waiting} job file(s) waiting in the spool, {claimed} claimed but not judged yet"));
+    }
+    let runs: Vec<Status> = std::fs::read_dir(root.runs())
+        .map(|d| d.filter_map(|e| e.ok()).filter_map(|e| Status::read(&e.path().join("status.json")).ok()).collect())
+        .unwrap_or_default();
+    let count = |s: RunState| runs.iter().filter(|r| r.state == s).count();
+    r.info(&format!(
+        "runs: {} queued, {} running, {} completed, {} failed, {} cancelled",
+        count(RunState::Queued),
+        count(RunState::Running),
+        count(RunState::Completed),
+        count(RunState::Failed),
+        count(RunState::Cancelled)
+    ));
+    for s in runs.iter().filter(|s| s.state == RunState::Running && !s.pid.is_some_and(pid_alive)) {
+        r.warn(
+            &format!("{} is `running` but its process is gone", s.run_id),
+            "start the daemon (its boot sweep settles it) or `rerankd sweep`",
+        );
+    }
+    let corpora = std::fs::read_dir(root.dir.join("models"))
+        .map(|d| d.filter_map(|e| e.ok()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    for c in corpora {
+        let name = c.file_name().to_string_lossy().into_owned();
+        match models::current(root, &name) {
+            Some((id, _)) => r.ok(&format!("corpus {name}: serves {id}")),
+            None if c.path().join("current").symlink_metadata().is_ok() => r.warn(
+                &format!("corpus {name}: `current` points at a missing adapter"),
+                &format!("`rerankd rollback {name}`"),
+            ),
+            None => {}
+        }
+    }
+    let features: Vec<&str> = [("cuda", cfg!(feature = "cuda")), ("metal", cfg!(feature = "metal"))]
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(n, _)| *n)
+        .collect();
+    r.info(&format!("this build: cpu{}", features.iter().map(|f| format!(" + {f}")).collect::<String>()));
+    match rerankd::model::checkpoint::hf_hub_cache() {
+        Some(p) if p.is_dir() => r.info(&format!("Hugging Face cache: {}", p.display())),
+        Some(p) => r.info(&format!("no Hugging Face cache at {} (jobs must name checkpoint directories)", p.display())),
+        None => {}
+    }
+    Ok(if r.problems == 0 { ExitCode::SUCCESS } else { ExitCode::from(super::EXIT_FAILURE) })
+}
