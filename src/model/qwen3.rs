@@ -148,17 +148,6 @@ impl Qwen3 {
         &self.device
     }
 
-    /// Bytes held by the frozen weights (what the memory governor counts as fixed cost).
-    pub fn weight_bytes(&self) -> usize {
-        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        t(&self.embed_tokens)
-            + self
-                .layers
-                .iter()
-                .map(|l| t(&l.qkv_proj) + t(&l.o_proj) + t(&l.gate_up_proj) + t(&l.down_proj))
-                .sum::<usize>()
-    }
-
     /// `[batch, 2]` logits `[no, yes]` at each row's last real token.
     /// `ids: [batch, seq]` right-padded; `last[b]` is the index of row b's last real token.
     pub fn yes_no_logits(&self, batch: &Batch, ad: &mut Adapters) -> Result<Tensor> {

@@ -1,14 +1,14 @@
-//! The reranker: tokenizer + Qwen3 body + yes/no head. Scores (query, document) pairs in padded
-//! batches and computes the loss and LoRA gradients of a micro-batch.
+//! The reranker: tokenizer + Qwen3 body + yes/no head, scoring (query, document) pairs in padded
+//! batches. Training steps are `Qwen3::micro_step` on `Reranker::model`.
 
 use candle_core::{Device, Tensor};
 
-use super::checkpoint::{CheckpointDir, RandomWeights, SafetensorsWeights};
+use super::Result;
+use super::checkpoint::{CheckpointDir, SafetensorsWeights};
 use super::lora::LoraSet;
 use super::prompt::PromptBuilder;
 pub use super::qwen3::Batch;
 use super::qwen3::{Adapters, Qwen3};
-use super::{Qwen3Config, Result};
 
 /// The yes/no logits of one pair and its score, sigmoid(yes - no).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -32,13 +32,6 @@ impl Reranker {
         let prompt = PromptBuilder::from_file(&ck.tokenizer)?;
         let w = SafetensorsWeights::open(&ck.weights, device)?;
         let model = Qwen3::load(&cfg, &w, prompt.yes_id, prompt.no_id, device)?;
-        Ok(Self { model, prompt, instruction: super::prompt::DEFAULT_INSTRUCTION.to_string() })
-    }
-
-    /// Random weights of `cfg` (benchmarks), with a tokenizer for prompts.
-    pub fn random(cfg: &Qwen3Config, prompt: PromptBuilder, seed: u64, device: &Device) -> Result<Self> {
-        let w = RandomWeights { seed, dtype: candle_core::DType::BF16, device: device.clone() };
-        let model = Qwen3::load(cfg, &w, prompt.yes_id, prompt.no_id, device)?;
         Ok(Self { model, prompt, instruction: super::prompt::DEFAULT_INSTRUCTION.to_string() })
     }
 
