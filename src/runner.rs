@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::job::{Job, Promote};
+use crate::model::checkpoint::{CheckpointDir, SafetensorsWeights};
 use crate::model::lora::LoraConfig;
 use crate::model::{LoraSet, Reranker};
 use crate::store::atomic::{read_json, write_json};
@@ -23,12 +24,17 @@ use crate::train::dataset::{
     DevList, Documents, Judged, QueryRows, TextPair, dev_lists, group_by_query, read_triplets, split_dev, train_pairs,
 };
 use crate::train::eval::{EvalResult, evaluate};
+use crate::train::memory::{self, Estimate};
 use crate::train::mining;
 use crate::train::trainer::{Outcome, Reporter, TrainConfig, train};
 
 /// Test-only fault injection: the child neither checks the cancel sentinel nor obeys SIGTERM, so
 /// tests can prove the daemon's escalation. Never set it outside tests.
 pub const TEST_IGNORE_CANCEL_ENV: &str = "RERANKD_TEST_IGNORE_CANCEL";
+
+/// Test-only fault injection: the child allocates and touches this many MB and keeps them, so
+/// tests can prove the daemon's hard memory limit. Never set it outside tests.
+pub const TEST_ALLOC_MB_ENV: &str = "RERANKD_TEST_ALLOC_MB";
 
 /// The run's view of its files while it runs.
 pub struct RunContext {
@@ -127,6 +133,10 @@ pub fn run(root: &Root, run_dir: &Path) -> anyhow::Result<i32> {
     };
     lock.write_pid()?;
     ctx.set_state(RunState::Running, None, None)?;
+    let _ballast: Vec<u8> = match std::env::var(TEST_ALLOC_MB_ENV).ok().and_then(|v| v.parse::<usize>().ok()) {
+        Some(mb) => vec![1u8; mb << 20],
+        None => Vec::new(),
+    };
     let outcome = execute(&mut ctx, root);
     let result = match outcome {
         Ok(Finished::Completed(summary)) => {
@@ -169,6 +179,7 @@ fn execute(ctx: &mut RunContext, root: &Root) -> anyhow::Result<Finished> {
     check_cancel!(ctx);
     let job: Job = read_json(&ctx.files.job())?;
     let device = job.device.open()?;
+    let job = govern(ctx, job)?;
     ctx.info(&format!("loading model {} on {:?}", job.model, device.location()))?;
     let mut r = Reranker::load(&job.model, &device).with_context(|| format!("loading model `{}`", job.model))?;
     if let Some(i) = &job.instruction {
@@ -216,6 +227,43 @@ fn execute(ctx: &mut RunContext, root: &Root) -> anyhow::Result<Finished> {
     Ok(Finished::Completed(json!({"steps": trained.steps, "last_loss": trained.last_loss, "pairs": pairs.len(),
         "dev_queries": data.dev_lists.len(), "primary_metric": primary, "candidate": cand_metric,
         "baseline": base_metric, "promoted": promote})))
+}
+
+/// The memory governor, before anything big is loaded: estimates one micro-step from the
+/// checkpoint's config and picks the largest micro-batch (then max_length) under the budget,
+/// keeping the effective batch. Every change is a `cap` event; the returned job carries them.
+fn govern(ctx: &mut RunContext, mut job: Job) -> anyhow::Result<Job> {
+    let ck = CheckpointDir::resolve(&job.model).with_context(|| format!("model `{}`", job.model))?;
+    let cfg = ck.read_config()?;
+    let embed_bytes = SafetensorsWeights::open(&ck.weights, &candle_core::Device::Cpu)?
+        .dtype_bytes("model.embed_tokens.weight")
+        .unwrap_or(4) as u64;
+    let lora_params: u64 = job
+        .lora
+        .target_modules
+        .iter()
+        .map(|t| {
+            let (i, o) = t.dims(&cfg);
+            job.lora.r * (i + o) as u64
+        })
+        .sum::<u64>()
+        * cfg.num_hidden_layers as u64;
+    let est = Estimate::for_model(&cfg, lora_params, embed_bytes);
+    let budget = job.memory_budget_mb.unwrap_or_else(memory::default_budget_mb);
+    let t = &job.train;
+    let p = memory::plan(&est, budget, t.batch_size as usize, t.grad_accum as usize, t.max_length as usize)
+        .map_err(|e| anyhow::anyhow!("memory governor: {e}; raise memory_budget_mb or use a smaller model"))?;
+    ctx.info(&format!(
+        "memory: a micro-step of {} x {} tokens needs about {:.0} MB of the {budget} MB budget",
+        p.micro_batch, p.max_length, p.estimate_mb
+    ))?;
+    for cap in &p.caps {
+        ctx.log.append("cap", serde_json::to_value(cap)?)?;
+    }
+    job.train.batch_size = p.micro_batch as u64;
+    job.train.grad_accum = p.grad_accum as u64;
+    job.train.max_length = p.max_length as u64;
+    Ok(job)
 }
 
 /// Scores the dev lists with the corpus's promoted adapter, or the base model when none is

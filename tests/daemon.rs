@@ -531,3 +531,46 @@ fn sigterm_to_a_child_ends_its_run_recorded_at_the_next_boundary() {
     assert!(st["reason"].as_str().unwrap().contains("SIGTERM"), "{st}");
     stop(d);
 }
+
+#[test]
+fn the_governor_caps_the_micro_batch_to_the_budget_and_keeps_the_effective_batch() {
+    let root = Root::new("");
+    let d = root.daemon();
+    let mut job = root.job("c1", 1);
+    job["memory_budget_mb"] = 256.into();
+    job["train"]["batch_size"] = 64.into();
+    job["train"]["max_length"] = 4096.into();
+    let id = root.submit("big.json", &job);
+    wait_state(&root, &id, &["completed"], Duration::from_secs(90));
+    let caps: Vec<Value> = root.events(&id).into_iter().filter(|e| e["type"] == "cap").collect();
+    let get =
+        |f: &str| caps.iter().find(|c| c["field"] == f).unwrap_or_else(|| panic!("no cap of {f}: {caps:?}")).clone();
+    let (b, a) = (get("train.batch_size"), get("train.grad_accum"));
+    assert_eq!(b["from"], 64);
+    let to = b["to"].as_u64().unwrap();
+    assert!((1..64).contains(&to), "{b}");
+    assert!(a["to"].as_u64().unwrap() * to >= 64, "effective batch kept: {a}");
+    assert!(b["why"].as_str().unwrap().contains("budget 256 MB"));
+    let st = root.status(&id);
+    let peak = root.events(&id).iter().filter_map(|e| e["peak_mem_mb"].as_u64()).max().unwrap();
+    assert!(peak <= 256, "measured peak {peak} MB within the 256 MB budget ({st})");
+    stop(d);
+}
+
+#[test]
+fn a_run_past_its_hard_memory_limit_is_killed_and_recorded() {
+    let root = Root::new("");
+    let d = root.daemon_env(&[("RERANKD_TEST_ALLOC_MB", "1500")]);
+    let mut job = root.job("c1", 1000);
+    job["memory_budget_mb"] = 256.into();
+    let id = root.submit("hog.json", &job);
+    let st = wait_state(&root, &id, &["failed", "completed", "cancelled"], Duration::from_secs(30));
+    assert_eq!(st["state"], "failed", "{st}");
+    assert!(st["error"].as_str().unwrap().contains("hard limit of 768 MB"), "{st}");
+    // The job file records the effective budget.
+    let job: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.dir.join("runs").join(&id).join("job.json")).unwrap())
+            .unwrap();
+    assert_eq!(job["memory_budget_mb"], 256);
+    stop(d);
+}

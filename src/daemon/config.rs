@@ -10,11 +10,19 @@ pub struct DaemonConfig {
     pub rescan_s: u64,
     /// How long SIGTERM waits for runs to record "daemon shutdown" (below launchd's ExitTimeOut).
     pub shutdown_timeout_s: f64,
+    /// Memory budget for a job that names none (default: half the machine, at least 4 GB free).
+    pub memory_budget_mb: u64,
 }
 
 impl Default for DaemonConfig {
     fn default() -> Self {
-        Self { max_concurrent_runs: 1, cancel_grace_s: 30.0, rescan_s: 30, shutdown_timeout_s: 20.0 }
+        Self {
+            max_concurrent_runs: 1,
+            cancel_grace_s: 30.0,
+            rescan_s: 30,
+            shutdown_timeout_s: 20.0,
+            memory_budget_mb: crate::train::memory::default_budget_mb(),
+        }
     }
 }
 

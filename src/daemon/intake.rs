@@ -31,15 +31,20 @@ pub trait Admission {
 }
 
 /// Remembers in-place files that did not parse yet: (size, mtime, since when unchanged).
-#[derive(Default)]
 pub struct Intake {
     pending: HashMap<String, (u64, SystemTime, Instant)>,
     counter: u64,
+    /// Filled into jobs that name no `memory_budget_mb`, so job.json holds the effective budget.
+    pub default_budget_mb: u64,
 }
 
 const SETTLE: Duration = Duration::from_secs(1);
 
 impl Intake {
+    pub fn new(default_budget_mb: u64) -> Self {
+        Self { pending: HashMap::new(), counter: 0, default_budget_mb }
+    }
+
     /// Whether some in-place file is waiting to settle.
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
@@ -128,7 +133,10 @@ impl Intake {
             return None;
         }
         let job = read_claimed(claimed).and_then(|text| parse_job(&text, |c| root.corpus_home(c)));
-        let job = job.and_then(|j| adm.admit(&j).map(|_| j));
+        let job = job.and_then(|j| adm.admit(&j).map(|_| j)).map(|mut j| {
+            j.memory_budget_mb.get_or_insert(self.default_budget_mb);
+            j
+        });
         match job {
             Err(err) => {
                 reject(root, claimed, &original, &err);

@@ -39,6 +39,15 @@ struct Active {
     child: Child,
     cancel_seen: Option<Instant>,
     term_sent: Option<Instant>,
+    /// Resident memory past which the daemon kills the run (from its memory budget).
+    hard_limit_mb: u64,
+    /// Why the daemon killed it, if it did (recorded as the run's error).
+    killed_for: Option<String>,
+}
+
+/// The hard limit for a run with this budget: a quarter above it, and at least 512 MB above.
+pub fn hard_limit_mb(budget_mb: u64) -> u64 {
+    (budget_mb + budget_mb / 4).max(budget_mb + 512)
 }
 
 struct Daemon {
@@ -71,8 +80,8 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
     if settled > 0 {
         tracing::warn!(settled, "boot sweep settled orphaned runs");
     }
-    let mut d =
-        Daemon { root: root.clone(), cfg, queue: VecDeque::new(), active: Vec::new(), intake: Intake::default() };
+    let intake = Intake::new(cfg.memory_budget_mb);
+    let mut d = Daemon { root: root.clone(), cfg, queue: VecDeque::new(), active: Vec::new(), intake };
     for id in queued {
         if let Ok(st) = Status::read(&RunFiles::new(&root.run_dir(&id)).status()) {
             d.queue.push_back((id, st.corpus));
@@ -87,7 +96,10 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
             Ok(Wake::Signal(sig)) if sig == signal_hook::consts::SIGHUP => {
                 tracing::info!("SIGHUP: reloading config and rescanning");
                 match DaemonConfig::load(&root.config()) {
-                    Ok(c) => d.cfg = c,
+                    Ok(c) => {
+                        d.intake.default_budget_mb = c.memory_budget_mb;
+                        d.cfg = c;
+                    }
                     Err(e) => tracing::error!(error = %e, "config not reloaded"),
                 }
                 rescan = true;
@@ -215,8 +227,20 @@ impl Daemon {
             let (run_id, corpus) = self.queue.remove(i).expect("index in range");
             match self.spawn(&run_id) {
                 Ok(child) => {
-                    tracing::info!(run_id = %run_id, pid = child.id(), "run started");
-                    self.active.push(Active { run_id, corpus, child, cancel_seen: None, term_sent: None });
+                    let job: Option<crate::job::Job> =
+                        crate::store::atomic::read_json(&RunFiles::new(&self.root.run_dir(&run_id)).job()).ok();
+                    let budget = job.and_then(|j| j.memory_budget_mb).unwrap_or(self.cfg.memory_budget_mb);
+                    let hard_limit_mb = hard_limit_mb(budget);
+                    tracing::info!(run_id = %run_id, pid = child.id(), hard_limit_mb, "run started");
+                    self.active.push(Active {
+                        run_id,
+                        corpus,
+                        child,
+                        cancel_seen: None,
+                        term_sent: None,
+                        hard_limit_mb,
+                        killed_for: None,
+                    });
                 }
                 Err(e) => {
                     tracing::error!(run_id = %run_id, error = %e, "could not start the run");
@@ -257,6 +281,20 @@ impl Daemon {
                 }
                 Ok(None) => {}
                 Err(e) => tracing::error!(run_id = %a.run_id, error = %e, "waiting on a run"),
+            }
+            // The watchdog: a run past its hard memory limit is killed at once, not asked.
+            if a.killed_for.is_none()
+                && let Some(rss) = crate::train::memory::process_rss_mb(a.child.id())
+                && rss > a.hard_limit_mb
+            {
+                let why = format!(
+                    "killed by the daemon: resident memory {rss} MB passed the hard limit of {} MB \
+                     (memory budget x 1.25, at least +512 MB)",
+                    a.hard_limit_mb
+                );
+                tracing::error!(run_id = %a.run_id, rss_mb = rss, limit_mb = a.hard_limit_mb, "memory limit: SIGKILL");
+                let _ = a.child.kill();
+                a.killed_for = Some(why);
             }
             if a.cancel_seen.is_none() && files.cancel_requested().is_some() {
                 a.cancel_seen = Some(Instant::now());
@@ -322,9 +360,10 @@ fn finish(files: &RunFiles, a: &Active, exit: std::process::ExitStatus) {
         (_, Some(s)) => format!("killed by signal {s}"),
         _ => "unknown exit".to_string(),
     };
-    let result = match files.cancel_requested() {
-        Some(reason) => settle(files, &mut st, RunState::Cancelled, Some(reason), None),
-        None => {
+    let result = match (&a.killed_for, files.cancel_requested()) {
+        (Some(why), _) => settle(files, &mut st, RunState::Failed, None, Some(why.clone())),
+        (None, Some(reason)) => settle(files, &mut st, RunState::Cancelled, Some(reason), None),
+        (None, None) => {
             settle(files, &mut st, RunState::Failed, None, Some(format!("run process died without a result ({how})")))
         }
     };

@@ -155,6 +155,12 @@ impl SafetensorsWeights {
         Ok(Self { st, files: files.to_vec(), names, device: device.clone() })
     }
 
+    /// Bytes per element of a stored tensor, read from the header (nothing is loaded).
+    pub fn dtype_bytes(&self, name: &str) -> Option<usize> {
+        let key = self.resolve_name(name)?;
+        self.st.get(&key).ok().map(|v| v.dtype().bitsize().div_ceil(8))
+    }
+
     fn resolve_name(&self, name: &str) -> Option<String> {
         // Qwen3ForCausalLM keeps `model.` in front; a bare Qwen3Model checkpoint does not.
         [name.to_string(), name.strip_prefix("model.").unwrap_or(name).to_string()]

@@ -4,6 +4,7 @@
 pub mod data;
 pub mod dataset;
 pub mod eval;
+pub mod memory;
 pub mod metrics;
 pub mod mining;
 pub mod optim;

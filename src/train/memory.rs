@@ -1,0 +1,199 @@
+//! The memory governor's arithmetic: what one training micro-step will need, and the largest
+//! micro-batch (then the shortest cut of max_length) that fits a budget, keeping the effective
+//! batch (micro-batch x accumulation) as asked.
+//!
+//! The estimate is per token, not per batch: the fused ops keep only their inputs for the
+//! backward, so what stays alive is a fixed set of hidden-sized tensors per layer and token
+//! (counted in [`Estimate::for_model`]), plus the weights. The constants were fitted to the
+//! measured peaks of `rerankd bench` on the Qwen3-0.6B shape (README, Performance) and err high.
+
+use serde::Serialize;
+
+use crate::model::Qwen3Config;
+
+/// MB of a micro-step: `fixed_mb + tokens * per_token_mb`, tokens = micro-batch x length.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Estimate {
+    pub fixed_mb: f64,
+    pub per_token_mb: f64,
+}
+
+/// The process itself, the tokenizer, allocator slack: measured about 150 MB with the tiny model.
+const RUNTIME_MB: f64 = 200.0;
+/// Backward transients (a layer's gradients, recomputed attention) and allocator slack on top of
+/// what the forward keeps: fitted to the bench peaks (4.1 MB/token measured, 3.2 counted).
+const TRANSIENT_FACTOR: f64 = 1.35;
+
+impl Estimate {
+    /// `embed_bytes`: bytes per element of the embedding table as stored (2 for bf16/f16).
+    pub fn for_model(c: &Qwen3Config, lora_params: u64, embed_bytes: u64) -> Self {
+        let mb = |bytes: f64| bytes / (1024.0 * 1024.0);
+        let (d, i) = (c.hidden_size as f64, c.intermediate_size as f64);
+        let q = (c.num_attention_heads * c.head_dim) as f64;
+        let kv = (c.num_key_value_heads * c.head_dim) as f64;
+        // f32 weights of the body, the embedding table as stored, LoRA with AdamW's two moments,
+        // the gradient accumulator and a best-epoch snapshot.
+        let weights = c.body_params() as f64 * 4.0 + (c.vocab_size * c.hidden_size) as f64 * embed_bytes as f64;
+        let lora = lora_params as f64 * 4.0 * 5.0;
+        // Kept per token and layer (f32): residual in/out, 2 norms, 2 residual sums, the MLP
+        // output (7 x hidden); q, k, v before and after norm+rope, attention output and its
+        // transpose (4 q + 4 kv); gate|up and the SwiGLU output (3 x intermediate).
+        let per_layer = (7.0 * d + 4.0 * q + 4.0 * kv + 3.0 * i) * 4.0;
+        Self {
+            fixed_mb: RUNTIME_MB + mb(weights + lora),
+            per_token_mb: mb(per_layer * c.num_hidden_layers as f64) * TRANSIENT_FACTOR,
+        }
+    }
+
+    pub fn step_mb(&self, micro_batch: usize, length: usize) -> f64 {
+        self.fixed_mb + (micro_batch * length) as f64 * self.per_token_mb
+    }
+}
+
+/// One change the governor made: a `cap` event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Cap {
+    pub field: String,
+    pub from: u64,
+    pub to: u64,
+    pub why: String,
+}
+
+/// What training will run with.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Plan {
+    pub micro_batch: usize,
+    pub grad_accum: usize,
+    pub max_length: usize,
+    pub estimate_mb: f64,
+    pub budget_mb: u64,
+    pub caps: Vec<Cap>,
+}
+
+/// The shortest `max_length` the governor will cut to before giving up.
+pub const MIN_LENGTH: usize = 128;
+
+/// Fits (micro, accum, max_length) under `budget_mb`: the largest micro-batch that fits at
+/// `max_length`, accumulation raised so micro x accum is at least what was asked; if even one
+/// row does not fit, `max_length` is halved down to [`MIN_LENGTH`]. Err when nothing fits.
+pub fn plan(est: &Estimate, budget_mb: u64, micro: usize, accum: usize, max_length: usize) -> Result<Plan, String> {
+    let budget = budget_mb as f64;
+    if est.fixed_mb >= budget {
+        return Err(format!(
+            "the model alone needs about {:.0} MB, more than the memory budget of {budget_mb} MB",
+            est.fixed_mb
+        ));
+    }
+    let mut caps = Vec::new();
+    let mut length = max_length;
+    while est.step_mb(1, length) > budget {
+        if length / 2 < MIN_LENGTH {
+            return Err(format!(
+                "one sequence of {length} tokens needs about {:.0} MB, more than the memory budget of {budget_mb} MB",
+                est.step_mb(1, length)
+            ));
+        }
+        length /= 2;
+    }
+    if length != max_length {
+        let why = format!(
+            "one row of {max_length} tokens would need {:.0} MB > budget {budget_mb} MB",
+            est.step_mb(1, max_length)
+        );
+        caps.push(Cap { field: "train.max_length".into(), from: max_length as u64, to: length as u64, why });
+    }
+    let fits = ((budget - est.fixed_mb) / (length as f64 * est.per_token_mb)).floor().max(1.0) as usize;
+    let (mut m, mut a) = (micro, accum);
+    if fits < micro {
+        let why = format!(
+            "a micro-batch of {micro} x {length} tokens would need {:.0} MB > budget {budget_mb} MB",
+            est.step_mb(micro, length)
+        );
+        caps.push(Cap { field: "train.batch_size".into(), from: micro as u64, to: fits as u64, why });
+        m = fits;
+        a = (micro * accum).div_ceil(m);
+        caps.push(Cap {
+            field: "train.grad_accum".into(),
+            from: accum as u64,
+            to: a as u64,
+            why: format!("keeps the effective batch at {} or more ({m} x {a})", micro * accum),
+        });
+    }
+    Ok(Plan { micro_batch: m, grad_accum: a, max_length: length, estimate_mb: est.step_mb(m, length), budget_mb, caps })
+}
+
+/// Physical memory of this machine in MB (0 if unknown).
+pub fn machine_memory_mb() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    if pages <= 0 || size <= 0 { 0 } else { (pages as u64 * size as u64) >> 20 }
+}
+
+/// The default budget: half the machine, and never within 4 GB of all of it, so the desktop
+/// keeps room whatever a job asks for.
+pub fn default_budget_mb() -> u64 {
+    let total = machine_memory_mb();
+    if total == 0 {
+        return 4096;
+    }
+    (total / 2).min(total.saturating_sub(4096)).max(1024)
+}
+
+/// Resident memory of a process in MB, where the platform tells (Linux `/proc`).
+pub fn process_rss_mb(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qwen06() -> Qwen3Config {
+        let text = include_str!("../../tests/fixtures/qwen3-0.6b.config.json");
+        Qwen3Config::from_value(&serde_json::from_str(text).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn estimate_is_close_to_the_measured_peaks_and_errs_high() {
+        // rerankd bench, LoRA r16 q/k/v/o (README): 3.05 GB at 1x256, 6.2 GB at 4x256, 4.1 GB at 1x512.
+        let lora = 28 * 16 * ((1024 + 2048) + 2 * (1024 + 1024) + (2048 + 1024)) as u64;
+        let e = Estimate::for_model(&qwen06(), lora, 2);
+        for (b, l, measured) in [(1, 256, 3050.0), (4, 256, 6200.0), (1, 512, 4100.0)] {
+            let est = e.step_mb(b, l);
+            assert!(
+                est >= measured && est <= measured * 1.2,
+                "{b}x{l}: estimate {est:.0} MB vs measured {measured} MB"
+            );
+        }
+    }
+
+    #[test]
+    fn plan_keeps_the_effective_batch_and_caps_length_last() {
+        let e = Estimate { fixed_mb: 2000.0, per_token_mb: 4.0 };
+        let p = plan(&e, 10_000, 16, 2, 512).unwrap();
+        assert_eq!(p.micro_batch, 3); // (10000 - 2000) / (512 * 4) = 3.9
+        assert_eq!(p.grad_accum, 11); // 32 / 3 rounded up
+        assert!(p.micro_batch * p.grad_accum >= 32);
+        assert_eq!(
+            p.caps.iter().map(|c| c.field.as_str()).collect::<Vec<_>>(),
+            ["train.batch_size", "train.grad_accum"]
+        );
+        assert!(p.estimate_mb <= 10_000.0);
+        let p = plan(&e, 10_000, 2, 4, 256).unwrap();
+        assert!(p.caps.is_empty() && p.micro_batch == 2 && p.grad_accum == 4);
+        let p = plan(&e, 3000, 4, 1, 1024).unwrap();
+        assert_eq!((p.micro_batch, p.max_length), (1, 128));
+        assert_eq!(p.caps[0].field, "train.max_length");
+        assert!(plan(&e, 2100, 1, 1, 512).is_err());
+        assert!(plan(&e, 1500, 1, 1, 512).is_err());
+    }
+
+    #[test]
+    fn default_budget_leaves_the_machine_room() {
+        let total = machine_memory_mb();
+        let b = default_budget_mb();
+        assert!(total == 0 || (b <= total / 2 + 1 && b >= 1024.min(total)));
+    }
+}
