@@ -11,11 +11,15 @@ use serde::Serialize;
 
 use crate::model::Qwen3Config;
 
-/// MB of a micro-step: `fixed_mb + tokens * per_token_mb`, tokens = micro-batch x length.
+/// MB of a micro-step: `fixed_mb + rows * (length * per_token_mb + length^2 * per_row_sq_mb)`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Estimate {
     pub fixed_mb: f64,
     pub per_token_mb: f64,
+    /// Attention's transient `[heads, length, length]` tensors (scores or probabilities, their
+    /// gradient, the score gradient and a transposed copy live together in one layer's
+    /// backward), per row and length squared.
+    pub per_row_sq_mb: f64,
 }
 
 /// The process itself, the tokenizer, allocator slack: measured about 150 MB with the tiny model.
@@ -42,11 +46,18 @@ impl Estimate {
         Self {
             fixed_mb: RUNTIME_MB + mb(weights + lora),
             per_token_mb: mb(per_layer * c.num_hidden_layers as f64) * TRANSIENT_FACTOR,
+            per_row_sq_mb: mb(4.0 * c.num_attention_heads as f64 * 4.0),
         }
     }
 
+    /// MB of one row of `length` tokens, beyond the fixed part.
+    pub fn row_mb(&self, length: usize) -> f64 {
+        let l = length as f64;
+        l * self.per_token_mb + l * l * self.per_row_sq_mb
+    }
+
     pub fn step_mb(&self, micro_batch: usize, length: usize) -> f64 {
-        self.fixed_mb + (micro_batch * length) as f64 * self.per_token_mb
+        self.fixed_mb + micro_batch as f64 * self.row_mb(length)
     }
 }
 
@@ -102,7 +113,7 @@ pub fn plan(est: &Estimate, budget_mb: u64, micro: usize, accum: usize, max_leng
         );
         caps.push(Cap { field: "train.max_length".into(), from: max_length as u64, to: length as u64, why });
     }
-    let fits = ((budget - est.fixed_mb) / (length as f64 * est.per_token_mb)).floor().max(1.0) as usize;
+    let fits = ((budget - est.fixed_mb) / est.row_mb(length)).floor().max(1.0) as usize;
     let (mut m, mut a) = (micro, accum);
     if fits < micro {
         let why = format!(
@@ -157,10 +168,11 @@ mod tests {
 
     #[test]
     fn estimate_is_close_to_the_measured_peaks_and_errs_high() {
-        // rerankd bench, LoRA r16 q/k/v/o (README): 3.05 GB at 1x256, 6.2 GB at 4x256, 4.1 GB at 1x512.
+        // rerankd bench, LoRA r16 q/k/v/o (README): 3.05 GB at 1x256, 6.2 GB at 4x256, 4.1 GB at
+        // 1x512, 10.65 GB at 1x2048.
         let lora = 28 * 16 * ((1024 + 2048) + 2 * (1024 + 1024) + (2048 + 1024)) as u64;
         let e = Estimate::for_model(&qwen06(), lora, 2);
-        for (b, l, measured) in [(1, 256, 3050.0), (4, 256, 6200.0), (1, 512, 4100.0)] {
+        for (b, l, measured) in [(1, 256, 3050.0), (4, 256, 6200.0), (1, 512, 4100.0), (1, 2048, 10654.0)] {
             let est = e.step_mb(b, l);
             assert!(
                 est >= measured && est <= measured * 1.2,
@@ -171,7 +183,7 @@ mod tests {
 
     #[test]
     fn plan_keeps_the_effective_batch_and_caps_length_last() {
-        let e = Estimate { fixed_mb: 2000.0, per_token_mb: 4.0 };
+        let e = Estimate { fixed_mb: 2000.0, per_token_mb: 4.0, per_row_sq_mb: 0.0 };
         let p = plan(&e, 10_000, 16, 2, 512).unwrap();
         assert_eq!(p.micro_batch, 3); // (10000 - 2000) / (512 * 4) = 3.9
         assert_eq!(p.grad_accum, 11); // 32 / 3 rounded up
@@ -188,6 +200,15 @@ mod tests {
         assert_eq!(p.caps[0].field, "train.max_length");
         assert!(plan(&e, 2100, 1, 1, 512).is_err());
         assert!(plan(&e, 1500, 1, 1, 512).is_err());
+    }
+
+    #[test]
+    fn long_sequences_pay_for_attention_quadratically() {
+        let e = Estimate::for_model(&qwen06(), 0, 2);
+        // 16 heads x 4 tensors x 4 bytes x 8192^2: 16 GB of transients for one 8192-token row.
+        assert!(e.row_mb(8192) - 8192.0 * e.per_token_mb > 16_000.0);
+        let p = plan(&e, 16_000, 4, 1, 8192).unwrap();
+        assert!(p.max_length < 8192 && p.estimate_mb <= 16_000.0, "{p:?}");
     }
 
     #[test]
