@@ -574,3 +574,21 @@ fn a_run_past_its_hard_memory_limit_is_killed_and_recorded() {
     assert_eq!(job["memory_budget_mb"], 256);
     stop(d);
 }
+
+#[test]
+fn a_claim_whose_run_was_already_created_gets_its_receipt_and_no_second_run() {
+    let root = Root::new("");
+    // What a crash between creating the run and removing the claim leaves behind.
+    let run = root.dir.join("runs/c1__20260101_000000");
+    std::fs::create_dir_all(&run).unwrap();
+    let status = json!({"run_id": "c1__20260101_000000", "corpus": "c1", "state": "completed", "reason": null,
+        "error": null, "created_at": "2026-01-01T00:00:00.000000Z", "started_at": null, "finished_at": null,
+        "pid": null, "attempt": 1, "summary": null, "source": "999-1-1__dup.json"});
+    std::fs::write(run.join("status.json"), status.to_string()).unwrap();
+    std::fs::create_dir_all(root.dir.join("spool/.claimed")).unwrap();
+    std::fs::write(root.dir.join("spool/.claimed/999-1-1__dup.json"), root.job("c1", 1).to_string()).unwrap();
+    let d = root.daemon();
+    assert_eq!(run_id_of(&root, "dup.json"), "c1__20260101_000000");
+    assert_eq!(std::fs::read_dir(root.dir.join("runs")).unwrap().count(), 1, "no second run");
+    stop(d);
+}

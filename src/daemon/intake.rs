@@ -89,7 +89,8 @@ impl Intake {
         }
         self.pending.remove(name);
         let claimed = self.claim(root, name)?;
-        Some(self.process_claimed(root, &claimed, adm)).flatten()
+        // Claimed just now by this process: no run can exist for it yet.
+        self.process_claimed(root, &claimed, adm, false)
     }
 
     /// Whether an unparsable file has kept its size and mtime for `SETTLE`.
@@ -122,12 +123,19 @@ impl Intake {
         }
     }
 
-    /// Accepts or rejects a claimed file. Idempotent: a claimed file whose run already exists
-    /// (a crash between creating the run and removing the claim) only gets its receipt.
-    pub fn process_claimed(&mut self, root: &Root, claimed: &Path, adm: &mut dyn Admission) -> Option<Accepted> {
+    /// Accepts or rejects a claimed file. With `after_crash`, idempotent: a claimed file whose run
+    /// already exists (a crash between creating the run and removing the claim) only gets its
+    /// receipt. That check reads every run's status, so only boot-time re-processing asks for it.
+    pub fn process_claimed(
+        &mut self,
+        root: &Root,
+        claimed: &Path,
+        adm: &mut dyn Admission,
+        after_crash: bool,
+    ) -> Option<Accepted> {
         let cname = claimed.file_name()?.to_string_lossy().into_owned();
         let original = cname.split_once("__").map(|(_, n)| n.to_string()).unwrap_or(cname.clone());
-        if let Some(run_id) = existing_run_for(root, &cname) {
+        if let Some(run_id) = after_crash.then(|| existing_run_for(root, &cname)).flatten() {
             let _ = write_receipt(root, &original, &run_id, None);
             let _ = std::fs::remove_file(claimed);
             return None;

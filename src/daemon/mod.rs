@@ -170,7 +170,7 @@ impl Daemon {
         for path in claimed {
             tracing::warn!(file = %path.display(), "re-processing a job claimed before a crash");
             let busy = self.busy_corpora();
-            if let Some(a) = self.intake.process_claimed(&self.root, &path, &mut Busy { corpora: &busy }) {
+            if let Some(a) = self.intake.process_claimed(&self.root, &path, &mut Busy { corpora: &busy }, true) {
                 self.enqueue(a);
             }
         }
