@@ -1,19 +1,20 @@
 //! Differentiable building blocks of the Qwen3 forward pass.
 //!
-//! candle's fused `rms_norm`, `rope` and `softmax_last_dim` record no gradient, silently, and its
-//! matmul backward computes a gradient for *both* operands, so a frozen weight would cost a full
-//! weight-sized gradient per layer, kept until the end of the backward pass. Each op here therefore
-//! comes in two forms:
-//! - a fused CPU `CustomOp1` whose `bwd` is written with ordinary tensor ops, and
-//! - a composition of differentiable candle ops, used on other devices (and as the slow reference
-//!   the fused forms are tested against).
+//! candle's fused `rms_norm`, `rope` and `softmax_last_dim` record no gradient, silently, its
+//! matmul backward computes a gradient for *both* operands (a weight-sized gradient per frozen
+//! projection, kept until the backward ends), and a composition of ops keeps every intermediate
+//! alive until the backward is done. So each block here is a CPU `CustomOp` that keeps only its
+//! inputs and recomputes the rest in `bwd` (ordinary tensor ops, or a fused CPU loop), next to a
+//! composition of differentiable candle ops that runs on other devices and is the reference the
+//! fused form is tested against (values and every input gradient).
 //!
-//! `frozen_linear` is the exception: it is one CustomOp on every backend (the forward is the
-//! backend's own matmul), and its backward produces the input gradient only.
+//! `frozen_linear` is one CustomOp on every backend (the forward is the backend's own matmul); its
+//! backward produces the input gradient only.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Storage, Tensor, bail};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// `x @ w^T` for a weight that is never trained: backward yields d/dx only.
 struct FrozenMatmul {
@@ -88,7 +89,7 @@ struct RmsNorm {
 
 impl CustomOp1 for RmsNorm {
     fn name(&self) -> &'static str {
-        "rms-norm-bwd"
+        "rms-norm"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -135,11 +136,14 @@ pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     x.broadcast_mul(&r)?.broadcast_mul(w)
 }
 
-/// Rotary tables for positions `0..len`: `cos`, `sin` of shape `[len, head_dim / 2]`.
+/// Rotary tables for positions `0..len`: `cos`, `sin` of shape `[len, head_dim / 2]`, on the
+/// device and (shared, for the CPU ops) on the host. Built once per forward pass.
 #[derive(Debug, Clone)]
 pub struct RopeTables {
     pub cos: Tensor,
     pub sin: Tensor,
+    cos_host: Arc<[f32]>,
+    sin_host: Arc<[f32]>,
 }
 
 impl RopeTables {
@@ -155,21 +159,33 @@ impl RopeTables {
                 sin.push(a.sin() as f32);
             }
         }
-        Ok(Self { cos: Tensor::from_vec(cos, (len, half), device)?, sin: Tensor::from_vec(sin, (len, half), device)? })
+        Ok(Self {
+            cos: Tensor::from_slice(&cos, (len, half), device)?,
+            sin: Tensor::from_slice(&sin, (len, half), device)?,
+            cos_host: cos.into(),
+            sin_host: sin.into(),
+        })
     }
 }
 
-/// Rotary embedding (rotate-half layout) on `[batch, seq, heads, head_dim]`, position = seq index.
+/// Rotary embedding (rotate-half layout) on `[batch, seq, heads, head_dim]`, position = seq index
+/// (the tables may be longer than seq).
 struct Rope {
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    cos: Arc<[f32]>,
+    sin: Arc<[f32]>,
     /// +1 applies the rotation, -1 its inverse (the backward).
     sign: f32,
 }
 
+impl Rope {
+    fn new(tables: &RopeTables, sign: f32) -> Self {
+        Self { cos: tables.cos_host.clone(), sin: tables.sin_host.clone(), sign }
+    }
+}
+
 impl CustomOp1 for Rope {
     fn name(&self) -> &'static str {
-        "rope-bwd"
+        "rope"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -193,26 +209,6 @@ impl CustomOp1 for Rope {
             }
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let inverse = Rope { cos: self.cos.clone(), sin: self.sin.clone(), sign: -self.sign };
-        Ok(Some(g.contiguous()?.apply_op1_no_bwd(&inverse)?))
-    }
-}
-
-/// Rotary embedding on `x: [batch, seq, heads, head_dim]`.
-pub fn rope(x: &Tensor, tables: &RopeTables) -> Result<Tensor> {
-    let t = x.dim(1)?;
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        let op = Rope {
-            cos: tables.cos.narrow(0, 0, t)?.flatten_all()?.to_vec1()?,
-            sin: tables.sin.narrow(0, 0, t)?.flatten_all()?.to_vec1()?,
-            sign: 1.0,
-        };
-        x.contiguous()?.apply_op1(op)
-    } else {
-        rope_composed(x, tables)
     }
 }
 
@@ -238,7 +234,7 @@ struct CausalSoftmax {
 
 impl CustomOp1 for CausalSoftmax {
     fn name(&self) -> &'static str {
-        "causal-softmax-bwd"
+        "causal-softmax"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -259,21 +255,6 @@ impl CustomOp1 for CausalSoftmax {
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
-
-    fn bwd(&self, _s: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        // d/ds softmax(c s) = c y (g - sum(g y)); masked entries have y = 0 and get 0.
-        let dot = (g * y)?.sum_keepdim(D::Minus1)?;
-        Ok(Some((g.broadcast_sub(&dot)? * y)?.affine(self.scale as f64, 0.0)?))
-    }
-}
-
-/// Causal softmax of `scale * s`, `s: [batch, groups, rows, seq]`, row `i` at position `i % seq`.
-pub fn causal_softmax(s: &Tensor, scale: f64) -> Result<Tensor> {
-    if s.device().is_cpu() && s.dtype() == DType::F32 {
-        s.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32 })
-    } else {
-        causal_softmax_composed(s, scale)
-    }
 }
 
 /// The same causal softmax as a composition of differentiable ops.
@@ -284,61 +265,6 @@ pub fn causal_softmax_composed(s: &Tensor, scale: f64) -> Result<Tensor> {
     let mask = Tensor::from_vec(mask, (rows, t), s.device())?.to_dtype(s.dtype())?;
     let s = (s * scale)?.broadcast_add(&mask)?;
     candle_nn::ops::softmax(&s, D::Minus1)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::{Device, Var};
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-    }
-
-    /// Forward and input-gradient of `fused` and `composed` agree (loss = sum(out * probe)).
-    fn check(shape: &[usize], fused: impl Fn(&Tensor) -> Tensor, composed: impl Fn(&Tensor) -> Tensor) {
-        let x = Var::from_tensor(&rand(shape, 1)).unwrap();
-        let a = fused(x.as_tensor());
-        let b = composed(x.as_tensor());
-        assert!(max_diff(&a, &b) < 1e-5, "forward differs by {}", max_diff(&a, &b));
-        let probe = rand(a.dims(), 2);
-        let ga = (a * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (b * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let (ga, gb) = (ga.get(x.as_tensor()).unwrap(), gb.get(x.as_tensor()).unwrap());
-        assert!(max_diff(ga, gb) < 1e-5, "gradient differs by {}", max_diff(ga, gb));
-        assert!(ga.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
-    }
-
-    #[test]
-    fn fused_rms_norm_matches_composition() {
-        let w = rand(&[8], 3);
-        check(&[2, 3, 8], |x| rms_norm(x, &w, 1e-6).unwrap(), |x| rms_norm_composed(x, &w, 1e-6).unwrap());
-    }
-
-    #[test]
-    fn fused_rope_matches_composition() {
-        let t = RopeTables::new(8, 16, 10000.0, &Device::Cpu).unwrap();
-        check(&[2, 5, 3, 8], |x| rope(x, &t).unwrap(), |x| rope_composed(x, &t).unwrap());
-    }
-
-    #[test]
-    fn fused_causal_softmax_matches_composition() {
-        check(&[2, 2, 6, 3], |x| causal_softmax(x, 0.7).unwrap(), |x| causal_softmax_composed(x, 0.7).unwrap());
-    }
-
-    #[test]
-    fn frozen_linear_grads_input_only() {
-        let w = rand(&[5, 4], 4);
-        check(&[3, 4], |x| frozen_linear(x, &w).unwrap(), |x| x.matmul(&w.t().unwrap()).unwrap());
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -365,13 +291,17 @@ struct LoraLinear {
 }
 
 impl LoraLinear {
-    fn forward(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        let xm = match &self.mask {
-            Some(m) => (x * m)?,
-            None => x.clone(),
-        };
-        let delta = (xm.matmul(&a.t()?)? * self.scale)?.matmul(&b.t()?)?;
-        x.matmul(&self.w.t()?)? + delta
+    /// The LoRA input: `x` with the dropout mask applied, if any.
+    fn masked(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.mask {
+            Some(m) => x * m,
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// `scale ((x ⊙ mask) a^T) b^T`; the scale goes on the `[n, r]` tensor, the smallest.
+    fn delta(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        (self.masked(x)?.matmul(&a.t()?)? * self.scale)?.matmul(&b.t()?)
     }
 }
 
@@ -389,8 +319,8 @@ impl candle_core::CustomOp3 for LoraLinear {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let y = self.forward(&cpu_tensor(x, xl, "lora")?, &cpu_tensor(a, al, "lora")?, &cpu_tensor(b, bl, "lora")?)?;
-        cpu_result(&y)
+        let (x, a, b) = (cpu_tensor(x, xl, "lora")?, cpu_tensor(a, al, "lora")?, cpu_tensor(b, bl, "lora")?);
+        cpu_result(&(x.matmul(&self.w.t()?)? + self.delta(&x, &a, &b)?)?)
     }
 
     fn bwd(
@@ -401,10 +331,7 @@ impl candle_core::CustomOp3 for LoraLinear {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let xm = match &self.mask {
-            Some(m) => (x * m)?,
-            None => x.clone(),
-        };
+        let xm = self.masked(x)?;
         // The scale goes on the [n, r] tensors: one pass over small data instead of large.
         let ts = (xm.matmul(&a.t()?)? * self.scale)?; // [n, r]
         let gbs = (g.matmul(b)? * self.scale)?; // [n, r]
@@ -425,11 +352,7 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64, m
     if x.device().is_cpu() && x.dtype() == DType::F32 {
         x.contiguous()?.apply_op3(a, b, op)
     } else {
-        let xm = match &op.mask {
-            Some(m) => (x * m)?,
-            None => x.clone(),
-        };
-        frozen_linear(x, w)? + (xm.matmul(&a.t()?)? * scale)?.matmul(&b.t()?)?
+        frozen_linear(x, w)? + op.delta(x, a, b)?
     }
 }
 
@@ -583,8 +506,7 @@ pub fn swiglu(gu: &Tensor) -> Result<Tensor> {
 struct NormRope {
     w: Tensor,
     eps: f32,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    tables: RopeTables,
 }
 
 impl CustomOp1 for NormRope {
@@ -594,36 +516,30 @@ impl CustomOp1 for NormRope {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = cpu_tensor(s, l, "norm_rope")?;
-        let rope = Rope { cos: self.cos.clone(), sin: self.sin.clone(), sign: 1.0 };
-        let y = x.apply_op1_no_bwd(&RmsNorm { w: self.w.clone(), eps: self.eps })?.apply_op1_no_bwd(&rope)?;
+        let y = x
+            .apply_op1_no_bwd(&RmsNorm { w: self.w.clone(), eps: self.eps })?
+            .apply_op1_no_bwd(&Rope::new(&self.tables, 1.0))?;
         cpu_result(&y.transpose(1, 2)?.contiguous()?)
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let inverse = Rope { cos: self.cos.clone(), sin: self.sin.clone(), sign: -1.0 };
-        let g = g.transpose(1, 2)?.contiguous()?.apply_op1_no_bwd(&inverse)?;
+        // The rotation's inverse is the rotation by minus the angle.
+        let g = g.transpose(1, 2)?.contiguous()?.apply_op1_no_bwd(&Rope::new(&self.tables, -1.0))?;
         Ok(Some(rms_norm_bwd(x, &self.w, self.eps as f64, &g)?))
     }
 }
 
 /// `rope(rms_norm(x) * w)` transposed to `[b, heads, seq, hd]` (contiguous).
 pub fn norm_rope(x: &Tensor, w: &Tensor, eps: f64, tables: &RopeTables) -> Result<Tensor> {
-    let t = x.dim(1)?;
     if x.device().is_cpu() && x.dtype() == DType::F32 {
-        let op = NormRope {
-            w: w.clone(),
-            eps: eps as f32,
-            cos: tables.cos.narrow(0, 0, t)?.flatten_all()?.to_vec1()?,
-            sin: tables.sin.narrow(0, 0, t)?.flatten_all()?.to_vec1()?,
-        };
-        x.contiguous()?.apply_op1(op)
+        x.contiguous()?.apply_op1(NormRope { w: w.clone(), eps: eps as f32, tables: tables.clone() })
     } else {
         rope_composed(&rms_norm_composed(x, w, eps)?, tables)?.transpose(1, 2)?.contiguous()
     }
 }
 
 #[cfg(test)]
-mod fused_tests {
+mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
@@ -651,9 +567,21 @@ mod fused_tests {
         let gb = (b * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         for (i, v) in vars.iter().enumerate() {
             let (x, y) = (ga.get(v.as_tensor()).expect("fused grad"), gb.get(v.as_tensor()).expect("composed grad"));
-            assert!(max_diff(x, y) < 1e-4, "gradient of input {i} differs by {}", max_diff(x, y));
+            assert!(max_diff(x, y) < 1e-5, "gradient of input {i} differs by {}", max_diff(x, y));
             assert!(x.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "input {i} got zero grad");
         }
+    }
+
+    #[test]
+    fn rms_norm_matches_composition() {
+        let w = rand(&[8], 3);
+        check(&[&[2, 3, 8]], |t| rms_norm(&t[0], &w, 1e-6).unwrap(), |t| rms_norm_composed(&t[0], &w, 1e-6).unwrap());
+    }
+
+    #[test]
+    fn frozen_linear_grads_input_only() {
+        let w = rand(&[5, 4], 4);
+        check(&[&[3, 4]], |t| frozen_linear(&t[0], &w).unwrap(), |t| t[0].matmul(&w.t().unwrap()).unwrap());
     }
 
     #[test]
