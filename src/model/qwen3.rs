@@ -13,10 +13,12 @@ use super::lora::{LoraSet, Target};
 use super::ops::{RopeTables, attention, frozen_linear, lora_linear, norm_rope, rms_norm, swiglu};
 use super::{Qwen3Config, Result};
 
-/// One decoder layer. q/k/v and gate/up are stored fused (one matmul each); LoRA is added per
-/// projection on the slices.
+/// One decoder layer. gate/up are stored fused so the MLP without LoRA is one matmul feeding the
+/// fused SwiGLU; with LoRA on gate or up, each uses its slice.
 struct Layer {
-    qkv_proj: Tensor,     // [q + 2 kv, hidden]
+    q_proj: Tensor,       // [q, hidden]
+    k_proj: Tensor,       // [kv, hidden]
+    v_proj: Tensor,       // [kv, hidden]
     o_proj: Tensor,       // [hidden, q]
     gate_up_proj: Tensor, // [2 inter, hidden]
     down_proj: Tensor,    // [hidden, inter]
@@ -106,14 +108,6 @@ impl Qwen3 {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
-                let qkv = Tensor::cat(
-                    &[
-                        f32w(&format!("{p}.self_attn.q_proj.weight"), &[q, d])?,
-                        f32w(&format!("{p}.self_attn.k_proj.weight"), &[kv, d])?,
-                        f32w(&format!("{p}.self_attn.v_proj.weight"), &[kv, d])?,
-                    ],
-                    0,
-                )?;
                 let gate_up = Tensor::cat(
                     &[
                         f32w(&format!("{p}.mlp.gate_proj.weight"), &[inter, d])?,
@@ -122,7 +116,9 @@ impl Qwen3 {
                     0,
                 )?;
                 Ok(Layer {
-                    qkv_proj: qkv,
+                    q_proj: f32w(&format!("{p}.self_attn.q_proj.weight"), &[q, d])?,
+                    k_proj: f32w(&format!("{p}.self_attn.k_proj.weight"), &[kv, d])?,
+                    v_proj: f32w(&format!("{p}.self_attn.v_proj.weight"), &[kv, d])?,
                     o_proj: f32w(&format!("{p}.self_attn.o_proj.weight"), &[d, q])?,
                     gate_up_proj: gate_up,
                     down_proj: f32w(&format!("{p}.mlp.down_proj.weight"), &[d, inter])?,
@@ -154,9 +150,8 @@ impl Qwen3 {
         let (ids, last) = (&batch.ids, &batch.last);
         let (b, t) = ids.dims2()?;
         // Right padding + causal attention: real tokens never see the padding, so no pad mask.
-        let x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.to_dtype(DType::F32)?; // [b*t, d]
+        let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.to_dtype(DType::F32)?; // [b*t, d]
         let rope = RopeTables::new(self.cfg.head_dim, t, self.cfg.rope_theta, &self.device)?;
-        let mut x = x;
         for (i, layer) in self.layers.iter().enumerate() {
             x = self.layer_forward(i, layer, &x, b, t, &rope, ad)?;
         }
@@ -195,13 +190,13 @@ impl Qwen3 {
     ) -> Result<Tensor> {
         let c = &self.cfg;
         let (h, hk, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let (qd, kvd, rep) = (h * hd, hk * hd, h / hk);
+        let (qd, rep) = (h * hd, h / hk);
         let eps = c.rms_norm_eps;
 
         let hn = rms_norm(x, &l.input_layernorm, eps)?; // [b*t, d]
-        let q = self.proj(i, Target::Q, &hn, &l.qkv_proj.narrow(0, 0, qd)?, ad)?; // [b*t, qd]
-        let k = self.proj(i, Target::K, &hn, &l.qkv_proj.narrow(0, qd, kvd)?, ad)?; // [b*t, kvd]
-        let v = self.proj(i, Target::V, &hn, &l.qkv_proj.narrow(0, qd + kvd, kvd)?, ad)?;
+        let q = self.proj(i, Target::Q, &hn, &l.q_proj, ad)?; // [b*t, q]
+        let k = self.proj(i, Target::K, &hn, &l.k_proj, ad)?; // [b*t, kv]
+        let v = self.proj(i, Target::V, &hn, &l.v_proj, ad)?;
 
         let q = norm_rope(&q.reshape((b, t, h, hd))?, &l.q_norm, eps, rope)?; // [b, h, t, hd]
         // Heads sharing a KV head are consecutive: stack them along rows, no K/V copies.
