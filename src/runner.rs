@@ -78,23 +78,13 @@ impl Reporter for RunContext {
     }
 
     fn peak_mem_mb(&mut self) -> u64 {
-        peak_rss_mb()
+        memory::peak_rss_mb()
     }
 }
 
-/// Peak resident set size of this process in MB (Linux `VmHWM`; 0 where unknown).
-pub fn peak_rss_mb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map(|kb| kb / 1024)
-        .unwrap_or(0)
-}
-
-/// Entry point of `rerankd run`. Returns the process exit code: 0 when the run reached a
-/// terminal state it recorded itself (completed, failed or cancelled), 3 when it could not start.
+/// Entry point of `rerankd run`. Returns the process exit code, 0, once the run has recorded its
+/// terminal state itself (completed, failed or cancelled); an error only when it could not even
+/// read or write its own files (the daemon then records the death).
 pub fn run(root: &Root, run_dir: &Path) -> anyhow::Result<i32> {
     let files = RunFiles::new(run_dir);
     let status = Status::read(&files.status())?;
@@ -179,9 +169,10 @@ fn execute(ctx: &mut RunContext, root: &Root) -> anyhow::Result<Finished> {
     check_cancel!(ctx);
     let job: Job = read_json(&ctx.files.job())?;
     let device = job.device.open()?;
-    let job = govern(ctx, job)?;
+    let ck = CheckpointDir::resolve(&job.model).with_context(|| format!("model `{}`", job.model))?;
+    let job = govern(ctx, job, &ck)?;
     ctx.info(&format!("loading model {} on {:?}", job.model, device.location()))?;
-    let mut r = Reranker::load(&job.model, &device).with_context(|| format!("loading model `{}`", job.model))?;
+    let mut r = Reranker::open(&ck, &device).with_context(|| format!("loading model `{}`", job.model))?;
     if let Some(i) = &job.instruction {
         r.instruction = i.clone();
     }
@@ -232,23 +223,12 @@ fn execute(ctx: &mut RunContext, root: &Root) -> anyhow::Result<Finished> {
 /// The memory governor, before anything big is loaded: estimates one micro-step from the
 /// checkpoint's config and picks the largest micro-batch (then max_length) under the budget,
 /// keeping the effective batch. Every change is a `cap` event; the returned job carries them.
-fn govern(ctx: &mut RunContext, mut job: Job) -> anyhow::Result<Job> {
-    let ck = CheckpointDir::resolve(&job.model).with_context(|| format!("model `{}`", job.model))?;
+fn govern(ctx: &mut RunContext, mut job: Job, ck: &CheckpointDir) -> anyhow::Result<Job> {
     let cfg = ck.read_config()?;
     let embed_bytes = SafetensorsWeights::open(&ck.weights, &candle_core::Device::Cpu)?
         .dtype_bytes("model.embed_tokens.weight")
         .unwrap_or(4) as u64;
-    let lora_params: u64 = job
-        .lora
-        .target_modules
-        .iter()
-        .map(|t| {
-            let (i, o) = t.dims(&cfg);
-            job.lora.r * (i + o) as u64
-        })
-        .sum::<u64>()
-        * cfg.num_hidden_layers as u64;
-    let est = Estimate::for_model(&cfg, lora_params, embed_bytes);
+    let est = Estimate::for_model(&cfg, lora_config(&job).param_count(&cfg), embed_bytes);
     let budget = job.memory_budget_mb.unwrap_or_else(memory::default_budget_mb);
     let t = &job.train;
     let p = memory::plan(&est, budget, t.batch_size as usize, t.grad_accum as usize, t.max_length as usize)
@@ -264,6 +244,10 @@ fn govern(ctx: &mut RunContext, mut job: Job) -> anyhow::Result<Job> {
     job.train.grad_accum = p.grad_accum as u64;
     job.train.max_length = p.max_length as u64;
     Ok(job)
+}
+
+fn lora_config(job: &Job) -> LoraConfig {
+    LoraConfig::new(job.lora.r as usize, job.lora.alpha, job.lora.dropout, &job.lora.target_modules)
 }
 
 /// Scores the dev lists with the corpus's promoted adapter, or the base model when none is
@@ -316,8 +300,7 @@ fn train_and_select(
     pairs: &[TrainPair],
     lists: &[DevList],
 ) -> anyhow::Result<Result<Trained, String>> {
-    let lcfg = LoraConfig::new(job.lora.r as usize, job.lora.alpha, job.lora.dropout, &job.lora.target_modules);
-    let lora = LoraSet::init(&lcfg, &r.model.cfg, job.train.seed, r.model.device())?;
+    let lora = LoraSet::init(&lora_config(job), &r.model.cfg, job.train.seed, r.model.device())?;
     let cfg = TrainConfig {
         epochs: job.train.epochs as usize,
         micro_batch: job.train.batch_size as usize,

@@ -3,7 +3,7 @@
 //! `model.safetensors.index.json`; bf16, f16 or f32. Also a source of random weights of any config,
 //! for benchmarks (real weights cannot be downloaded everywhere).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
@@ -137,7 +137,7 @@ pub trait WeightSource {
 pub struct SafetensorsWeights {
     st: MmapedSafetensors,
     files: Vec<PathBuf>,
-    names: HashMap<String, ()>,
+    names: HashSet<String>,
     device: Device,
 }
 
@@ -151,7 +151,7 @@ impl SafetensorsWeights {
         // not being truncated while mapped.
         let st = unsafe { MmapedSafetensors::multi(files) }
             .map_err(|e| ModelError::Invalid(format!("reading {}: {e}", display_list(files))))?;
-        let names = st.tensors().into_iter().map(|(n, _)| (n, ())).collect();
+        let names = st.tensors().into_iter().map(|(n, _)| n).collect();
         Ok(Self { st, files: files.to_vec(), names, device: device.clone() })
     }
 
@@ -165,7 +165,7 @@ impl SafetensorsWeights {
         // Qwen3ForCausalLM keeps `model.` in front; a bare Qwen3Model checkpoint does not.
         [name.to_string(), name.strip_prefix("model.").unwrap_or(name).to_string()]
             .into_iter()
-            .find(|n| self.names.contains_key(n))
+            .find(|n| self.names.contains(n))
     }
 }
 

@@ -106,6 +106,19 @@ impl LoraConfig {
         Self { r, alpha, dropout, targets, use_rslora: false }
     }
 
+    /// Trainable parameters of this adapter on `model` (A and B of every target, every layer).
+    pub fn param_count(&self, model: &Qwen3Config) -> u64 {
+        let per_layer: usize = self
+            .targets
+            .iter()
+            .map(|t| {
+                let (i, o) = t.dims(model);
+                self.r * (i + o)
+            })
+            .sum();
+        (per_layer * model.num_hidden_layers) as u64
+    }
+
     pub fn scale(&self) -> f64 {
         if self.use_rslora { self.alpha / (self.r as f64).sqrt() } else { self.alpha / self.r as f64 }
     }
@@ -222,7 +235,7 @@ impl LoraSet {
 
     /// Every trainable tensor, in a fixed order (layer, target, A then B).
     pub fn vars(&self) -> Vec<&Var> {
-        self.layers.iter().flat_map(|l| l.iter().flatten().flat_map(|p| [&p.a, &p.b])).collect()
+        self.named().into_iter().map(|(_, v)| v).collect()
     }
 
     /// `(PEFT name, tensor)` for every trainable tensor, in `vars()` order.
@@ -242,12 +255,8 @@ impl LoraSet {
     /// Writes a PEFT adapter directory.
     pub fn save(&self, dir: &Path, base_model: Option<&str>) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, "creating", e))?;
-        let tensors: HashMap<String, Tensor> = self
-            .named()
-            .into_iter()
-            .map(|(n, v)| (n, v.as_tensor().to_dtype(DType::F32)))
-            .map(|(n, t)| t.map(|t| (n, t)))
-            .collect::<candle_core::Result<_>>()?;
+        let tensors: HashMap<String, Tensor> =
+            self.named().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
         let st = dir.join("adapter_model.safetensors");
         candle_core::safetensors::save(&tensors, &st)
             .map_err(|e| ModelError::Invalid(format!("writing {}: {e}", st.display())))?;

@@ -27,7 +27,11 @@ pub struct Reranker {
 impl Reranker {
     /// Loads a checkpoint directory or HF repo id.
     pub fn load(spec: &str, device: &Device) -> Result<Self> {
-        let ck = CheckpointDir::resolve(spec)?;
+        Self::open(&CheckpointDir::resolve(spec)?, device)
+    }
+
+    /// Loads a checkpoint directory already resolved.
+    pub fn open(ck: &CheckpointDir, device: &Device) -> Result<Self> {
         let cfg = ck.read_config()?;
         let prompt = PromptBuilder::from_file(&ck.tokenizer)?;
         let w = SafetensorsWeights::open(&ck.weights, device)?;

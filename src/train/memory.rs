@@ -150,11 +150,22 @@ pub fn default_budget_mb() -> u64 {
     (total / 2).min(total.saturating_sub(4096)).max(1024)
 }
 
+/// A `kB` field of `/proc/<who>/status`, in MB (Linux; None elsewhere).
+fn proc_status_mb(who: &str, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{who}/status")).ok()?;
+    let line = s.lines().find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024)
+}
+
 /// Resident memory of a process in MB, where the platform tells (Linux `/proc`).
 pub fn process_rss_mb(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024)
+    proc_status_mb(&pid.to_string(), "VmRSS")
+}
+
+/// Peak resident memory of this process in MB (Linux `VmHWM`; 0 where unknown).
+pub fn peak_rss_mb() -> u64 {
+    proc_status_mb("self", "VmHWM").unwrap_or(0)
 }
 
 #[cfg(test)]
