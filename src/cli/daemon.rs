@@ -29,7 +29,7 @@ pub fn run(root: &Root, a: DaemonArgs) -> anyhow::Result<ExitCode> {
     init_logging();
     match rerankd::daemon::run(&root, a.until_idle) {
         Ok(()) => Ok(ExitCode::SUCCESS),
-        Err(e) if e.to_string().contains("holds") => {
+        Err(e) if e.is::<rerankd::daemon::AlreadyRunning>() => {
             eprintln!("rerankd: {e:#}");
             Ok(ExitCode::from(super::EXIT_REFUSED))
         }

@@ -1,12 +1,12 @@
 //! `rerankd doctor`: what state the root, the daemon, the runs, the models and this build are in,
 //! one line each, with what to do about anything wrong. Exit 0 when nothing is wrong, 1 otherwise.
 
-use std::os::unix::fs::MetadataExt;
 use std::process::ExitCode;
 
+use rerankd::daemon::intake::is_job_name;
 use rerankd::daemon::sweep::pid_alive;
 use rerankd::store::lock::{holder_pid, is_held};
-use rerankd::store::{Root, RunState, Status, models};
+use rerankd::store::{Root, RunState, models};
 
 struct Report {
     problems: usize,
@@ -32,19 +32,12 @@ pub fn run(root: &Root) -> anyhow::Result<ExitCode> {
         r.warn("the root does not exist yet", "start the daemon (it creates the layout) or `rerankd submit` a job");
         return Ok(ExitCode::from(super::EXIT_FAILURE));
     }
-    // SAFETY: getuid has no preconditions.
-    let uid = unsafe { libc::getuid() };
-    for dir in [root.dir.clone(), root.spool()] {
-        match std::fs::metadata(&dir) {
-            Ok(m) if m.uid() != uid => {
-                r.warn(&format!("{} is owned by uid {}", dir.display(), m.uid()), "chown it to yourself")
-            }
-            Ok(m) if m.mode() & 0o022 != 0 => {
-                r.warn(&format!("{} is writable by others", dir.display()), &format!("chmod go-w {}", dir.display()))
-            }
-            Ok(_) => r.ok(&format!("{} is yours and private", dir.display())),
-            Err(e) => r.warn(&format!("{}: {e}", dir.display()), "start the daemon once to create the layout"),
-        }
+    let problems = rerankd::daemon::permission_problems(root);
+    if problems.is_empty() {
+        r.ok("the root and its spool are yours and private");
+    }
+    for p in problems {
+        r.warn(&p, "the daemon refuses to run until this is fixed");
     }
     match is_held(&root.daemon_lock()) {
         Ok(true) => r.ok(&format!(
@@ -56,14 +49,12 @@ pub fn run(root: &Root) -> anyhow::Result<ExitCode> {
     }
     let claimed = std::fs::read_dir(root.claimed()).map(|d| d.count()).unwrap_or(0);
     let waiting = std::fs::read_dir(root.spool())
-        .map(|d| d.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".json")).count())
+        .map(|d| d.filter_map(|e| e.ok()).filter(|e| is_job_name(&e.file_name().to_string_lossy())).count())
         .unwrap_or(0);
     if claimed + waiting > 0 {
         r.info(&format!("{waiting} job file(s) waiting in the spool, {claimed} claimed but not judged yet"));
     }
-    let runs: Vec<Status> = std::fs::read_dir(root.runs())
-        .map(|d| d.filter_map(|e| e.ok()).filter_map(|e| Status::read(&e.path().join("status.json")).ok()).collect())
-        .unwrap_or_default();
+    let runs = super::runs::all_runs(root);
     let count = |s: RunState| runs.iter().filter(|r| r.state == s).count();
     r.info(&format!(
         "runs: {} queued, {} running, {} completed, {} failed, {} cancelled",

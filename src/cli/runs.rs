@@ -22,7 +22,8 @@ pub struct RunsArgs {
     pub json: bool,
 }
 
-fn all_runs(root: &Root) -> Vec<Status> {
+/// Every run's status, oldest first.
+pub fn all_runs(root: &Root) -> Vec<Status> {
     let mut v: Vec<Status> = std::fs::read_dir(root.runs())
         .map(|rd| rd.filter_map(|e| e.ok()).filter_map(|e| Status::read(&e.path().join("status.json")).ok()).collect())
         .unwrap_or_default();

@@ -40,6 +40,11 @@ pub struct Intake {
 
 const SETTLE: Duration = Duration::from_secs(1);
 
+/// Only `*.json` names that are not dotfiles are jobs.
+pub fn is_job_name(name: &str) -> bool {
+    name.ends_with(".json") && !name.starts_with('.')
+}
+
 impl Intake {
     pub fn new(default_budget_mb: u64) -> Self {
         Self { pending: HashMap::new(), counter: 0, default_budget_mb }
@@ -52,14 +57,13 @@ impl Intake {
 
     /// One pass over `spool/`; returns the runs created, in arrival (mtime, then name) order.
     pub fn scan(&mut self, root: &Root, adm: &mut dyn Admission) -> Vec<Accepted> {
-        let mut entries: Vec<(SystemTime, String)> = match std::fs::read_dir(root.spool()) {
+        let mut entries: Vec<(SystemTime, String, std::fs::Metadata)> = match std::fs::read_dir(root.spool()) {
             Ok(rd) => rd
                 .filter_map(|e| e.ok())
                 .filter_map(|e| {
                     let name = e.file_name().to_string_lossy().into_owned();
                     let meta = e.path().symlink_metadata().ok()?;
-                    let is_job_name = name.ends_with(".json") && !name.starts_with('.');
-                    is_job_name.then(|| (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), name))
+                    is_job_name(&name).then(|| (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), name, meta))
                 })
                 .collect(),
             Err(e) => {
@@ -67,23 +71,23 @@ impl Intake {
                 return Vec::new();
             }
         };
-        entries.sort();
-        let mut out = Vec::new();
-        for (_, name) in entries {
-            if let Some(a) = self.consider(root, &name, adm) {
-                out.push(a);
-            }
-        }
-        out
+        entries.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        // Forget files that were removed while they settled.
+        self.pending.retain(|name, _| entries.iter().any(|e| &e.1 == name));
+        entries.into_iter().filter_map(|(_, name, meta)| self.consider(root, &name, &meta, adm)).collect()
     }
 
-    fn consider(&mut self, root: &Root, name: &str, adm: &mut dyn Admission) -> Option<Accepted> {
-        let path = root.spool().join(name);
-        let meta = path.symlink_metadata().ok()?;
+    fn consider(
+        &mut self,
+        root: &Root,
+        name: &str,
+        meta: &std::fs::Metadata,
+        adm: &mut dyn Admission,
+    ) -> Option<Accepted> {
         if meta.file_type().is_file() && meta.len() <= MAX_JOB_BYTES {
-            let text = std::fs::read(&path).ok()?;
+            let text = std::fs::read(root.spool().join(name)).ok()?;
             let parses = serde_json::from_slice::<serde_json::Value>(&text).is_ok();
-            if !parses && !self.settled(name, &meta) {
+            if !parses && !self.settled(name, meta) {
                 return None; // still being written, probably: look again later
             }
         }

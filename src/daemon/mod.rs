@@ -24,6 +24,14 @@ use sweep::settle;
 
 pub const SHUTDOWN_REASON: &str = "daemon shutdown";
 
+/// Another daemon holds this root's `daemon.lock`.
+#[derive(Debug, thiserror::Error)]
+#[error("another rerankd daemon ({}) holds {}; one daemon per root", pid.map_or("another process".to_string(), |p| format!("pid {p}")), lock.display())]
+pub struct AlreadyRunning {
+    pub pid: Option<u32>,
+    pub lock: PathBuf,
+}
+
 /// How long after SIGTERM a child that ignores it gets SIGKILL.
 const TERM_TO_KILL: Duration = Duration::from_secs(3);
 
@@ -61,12 +69,15 @@ struct Daemon {
 /// Runs the daemon until a stop signal (or, with `until_idle`, until nothing is left to do).
 pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
     root.ensure()?;
-    check_spool_permissions(root)?;
+    if let Some(problem) = permission_problems(root).into_iter().next() {
+        anyhow::bail!("refusing to run: {problem}");
+    }
     let Some(mut lock) = FileLock::try_acquire(&root.daemon_lock())? else {
-        let pid = crate::store::lock::holder_pid(&root.daemon_lock())
-            .map(|p| format!("pid {p}"))
-            .unwrap_or("another process".into());
-        anyhow::bail!("another rerankd daemon ({pid}) holds {}; one daemon per root", root.daemon_lock().display());
+        return Err(AlreadyRunning {
+            pid: crate::store::lock::holder_pid(&root.daemon_lock()),
+            lock: root.daemon_lock(),
+        }
+        .into());
     };
     lock.write_pid()?;
     let cfg = DaemonConfig::load(&root.config())?;
@@ -91,33 +102,18 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
     d.intake_pass();
     let mut last_scan = Instant::now();
     loop {
+        // Wait for the first wake-up (or 100 ms), then take every other one already queued.
+        let wakes: Vec<Wake> = rx.recv_timeout(Duration::from_millis(100)).into_iter().chain(rx.try_iter()).collect();
         let mut rescan = false;
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(Wake::Signal(sig)) if sig == signal_hook::consts::SIGHUP => {
-                tracing::info!("SIGHUP: reloading config and rescanning");
-                match DaemonConfig::load(&root.config()) {
-                    Ok(c) => {
-                        d.intake.default_budget_mb = c.memory_budget_mb;
-                        d.cfg = c;
-                    }
-                    Err(e) => tracing::error!(error = %e, "config not reloaded"),
-                }
-                rescan = true;
-            }
-            Ok(Wake::Signal(sig)) => {
-                tracing::info!(signal = sig, "stopping: cancelling active runs");
-                d.shutdown();
-                return Ok(());
-            }
-            Ok(Wake::Spool) => rescan = true,
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => {}
-        }
-        while let Ok(w) = rx.try_recv() {
+        for w in wakes {
             match w {
                 Wake::Spool => rescan = true,
-                Wake::Signal(s) if s == signal_hook::consts::SIGHUP => rescan = true,
-                Wake::Signal(_) => {
+                Wake::Signal(signal_hook::consts::SIGHUP) => {
+                    d.reload_config();
+                    rescan = true;
+                }
+                Wake::Signal(sig) => {
+                    tracing::info!(signal = sig, "stopping: cancelling active runs");
                     d.shutdown();
                     return Ok(());
                 }
@@ -159,6 +155,17 @@ impl Admission for Busy<'_> {
 }
 
 impl Daemon {
+    fn reload_config(&mut self) {
+        tracing::info!("SIGHUP: reloading config and rescanning");
+        match DaemonConfig::load(&self.root.config()) {
+            Ok(c) => {
+                self.intake.default_budget_mb = c.memory_budget_mb;
+                self.cfg = c;
+            }
+            Err(e) => tracing::error!(error = %e, "config not reloaded"),
+        }
+    }
+
     fn busy_corpora(&self) -> Vec<String> {
         self.active.iter().map(|a| a.corpus.clone()).chain(self.queue.iter().map(|q| q.1.clone())).collect()
     }
@@ -322,7 +329,7 @@ impl Daemon {
         }
         let deadline = Instant::now() + Duration::from_secs_f64(self.cfg.shutdown_timeout_s);
         while !self.active.is_empty() && Instant::now() < deadline {
-            self.supervise_exits_only();
+            self.supervise();
             std::thread::sleep(Duration::from_millis(50));
         }
         for mut a in std::mem::take(&mut self.active) {
@@ -332,18 +339,6 @@ impl Daemon {
             }
         }
         tracing::info!("daemon stopped");
-    }
-
-    fn supervise_exits_only(&mut self) {
-        let mut i = 0;
-        while i < self.active.len() {
-            if let Ok(Some(exit)) = self.active[i].child.try_wait() {
-                let a = self.active.remove(i);
-                finish(&RunFiles::new(&self.root.run_dir(&a.run_id)), &a, exit);
-            } else {
-                i += 1;
-            }
-        }
     }
 }
 
@@ -386,40 +381,34 @@ pub fn request_cancel(root: &Root, run_id: &str, reason: &str) {
 fn spool_is_empty(root: &Root) -> bool {
     let claimed_empty = std::fs::read_dir(root.claimed()).map(|mut r| r.next().is_none()).unwrap_or(true);
     let spool_jobs = std::fs::read_dir(root.spool())
-        .map(|rd| {
-            rd.filter_map(|e| e.ok()).any(|e| {
-                let n = e.file_name().to_string_lossy().into_owned();
-                n.ends_with(".json") && !n.starts_with('.')
-            })
-        })
+        .map(|rd| rd.filter_map(|e| e.ok()).any(|e| intake::is_job_name(&e.file_name().to_string_lossy())))
         .unwrap_or(false);
     claimed_empty && !spool_jobs
 }
 
-/// Refuses a spool that another user could write: they could make this daemon train on anything.
-fn check_spool_permissions(root: &Root) -> anyhow::Result<()> {
+/// Why the root or its spool is unsafe to run on: owned by someone else, or writable by others
+/// (who could then make this daemon train on anything). Empty when all is well.
+pub fn permission_problems(root: &Root) -> Vec<String> {
     use std::os::unix::fs::MetadataExt;
     // SAFETY: getuid has no preconditions.
     let uid = unsafe { libc::getuid() };
+    let mut out = Vec::new();
     for dir in [root.dir.clone(), root.spool()] {
-        let m = std::fs::metadata(&dir).with_context(|| format!("reading {}", dir.display()))?;
-        if m.uid() != uid {
-            anyhow::bail!(
-                "{} is owned by uid {}, not by you (uid {uid}); refusing to run on it",
-                dir.display(),
-                m.uid()
-            );
-        }
-        if m.mode() & 0o022 != 0 {
-            anyhow::bail!(
-                "{} is writable by other users (mode {:o}); run `chmod go-w {}` first",
+        match std::fs::metadata(&dir) {
+            Err(e) => out.push(format!("{}: {e}", dir.display())),
+            Ok(m) if m.uid() != uid => {
+                out.push(format!("{} is owned by uid {}, not by you (uid {uid})", dir.display(), m.uid()))
+            }
+            Ok(m) if m.mode() & 0o022 != 0 => out.push(format!(
+                "{} is writable by other users (mode {:o}); run `chmod go-w {}`",
                 dir.display(),
                 m.mode() & 0o777,
                 dir.display()
-            );
+            )),
+            Ok(_) => {}
         }
     }
-    Ok(())
+    out
 }
 
 fn install_signals(tx: mpsc::Sender<Wake>) -> anyhow::Result<std::thread::JoinHandle<()>> {
