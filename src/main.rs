@@ -9,6 +9,9 @@ mod cli;
 
 fn main() -> ExitCode {
     tune_allocator();
+    // Output piped into `head` ends quietly, as command-line tools do, instead of panicking.
+    // SAFETY: restoring the default disposition of SIGPIPE has no preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let args = cli::Cli::parse();
     match cli::run(args) {
         Ok(code) => code,

@@ -592,3 +592,14 @@ fn a_claim_whose_run_was_already_created_gets_its_receipt_and_no_second_run() {
     assert_eq!(std::fs::read_dir(root.dir.join("runs")).unwrap().count(), 1, "no second run");
     stop(d);
 }
+
+#[test]
+fn a_root_others_can_write_is_refused_with_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = Root::new("");
+    std::fs::set_permissions(&root.dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = root.cli_cmd(["daemon", "--until-idle"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("writable by other users") && err.contains("chmod go-w"), "{err}");
+}

@@ -19,10 +19,11 @@ impl Root {
         Self { dir }
     }
 
-    /// Creates the layout (0700 root). Idempotent.
+    /// Creates what is missing of the layout, 0700 whatever the umask. Idempotent; existing
+    /// directories keep their modes (the daemon checks them and says what is wrong).
     pub fn ensure(&self) -> Result<()> {
-        use std::os::unix::fs::PermissionsExt;
-        for d in [
+        use std::os::unix::fs::DirBuilderExt;
+        let dirs = [
             self.dir.clone(),
             self.spool(),
             self.spool_tmp(),
@@ -33,11 +34,15 @@ impl Root {
             self.locks(),
             self.dir.join("models"),
             self.dir.join("corpora"),
-        ] {
-            std::fs::create_dir_all(&d).map_err(|e| StoreError::io(&d, "creating directory", e))?;
+        ];
+        for d in dirs.iter().filter(|d| !d.is_dir()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+                .map_err(|e| StoreError::io(d, "creating directory", e))?;
         }
-        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| StoreError::io(&self.dir, "setting permissions", e))
+        Ok(())
     }
 
     pub fn config(&self) -> PathBuf {
