@@ -149,10 +149,13 @@ impl<'a> Obj<'a> {
         self.map.get(k).filter(|v| !v.is_null())
     }
     fn int(&mut self, k: &'static str, default: u64, lo: u64, hi: u64) -> Result<u64, JobError> {
+        Ok(self.opt_int(k, lo, hi)?.unwrap_or(default))
+    }
+    fn opt_int(&mut self, k: &'static str, lo: u64, hi: u64) -> Result<Option<u64>, JobError> {
         match self.get(k) {
-            None => Ok(default),
+            None => Ok(None),
             Some(v) => match v.as_u64() {
-                Some(n) if (lo..=hi).contains(&n) => Ok(n),
+                Some(n) if (lo..=hi).contains(&n) => Ok(Some(n)),
                 _ => Err(JobError::at(&self.field(k), format!("must be an integer from {lo} to {hi}, got {v}"), None)),
             },
         }
@@ -252,13 +255,7 @@ pub fn parse_job(text: &str, corpus_home: impl Fn(&str) -> PathBuf) -> Result<Jo
             ("metal", DeviceChoice::Metal),
         ],
     )?;
-    let memory_budget_mb = match o.get("memory_budget_mb") {
-        None => None,
-        Some(_) => {
-            o.seen.pop();
-            Some(o.int("memory_budget_mb", 0, 256, 1 << 20)?)
-        }
-    };
+    let memory_budget_mb = o.opt_int("memory_budget_mb", 256, 1 << 20)?;
     let if_busy = o.choice(
         "if_busy",
         IfBusy::Queue,

@@ -41,5 +41,6 @@ mod tests {
         assert_eq!(a, epoch_batches(&pairs, 8, 7));
         assert_ne!(a, epoch_batches(&pairs, 8, 8));
         assert!(a.iter().all(|b| b.len() <= 8));
+        assert_eq!(a.len(), 103usize.div_ceil(8), "the trainer counts an epoch's batches as ceil(n / micro)");
     }
 }

@@ -55,7 +55,8 @@ pub fn train(
 ) -> anyhow::Result<Outcome> {
     anyhow::ensure!(!pairs.is_empty(), "no training pairs");
     let micro = cfg.micro_batch.max(1);
-    let per_epoch = epoch_batches(pairs, micro, cfg.seed).len().div_ceil(cfg.grad_accum.max(1));
+    // epoch_batches cuts windows of a multiple of `micro`, so an epoch has ceil(n / micro) batches.
+    let per_epoch = pairs.len().div_ceil(micro).div_ceil(cfg.grad_accum.max(1));
     let total = per_epoch * cfg.epochs;
     let sched =
         Schedule { lr: cfg.lr, warmup_steps: (total as f64 * cfg.warmup_ratio).round() as usize, total_steps: total };
