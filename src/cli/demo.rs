@@ -11,6 +11,7 @@ use rerankd::model::device::DeviceChoice;
 use rerankd::model::{LoraSet, Reranker};
 use rerankd::store::paths::RunFiles;
 use rerankd::store::{Root, Status};
+use rerankd::train::eval::SCORE_BATCH;
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -93,9 +94,12 @@ fn show_scores(model: &Path, adapter: &Path) -> anyhow::Result<()> {
         "BUY CHEAP ESPRESSO DEALS NOW!!! Limited offer, click here, free shipping!!!",
         "re: espresso lol same here +1 anyone?? bump",
     ];
+    // Score as the run evaluated: its max_length, from the adapter's manifest.
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(adapter.join("manifest.json"))?)?;
+    let max_length = manifest["max_length"].as_u64().context("manifest without max_length")? as usize;
     let pairs: Vec<(&str, &str)> = docs.iter().map(|d| (q, *d)).collect();
-    let base = r.score_pairs(&pairs, 160, 16, None)?;
-    let tuned = r.score_pairs(&pairs, 160, 16, Some(&lora))?;
+    let base = r.score_pairs(&pairs, max_length, SCORE_BATCH, None)?;
+    let tuned = r.score_pairs(&pairs, max_length, SCORE_BATCH, Some(&lora))?;
     println!("\nquery: {q}\n{:>8} {:>8}  document", "base", "adapter");
     for (i, d) in docs.iter().enumerate() {
         println!("{:>8.4} {:>8.4}  {d}", base[i].score, tuned[i].score);
