@@ -73,6 +73,11 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if x.track_op() { x.apply_op1(FrozenMatmul { w: w.clone() }) } else { x.matmul(&w.t()?) }
 }
 
+/// The fused CPU forms run on f32 CPU tensors; everything else takes the compositions.
+fn runs_fused(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
 fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
     match l.contiguous_offsets() {
@@ -123,7 +128,7 @@ fn rms_norm_bwd(x: &Tensor, w: &Tensor, eps: f64, g: &Tensor) -> Result<Tensor> 
 
 /// RMS norm over the last dimension, times `w` (not trained).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if runs_fused(x) {
         x.contiguous()?.apply_op1(RmsNorm { w: w.clone(), eps: eps as f32 })
     } else {
         rms_norm_composed(x, w, eps)
@@ -349,11 +354,7 @@ impl candle_core::CustomOp3 for LoraLinear {
 /// `x [n, in] @ w^T + scale ((x ⊙ mask) a^T) b^T` with `a [r, in]`, `b [out, r]`.
 pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64, mask: Option<Tensor>) -> Result<Tensor> {
     let op = LoraLinear { w: w.clone(), scale, mask };
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        x.contiguous()?.apply_op3(a, b, op)
-    } else {
-        frozen_linear(x, w)? + op.delta(x, a, b)?
-    }
+    if runs_fused(x) { x.contiguous()?.apply_op3(a, b, op) } else { frozen_linear(x, w)? + op.delta(x, a, b)? }
 }
 
 /// Causal attention `softmax(scale q k^T) v` on `q [b, g, rows, hd]`, `k, v [b, g, seq, hd]`
@@ -430,7 +431,7 @@ impl candle_core::CustomOp2 for SoftmaxBwd {
 
 /// Causal attention; see [`Attention`]. Other devices use the differentiable composition.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    if q.device().is_cpu() && q.dtype() == DType::F32 {
+    if runs_fused(q) {
         q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Attention { scale })
     } else {
         causal_softmax_composed(&q.matmul(&k.t()?)?, scale)?.matmul(v)
@@ -493,7 +494,7 @@ impl candle_core::CustomOp2 for SwiGluBwd {
 
 /// `silu(gu[:, :inter]) * gu[:, inter:]`.
 pub fn swiglu(gu: &Tensor) -> Result<Tensor> {
-    if gu.device().is_cpu() && gu.dtype() == DType::F32 {
+    if runs_fused(gu) {
         gu.contiguous()?.apply_op1(SwiGlu)
     } else {
         let i = gu.dim(1)? / 2;
@@ -531,7 +532,7 @@ impl CustomOp1 for NormRope {
 
 /// `rope(rms_norm(x) * w)` transposed to `[b, heads, seq, hd]` (contiguous).
 pub fn norm_rope(x: &Tensor, w: &Tensor, eps: f64, tables: &RopeTables) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if runs_fused(x) {
         x.contiguous()?.apply_op1(NormRope { w: w.clone(), eps: eps as f32, tables: tables.clone() })
     } else {
         rope_composed(&rms_norm_composed(x, w, eps)?, tables)?.transpose(1, 2)?.contiguous()
