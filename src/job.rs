@@ -110,7 +110,10 @@ pub struct Job {
     pub eval: Eval,
     pub promote: Promote,
     pub device: DeviceChoice,
-    pub memory_budget_mb: Option<u64>,
+    /// The effective budget: the job's own, else the daemon's default at intake. Never absent in
+    /// a run's job.json (an old one without it reads as the machine's default).
+    #[serde(deserialize_with = "budget_or_default", default = "crate::train::memory::default_budget_mb")]
+    pub memory_budget_mb: u64,
     pub if_busy: IfBusy,
     pub instruction: Option<String>,
 }
@@ -121,11 +124,7 @@ pub const METRICS: [&str; 4] = ["ndcg@10", "mrr@10", "recall@10", "map"];
 pub const MAX_JOB_BYTES: u64 = 1 << 20;
 
 /// `[A-Za-z0-9._-]{1,64}`, no leading dot.
-pub fn valid_corpus_name(s: &str) -> bool {
-    (1..=64).contains(&s.len())
-        && !s.starts_with('.')
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
-}
+pub use crate::store::paths::valid_corpus_name;
 
 /// A JSON object whose keys are checked off as they are read, so unknown ones can be named.
 struct Obj<'a> {
@@ -209,7 +208,13 @@ impl<'a> Obj<'a> {
 
 /// Parses and validates a job file's text. `corpus_home(corpus)` is where relative data paths
 /// resolve (ROOT/corpora/<corpus>/); data files must exist and be readable.
-pub fn parse_job(text: &str, corpus_home: impl Fn(&str) -> PathBuf) -> Result<Job, JobError> {
+fn budget_or_default<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    Ok(Option::<u64>::deserialize(d)?.unwrap_or_else(crate::train::memory::default_budget_mb))
+}
+
+/// Validates a spool job file into the effective job; `default_budget_mb` fills a missing
+/// `memory_budget_mb`.
+pub fn parse_job(text: &str, corpus_home: impl Fn(&str) -> PathBuf, default_budget_mb: u64) -> Result<Job, JobError> {
     let v: Value = serde_json::from_str(text).map_err(|e| {
         JobError::whole(format!("not valid JSON: {e}"), Some("a job file is one JSON object, see README"))
     })?;
@@ -255,7 +260,7 @@ pub fn parse_job(text: &str, corpus_home: impl Fn(&str) -> PathBuf) -> Result<Jo
             ("metal", DeviceChoice::Metal),
         ],
     )?;
-    let memory_budget_mb = o.opt_int("memory_budget_mb", 256, 1 << 20)?;
+    let memory_budget_mb = o.opt_int("memory_budget_mb", 256, 1 << 20)?.unwrap_or(default_budget_mb);
     let if_busy = o.choice(
         "if_busy",
         IfBusy::Queue,
@@ -290,8 +295,20 @@ fn data_path(o: &mut Obj, k: &'static str, home: &Path, dir_ok: bool) -> Result<
         }
         std::fs::read_dir(&p)
             .map_err(|e| JobError::at(&o.field(k), format!("cannot list {}: {e}", p.display()), None))?;
+    } else if !meta.is_file() {
+        // A FIFO would block whoever opens it (review F2); a device could stream forever.
+        return Err(JobError::at(
+            &o.field(k),
+            format!("{} is not a regular file (a FIFO, device or socket)", p.display()),
+            None,
+        ));
     } else {
-        std::fs::File::open(&p)
+        use std::os::unix::fs::OpenOptionsExt;
+        // O_NONBLOCK: should the path turn into a FIFO after the check, opening still returns.
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&p)
             .map_err(|e| JobError::at(&o.field(k), format!("cannot open {}: {e}", p.display()), None))?;
     }
     Ok(p)
@@ -389,7 +406,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str, home: &Path) -> Result<Job, JobError> {
-        parse_job(text, |_| home.to_path_buf())
+        parse_job(text, |_| home.to_path_buf(), 4096)
     }
 
     #[test]

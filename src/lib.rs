@@ -11,4 +11,6 @@ pub mod job;
 pub mod model;
 pub mod runner;
 pub mod store;
+pub mod sys;
+pub mod testhooks;
 pub mod train;

@@ -18,7 +18,9 @@ use crate::model::{LoraSet, Reranker};
 use crate::store::atomic::{read_json, write_json};
 use crate::store::models;
 use crate::store::paths::RunFiles;
-use crate::store::{FileLock, MetricsLog, Root, RunState, Status};
+use crate::store::{self, FileLock, MetricsLog, Root, RunState, Status};
+use crate::testhooks;
+use crate::train::Cancelled;
 use crate::train::data::TrainPair;
 use crate::train::dataset::{
     DevList, Documents, Judged, QueryRows, TextPair, dev_lists, group_by_query, read_triplets, split_dev, train_pairs,
@@ -26,15 +28,7 @@ use crate::train::dataset::{
 use crate::train::eval::{EvalResult, evaluate};
 use crate::train::memory::{self, Estimate};
 use crate::train::mining;
-use crate::train::trainer::{Outcome, Reporter, TrainConfig, train};
-
-/// Test-only fault injection: the child neither checks the cancel sentinel nor obeys SIGTERM, so
-/// tests can prove the daemon's escalation. Never set it outside tests.
-pub const TEST_IGNORE_CANCEL_ENV: &str = "RERANKD_TEST_IGNORE_CANCEL";
-
-/// Test-only fault injection: the child allocates and touches this many MB and keeps them, so
-/// tests can prove the daemon's hard memory limit. Never set it outside tests.
-pub const TEST_ALLOC_MB_ENV: &str = "RERANKD_TEST_ALLOC_MB";
+use crate::train::trainer::{Reporter, TrainConfig, train};
 
 /// The run's view of its files while it runs.
 pub struct RunContext {
@@ -42,23 +36,35 @@ pub struct RunContext {
     pub status: Status,
     pub log: MetricsLog,
     ignore_cancel: bool,
+    /// Why there is no dev split, once materialising found none.
+    no_dev: Option<String>,
     /// Set by SIGTERM/SIGINT: treated like the cancel sentinel, at the next boundary.
     terminated: Arc<AtomicBool>,
 }
 
 impl RunContext {
     fn set_state(&mut self, state: RunState, reason: Option<String>, error: Option<String>) -> anyhow::Result<()> {
-        if self.status.transition(state, reason.clone(), error) {
-            self.status.write(&self.files.status())?;
-            self.log.append("state", json!({"state": state.as_str(), "reason": reason}))?;
-            self.log.sync()?;
-        }
+        store::record(&self.files, &mut self.log, &mut self.status, state, reason, error)?;
         Ok(())
     }
 
     pub fn info(&mut self, message: &str) -> anyhow::Result<()> {
         self.log.append("log", json!({"level": "info", "message": message}))?;
         Ok(())
+    }
+
+    fn warn(&mut self, message: &str, extra: Value) -> anyhow::Result<()> {
+        let mut ev = json!({"level": "warn", "message": message});
+        if let (Value::Object(e), Value::Object(x)) = (&mut ev, extra) {
+            e.extend(x);
+        }
+        self.log.append("log", ev)?;
+        Ok(())
+    }
+
+    /// `Err(Cancelled)` if cancellation was requested.
+    fn check_cancel(&mut self) -> anyhow::Result<()> {
+        crate::train::check_cancel(self)
     }
 }
 
@@ -78,20 +84,26 @@ impl Reporter for RunContext {
     }
 
     fn peak_mem_mb(&mut self) -> u64 {
-        memory::peak_rss_mb()
+        crate::sys::peak_memory_mb()
     }
 }
 
 /// Entry point of `rerankd run`. Returns the process exit code, 0, once the run has recorded its
 /// terminal state itself (completed, failed or cancelled); an error only when it could not even
-/// read or write its own files (the daemon then records the death).
-pub fn run(root: &Root, run_dir: &Path) -> anyhow::Result<i32> {
+/// read or write its own files (the daemon then records the death, with this error as the
+/// process's last words). `nice`: the CPU priority to lower itself to first.
+pub fn run(root: &Root, run_dir: &Path, nice: Option<i32>) -> anyhow::Result<i32> {
+    if let Some(n) = nice
+        && let Err(e) = crate::sys::lower_priority(n)
+    {
+        eprintln!("rerankd run: could not lower priority to nice {n}: {e}");
+    }
     let files = RunFiles::new(run_dir);
     let status = Status::read(&files.status())?;
     if status.state.is_terminal() {
         return Ok(0);
     }
-    let ignore_cancel = std::env::var_os(TEST_IGNORE_CANCEL_ENV).is_some();
+    let ignore_cancel = testhooks::ignore_cancel();
     let terminated = Arc::new(AtomicBool::new(false));
     if ignore_cancel {
         // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
@@ -105,7 +117,7 @@ pub fn run(root: &Root, run_dir: &Path) -> anyhow::Result<i32> {
     }
     let lock_path = root.corpus_lock(&status.corpus);
     let log = MetricsLog::open(&files.metrics(), &status.run_id)?;
-    let mut ctx = RunContext { files, status, log, ignore_cancel, terminated };
+    let mut ctx = RunContext { files, status, log, ignore_cancel, no_dev: None, terminated };
     // The daemon starts a run only when the lock is free, but a `promote`/`rollback` by hand may
     // hold it for a moment: wait a little before giving up.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -123,38 +135,29 @@ pub fn run(root: &Root, run_dir: &Path) -> anyhow::Result<i32> {
     };
     lock.write_pid()?;
     ctx.set_state(RunState::Running, None, None)?;
-    let _ballast: Vec<u8> = match std::env::var(TEST_ALLOC_MB_ENV).ok().and_then(|v| v.parse::<usize>().ok()) {
-        Some(mb) => vec![1u8; mb << 20],
-        None => Vec::new(),
-    };
+    testhooks::crash_point("run.after_running");
+    let _ballast: Vec<u8> = testhooks::alloc_mb().map(|mb| vec![1u8; mb << 20]).unwrap_or_default();
     let outcome = execute(&mut ctx, root);
     let result = match outcome {
-        Ok(Finished::Completed(summary)) => {
+        Ok(summary) => {
             ctx.status.summary = Some(summary);
             ctx.set_state(RunState::Completed, None, None)
         }
-        Ok(Finished::Cancelled(reason)) => ctx.set_state(RunState::Cancelled, Some(reason), None),
         Err(e) => {
-            let message = format!("{e:#}");
-            let _ = ctx.log.append("error", json!({"message": message}));
-            ctx.set_state(RunState::Failed, None, Some(message))
+            let ended = match e.downcast_ref::<Cancelled>() {
+                Some(Cancelled(reason)) => (RunState::Cancelled, Some(reason.clone()), None),
+                None => (RunState::Failed, None, Some(format!("{e:#}"))),
+            };
+            // A run that promoted itself and then failed must not stay current.
+            let why = format!("{} did not complete", ctx.status.run_id);
+            if let Err(u) = models::undo(root, &ctx.status.corpus, &ctx.status.run_id, &why) {
+                eprintln!("rerankd run: undoing the promotion: {u}");
+            }
+            ctx.set_state(ended.0, ended.1, ended.2)
         }
     };
     drop(lock); // after the last write
     result.map(|_| 0)
-}
-
-enum Finished {
-    Completed(Value),
-    Cancelled(String),
-}
-
-macro_rules! check_cancel {
-    ($ctx:expr) => {
-        if let Some(reason) = $ctx.cancel_requested() {
-            return Ok(Finished::Cancelled(reason));
-        }
-    };
 }
 
 /// What the baseline is: the corpus's promoted adapter, the base model, or unknown (it could not
@@ -162,11 +165,12 @@ macro_rules! check_cancel {
 enum Baseline {
     Known { what: String, metrics: BTreeMap<String, f64> },
     Unknown(String),
-    NotEvaluated,
+    /// No dev split, and why.
+    NotEvaluated(String),
 }
 
-fn execute(ctx: &mut RunContext, root: &Root) -> anyhow::Result<Finished> {
-    check_cancel!(ctx);
+fn execute(ctx: &mut RunContext, root: &Root) -> anyhow::Result<Value> {
+    ctx.check_cancel()?;
     let job: Job = read_json(&ctx.files.job())?;
     let device = job.device.open()?;
     let ck = CheckpointDir::resolve(&job.model).with_context(|| format!("model `{}`", job.model))?;
@@ -178,29 +182,24 @@ fn execute(ctx: &mut RunContext, root: &Root) -> anyhow::Result<Finished> {
     }
     let max_len = job.train.max_length as usize;
     let data = materialise(ctx, &job)?;
-    check_cancel!(ctx);
+    ctx.check_cancel()?;
     let pairs: Vec<TrainPair> = data
         .train_pairs
         .iter()
         .map(|p| Ok(TrainPair { ids: r.encode(&p.query, &p.doc, max_len)?, label: p.label }))
         .collect::<anyhow::Result<_>>()?;
-    check_cancel!(ctx);
-    let Some(baseline) = evaluate_baseline(ctx, root, &job, &r, &data.dev_lists)? else {
-        return Ok(Finished::Cancelled(ctx.cancel_requested().unwrap_or_default()));
-    };
-    check_cancel!(ctx);
-    let trained = match train_and_select(ctx, &job, &r, &pairs, &data.dev_lists)? {
-        Ok(t) => t,
-        Err(reason) => return Ok(Finished::Cancelled(reason)),
-    };
+    ctx.check_cancel()?;
+    let baseline = evaluate_baseline(ctx, root, &job, &r, &data.dev_lists)?;
+    ctx.check_cancel()?;
+    let trained = train_and_select(ctx, &job, &r, &pairs, &data.dev_lists)?;
     let primary = &job.eval.primary_metric;
-    let cand_metric = trained.best.as_ref().map(|(_, res)| res.metrics[primary]);
+    let cand_metric = trained.best.as_ref().and_then(|(_, res)| res.metrics.get(primary).copied());
     let base_metric = match &baseline {
-        Baseline::Known { metrics, .. } => Some(metrics[primary]),
+        Baseline::Known { metrics, .. } => metrics.get(primary).copied(),
         _ => None,
     };
     write_outputs(ctx, &job, &r, &trained, &baseline, &data)?;
-    check_cancel!(ctx);
+    ctx.check_cancel()?;
 
     let eps = job.eval.epsilon;
     let (promote, reason) = decide(job.promote, cand_metric, base_metric, eps, primary, &baseline);
@@ -215,9 +214,10 @@ fn execute(ctx: &mut RunContext, root: &Root) -> anyhow::Result<Finished> {
         json!({"promoted": promote, "primary": primary, "candidate": cand_metric,
         "baseline": base_metric, "epsilon": eps, "path": path, "reason": reason}),
     )?;
-    Ok(Finished::Completed(json!({"steps": trained.steps, "last_loss": trained.last_loss, "pairs": pairs.len(),
+    testhooks::crash_point("run.after_promote_event");
+    Ok(json!({"steps": trained.steps, "last_loss": trained.last_loss, "pairs": pairs.len(),
         "dev_queries": data.dev_lists.len(), "primary_metric": primary, "candidate": cand_metric,
-        "baseline": base_metric, "promoted": promote})))
+        "baseline": base_metric, "promoted": promote}))
 }
 
 /// The memory governor, before anything big is loaded: estimates one micro-step from the
@@ -229,7 +229,7 @@ fn govern(ctx: &mut RunContext, mut job: Job, ck: &CheckpointDir) -> anyhow::Res
         .dtype_bytes("model.embed_tokens.weight")
         .unwrap_or(4) as u64;
     let est = Estimate::for_model(&cfg, lora_config(&job).param_count(&cfg), embed_bytes);
-    let budget = job.memory_budget_mb.unwrap_or_else(memory::default_budget_mb);
+    let budget = job.memory_budget_mb;
     let t = &job.train;
     let p = memory::plan(&est, budget, t.batch_size as usize, t.grad_accum as usize, t.max_length as usize)
         .map_err(|e| anyhow::anyhow!("memory governor: {e}; raise memory_budget_mb or use a smaller model"))?;
@@ -251,16 +251,17 @@ fn lora_config(job: &Job) -> LoraConfig {
 }
 
 /// Scores the dev lists with the corpus's promoted adapter, or the base model when none is
-/// promoted. `None` if cancelled meanwhile.
+/// promoted.
 fn evaluate_baseline(
     ctx: &mut RunContext,
     root: &Root,
     job: &Job,
     r: &Reranker,
     lists: &[DevList],
-) -> anyhow::Result<Option<Baseline>> {
+) -> anyhow::Result<Baseline> {
     if lists.is_empty() {
-        return Ok(Some(Baseline::NotEvaluated));
+        let why = ctx.no_dev.clone().unwrap_or_else(|| "no dev queries".into());
+        return Ok(Baseline::NotEvaluated(why));
     }
     let (what, adapter) = match models::current(root, &job.corpus) {
         None => ("base model".to_string(), Ok(None)),
@@ -269,16 +270,14 @@ fn evaluate_baseline(
     let adapter = match adapter {
         Ok(a) => a,
         Err(why) => {
-            ctx.log.append("log", json!({"level": "warn", "message": format!("baseline unknown: {why}")}))?;
-            return Ok(Some(Baseline::Unknown(why)));
+            ctx.warn(&format!("baseline unknown: {why}"), Value::Null)?;
+            return Ok(Baseline::Unknown(why));
         }
     };
     let max_len = job.train.max_length as usize;
-    let Some(res) = evaluate(r, adapter.as_ref(), lists, max_len, &mut || ctx.cancel_requested().is_some())? else {
-        return Ok(None);
-    };
+    let res = evaluate(r, adapter.as_ref(), lists, max_len, &mut || ctx.cancel_requested())?;
     ctx.log.append("eval", json!({"split": "dev", "which": "baseline", "metrics": res.metrics, "adapter": what}))?;
-    Ok(Some(Baseline::Known { what, metrics: res.metrics }))
+    Ok(Baseline::Known { what, metrics: res.metrics })
 }
 
 /// The outcome of training: the best epoch on dev (the candidate) and every epoch's metrics.
@@ -292,14 +291,14 @@ struct Trained {
 }
 
 /// Trains, evaluating every epoch on dev and keeping the best epoch's adapter (by the locked
-/// primary metric). `Err(reason)` when cancelled.
+/// primary metric).
 fn train_and_select(
     ctx: &mut RunContext,
     job: &Job,
     r: &Reranker,
     pairs: &[TrainPair],
     lists: &[DevList],
-) -> anyhow::Result<Result<Trained, String>> {
+) -> anyhow::Result<Trained> {
     let lora = LoraSet::init(&lora_config(job), &r.model.cfg, job.train.seed, r.model.device())?;
     let cfg = TrainConfig {
         epochs: job.train.epochs as usize,
@@ -319,20 +318,17 @@ fn train_and_select(
         if lists.is_empty() {
             return Ok(());
         }
-        let Some(res) = evaluate(r, Some(&lora), lists, max_len, &mut || rep.cancel_requested().is_some())? else {
-            return Ok(()); // cancelled: the loop sees it next
-        };
+        let res = evaluate(r, Some(&lora), lists, max_len, &mut || rep.cancel_requested())?;
         rep.event("eval", json!({"split": "dev", "which": "epoch", "epoch": epoch, "metrics": res.metrics}))?;
         epochs.push(json!({"epoch": epoch, "metrics": res.metrics}));
-        if best.as_ref().is_none_or(|(_, b, _)| res.metrics[primary] > b.metrics[primary]) {
+        let m = |r: &EvalResult| r.metrics.get(primary).copied().unwrap_or(f64::NEG_INFINITY);
+        if best.as_ref().is_none_or(|(_, b, _)| m(&res) > m(b)) {
             best = Some((epoch, res, lora.snapshot()?));
         }
         Ok(())
     };
-    let (steps, last_loss) = match train(r, &lora, pairs, &cfg, ctx, &mut after_epoch)? {
-        Outcome::Cancelled { reason } => return Ok(Err(reason)),
-        Outcome::Completed { steps, last_loss } => (steps, last_loss),
-    };
+    let done = train(r, &lora, pairs, &cfg, ctx, &mut after_epoch)?;
+    let (steps, last_loss) = (done.steps, done.last_loss);
     let (best, candidate) = match best {
         Some((e, res, l)) => (Some((e, res)), l),
         None => (None, lora),
@@ -341,7 +337,7 @@ fn train_and_select(
         ctx.log
             .append("eval", json!({"split": "dev", "which": "candidate", "epoch": epoch, "metrics": res.metrics}))?;
     }
-    Ok(Ok(Trained { steps, last_loss, best, candidate, epochs }))
+    Ok(Trained { steps, last_loss, best, candidate, epochs })
 }
 
 /// The candidate adapter with its manifest, and `eval.json`.
@@ -363,7 +359,7 @@ fn write_outputs(
     let (base_what, base_metrics) = match baseline {
         Baseline::Known { what, metrics } => (what.clone(), Some(metrics)),
         Baseline::Unknown(why) => (format!("unknown: {why}"), None),
-        Baseline::NotEvaluated => ("not evaluated".to_string(), None),
+        Baseline::NotEvaluated(why) => (format!("not evaluated: {why}"), None),
     };
     let eval_doc = json!({"primary_metric": job.eval.primary_metric, "dev_queries": data.dev_lists.len(),
         "list_size": job.eval.list_size, "baseline": {"what": base_what, "metrics": base_metrics},
@@ -390,10 +386,10 @@ fn decide(
             (_, _, Baseline::Unknown(why)) => {
                 (false, format!("baseline unknown ({why}); not promoting without a comparison"))
             }
-            _ => (
-                false,
-                "no evaluation: fewer than 5 distinct queries, so no dev split; `if_improves` cannot promote".into(),
-            ),
+            (_, _, Baseline::NotEvaluated(why)) => {
+                (false, format!("no evaluation ({why}); `if_improves` cannot promote"))
+            }
+            _ => (false, "no candidate evaluation; `if_improves` cannot promote".into()),
         },
     }
 }
@@ -446,7 +442,7 @@ fn materialise(ctx: &mut RunContext, job: &Job) -> anyhow::Result<Materialised> 
         (None, None) => anyhow::bail!("the job has no data source"),
     };
     if !skipped.is_empty() {
-        ctx.log.append("log", json!({"level": "warn", "message": "skipped feedback events", "skipped": skipped}))?;
+        ctx.warn("skipped feedback events", json!({"skipped": skipped}))?;
     }
     let queries = group_by_query(rows);
     anyhow::ensure!(!queries.is_empty(), "no usable training data (no query with a positive)");
@@ -482,7 +478,13 @@ fn materialise(ctx: &mut RunContext, job: &Job) -> anyhow::Result<Materialised> 
         train_pairs.len()
     ))?;
     if dev_q.is_empty() {
-        ctx.info(&format!("only {} distinct queries (fewer than 5): no dev split, evaluation skipped", queries.len()))?;
+        let why = if job.eval.dev_fraction <= 0.0 {
+            "eval.dev_fraction is 0".to_string()
+        } else {
+            format!("only {} distinct queries (fewer than 5)", queries.len())
+        };
+        ctx.info(&format!("no dev split ({why}): evaluation skipped"))?;
+        ctx.no_dev = Some(why);
     }
     Ok(Materialised { train_pairs, dev_lists, skipped })
 }

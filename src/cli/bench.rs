@@ -79,7 +79,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         "step_ms_median": round1(step),
         "train_fwd_ms_median": round1(median(&mut fwd_ms)),
         "score_ms_median": round1(median(&mut score_ms)),
-        "peak_rss_mb": rerankd::train::memory::peak_rss_mb(),
+        "peak_rss_mb": rerankd::sys::peak_memory_mb(),
         "gflops": round1(flops / (step / 1e3) / 1e9),
         "batch": a.batch,
         "length": a.length,

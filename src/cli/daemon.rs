@@ -53,8 +53,14 @@ pub fn sweep(root: &Root) -> anyhow::Result<ExitCode> {
         eprintln!("rerankd: a daemon holds {}; it sweeps at boot by itself", root.daemon_lock().display());
         return Ok(ExitCode::from(super::EXIT_REFUSED));
     };
-    let (queued, settled) = rerankd::daemon::sweep::sweep(root)?;
-    println!("settled {settled} orphaned run(s); {} queued run(s) wait for a daemon", queued.len());
+    let s = rerankd::daemon::sweep::sweep(root)?;
+    println!(
+        "settled {} orphaned run(s); {} queued run(s) wait for a daemon; {} run(s) still alive; {} stale temp file(s) removed",
+        s.settled,
+        s.queued.len(),
+        s.adopted.len(),
+        s.temps_removed
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -4,7 +4,6 @@
 use std::process::ExitCode;
 
 use rerankd::daemon::intake::is_job_name;
-use rerankd::daemon::sweep::pid_alive;
 use rerankd::store::lock::{holder_pid, is_held};
 use rerankd::store::{Root, RunState, models};
 
@@ -32,9 +31,9 @@ pub fn run(root: &Root) -> anyhow::Result<ExitCode> {
         r.warn("the root does not exist yet", "start the daemon (it creates the layout) or `rerankd submit` a job");
         return Ok(ExitCode::from(super::EXIT_FAILURE));
     }
-    let problems = rerankd::daemon::permission_problems(root);
+    let problems = root.permission_problems();
     if problems.is_empty() {
-        r.ok("the root and its spool are yours and private");
+        r.ok("the root and every directory of its layout are yours and private");
     }
     for p in problems {
         r.warn(&p, "the daemon refuses to run until this is fixed");
@@ -49,12 +48,12 @@ pub fn run(root: &Root) -> anyhow::Result<ExitCode> {
     }
     let claimed = std::fs::read_dir(root.claimed()).map(|d| d.count()).unwrap_or(0);
     let waiting = std::fs::read_dir(root.spool())
-        .map(|d| d.filter_map(|e| e.ok()).filter(|e| is_job_name(&e.file_name().to_string_lossy())).count())
+        .map(|d| d.filter_map(|e| e.ok()).filter(|e| is_job_name(&e.file_name())).count())
         .unwrap_or(0);
     if claimed + waiting > 0 {
         r.info(&format!("{waiting} job file(s) waiting in the spool, {claimed} claimed but not judged yet"));
     }
-    let runs = super::runs::all_runs(root);
+    let runs = rerankd::store::all_runs(root);
     let count = |s: RunState| runs.iter().filter(|r| r.state == s).count();
     r.info(&format!(
         "runs: {} queued, {} running, {} completed, {} failed, {} cancelled",
@@ -64,20 +63,18 @@ pub fn run(root: &Root) -> anyhow::Result<ExitCode> {
         count(RunState::Failed),
         count(RunState::Cancelled)
     ));
-    for s in runs.iter().filter(|s| s.state == RunState::Running && !s.pid.is_some_and(pid_alive)) {
-        r.warn(
-            &format!("{} is `running` but its process is gone", s.run_id),
-            "start the daemon (its boot sweep settles it) or `rerankd sweep`",
-        );
+    for s in runs.iter().filter(|s| s.state == RunState::Running && !s.pid.is_some_and(rerankd::sys::pid_alive)) {
+        let fix = if is_held(&root.daemon_lock()).unwrap_or(false) {
+            "the daemon records it within a second; if it stays, restart the daemon"
+        } else {
+            "start the daemon (its boot sweep settles it) or `rerankd sweep`"
+        };
+        r.warn(&format!("{} is `running` but its process is gone", s.run_id), fix);
     }
-    let corpora = std::fs::read_dir(root.dir.join("models"))
-        .map(|d| d.filter_map(|e| e.ok()).collect::<Vec<_>>())
-        .unwrap_or_default();
-    for c in corpora {
-        let name = c.file_name().to_string_lossy().into_owned();
+    for name in models::corpora(root) {
         match models::current(root, &name) {
             Some((id, _)) => r.ok(&format!("corpus {name}: serves {id}")),
-            None if c.path().join("current").symlink_metadata().is_ok() => r.warn(
+            None if root.models(&name).join("current").symlink_metadata().is_ok() => r.warn(
                 &format!("corpus {name}: `current` points at a missing adapter"),
                 &format!("`rerankd rollback {name}`"),
             ),

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use rerankd::store::Root;
+use rerankd::store::paths::{RunFiles, valid_corpus_name, valid_run_id};
+use rerankd::store::{Root, Status};
 
 mod bench;
 mod daemon;
@@ -23,6 +24,43 @@ pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_NOT_FOUND: u8 = 3;
 /// Refused: the root is held by a daemon, or the job was rejected.
 pub const EXIT_REFUSED: u8 = 4;
+/// `watch`: the run ended cancelled.
+pub const EXIT_CANCELLED: u8 = 5;
+
+/// A run named on the command line: its files and status, or the exit code already reported
+/// (a malformed id, or no such run). The one "no run `X`" lookup of the CLI.
+pub fn find_run(root: &Root, run: &str) -> Result<(RunFiles, Status), ExitCode> {
+    if !valid_run_id(run) {
+        eprintln!("rerankd: `{run}` is not a run id (like corpus__20261127_120000)");
+        return Err(ExitCode::from(EXIT_FAILURE));
+    }
+    let files = RunFiles::new(&root.run_dir(run));
+    match Status::read(&files.status()) {
+        Ok(st) => Ok((files, st)),
+        Err(_) => {
+            eprintln!("rerankd: no run `{run}` under {}", root.runs().display());
+            Err(ExitCode::from(EXIT_NOT_FOUND))
+        }
+    }
+}
+
+/// A corpus named on the command line must be a corpus name, never a path (review F15).
+pub fn check_corpus(corpus: &str) -> Result<(), ExitCode> {
+    if valid_corpus_name(corpus) {
+        return Ok(());
+    }
+    eprintln!("rerankd: `{corpus}` is not a corpus name (1-64 of A-Z a-z 0-9 . _ -, not starting with a dot)");
+    Err(ExitCode::from(EXIT_FAILURE))
+}
+
+/// Commands that only read the root refuse one that is not a directory, instead of printing
+/// nothing as if it were empty.
+pub fn check_root(root: &Root) -> anyhow::Result<()> {
+    match std::fs::metadata(&root.dir) {
+        Ok(m) if !m.is_dir() => anyhow::bail!("the root {} is not a directory", root.dir.display()),
+        _ => Ok(()),
+    }
+}
 
 #[derive(Parser, Debug)]
 #[command(name = "rerankd", version, about = "Fine-tune a Qwen3 reranker on your own relevance feedback")]
@@ -40,7 +78,12 @@ pub enum Command {
     Daemon(daemon::DaemonArgs),
     /// (internal) Execute one run; started by the daemon.
     #[command(hide = true)]
-    Run { run_dir: PathBuf },
+    Run {
+        run_dir: PathBuf,
+        /// Lower this process's CPU (and, on Linux, I/O) priority first.
+        #[arg(long)]
+        nice: Option<i32>,
+    },
     /// Submit a job file: copied through spool/tmp and renamed into the spool.
     Submit(submit::SubmitArgs),
     /// Show one run, or the runs of a corpus.
@@ -77,7 +120,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let root = Root::resolve(cli.root.as_deref());
     match cli.command {
         Command::Daemon(a) => daemon::run(&root, a),
-        Command::Run { run_dir } => Ok(ExitCode::from(rerankd::runner::run(&root, &run_dir)? as u8)),
+        Command::Run { run_dir, nice } => Ok(ExitCode::from(rerankd::runner::run(&root, &run_dir, nice)? as u8)),
         Command::Submit(a) => submit::run(&root, a),
         Command::Status(a) => runs::status(&root, a),
         Command::Runs(a) => runs::list(&root, a),

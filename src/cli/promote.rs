@@ -3,8 +3,7 @@
 
 use std::process::ExitCode;
 
-use rerankd::store::paths::RunFiles;
-use rerankd::store::{FileLock, Root, RunState, Status, models};
+use rerankd::store::{FileLock, Root, RunState, models};
 use serde_json::json;
 
 fn lock(root: &Root, corpus: &str) -> anyhow::Result<Option<FileLock>> {
@@ -17,16 +16,16 @@ fn lock(root: &Root, corpus: &str) -> anyhow::Result<Option<FileLock>> {
 }
 
 pub fn promote(root: &Root, run: &str) -> anyhow::Result<ExitCode> {
-    let files = RunFiles::new(&root.run_dir(run));
-    let Ok(st) = Status::read(&files.status()) else {
-        eprintln!("rerankd: no run `{run}`");
-        return Ok(ExitCode::from(super::EXIT_NOT_FOUND));
+    let (files, st) = match super::find_run(root, run) {
+        Ok(found) => found,
+        Err(code) => return Ok(code),
     };
     if st.state != RunState::Completed || !files.adapter().join("adapter_model.safetensors").is_file() {
         eprintln!("rerankd: run `{run}` is {} and has no adapter to promote", st.state.as_str());
         return Ok(ExitCode::from(super::EXIT_REFUSED));
     }
     let Some(_lock) = lock(root, &st.corpus)? else { return Ok(ExitCode::from(super::EXIT_REFUSED)) };
+    models::reconcile(root, &st.corpus)?;
     let dest =
         models::promote(root, &st.corpus, run, &files.adapter(), "manual", json!({"reason": "promoted by hand"}))?;
     println!("{} now serves {run} ({})", st.corpus, dest.display());
@@ -34,12 +33,20 @@ pub fn promote(root: &Root, run: &str) -> anyhow::Result<ExitCode> {
 }
 
 pub fn rollback(root: &Root, corpus: &str) -> anyhow::Result<ExitCode> {
+    if let Err(code) = super::check_corpus(corpus) {
+        return Ok(code);
+    }
+    if !root.models(corpus).is_dir() {
+        eprintln!("rerankd: corpus `{corpus}` has no promoted adapter");
+        return Ok(ExitCode::from(super::EXIT_REFUSED));
+    }
     let Some(_lock) = lock(root, corpus)? else { return Ok(ExitCode::from(super::EXIT_REFUSED)) };
     match models::rollback(root, corpus) {
         Ok((from, to)) => {
             println!("{corpus}: rolled back from {from} to {to}");
             Ok(ExitCode::SUCCESS)
         }
+        Err(models::RollbackError::Store(e)) => Err(e.into()),
         Err(why) => {
             eprintln!("rerankd: {why}");
             Ok(ExitCode::from(super::EXIT_REFUSED))

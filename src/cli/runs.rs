@@ -22,14 +22,7 @@ pub struct RunsArgs {
     pub json: bool,
 }
 
-/// Every run's status, oldest first.
-pub fn all_runs(root: &Root) -> Vec<Status> {
-    let mut v: Vec<Status> = std::fs::read_dir(root.runs())
-        .map(|rd| rd.filter_map(|e| e.ok()).filter_map(|e| Status::read(&e.path().join("status.json")).ok()).collect())
-        .unwrap_or_default();
-    v.sort_by(|a, b| (&a.created_at, &a.run_id).cmp(&(&b.created_at, &b.run_id)));
-    v
-}
+use rerankd::store::all_runs;
 
 fn print(runs: &[Status], json: bool) {
     if json {
@@ -47,12 +40,9 @@ fn print(runs: &[Status], json: bool) {
 
 pub fn status(root: &Root, a: StatusArgs) -> anyhow::Result<ExitCode> {
     let runs: Vec<Status> = match (&a.run, &a.corpus) {
-        (Some(id), _) => match Status::read(&RunFiles::new(&root.run_dir(id)).status()) {
-            Ok(s) => vec![s],
-            Err(_) => {
-                eprintln!("rerankd: no run `{id}` under {}", root.runs().display());
-                return Ok(ExitCode::from(super::EXIT_NOT_FOUND));
-            }
+        (Some(id), _) => match super::find_run(root, id) {
+            Ok((_, s)) => vec![s],
+            Err(code) => return Ok(code),
         },
         (None, Some(c)) => all_runs(root).into_iter().filter(|s| &s.corpus == c).collect(),
         (None, None) => all_runs(root),
@@ -62,30 +52,34 @@ pub fn status(root: &Root, a: StatusArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn list(root: &Root, a: RunsArgs) -> anyhow::Result<ExitCode> {
+    super::check_root(root)?;
     print(&all_runs(root), a.json);
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn cancel(root: &Root, run: &str) -> anyhow::Result<ExitCode> {
-    let files = RunFiles::new(&root.run_dir(run));
-    let Ok(st) = Status::read(&files.status()) else {
-        eprintln!("rerankd: no run `{run}`");
-        return Ok(ExitCode::from(super::EXIT_NOT_FOUND));
+    let (files, st) = match super::find_run(root, run) {
+        Ok(found) => found,
+        Err(code) => return Ok(code),
     };
     if st.state.is_terminal() {
         println!("{run} is already {}", st.state.as_str());
         return Ok(ExitCode::SUCCESS);
     }
-    rerankd::daemon::request_cancel(root, run, "cancelled by user");
+    // A failure to write the sentinel is the command's failure, never a silent "requested".
+    files.request_cancel(rerankd::store::paths::DEFAULT_CANCEL_REASON)?;
     println!("cancel requested for {run}");
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn stop(root: &Root, corpus: &str) -> anyhow::Result<ExitCode> {
+    if let Err(code) = super::check_corpus(corpus) {
+        return Ok(code);
+    }
     let live: Vec<Status> =
         all_runs(root).into_iter().filter(|s| s.corpus == corpus && !s.state.is_terminal()).collect();
     for s in &live {
-        rerankd::daemon::request_cancel(root, &s.run_id, &format!("corpus {corpus} stopped by user"));
+        RunFiles::new(&root.run_dir(&s.run_id)).request_cancel(&format!("corpus {corpus} stopped by user"))?;
         println!("cancel requested for {} ({})", s.run_id, s.state.as_str());
     }
     if live.is_empty() {

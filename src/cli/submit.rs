@@ -13,18 +13,41 @@ use rerankd::store::Root;
 pub struct SubmitArgs {
     pub file: PathBuf,
     /// Seconds to wait for a running daemon to accept or reject the job (0: do not wait).
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = parse_wait)]
     pub wait: f64,
     #[arg(long)]
     pub json: bool,
 }
 
+/// `--wait`: a finite number of seconds from 0 to a day (checked before anything is submitted).
+fn parse_wait(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(w) if w.is_finite() && (0.0..=86_400.0).contains(&w) => Ok(w),
+        _ => Err(format!("`{s}` is not a number of seconds from 0 to 86400")),
+    }
+}
+
+/// The spool name for a submitted file: its stem made safe (no leading dots, which intake
+/// ignores by design (review F6); only the corpus alphabet; short), stamped and unique.
+fn spool_name(file: &std::path::Path) -> String {
+    let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let safe: String = stem
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' { c } else { '_' })
+        .collect::<String>()
+        .trim_start_matches('.')
+        .chars()
+        .take(100)
+        .collect();
+    let base = if safe.is_empty() { "job".to_string() } else { safe };
+    let stamp = rerankd::store::time::compact(std::time::SystemTime::now());
+    format!("{base}-{stamp}-{}.json", std::process::id())
+}
+
 pub fn run(root: &Root, a: SubmitArgs) -> anyhow::Result<ExitCode> {
     root.ensure()?;
     let text = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
-    let base = a.file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "job".into());
-    let stamp = rerankd::store::time::compact(std::time::SystemTime::now());
-    let name = format!("{base}-{stamp}-{}.json", std::process::id());
+    let name = spool_name(&a.file);
     let tmp = root.spool_tmp().join(&name);
     rerankd::store::write_atomic(&tmp, &text)?;
     std::fs::rename(&tmp, root.spool().join(&name)).context("renaming into the spool")?;
@@ -32,7 +55,7 @@ pub fn run(root: &Root, a: SubmitArgs) -> anyhow::Result<ExitCode> {
     let (acc, rej, err) = (
         root.accepted().join(&name),
         root.rejected().join(&name),
-        root.rejected().join(name.replace(".json", ".error.json")),
+        root.rejected().join(rerankd::store::paths::error_name(&name)),
     );
     loop {
         if let Ok(r) = std::fs::read_to_string(&acc) {

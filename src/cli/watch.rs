@@ -6,22 +6,21 @@ use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use rerankd::store::Root;
-use rerankd::store::paths::RunFiles;
+use rerankd::store::{Root, RunState, Status};
 use serde_json::Value;
 
-pub const EXIT_CANCELLED: u8 = 5;
-
 pub fn run(root: &Root, run: &str) -> anyhow::Result<ExitCode> {
-    let files = RunFiles::new(&root.run_dir(run));
-    if !files.status().is_file() {
-        eprintln!("rerankd: no run `{run}`");
-        return Ok(ExitCode::from(super::EXIT_NOT_FOUND));
-    }
+    let files = match super::find_run(root, run) {
+        Ok((files, _)) => files,
+        Err(code) => return Ok(code),
+    };
     let mut pos = 0u64;
     let mut total: Option<u64> = None;
     let mut step_ms: Vec<f64> = Vec::new();
     loop {
+        // Read before the log: the terminal event is written before status.json, so a terminal
+        // status seen here means its event (if any) is in the log read below.
+        let ended = Status::read(&files.status()).ok().filter(|st| st.state.is_terminal());
         let mut f = std::fs::File::open(files.metrics())?;
         f.seek(SeekFrom::Start(pos))?;
         let mut reader = BufReader::new(f);
@@ -38,7 +37,24 @@ pub fn run(root: &Root, run: &str) -> anyhow::Result<ExitCode> {
             }
             line.clear();
         }
+        // At the end of the log: a run whose status.json is terminal although no terminal
+        // event was read (a log from an older build, or a state recorded while the log could not
+        // be written) ends here too, so watch never waits for an event that will not come.
+        if let Some(st) = ended {
+            let reason = st.reason.as_deref().or(st.error.as_deref()).unwrap_or("");
+            println!("{} ({reason}; from status.json)", st.state.as_str());
+            return Ok(ExitCode::from(exit_code(st.state)));
+        }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The exit code for a run that ended in `state`: 0 completed, 1 failed, 5 cancelled.
+fn exit_code(state: RunState) -> u8 {
+    match state {
+        RunState::Completed => 0,
+        RunState::Cancelled => super::EXIT_CANCELLED,
+        _ => super::EXIT_FAILURE,
     }
 }
 
@@ -86,12 +102,7 @@ fn show(e: &Value, total: &mut Option<u64>, step_ms: &mut Vec<f64>) -> Option<u8
                 Some(r) => println!("{ts} {state} ({r})"),
                 None => println!("{ts} {state}"),
             }
-            return match state {
-                "completed" => Some(0),
-                "failed" => Some(super::EXIT_FAILURE),
-                "cancelled" => Some(EXIT_CANCELLED),
-                _ => None,
-            };
+            return RunState::parse(state).filter(|s| s.is_terminal()).map(exit_code);
         }
         _ => {}
     }

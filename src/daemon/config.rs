@@ -1,62 +1,166 @@
-//! `ROOT/config.toml`: daemon settings. Optional; a missing file means defaults. A minimal
-//! `key = value` reader (numbers only) keeps a TOML parser out of the dependency tree.
+//! `ROOT/config.toml`: daemon settings. Optional; a missing file means defaults. Read with serde
+//! and the `toml` crate: an unknown key is an error naming it (and listing the known ones), and
+//! every value is range-checked here, once, so nothing downstream can meet a duration it cannot
+//! represent.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-#[derive(Debug, Clone)]
+use serde::Deserialize;
+
+/// What `config.toml` says, as typed (absent keys are `None`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    max_concurrent_runs: Option<i64>,
+    cancel_grace_s: Option<f64>,
+    rescan_s: Option<f64>,
+    shutdown_timeout_s: Option<f64>,
+    memory_budget_mb: Option<i64>,
+    run_nice: Option<i64>,
+}
+
+/// The daemon's settings, resolved and checked.
+#[derive(Debug, Clone, PartialEq)]
 pub struct DaemonConfig {
     pub max_concurrent_runs: usize,
-    pub cancel_grace_s: f64,
-    pub rescan_s: u64,
+    /// How long a run may ignore its cancel sentinel before SIGTERM.
+    pub cancel_grace: Duration,
+    /// The safety-net rescan of the spool (the watcher is only a hint).
+    pub rescan: Duration,
     /// How long SIGTERM waits for runs to record "daemon shutdown" (below launchd's ExitTimeOut).
-    pub shutdown_timeout_s: f64,
+    pub shutdown_timeout: Duration,
     /// Memory budget for a job that names none (default: half the machine, at least 4 GB free).
     pub memory_budget_mb: u64,
+    /// The nice value run processes give themselves (0 = as the daemon; 19 = only idle cycles).
+    pub run_nice: i32,
 }
+
+/// A bad `config.toml`: the file, the key when one is to blame, and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {}{message}", path.display(), key.as_ref().map(|k| format!("key `{k}`: ")).unwrap_or_default())]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+/// The longest duration any setting takes: a week.
+const MAX_SECONDS: f64 = 7.0 * 24.0 * 3600.0;
 
 impl Default for DaemonConfig {
     fn default() -> Self {
         Self {
             max_concurrent_runs: 1,
-            cancel_grace_s: 30.0,
-            rescan_s: 30,
-            shutdown_timeout_s: 20.0,
+            cancel_grace: Duration::from_secs(30),
+            rescan: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(20),
             memory_budget_mb: crate::train::memory::default_budget_mb(),
+            run_nice: 10,
         }
     }
 }
 
 impl DaemonConfig {
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let mut c = Self::default();
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(c),
-            Err(e) => anyhow::bail!("reading {}: {e}", path.display()),
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let err = |key: Option<&str>, message: String| ConfigError {
+            path: path.to_path_buf(),
+            key: key.map(str::to_string),
+            message,
         };
-        for (n, line) in text.lines().enumerate() {
-            let line = line.split('#').next().unwrap_or("").trim();
-            if line.is_empty() {
-                continue;
-            }
-            let Some((k, v)) = line.split_once('=') else {
-                anyhow::bail!("{}: line {}: expected `key = value`", path.display(), n + 1);
-            };
-            let (k, v) = (k.trim(), v.trim());
-            let num: f64 =
-                v.parse().map_err(|_| anyhow::anyhow!("{}: field `{k}`: `{v}` is not a number", path.display()))?;
-            let bad = |what: &str| anyhow::anyhow!("{}: field `{k}`: {what}", path.display());
-            match k {
-                "max_concurrent_runs" if num >= 1.0 && num.fract() == 0.0 => c.max_concurrent_runs = num as usize,
-                "cancel_grace_s" if num >= 0.0 => c.cancel_grace_s = num,
-                "rescan_s" if num >= 1.0 => c.rescan_s = num as u64,
-                "shutdown_timeout_s" if num >= 1.0 => c.shutdown_timeout_s = num,
-                "max_concurrent_runs" | "cancel_grace_s" | "rescan_s" | "shutdown_timeout_s" => {
-                    return Err(bad("out of range"));
-                }
-                _ => return Err(bad("unknown setting")),
-            }
+        let text = match std::fs::read(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(e) => return Err(err(None, format!("cannot read: {e}"))),
+        };
+        let text = String::from_utf8(text).map_err(|_| err(None, "is not UTF-8 text".into()))?;
+        Self::parse_at(path, &text)
+    }
+
+    /// Parses config text as if read from `path`: the rules of [`Self::load`].
+    pub fn parse_at(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let err = |key: Option<String>, message: String| ConfigError { path: path.to_path_buf(), key, message };
+        let file: ConfigFile = toml::from_str(text).map_err(|e| {
+            // toml reports a span; the key is the one on that line (`key = value`).
+            let key = e.span().and_then(|s| {
+                let line = text[..s.start.min(text.len())].rsplit('\n').next().unwrap_or("");
+                let line = if line.contains('=') { line } else { text[s.start.min(text.len())..].lines().next()? };
+                let k = line.split('=').next()?.trim();
+                (!k.is_empty() && !k.starts_with('[')).then(|| k.to_string())
+            });
+            err(key, e.message().to_string())
+        })?;
+        Self::resolve(file).map_err(|(key, m)| err(Some(key.to_string()), m))
+    }
+
+    /// [`Self::parse_at`] for text with no file behind it (tests).
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        Self::parse_at(Path::new("config.toml"), text)
+    }
+
+    fn resolve(f: ConfigFile) -> Result<Self, (&'static str, String)> {
+        let d = Self::default();
+        let int = |key: &'static str, v: Option<i64>, lo: i64, hi: i64, dflt: i64| match v {
+            None => Ok(dflt),
+            Some(n) if (lo..=hi).contains(&n) => Ok(n),
+            Some(n) => Err((key, format!("must be an integer from {lo} to {hi}, got {n}"))),
+        };
+        let secs = |key: &'static str, v: Option<f64>, lo: f64, dflt: Duration| match v {
+            None => Ok(dflt),
+            Some(x) if x.is_finite() && (lo..=MAX_SECONDS).contains(&x) => Ok(Duration::from_secs_f64(x)),
+            Some(x) => Err((key, format!("must be a finite number of seconds from {lo} to {MAX_SECONDS}, got {x}"))),
+        };
+        Ok(Self {
+            max_concurrent_runs: int("max_concurrent_runs", f.max_concurrent_runs, 1, 64, 1)? as usize,
+            cancel_grace: secs("cancel_grace_s", f.cancel_grace_s, 0.0, d.cancel_grace)?,
+            rescan: secs("rescan_s", f.rescan_s, 1.0, d.rescan)?,
+            shutdown_timeout: secs("shutdown_timeout_s", f.shutdown_timeout_s, 1.0, d.shutdown_timeout)?,
+            memory_budget_mb: int("memory_budget_mb", f.memory_budget_mb, 256, 1 << 20, d.memory_budget_mb as i64)?
+                as u64,
+            run_nice: int("run_nice", f.run_nice, 0, 19, d.run_nice as i64)? as i32,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every key the README documents is accepted (a derive cannot forget one; this proves it).
+    #[test]
+    fn every_documented_key() {
+        let c = DaemonConfig::parse(
+            "max_concurrent_runs = 2\ncancel_grace_s = 1.5\nrescan_s = 10\nshutdown_timeout_s = 5\n\
+             memory_budget_mb = 4096\nrun_nice = 5\n",
+        )
+        .unwrap();
+        assert_eq!(c.max_concurrent_runs, 2);
+        assert_eq!(c.cancel_grace, Duration::from_millis(1500));
+        assert_eq!(c.rescan, Duration::from_secs(10));
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(5));
+        assert_eq!(c.memory_budget_mb, 4096);
+        assert_eq!(c.run_nice, 5);
+        assert_eq!(DaemonConfig::parse("").unwrap(), DaemonConfig::default());
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (text, key) in [
+            ("cancel_grace_s = inf", "cancel_grace_s"),
+            ("cancel_grace_s = 1e20", "cancel_grace_s"),
+            ("cancel_grace_s = nan", "cancel_grace_s"),
+            ("shutdown_timeout_s = 1e300", "shutdown_timeout_s"),
+            ("rescan_s = -1", "rescan_s"),
+            ("max_concurrent_runs = 0", "max_concurrent_runs"),
+            ("run_nice = 40", "run_nice"),
+            ("memory_budget_mb = 1", "memory_budget_mb"),
+        ] {
+            let e = DaemonConfig::parse(text).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{text}: {e}");
         }
-        Ok(c)
+        let e = DaemonConfig::parse("bogus = 1").unwrap_err().to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let e = DaemonConfig::parse("rescan_s = \"10\"").unwrap_err().to_string();
+        assert!(e.contains("rescan_s"), "{e}");
     }
 }

@@ -1,15 +1,22 @@
 //! The daemon: one per root (`daemon.lock`), boot sweep, spool intake, scheduling (one active run
-//! per corpus, `max_concurrent_runs` overall, arrival order), supervision of run processes with
-//! cancel escalation, and signals (TERM/INT: cancel runs as "daemon shutdown" and exit 0; HUP:
-//! reload config and rescan). It runs in the foreground: launchd and systemd track its pid.
+//! per corpus, `max_concurrent_runs` overall, arrival order), supervision of run processes
+//! (`supervise.rs`), and signals (TERM/INT: cancel runs as "daemon shutdown" and exit 0; HUP:
+//! reload config and rescan; CHLD: reap). It runs in the foreground: launchd and systemd track
+//! its pid.
+//!
+//! It sleeps until something happens: a file created, moved or written in `spool/` (the watcher
+//! ignores opens and reads, including the daemon's own scans: review F1), a signal, a child's
+//! exit, or a timer it set itself (the next rescan; while runs are active, the watchdog's
+//! half-second tick; while runs wait, a one-second tick).
 
 pub mod config;
 pub mod intake;
+pub mod supervise;
 pub mod sweep;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -19,8 +26,8 @@ use crate::job::{IfBusy, Job, JobError};
 use crate::store::paths::RunFiles;
 use crate::store::{FileLock, Root, RunState, Status};
 use config::DaemonConfig;
-use intake::{Admission, Intake};
-use sweep::settle;
+use intake::{Accepted, Admission, Intake};
+use supervise::{Active, Proc, Unsettled};
 
 pub const SHUTDOWN_REASON: &str = "daemon shutdown";
 
@@ -32,8 +39,11 @@ pub struct AlreadyRunning {
     pub lock: PathBuf,
 }
 
-/// How long after SIGTERM a child that ignores it gets SIGKILL.
-const TERM_TO_KILL: Duration = Duration::from_secs(3);
+/// The watchdog's sampling interval while runs are active.
+const ACTIVE_TICK: Duration = Duration::from_millis(500);
+/// The tick while runs wait (for a corpus lock, a cancel of a queued run) or ends wait to be
+/// recorded.
+const WAITING_TICK: Duration = Duration::from_secs(1);
 
 /// What wakes the loop early.
 enum Wake {
@@ -41,37 +51,31 @@ enum Wake {
     Spool,
 }
 
-struct Active {
+/// A run waiting to start.
+struct Queued {
     run_id: String,
     corpus: String,
-    child: Child,
-    cancel_seen: Option<Instant>,
-    term_sent: Option<Instant>,
-    /// Resident memory past which the daemon kills the run (from its memory budget).
-    hard_limit_mb: u64,
-    /// Why the daemon killed it, if it did (recorded as the run's error).
-    killed_for: Option<String>,
-}
-
-/// The hard limit for a run with this budget: a quarter above it, and at least 512 MB above.
-pub fn hard_limit_mb(budget_mb: u64) -> u64 {
-    (budget_mb + budget_mb / 4).max(budget_mb + 512)
+    budget_mb: u64,
 }
 
 struct Daemon {
     root: Root,
     cfg: DaemonConfig,
-    queue: VecDeque<(String, String)>, // (run_id, corpus), arrival order
+    /// Arrival order.
+    queue: VecDeque<Queued>,
     active: Vec<Active>,
+    /// Ends of runs that could not be recorded yet (a full disk); their corpora stay busy.
+    unsettled: Vec<Unsettled>,
     intake: Intake,
 }
 
 /// Runs the daemon until a stop signal (or, with `until_idle`, until nothing is left to do).
 pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
-    root.ensure()?;
-    if let Some(problem) = permission_problems(root).into_iter().next() {
+    let made = root.ensure();
+    if let Some(problem) = root.permission_problems().into_iter().next() {
         anyhow::bail!("refusing to run: {problem}");
     }
+    made?;
     let Some(mut lock) = FileLock::try_acquire(&root.daemon_lock())? else {
         return Err(AlreadyRunning {
             pid: crate::store::lock::holder_pid(&root.daemon_lock()),
@@ -87,24 +91,35 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
     let _signals = install_signals(tx.clone())?;
     let _watcher = watch_spool(root, tx);
 
-    let (queued, settled) = sweep::sweep(root)?;
-    if settled > 0 {
-        tracing::warn!(settled, "boot sweep settled orphaned runs");
+    let swept = sweep::sweep(root)?;
+    if swept.settled + swept.temps_removed + swept.adopted.len() > 0 {
+        tracing::warn!(
+            settled = swept.settled,
+            adopted = swept.adopted.len(),
+            temps_removed = swept.temps_removed,
+            "boot sweep"
+        );
     }
     let intake = Intake::new(cfg.memory_budget_mb);
-    let mut d = Daemon { root: root.clone(), cfg, queue: VecDeque::new(), active: Vec::new(), intake };
-    for id in queued {
-        if let Ok(st) = Status::read(&RunFiles::new(&root.run_dir(&id)).status()) {
-            d.queue.push_back((id, st.corpus));
-        }
+    let mut d =
+        Daemon { root: root.clone(), cfg, queue: VecDeque::new(), active: Vec::new(), unsettled: Vec::new(), intake };
+    for a in swept.adopted {
+        tracing::warn!(run_id = %a.run_id, pid = a.pid, "adopting a run that outlived the previous daemon");
+        let budget = d.budget_of(&a.run_id);
+        d.active.push(Active::new(a.run_id, a.corpus, Proc::Adopted { pid: a.pid }, budget));
     }
-    d.reprocess_claimed();
-    d.intake_pass();
+    for st in swept.queued {
+        let budget_mb = d.budget_of(&st.run_id);
+        d.queue.push_back(Queued { run_id: st.run_id, corpus: st.corpus, budget_mb });
+    }
+    d.intake_pass(true);
     let mut last_scan = Instant::now();
     loop {
-        // Wait for the first wake-up (or 100 ms), then take every other one already queued.
-        let wakes: Vec<Wake> = rx.recv_timeout(Duration::from_millis(100)).into_iter().chain(rx.try_iter()).collect();
-        let mut rescan = false;
+        let next_scan = last_scan + d.cfg.rescan;
+        let timeout = d.next_tick(next_scan).saturating_duration_since(Instant::now());
+        // Sleep until the first wake-up or the timer, then take every other one already queued.
+        let wakes: Vec<Wake> = rx.recv_timeout(timeout).into_iter().chain(rx.try_iter()).collect();
+        let mut rescan = Instant::now() >= next_scan;
         for w in wakes {
             match w {
                 Wake::Spool => rescan = true,
@@ -112,6 +127,7 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
                     d.reload_config();
                     rescan = true;
                 }
+                Wake::Signal(signal_hook::consts::SIGCHLD) => {} // reaped below
                 Wake::Signal(sig) => {
                     tracing::info!(signal = sig, "stopping: cancelling active runs");
                     d.shutdown();
@@ -119,17 +135,16 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
                 }
             }
         }
-        // Watcher events are a hint; a periodic rescan is the guarantee. In-place writes that
-        // are still settling need another look within a second.
-        let every = if d.intake.has_pending() { 1 } else { d.cfg.rescan_s };
-        if rescan || last_scan.elapsed() >= Duration::from_secs(every) {
-            d.intake_pass();
+        let due = d.intake.next_due().is_some_and(|t| t <= Instant::now());
+        if rescan || due {
+            d.intake_pass(rescan || d.intake.claims_due());
             last_scan = Instant::now();
         }
         d.supervise();
         d.cancel_queued();
         d.start_runs();
-        if until_idle && d.active.is_empty() && d.queue.is_empty() && spool_is_empty(root) {
+        if until_idle && d.active.is_empty() && d.queue.is_empty() && d.unsettled.is_empty() && spool_is_empty(root)
+        {
             tracing::info!("idle: exiting");
             return Ok(());
         }
@@ -155,6 +170,19 @@ impl Admission for Busy<'_> {
 }
 
 impl Daemon {
+    /// When the loop must wake even if nothing happens.
+    fn next_tick(&self, next_scan: Instant) -> Instant {
+        let now = Instant::now();
+        let tick = if !self.active.is_empty() {
+            Some(now + ACTIVE_TICK)
+        } else if !self.queue.is_empty() || !self.unsettled.is_empty() {
+            Some(now + WAITING_TICK)
+        } else {
+            None
+        };
+        [Some(next_scan), tick, self.intake.next_due()].into_iter().flatten().min().unwrap_or(next_scan)
+    }
+
     fn reload_config(&mut self) {
         tracing::info!("SIGHUP: reloading config and rescanning");
         match DaemonConfig::load(&self.root.config()) {
@@ -162,60 +190,69 @@ impl Daemon {
                 self.intake.default_budget_mb = c.memory_budget_mb;
                 self.cfg = c;
             }
-            Err(e) => tracing::error!(error = %e, "config not reloaded"),
+            Err(e) => tracing::error!(error = %e, "config not reloaded; keeping the previous settings"),
         }
+    }
+
+    /// The effective memory budget a run's job.json holds.
+    fn budget_of(&self, run_id: &str) -> u64 {
+        crate::store::atomic::read_json::<Job>(&RunFiles::new(&self.root.run_dir(run_id)).job())
+            .map(|j| j.memory_budget_mb)
+            .unwrap_or(self.cfg.memory_budget_mb)
     }
 
     fn busy_corpora(&self) -> Vec<String> {
-        self.active.iter().map(|a| a.corpus.clone()).chain(self.queue.iter().map(|q| q.1.clone())).collect()
+        let active = self.active.iter().map(|a| &a.corpus);
+        let queued = self.queue.iter().map(|q| &q.corpus);
+        active.chain(queued).chain(self.unsettled.iter().map(|u| &u.corpus)).cloned().collect()
     }
 
-    fn reprocess_claimed(&mut self) {
-        let Ok(rd) = std::fs::read_dir(self.root.claimed()) else { return };
-        let mut claimed: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
-        claimed.sort();
-        for path in claimed {
-            tracing::warn!(file = %path.display(), "re-processing a job claimed before a crash");
-            let busy = self.busy_corpora();
-            if let Some(a) = self.intake.process_claimed(&self.root, &path, &mut Busy { corpora: &busy }, true) {
-                self.enqueue(a);
-            }
+    /// Re-creates a layout someone deleted, settles leftover claims when due (`claims`), and
+    /// scans the spool.
+    fn intake_pass(&mut self, claims: bool) {
+        if let Err(e) = self.root.ensure() {
+            tracing::error!(error = %e, "re-creating the root's layout");
         }
-    }
-
-    fn intake_pass(&mut self) {
         let busy = self.busy_corpora();
         let mut adm = Busy { corpora: &busy };
-        let accepted = self.intake.scan(&self.root, &mut adm);
+        let mut accepted = if claims { self.intake.reprocess_claimed(&self.root, &mut adm) } else { Vec::new() };
+        accepted.extend(self.intake.scan(&self.root, &mut adm));
         for a in accepted {
             self.enqueue(a);
         }
     }
 
-    fn enqueue(&mut self, a: intake::Accepted) {
+    fn enqueue(&mut self, a: Accepted) {
         if a.job.if_busy == IfBusy::Supersede {
-            for act in self.active.iter().filter(|x| x.corpus == a.job.corpus) {
-                request_cancel(&self.root, &act.run_id, &format!("superseded by {}", a.run_id));
-            }
-            for (id, _) in self.queue.iter().filter(|q| q.1 == a.job.corpus) {
-                request_cancel(&self.root, id, &format!("superseded by {}", a.run_id));
+            let reason = format!("superseded by {}", a.run_id);
+            let active = self.active.iter().filter(|x| x.corpus == a.job.corpus).map(|x| &x.run_id);
+            let queued = self.queue.iter().filter(|q| q.corpus == a.job.corpus).map(|q| &q.run_id);
+            for id in active.chain(queued) {
+                if let Err(e) = RunFiles::new(&self.root.run_dir(id)).request_cancel(&reason) {
+                    tracing::error!(run_id = %id, error = %e, "writing the cancel sentinel");
+                }
             }
         }
-        self.queue.push_back((a.run_id, a.job.corpus));
+        let budget_mb = a.job.memory_budget_mb;
+        self.queue.push_back(Queued { run_id: a.run_id, corpus: a.job.corpus, budget_mb });
     }
 
     /// Queued runs with a cancel sentinel are cancelled without ever starting.
     fn cancel_queued(&mut self) {
         let root = self.root.clone();
-        self.queue.retain(|(id, _)| {
-            let files = RunFiles::new(&root.run_dir(id));
+        self.queue.retain(|q| {
+            let files = RunFiles::new(&root.run_dir(&q.run_id));
             let Some(reason) = files.cancel_requested() else { return true };
-            if let Ok(mut st) = Status::read(&files.status())
-                && let Err(e) = settle(&files, &mut st, RunState::Cancelled, Some(reason), None)
-            {
-                tracing::error!(run_id = %id, error = %e, "recording a cancelled queued run");
+            match Status::read(&files.status()) {
+                Ok(mut st) => match crate::store::settle(&files, &mut st, RunState::Cancelled, Some(reason), None) {
+                    Ok(_) => tracing::info!(run_id = %q.run_id, "queued run cancelled"),
+                    Err(e) => {
+                        tracing::error!(run_id = %q.run_id, error = %e, "recording a cancelled queued run; will retry");
+                        return true;
+                    }
+                },
+                Err(e) => tracing::error!(run_id = %q.run_id, error = %e, "a queued run's status is unreadable"),
             }
-            tracing::info!(run_id = %id, "queued run cancelled");
             false
         });
     }
@@ -223,198 +260,95 @@ impl Daemon {
     fn start_runs(&mut self) {
         let mut i = 0;
         while i < self.queue.len() && self.active.len() < self.cfg.max_concurrent_runs {
-            let corpus = self.queue[i].1.clone();
-            let busy = self.active.iter().any(|a| a.corpus == corpus)
-                || self.queue.iter().take(i).any(|q| q.1 == corpus)
-                || crate::store::lock::is_held(&self.root.corpus_lock(&corpus)).unwrap_or(true);
+            let corpus = &self.queue[i].corpus;
+            let lock_held = crate::store::lock::is_held(&self.root.corpus_lock(corpus)).unwrap_or_else(|e| {
+                tracing::error!(corpus = %corpus, error = %e, "cannot probe the corpus lock; the run waits");
+                true
+            });
+            let busy = lock_held
+                || self.active.iter().any(|a| &a.corpus == corpus)
+                || self.unsettled.iter().any(|u| &u.corpus == corpus)
+                || self.queue.iter().take(i).any(|q| &q.corpus == corpus);
             if busy {
                 i += 1;
                 continue;
             }
-            let (run_id, corpus) = self.queue.remove(i).expect("index in range");
-            match self.spawn(&run_id) {
-                Ok(child) => {
-                    let job: Option<crate::job::Job> =
-                        crate::store::atomic::read_json(&RunFiles::new(&self.root.run_dir(&run_id)).job()).ok();
-                    let budget = job.and_then(|j| j.memory_budget_mb).unwrap_or(self.cfg.memory_budget_mb);
-                    let hard_limit_mb = hard_limit_mb(budget);
-                    tracing::info!(run_id = %run_id, pid = child.id(), hard_limit_mb, "run started");
-                    self.active.push(Active {
-                        run_id,
-                        corpus,
-                        child,
-                        cancel_seen: None,
-                        term_sent: None,
-                        hard_limit_mb,
-                        killed_for: None,
-                    });
+            let q = self.queue.remove(i).expect("index in range");
+            match self.spawn(&q.run_id) {
+                Ok(mut child) => {
+                    tracing::info!(run_id = %q.run_id, pid = child.id(), budget_mb = q.budget_mb, "run started");
+                    let stderr = supervise::capture_stderr(&q.run_id, &mut child);
+                    self.active.push(Active::new(q.run_id, q.corpus, Proc::Child { child, stderr }, q.budget_mb));
                 }
                 Err(e) => {
-                    tracing::error!(run_id = %run_id, error = %e, "could not start the run");
-                    let files = RunFiles::new(&self.root.run_dir(&run_id));
-                    if let Ok(mut st) = Status::read(&files.status()) {
-                        let _ =
-                            settle(&files, &mut st, RunState::Failed, None, Some(format!("could not start: {e:#}")));
-                    }
+                    tracing::error!(run_id = %q.run_id, error = %e, "could not start the run");
+                    let error = Some(format!("could not start: {e:#}"));
+                    let u = Unsettled { run_id: q.run_id, corpus: q.corpus, state: RunState::Failed, reason: None, error };
+                    self.unsettled.extend(supervise::retry(&self.root, u));
                 }
             }
         }
     }
 
-    fn spawn(&self, run_id: &str) -> anyhow::Result<Child> {
+    fn spawn(&self, run_id: &str) -> anyhow::Result<std::process::Child> {
         let exe = std::env::current_exe().context("finding the rerankd executable")?;
         Command::new(exe)
             .arg("--root")
             .arg(&self.root.dir)
             .arg("run")
+            .arg("--nice")
+            .arg(self.cfg.run_nice.to_string())
             .arg(self.root.run_dir(run_id))
             .stdin(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .context("spawning the run process")
     }
 
-    /// Reaps finished children (recording a terminal state they could not) and escalates cancels.
     fn supervise(&mut self) {
-        let grace = Duration::from_secs_f64(self.cfg.cancel_grace_s);
-        let mut i = 0;
-        while i < self.active.len() {
-            let a = &mut self.active[i];
-            let files = RunFiles::new(&self.root.run_dir(&a.run_id));
-            match a.child.try_wait() {
-                Ok(Some(exit)) => {
-                    let a = self.active.remove(i);
-                    finish(&files, &a, exit);
-                    continue;
-                }
-                Ok(None) => {}
-                Err(e) => tracing::error!(run_id = %a.run_id, error = %e, "waiting on a run"),
-            }
-            // The watchdog: a run past its hard memory limit is killed at once, not asked.
-            if a.killed_for.is_none()
-                && let Some(rss) = crate::train::memory::process_rss_mb(a.child.id())
-                && rss > a.hard_limit_mb
-            {
-                let why = format!(
-                    "killed by the daemon: resident memory {rss} MB passed the hard limit of {} MB \
-                     (memory budget x 1.25, at least +512 MB)",
-                    a.hard_limit_mb
-                );
-                tracing::error!(run_id = %a.run_id, rss_mb = rss, limit_mb = a.hard_limit_mb, "memory limit: SIGKILL");
-                let _ = a.child.kill();
-                a.killed_for = Some(why);
-            }
-            if a.cancel_seen.is_none() && files.cancel_requested().is_some() {
-                a.cancel_seen = Some(Instant::now());
-            }
-            if let Some(seen) = a.cancel_seen {
-                if a.term_sent.is_none() && seen.elapsed() >= grace {
-                    tracing::warn!(run_id = %a.run_id, "run ignored cancel for the grace period: SIGTERM");
-                    // SAFETY: signalling our own child by pid.
-                    unsafe { libc::kill(a.child.id() as libc::pid_t, libc::SIGTERM) };
-                    a.term_sent = Some(Instant::now());
-                } else if a.term_sent.is_some_and(|t| t.elapsed() >= TERM_TO_KILL) {
-                    tracing::warn!(run_id = %a.run_id, "run ignored SIGTERM: SIGKILL");
-                    let _ = a.child.kill();
-                }
-            }
-            i += 1;
-        }
+        let failed = supervise::supervise(&self.root, &mut self.active, self.cfg.cancel_grace);
+        let pending = std::mem::take(&mut self.unsettled);
+        self.unsettled = pending.into_iter().filter_map(|u| supervise::retry(&self.root, u)).collect();
+        self.unsettled.extend(failed);
     }
 
     /// Cancels every active run as "daemon shutdown", waits (bounded) for them to record it,
     /// kills what is left and records it. Queued runs stay queued for the next start.
     fn shutdown(&mut self) {
         for a in &self.active {
-            request_cancel(&self.root, &a.run_id, SHUTDOWN_REASON);
+            if let Err(e) = RunFiles::new(&self.root.run_dir(&a.run_id)).request_cancel(SHUTDOWN_REASON) {
+                tracing::error!(run_id = %a.run_id, error = %e, "writing the cancel sentinel");
+            }
         }
-        let deadline = Instant::now() + Duration::from_secs_f64(self.cfg.shutdown_timeout_s);
+        let deadline = Instant::now() + self.cfg.shutdown_timeout;
         while !self.active.is_empty() && Instant::now() < deadline {
             self.supervise();
             std::thread::sleep(Duration::from_millis(50));
         }
-        for mut a in std::mem::take(&mut self.active) {
-            let _ = a.child.kill();
-            if let Ok(exit) = a.child.wait() {
-                finish(&RunFiles::new(&self.root.run_dir(&a.run_id)), &a, exit);
-            }
+        for a in &mut self.active {
+            a.signal(&self.root.clone(), libc::SIGKILL);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.active.is_empty() && Instant::now() < deadline {
+            self.supervise();
+            std::thread::sleep(Duration::from_millis(20));
         }
         tracing::info!("daemon stopped");
-    }
-}
-
-/// After a child exits: if it left its run non-terminal, record why.
-fn finish(files: &RunFiles, a: &Active, exit: std::process::ExitStatus) {
-    use std::os::unix::process::ExitStatusExt;
-    let Ok(mut st) = Status::read(&files.status()) else { return };
-    if st.state.is_terminal() {
-        tracing::info!(run_id = %a.run_id, state = st.state.as_str(), "run finished");
-        return;
-    }
-    let how = match (exit.code(), exit.signal()) {
-        (Some(c), _) => format!("exit status {c}"),
-        (_, Some(s)) => format!("killed by signal {s}"),
-        _ => "unknown exit".to_string(),
-    };
-    let result = match (&a.killed_for, files.cancel_requested()) {
-        (Some(why), _) => settle(files, &mut st, RunState::Failed, None, Some(why.clone())),
-        (None, Some(reason)) => settle(files, &mut st, RunState::Cancelled, Some(reason), None),
-        (None, None) => {
-            settle(files, &mut st, RunState::Failed, None, Some(format!("run process died without a result ({how})")))
-        }
-    };
-    if let Err(e) = result {
-        tracing::error!(run_id = %a.run_id, error = %e, "recording the end of a run");
-    }
-    tracing::warn!(run_id = %a.run_id, %how, "run process ended without recording a result; recorded for it");
-}
-
-/// Creates the cancel sentinel with a reason (if none exists yet).
-pub fn request_cancel(root: &Root, run_id: &str, reason: &str) {
-    let p = RunFiles::new(&root.run_dir(run_id)).cancel();
-    if !p.exists()
-        && let Err(e) = crate::store::write_atomic(&p, reason.as_bytes())
-    {
-        tracing::error!(run_id, error = %e, "writing the cancel sentinel");
     }
 }
 
 fn spool_is_empty(root: &Root) -> bool {
     let claimed_empty = std::fs::read_dir(root.claimed()).map(|mut r| r.next().is_none()).unwrap_or(true);
     let spool_jobs = std::fs::read_dir(root.spool())
-        .map(|rd| rd.filter_map(|e| e.ok()).any(|e| intake::is_job_name(&e.file_name().to_string_lossy())))
+        .map(|rd| rd.filter_map(|e| e.ok()).any(|e| intake::is_job_name(&e.file_name())))
         .unwrap_or(false);
     claimed_empty && !spool_jobs
 }
 
-/// Why the root or its spool is unsafe to run on: owned by someone else, or writable by others
-/// (who could then make this daemon train on anything). Empty when all is well.
-pub fn permission_problems(root: &Root) -> Vec<String> {
-    use std::os::unix::fs::MetadataExt;
-    // SAFETY: getuid has no preconditions.
-    let uid = unsafe { libc::getuid() };
-    let mut out = Vec::new();
-    for dir in [root.dir.clone(), root.spool()] {
-        match std::fs::metadata(&dir) {
-            Err(e) => out.push(format!("{}: {e}", dir.display())),
-            Ok(m) if m.uid() != uid => {
-                out.push(format!("{} is owned by uid {}, not by you (uid {uid})", dir.display(), m.uid()))
-            }
-            Ok(m) if m.mode() & 0o022 != 0 => out.push(format!(
-                "{} is writable by other users (mode {:o}); run `chmod go-w {}`",
-                dir.display(),
-                m.mode() & 0o777,
-                dir.display()
-            )),
-            Ok(_) => {}
-        }
-    }
-    out
-}
-
 fn install_signals(tx: mpsc::Sender<Wake>) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
+    use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGCHLD])
+        .context("installing signal handlers")?;
     Ok(std::thread::spawn(move || {
         for s in signals.forever() {
             if tx.send(Wake::Signal(s)).is_err() {
@@ -424,10 +358,26 @@ fn install_signals(tx: mpsc::Sender<Wake>) -> anyhow::Result<std::thread::JoinHa
     }))
 }
 
+/// Whether a watcher event can mean a new or changed job file. Opens, reads and closes without
+/// writing are what the daemon's own scans cause: waking on them was a busy loop (review F1).
+fn is_spool_change(kind: &notify::EventKind) -> bool {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode, ModifyKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        EventKind::Modify(ModifyKind::Metadata(_)) => false,
+        _ => true,
+    }
+}
+
 fn watch_spool(root: &Root, tx: mpsc::Sender<Wake>) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
-    let mut w = notify::recommended_watcher(move |_ev: notify::Result<notify::Event>| {
-        // Any event, an error, or a rescan flag: all mean "look at the spool".
+    let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        // An error or a rescan flag also means "look at the spool".
+        if ev.as_ref().is_ok_and(|e| !e.need_rescan() && !is_spool_change(&e.kind)) {
+            return;
+        }
         let _ = tx.send(Wake::Spool);
     })
     .map_err(|e| tracing::warn!(error = %e, "file watcher unavailable; relying on rescans"))

@@ -1,63 +1,115 @@
-//! The boot sweep: every run left `running` by a dead process becomes `cancelled` (reason
-//! `orphaned: ...`) before new work starts; `queued` runs are returned in their original order.
+//! The boot sweep, before new work starts:
+//! - a run left `running` whose process is alive and still holds its corpus lock is *adopted*:
+//!   the daemon supervises it from now on (memory watchdog, cancel escalation, and recording its
+//!   end if it dies without doing so: review F3);
+//! - any other `running` run becomes `cancelled` (reason `orphaned: ...`), and if it had made
+//!   itself current its promotion is undone;
+//! - a run whose log already holds its terminal state gets status.json to match (a crash
+//!   between the two writes);
+//! - every corpus's `current` is reconciled with its promotion log;
+//! - temporary files left by crashed writers are removed (review F19);
+//! - `queued` runs are returned in their original order.
 
-use serde_json::json;
-
+use crate::store::atomic::remove_stale_temps;
 use crate::store::lock::is_held;
 use crate::store::paths::RunFiles;
-use crate::store::{MetricsLog, Root, RunState, Status};
+use crate::store::{FileLock, MetricsLog, Root, RunState, Status, all_runs, models, settle};
 
 pub const ORPHANED: &str = "orphaned: found running at boot with no live owner";
 
-/// Settles orphans; returns the queued runs' ids, oldest first, and how many runs were settled.
-pub fn sweep(root: &Root) -> anyhow::Result<(Vec<String>, usize)> {
-    let mut queued: Vec<(String, String)> = Vec::new();
-    let mut settled = 0;
-    let Ok(rd) = std::fs::read_dir(root.runs()) else { return Ok((Vec::new(), 0)) };
-    for entry in rd.filter_map(|e| e.ok()) {
-        let files = RunFiles::new(&entry.path());
-        let Ok(mut st) = Status::read(&files.status()) else { continue };
+/// A run whose process outlived a previous daemon.
+#[derive(Debug, Clone)]
+pub struct Adopted {
+    pub run_id: String,
+    pub corpus: String,
+    pub pid: u32,
+}
+
+/// What the sweep found and did.
+#[derive(Debug, Default)]
+pub struct Swept {
+    /// Queued runs, oldest first.
+    pub queued: Vec<Status>,
+    pub adopted: Vec<Adopted>,
+    /// Runs settled as orphaned (or completed from their log).
+    pub settled: usize,
+    pub temps_removed: usize,
+}
+
+pub fn sweep(root: &Root) -> anyhow::Result<Swept> {
+    let mut out = Swept { temps_removed: remove_temps(root), ..Swept::default() };
+    for mut st in all_runs(root) {
+        let files = RunFiles::new(&root.run_dir(&st.run_id));
+        if st.state.is_terminal() {
+            continue;
+        }
+        if MetricsLog::open(&files.metrics(), &st.run_id)?.terminal().is_some() {
+            settle(&files, &mut st, RunState::Cancelled, Some(ORPHANED.into()), None)?; // completes the logged state
+            out.settled += 1;
+            continue;
+        }
         match st.state {
-            RunState::Queued => queued.push((st.created_at.clone(), st.run_id.clone())),
+            RunState::Queued => out.queued.push(st),
             RunState::Running => {
-                let owner_alive = st.pid.is_some_and(pid_alive);
-                if is_held(&root.corpus_lock(&st.corpus))? && owner_alive {
-                    continue; // a live run outside this daemon's knowledge: leave it be
+                if let Some(pid) = st.pid.filter(|p| run_is_alive(root, &st.corpus, *p)) {
+                    out.adopted.push(Adopted { run_id: st.run_id.clone(), corpus: st.corpus.clone(), pid });
+                    continue;
                 }
-                settle(&files, &mut st, RunState::Cancelled, Some(ORPHANED.to_string()), None)?;
-                settled += 1;
+                settle_dead(root, &files, &mut st, RunState::Cancelled, Some(ORPHANED.into()), None)?;
+                out.settled += 1;
             }
             _ => {}
         }
     }
-    queued.sort();
-    Ok((queued.into_iter().map(|(_, id)| id).collect(), settled))
+    for corpus in models::corpora(root) {
+        // Under the corpus lock, so a live (adopted) run's promotion is never second-guessed.
+        if let Ok(Some(_lock)) = FileLock::try_acquire(&root.corpus_lock(&corpus))
+            && let Some(fixed) = models::reconcile(root, &corpus)?
+        {
+            tracing::warn!(corpus, current = %fixed, "`current` did not match the promotion log; repaired");
+        }
+    }
+    Ok(out)
 }
 
-/// Writes a terminal (or any) state for a run whose own process cannot: status + `state` event.
-pub fn settle(
+/// Whether a run's process is alive: its pid exists and its corpus lock is held (a recycled pid
+/// holds no lock).
+pub fn run_is_alive(root: &Root, corpus: &str, pid: u32) -> bool {
+    crate::sys::pid_alive(pid) && is_held(&root.corpus_lock(corpus)).unwrap_or(true)
+}
+
+/// Records the end of a run whose process is gone, and undoes its promotion if it had made
+/// itself current without completing (review F8). The one path the daemon and the sweep use.
+pub fn settle_dead(
+    root: &Root,
     files: &RunFiles,
     st: &mut Status,
     state: RunState,
     reason: Option<String>,
     error: Option<String>,
-) -> anyhow::Result<()> {
-    if !st.transition(state, reason.clone(), error.clone()) {
-        return Ok(());
+) -> crate::store::Result<()> {
+    crate::testhooks::crash_point("settle.before_record");
+    settle(files, st, state, reason, error)?;
+    if st.state != RunState::Completed
+        && let Ok(Some(_lock)) = FileLock::try_acquire(&root.corpus_lock(&st.corpus))
+        && let Some(now) =
+            models::undo(root, &st.corpus, &st.run_id, &format!("{} ended {}", st.run_id, st.state.as_str()))?
+    {
+        tracing::warn!(run_id = %st.run_id, current = ?now, "undid the promotion of a run that did not complete");
     }
-    let mut log = MetricsLog::open(&files.metrics(), &st.run_id)?;
-    if let Some(e) = &error {
-        log.append("error", json!({"message": e}))?;
-    }
-    log.append("state", json!({"state": state.as_str(), "reason": reason}))?;
-    log.sync()?;
-    st.write(&files.status())?;
     Ok(())
 }
 
-/// Whether a process with this pid exists (signal 0 probes without sending).
-pub fn pid_alive(pid: u32) -> bool {
-    // SAFETY: kill with signal 0 only checks for existence and permission.
-    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+/// Removes crashed writers' temporary files wherever the store makes them.
+fn remove_temps(root: &Root) -> usize {
+    let mut dirs = vec![root.runs(), root.accepted(), root.rejected(), root.dir.clone()];
+    for parent in [root.runs(), root.dir.join("models")] {
+        if let Ok(rd) = std::fs::read_dir(&parent) {
+            dirs.extend(rd.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).map(|e| e.path()));
+        }
+    }
+    for c in models::corpora(root) {
+        dirs.push(root.models(&c).join("adapters"));
+    }
+    dirs.iter().map(|d| remove_stale_temps(d)).sum()
 }

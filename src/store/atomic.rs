@@ -9,7 +9,7 @@ use super::{Result, StoreError};
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let tmp = dir.join(temp_name(&name));
     let mut f = std::fs::File::create(&tmp).map_err(|e| StoreError::io(&tmp, "creating", e))?;
     f.write_all(bytes).map_err(|e| StoreError::io(&tmp, "writing", e))?;
     f.sync_all().map_err(|e| StoreError::io(&tmp, "syncing", e))?;
@@ -36,4 +36,38 @@ pub fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| StoreError::io(path, "reading", e))?;
     serde_json::from_str(&text).map_err(|e| StoreError::Corrupt { path: path.into(), message: e.to_string() })
+}
+
+/// The name of a temporary sibling of `name` owned by this process: `.<name>.tmp.<pid>`. Every
+/// temporary file and directory under the root is named this way, so [`remove_stale_temps`] can
+/// tell a crashed writer's leftovers from a live writer's work.
+pub fn temp_name(name: &str) -> String {
+    format!(".{name}.tmp.{}", std::process::id())
+}
+
+/// Removes `.<name>.tmp.<pid>` files and directories in `dir` whose writer (`pid`) is dead: the
+/// leftovers of crashes (review F19). A live pid's temp is left alone. Returns how many went.
+pub fn remove_stale_temps(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    let mut removed = 0;
+    for e in rd.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp.")).and_then(|(_, p)| p.parse().ok())
+        else {
+            continue;
+        };
+        if crate::sys::pid_alive(pid) {
+            continue;
+        }
+        let p = e.path();
+        let gone = if e.file_type().is_ok_and(|t| t.is_dir()) {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        if gone.is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }

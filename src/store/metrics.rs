@@ -16,6 +16,9 @@ pub struct MetricsLog {
     path: PathBuf,
     run_id: String,
     next_seq: u64,
+    /// The last `state` event that was terminal, if the log has one: a state recorded in the
+    /// log but perhaps not yet in status.json (see `status::record`).
+    terminal: Option<Value>,
 }
 
 impl MetricsLog {
@@ -27,13 +30,17 @@ impl MetricsLog {
             Err(e) => return Err(StoreError::io(path, "reading", e)),
         };
         let good = bytes.iter().rposition(|&b| b == b'\n').map(|i| i + 1).unwrap_or(0);
-        let next_seq = parse_lines(&bytes[..good]).len() as u64;
+        let events = parse_lines(&bytes[..good]);
+        let next_seq = events.len() as u64;
+        let terminal = events.into_iter().rev().find(|e| e["type"] == "state").filter(|e| {
+            matches!(e["state"].as_str(), Some("completed" | "failed" | "cancelled"))
+        });
         let file =
             OpenOptions::new().create(true).append(true).open(path).map_err(|e| StoreError::io(path, "opening", e))?;
         if good < bytes.len() {
             file.set_len(good as u64).map_err(|e| StoreError::io(path, "truncating a torn line", e))?;
         }
-        Ok(Self { file, path: path.to_path_buf(), run_id: run_id.to_string(), next_seq })
+        Ok(Self { file, path: path.to_path_buf(), run_id: run_id.to_string(), next_seq, terminal })
     }
 
     /// Appends one event of `kind` with `fields`; `ts`, `seq`, `run_id` and `type` are added.
@@ -46,12 +53,36 @@ impl MetricsLog {
         if let Value::Object(f) = fields {
             obj.extend(f);
         }
-        let mut line = Value::Object(obj).to_string();
+        let event = Value::Object(obj);
+        let mut line = event.to_string();
         line.push('\n');
-        self.file.write_all(line.as_bytes()).map_err(|e| StoreError::io(&self.path, "appending", e))?;
+        if let Err(e) = self.file.write_all(line.as_bytes()) {
+            // A short write (disk full) leaves a torn line: cut it now, so the next append starts
+            // on a line of its own (readers skip torn lines either way).
+            self.cut_torn_tail();
+            return Err(StoreError::io(&self.path, "appending", e));
+        }
         self.file.flush().map_err(|e| StoreError::io(&self.path, "flushing", e))?;
         self.next_seq += 1;
+        if kind == "state" && matches!(event["state"].as_str(), Some("completed" | "failed" | "cancelled")) {
+            self.terminal = Some(event);
+        }
         Ok(())
+    }
+
+    /// Cuts the file back to its last complete line (best effort: this runs after a failed write).
+    fn cut_torn_tail(&self) {
+        if let Ok(b) = std::fs::read(&self.path) {
+            let good = b.iter().rposition(|&c| c == b'\n').map_or(0, |i| i + 1);
+            if good < b.len() {
+                let _ = self.file.set_len(good as u64);
+            }
+        }
+    }
+
+    /// The terminal `state` event this log holds, if any.
+    pub fn terminal(&self) -> Option<&Value> {
+        self.terminal.as_ref()
     }
 
     /// Makes everything appended so far durable (used at state changes).

@@ -13,22 +13,24 @@ pub use atomic::write_atomic;
 pub use lock::FileLock;
 pub use metrics::MetricsLog;
 pub use paths::Root;
-pub use status::{RunState, Status};
+pub use status::{RunState, Status, all_runs, record, settle};
 
 use std::path::{Path, PathBuf};
 
 /// Store errors carry the path and what was being done.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("I/O error at {path} while {action}: {source}")]
-    Io { path: PathBuf, action: &'static str, source: std::io::Error },
+    /// The cause is part of the message and deliberately not a `source()`: error chains print
+    /// it once, not twice (review F18).
+    #[error("I/O error at {path} while {action}: {cause}")]
+    Io { path: PathBuf, action: &'static str, cause: std::io::Error },
     #[error("{path}: {message}")]
     Corrupt { path: PathBuf, message: String },
 }
 
 impl StoreError {
     pub fn io(path: &Path, action: &'static str, source: std::io::Error) -> Self {
-        Self::Io { path: path.to_path_buf(), action, source }
+        Self::Io { path: path.to_path_buf(), action, cause: source }
     }
 }
 

@@ -32,7 +32,7 @@ fn install(root: &Root, corpus: &str, run_id: &str, src: &Path) -> Result<PathBu
     }
     let parent = adapters_dir(root, corpus);
     std::fs::create_dir_all(&parent).map_err(|e| StoreError::io(&parent, "creating", e))?;
-    let tmp = parent.join(format!(".{run_id}.tmp.{}", std::process::id()));
+    let tmp = parent.join(super::atomic::temp_name(run_id));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| StoreError::io(&tmp, "creating", e))?;
     for entry in std::fs::read_dir(src).map_err(|e| StoreError::io(src, "listing", e))? {
@@ -52,7 +52,7 @@ fn install(root: &Root, corpus: &str, run_id: &str, src: &Path) -> Result<PathBu
 /// Points `current` at `adapters/<run_id>` by renaming a fresh symlink over it.
 fn point_current(root: &Root, corpus: &str, run_id: &str) -> Result<()> {
     let dir = root.models(corpus);
-    let tmp = dir.join(format!(".current.tmp.{}", std::process::id()));
+    let tmp = dir.join(super::atomic::temp_name("current"));
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(Path::new("adapters").join(run_id), &tmp)
         .map_err(|e| StoreError::io(&tmp, "creating symlink", e))?;
@@ -74,39 +74,160 @@ fn log(root: &Root, corpus: &str, mut entry: Value) -> Result<()> {
     f.sync_data().map_err(|e| StoreError::io(&path, "syncing", e))
 }
 
-/// Every promotion, rollback and manual promotion of a corpus, oldest first.
+/// Every promotion, rollback and undo of a corpus, oldest first (torn lines skipped).
 pub fn promotions(root: &Root, corpus: &str) -> Vec<Value> {
     std::fs::read_to_string(root.models(corpus).join("promotions.jsonl"))
         .map(|t| t.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
         .unwrap_or_default()
 }
 
+/// The adapters a corpus has served, replayed from its history: a promotion pushes its run, a
+/// rollback or an undo pops the run it replaced. The top is what `current` must point at.
+/// Replaying a stack (rather than following `previous` links) is what makes rollback walk back
+/// one promotion per call and stop at the first, however often a run was promoted (review F14).
+pub fn served(history: &[Value]) -> Vec<String> {
+    let mut stack: Vec<String> = Vec::new();
+    for e in history {
+        let run = e["run_id"].as_str().map(str::to_string);
+        match e["how"].as_str() {
+            Some("rollback" | "undo") => {
+                if stack.last().map(String::as_str) == e["previous"].as_str() {
+                    stack.pop();
+                }
+                if let Some(r) = run
+                    && stack.last() != Some(&r)
+                {
+                    stack.push(r); // an inconsistent old history: trust what was restored
+                }
+            }
+            _ => stack.extend(run),
+        }
+    }
+    stack
+}
+
 /// Makes `run_id`'s adapter the corpus's current one; `details` (metrics, reason) are logged.
-/// Returns the promoted adapter directory.
+/// Order: copy the adapter in, log the promotion (write-ahead), then swap `current`. A crash
+/// after the log line and before the swap is repaired by [`reconcile`] (or undone by [`undo`]
+/// if the run never completed). Returns the promoted adapter directory.
 pub fn promote(root: &Root, corpus: &str, run_id: &str, adapter: &Path, how: &str, details: Value) -> Result<PathBuf> {
     let previous = current(root, corpus).map(|(id, _)| id);
     let dest = install(root, corpus, run_id, adapter)?;
-    point_current(root, corpus, run_id)?;
     let mut entry = json!({"run_id": run_id, "previous": previous, "how": how, "path": dest});
     if let (Value::Object(e), Value::Object(d)) = (&mut entry, details) {
         e.extend(d);
     }
+    crate::testhooks::crash_point("promote.before_log");
     log(root, corpus, entry)?;
+    crate::testhooks::crash_point("promote.after_log");
+    point_current(root, corpus, run_id)?;
+    crate::testhooks::crash_point("promote.after_swap");
     Ok(dest)
 }
 
-/// Restores the adapter that was current before the current one. Walks back one promotion per
-/// call. Returns (from, to).
-pub fn rollback(root: &Root, corpus: &str) -> std::result::Result<(String, String), String> {
-    let (cur, _) = current(root, corpus).ok_or_else(|| format!("corpus `{corpus}` has no promoted adapter"))?;
-    let history = promotions(root, corpus);
-    let prev = history
-        .iter()
-        .rev()
-        .find(|e| e["run_id"] == cur.as_str() && e["how"] != "rollback")
-        .and_then(|e| e["previous"].as_str().map(str::to_string))
-        .ok_or_else(|| format!("nothing to roll back to: {cur} was the first adapter promoted for `{corpus}`"))?;
-    point_current(root, corpus, &prev).map_err(|e| e.to_string())?;
-    log(root, corpus, json!({"run_id": prev, "previous": cur, "how": "rollback"})).map_err(|e| e.to_string())?;
+/// Why a rollback cannot happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RollbackError {
+    #[error("corpus `{0}` has no promoted adapter")]
+    NothingPromoted(String),
+    #[error("nothing to roll back to: {0} is the first adapter promoted for `{1}`")]
+    First(String, String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Restores the adapter that was served before the current one: one promotion back per call,
+/// stopping at the first. Returns (from, to).
+pub fn rollback(root: &Root, corpus: &str) -> std::result::Result<(String, String), RollbackError> {
+    reconcile(root, corpus)?;
+    let stack = served(&promotions(root, corpus));
+    let (cur, prev) = match stack.as_slice() {
+        [] => return Err(RollbackError::NothingPromoted(corpus.to_string())),
+        [only] => return Err(RollbackError::First(only.clone(), corpus.to_string())),
+        [.., p, c] => (c.clone(), p.clone()),
+    };
+    log(root, corpus, json!({"run_id": prev, "previous": cur, "how": "rollback"}))?;
+    point_current(root, corpus, &prev)?;
     Ok((cur, prev))
+}
+
+/// A run that promoted itself and then did not complete (killed, cancelled by escalation, a
+/// write that failed after the swap) must not stay current: restore what was served before it
+/// (or no adapter, if it was the first) and log an `undo` with the reason. Idempotent; does
+/// nothing unless `run_id` is on top of the served stack. Returns what is current afterwards
+/// when it changed something.
+pub fn undo(root: &Root, corpus: &str, run_id: &str, reason: &str) -> Result<Option<Option<String>>> {
+    let stack = served(&promotions(root, corpus));
+    if stack.last().map(String::as_str) != Some(run_id) {
+        // Not logged as promoted: `current` cannot point at it (the log comes first), unless an
+        // older build swapped first; repair that too.
+        if current(root, corpus).is_some_and(|(c, _)| c == run_id) {
+            return reconcile(root, corpus).map(|r| r.map(Some));
+        }
+        return Ok(None);
+    }
+    let restore = stack.len().checked_sub(2).map(|i| stack[i].clone());
+    log(root, corpus, json!({"run_id": restore, "previous": run_id, "how": "undo", "reason": reason}))?;
+    match &restore {
+        Some(prev) => point_current(root, corpus, prev)?,
+        None => {
+            let link = root.models(corpus).join("current");
+            match std::fs::remove_file(&link) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(StoreError::io(&link, "removing", e));
+                }
+                _ => sync_dir(&root.models(corpus))?,
+            }
+        }
+    }
+    Ok(Some(restore))
+}
+
+/// Points `current` at the top of the served stack if it points elsewhere (a crash between the
+/// log line and the swap). Returns the run now current when it changed anything.
+pub fn reconcile(root: &Root, corpus: &str) -> Result<Option<String>> {
+    let Some(top) = served(&promotions(root, corpus)).pop() else { return Ok(None) };
+    if current(root, corpus).is_some_and(|(c, _)| c == top) || !adapters_dir(root, corpus).join(&top).is_dir() {
+        return Ok(None);
+    }
+    point_current(root, corpus, &top)?;
+    Ok(Some(top))
+}
+
+/// The corpora that have a `models/<corpus>/` directory.
+pub fn corpora(root: &Root) -> Vec<String> {
+    std::fs::read_dir(root.dir.join("models"))
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(run: &str, prev: Option<&str>, how: &str) -> Value {
+        json!({"run_id": run, "previous": prev, "how": how})
+    }
+
+    #[test]
+    fn rollback_after_a_manual_repromotion_ends() {
+        // A (auto), B (auto), A by hand: rollback walks B, A, then stops (review F14).
+        let mut h = vec![ev("A", None, "auto"), ev("B", Some("A"), "auto"), ev("A", Some("B"), "manual")];
+        let mut seen = Vec::new();
+        loop {
+            let s = served(&h);
+            let [.., p, c] = s.as_slice() else { break };
+            seen.push(p.clone());
+            h.push(ev(p, Some(c), "rollback"));
+        }
+        assert_eq!(seen, ["B", "A"]);
+    }
+
+    #[test]
+    fn undo_pops_the_unfinished_run() {
+        let h = vec![ev("A", None, "auto"), ev("B", Some("A"), "auto"), json!({"run_id": "A", "previous": "B", "how": "undo"})];
+        assert_eq!(served(&h), ["A"]);
+        let h = vec![ev("A", None, "auto"), json!({"run_id": null, "previous": "A", "how": "undo"})];
+        assert!(served(&h).is_empty());
+    }
 }

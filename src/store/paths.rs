@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use super::{Result, StoreError};
 
+
 #[derive(Debug, Clone)]
 pub struct Root {
     pub dir: PathBuf,
@@ -35,7 +36,7 @@ impl Root {
             self.dir.join("models"),
             self.dir.join("corpora"),
         ];
-        for d in dirs.iter().filter(|d| !d.is_dir()) {
+        for d in dirs.iter().filter(|d| d.symlink_metadata().is_err()) {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -43,6 +44,53 @@ impl Root {
                 .map_err(|e| StoreError::io(d, "creating directory", e))?;
         }
         Ok(())
+    }
+
+    /// Why the root is unsafe to run on: a directory under it owned by someone else, or writable
+    /// by others (who could then plant jobs, data, runs or cancel sentinels and make this daemon
+    /// train on anything), or not a directory at all. Checks the root, every directory of the
+    /// layout and each corpus's data and models directory. Empty when all is well.
+    pub fn permission_problems(&self) -> Vec<String> {
+        use std::os::unix::fs::MetadataExt;
+        let uid = crate::sys::uid();
+        let mut dirs = vec![
+            self.dir.clone(),
+            self.spool(),
+            self.spool_tmp(),
+            self.claimed(),
+            self.accepted(),
+            self.rejected(),
+            self.runs(),
+            self.locks(),
+            self.dir.join("models"),
+            self.dir.join("corpora"),
+        ];
+        for parent in [self.dir.join("corpora"), self.dir.join("models")] {
+            if let Ok(rd) = std::fs::read_dir(&parent) {
+                dirs.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()));
+            }
+        }
+        let mut out = Vec::new();
+        for dir in dirs {
+            let shown = dir.display();
+            match std::fs::metadata(&dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => out.push(format!("{shown}: {e}")),
+                Ok(m) if !m.is_dir() => {
+                    out.push(format!("{shown} is not a directory; move it away so the layout can be created"))
+                }
+                Ok(m) if m.uid() != uid => out.push(format!(
+                    "{shown} is owned by uid {}, not by you (uid {uid}); run `chown -R $(id -un) {shown}` as its owner or root",
+                    m.uid()
+                )),
+                Ok(m) if m.mode() & 0o022 != 0 => out.push(format!(
+                    "{shown} is writable by other users (mode {:o}); run `chmod go-w {shown}`",
+                    m.mode() & 0o777
+                )),
+                Ok(_) => {}
+            }
+        }
+        out
     }
 
     pub fn config(&self) -> PathBuf {
@@ -129,13 +177,118 @@ impl RunFiles {
     pub fn adapter(&self) -> PathBuf {
         self.dir.join("adapter")
     }
-    /// The cancel sentinel's text (the reason), if the file exists.
+    /// The cancel sentinel's reason, if it exists. Whatever stands at that path (a FIFO, a link
+    /// to `/dev/zero`, a directory) means "cancel"; only a regular file is read, without following
+    /// links, without blocking, and at most [`MAX_CANCEL_BYTES`] of it.
     pub fn cancel_requested(&self) -> Option<String> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
         let p = self.cancel();
-        match std::fs::read_to_string(&p) {
-            Ok(s) => Some(if s.trim().is_empty() { "cancelled by user".to_string() } else { s.trim().to_string() }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(_) => p.exists().then(|| "cancelled by user".to_string()),
+        let meta = match p.symlink_metadata() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(_) => return Some(DEFAULT_CANCEL_REASON.to_string()),
+            Ok(m) => m,
+        };
+        let mut text = Vec::new();
+        if meta.is_file() {
+            let opened = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+                .open(&p)
+                .and_then(|f| Ok((f.metadata()?.is_file(), f)));
+            if let Ok((true, f)) = opened {
+                let _ = f.take(MAX_CANCEL_BYTES).read_to_end(&mut text);
+            }
         }
+        let s = String::from_utf8_lossy(&text);
+        Some(if s.trim().is_empty() { DEFAULT_CANCEL_REASON.to_string() } else { s.trim().to_string() })
+    }
+
+    /// Writes the cancel sentinel with `reason`, unless one exists already (the first reason
+    /// stands). Returns whether this call wrote it. The one writer of the file read above.
+    pub fn request_cancel(&self, reason: &str) -> Result<bool> {
+        let p = self.cancel();
+        if p.symlink_metadata().is_ok() {
+            return Ok(false);
+        }
+        super::write_atomic(&p, reason.as_bytes())?;
+        Ok(true)
+    }
+}
+
+/// The reason recorded when the sentinel gives none.
+pub const DEFAULT_CANCEL_REASON: &str = "cancelled by user";
+/// How much of a cancel sentinel is read as its reason.
+pub const MAX_CANCEL_BYTES: u64 = 4096;
+
+/// A corpus name: 1-64 of `[A-Za-z0-9._-]`, not starting with a dot (so never `.` or `..`).
+pub fn valid_corpus_name(s: &str) -> bool {
+    valid_name(s, 64)
+}
+
+/// A run id (`<corpus>__<UTC time>[__N]`): the corpus alphabet, at most 128 bytes.
+pub fn valid_run_id(s: &str) -> bool {
+    valid_name(s, 128)
+}
+
+fn valid_name(s: &str, max: usize) -> bool {
+    (1..=max).contains(&s.len())
+        && !s.starts_with('.')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+/// The rejection reason's name beside a rejected job file: `x.json` -> `x.error.json` (exactly
+/// one `.json` is replaced; a name without it gets `.error.json` appended). `submit` and intake
+/// both use this one rule.
+pub fn error_name(job_name: &str) -> String {
+    format!("{}.error.json", job_name.strip_suffix(".json").unwrap_or(job_name))
+}
+
+/// A name in `dir` for a rejected job whose file *and* reason file are both free: `name`, else
+/// `stem.2.json`, `stem.3.json`, ... (so nothing already in `rejected/`, a user's file or an
+/// earlier reason, is ever overwritten).
+pub fn free_rejection_name(dir: &Path, name: &str) -> String {
+    let free = |n: &str| dir.join(n).symlink_metadata().is_err() && dir.join(error_name(n)).symlink_metadata().is_err();
+    if free(name) {
+        return name.to_string();
+    }
+    let (stem, ext) = name.strip_suffix(".json").map_or((name, ""), |s| (s, ".json"));
+    (2u64..).map(|n| format!("{stem}.{n}{ext}")).find(|n| free(n)).expect("some free name")
+}
+
+/// A name in `dir` that does not exist yet: `name`, else `stem.N.json`.
+pub fn free_name(dir: &Path, name: &str) -> String {
+    if dir.join(name).symlink_metadata().is_err() {
+        return name.to_string();
+    }
+    let (stem, ext) = name.strip_suffix(".json").map_or((name, ""), |s| (s, ".json"));
+    (2u64..).map(|n| format!("{stem}.{n}{ext}")).find(|n| dir.join(n).symlink_metadata().is_err()).expect("free")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejection_names_never_collide() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(error_name("x.json"), "x.error.json");
+        assert_eq!(error_name("a.json.json"), "a.json.error.json");
+        // A user's `x.error.json` was rejected first; `x.json` must not take its name.
+        std::fs::write(d.path().join("x.error.json"), "user file").unwrap();
+        assert_eq!(free_rejection_name(d.path(), "x.json"), "x.2.json");
+        std::fs::write(d.path().join("y.json"), "").unwrap();
+        assert_eq!(free_rejection_name(d.path(), "y.json"), "y.2.json");
+        assert_eq!(free_rejection_name(d.path(), "z.json"), "z.json");
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_corpus_name("demo-1.x_y"));
+        for bad in ["", ".", "..", "../x", "a/b", ".x", "caf\u{e9}"] {
+            assert!(!valid_corpus_name(bad), "{bad}");
+        }
+        assert!(valid_run_id("demo__20261127_120000__2"));
+        assert!(!valid_run_id("../runs/x"));
     }
 }

@@ -6,8 +6,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::Result;
 use super::atomic::{read_json, write_json};
+use super::metrics::MetricsLog;
+use super::paths::RunFiles;
+use super::{Result, Root};
 use super::time::now_rfc3339;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +25,17 @@ pub enum RunState {
 impl RunState {
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => Self::Queued,
+            "running" => Self::Running,
+            "completed" => Self::Completed,
+            "failed" => Self::Failed,
+            "cancelled" => Self::Cancelled,
+            _ => return None,
+        })
     }
 
     pub fn as_str(self) -> &'static str {
@@ -98,5 +111,94 @@ impl Status {
         self.reason = reason;
         self.error = error;
         true
+    }
+}
+
+/// Records a state change of a run: the one way any process (the run itself, the daemon, the
+/// sweep) does it. The `state` event is appended and synced first (with an `error` event before
+/// it when there is an error), then status.json is replaced: status.json is the commit point.
+/// A crash in between leaves a terminal event with a non-terminal status; the next `record` for
+/// that run finds the event ([`MetricsLog::terminal`]) and completes *that* commit instead of
+/// writing a second terminal event, so a run has exactly one. Returns whether `state` was
+/// recorded (false when the run had already ended, or had ended in the log).
+pub fn record(
+    files: &RunFiles,
+    log: &mut MetricsLog,
+    st: &mut Status,
+    state: RunState,
+    reason: Option<String>,
+    error: Option<String>,
+) -> Result<bool> {
+    if st.state.is_terminal() {
+        return Ok(false);
+    }
+    if let Some(ev) = log.terminal().cloned() {
+        let logged = ev["state"].as_str().and_then(RunState::parse).unwrap_or(RunState::Failed);
+        let text = |k: &str| ev[k].as_str().map(str::to_string);
+        let mut done = st.clone();
+        done.transition(logged, text("reason"), text("error"));
+        done.write(&files.status())?;
+        *st = done;
+        return Ok(false);
+    }
+    let mut next = st.clone();
+    next.transition(state, reason.clone(), error.clone());
+    if let Some(e) = &error {
+        log.append("error", serde_json::json!({"message": e}))?;
+    }
+    let mut ev = serde_json::json!({"state": state.as_str(), "reason": reason});
+    if let Some(e) = &error {
+        ev["error"] = e.clone().into();
+    }
+    log.append("state", ev)?;
+    log.sync()?;
+    next.write(&files.status())?;
+    *st = next;
+    Ok(true)
+}
+
+/// [`record`] for a process that does not hold the run's log open (the daemon, the sweep).
+pub fn settle(files: &RunFiles, st: &mut Status, state: RunState, reason: Option<String>, error: Option<String>) -> Result<bool> {
+    let mut log = MetricsLog::open(&files.metrics(), &st.run_id)?;
+    record(files, &mut log, st, state, reason, error)
+}
+
+/// Every run under the root with a readable status, oldest first (creation time, then id). The
+/// one lister of `runs/`: hidden entries (runs being created) are skipped.
+pub fn all_runs(root: &Root) -> Vec<Status> {
+    let mut v: Vec<Status> = std::fs::read_dir(root.runs())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .filter_map(|e| Status::read(&RunFiles::new(&e.path()).status()).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_by(|a, b| (&a.created_at, &a.run_id).cmp(&(&b.created_at, &b.run_id)));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A crash after the terminal event and before status.json: the next record completes the
+    /// logged state and never adds a second terminal event (review F9).
+    #[test]
+    fn a_logged_terminal_state_wins() {
+        let d = tempfile::tempdir().unwrap();
+        let files = RunFiles::new(d.path());
+        let mut st = Status::new_queued("r", "c", None);
+        st.write(&files.status()).unwrap();
+        let mut log = MetricsLog::open(&files.metrics(), "r").unwrap();
+        log.append("state", serde_json::json!({"state": "failed", "reason": null, "error": "boom"})).unwrap();
+        drop(log);
+        // status.json still says queued, as after the crash.
+        let mut st = Status::read(&files.status()).unwrap();
+        assert!(!settle(&files, &mut st, RunState::Cancelled, Some("orphaned".into()), None).unwrap());
+        let st = Status::read(&files.status()).unwrap();
+        assert_eq!((st.state, st.error.as_deref()), (RunState::Failed, Some("boom")));
+        let ev = super::super::metrics::read_events(&files.metrics()).unwrap();
+        assert_eq!(ev.iter().filter(|e| e["type"] == "state").count(), 1);
     }
 }

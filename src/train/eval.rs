@@ -28,19 +28,20 @@ pub struct EvalResult {
     pub lists: Vec<ScoredList>,
 }
 
-/// Scores and measures `lists`; `None` if `cancelled()` said so between lists.
+/// Scores and measures `lists`; a [`super::Cancelled`] error if `cancelled()` gives a reason
+/// between lists.
 pub fn evaluate(
     r: &Reranker,
     lora: Option<&LoraSet>,
     lists: &[DevList],
     max_length: usize,
-    cancelled: &mut dyn FnMut() -> bool,
-) -> anyhow::Result<Option<EvalResult>> {
+    cancelled: &mut dyn FnMut() -> Option<String>,
+) -> anyhow::Result<EvalResult> {
     let mut sums = [0f64; 4];
     let mut scored = Vec::with_capacity(lists.len());
     for l in lists {
-        if cancelled() {
-            return Ok(None);
+        if let Some(reason) = cancelled() {
+            return Err(super::Cancelled(reason).into());
         }
         let pairs: Vec<(&str, &str)> = l.docs.iter().map(|d| (l.query.as_str(), d.as_str())).collect();
         let scores: Vec<f32> = r.score_pairs(&pairs, max_length, SCORE_BATCH, lora)?.iter().map(|s| s.score).collect();
@@ -53,5 +54,5 @@ pub fn evaluate(
     let n = lists.len().max(1) as f64;
     let metrics =
         ["ndcg@10", "mrr@10", "recall@10", "map"].iter().zip(sums).map(|(k, s)| (k.to_string(), s / n)).collect();
-    Ok(Some(EvalResult { metrics, queries: lists.len(), lists: scored }))
+    Ok(EvalResult { metrics, queries: lists.len(), lists: scored })
 }

@@ -133,39 +133,14 @@ pub fn plan(est: &Estimate, budget_mb: u64, micro: usize, accum: usize, max_leng
     Ok(Plan { micro_batch: m, grad_accum: a, max_length: length, estimate_mb: est.step_mb(m, length), budget_mb, caps })
 }
 
-/// Physical memory of this machine in MB (0 if unknown).
-pub fn machine_memory_mb() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
-    if pages <= 0 || size <= 0 { 0 } else { (pages as u64 * size as u64) >> 20 }
-}
-
 /// The default budget: half the machine, and never within 4 GB of all of it, so the desktop
 /// keeps room whatever a job asks for.
 pub fn default_budget_mb() -> u64 {
-    let total = machine_memory_mb();
+    let total = crate::sys::machine_memory_mb();
     if total == 0 {
         return 4096;
     }
     (total / 2).min(total.saturating_sub(4096)).max(1024)
-}
-
-/// A `kB` field of `/proc/<who>/status`, in MB (Linux; None elsewhere).
-fn proc_status_mb(who: &str, field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{who}/status")).ok()?;
-    let line = s.lines().find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024)
-}
-
-/// Resident memory of a process in MB, where the platform tells (Linux `/proc`).
-pub fn process_rss_mb(pid: u32) -> Option<u64> {
-    proc_status_mb(&pid.to_string(), "VmRSS")
-}
-
-/// Peak resident memory of this process in MB (Linux `VmHWM`; 0 where unknown).
-pub fn peak_rss_mb() -> u64 {
-    proc_status_mb("self", "VmHWM").unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -224,7 +199,7 @@ mod tests {
 
     #[test]
     fn default_budget_leaves_the_machine_room() {
-        let total = machine_memory_mb();
+        let total = crate::sys::machine_memory_mb();
         let b = default_budget_mb();
         assert!(total == 0 || (b <= total / 2 + 1 && b >= 1024.min(total)));
     }

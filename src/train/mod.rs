@@ -9,3 +9,18 @@ pub mod metrics;
 pub mod mining;
 pub mod optim;
 pub mod trainer;
+
+/// Cancellation, the one shape it takes: an error carrying the reason, raised at a boundary
+/// (before an epoch, a micro-batch, a dev list) and carried by `?` up to the run, which records
+/// `cancelled` with the reason (found with `downcast_ref`). Nothing else means "cancelled".
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("cancelled: {0}")]
+pub struct Cancelled(pub String);
+
+/// `Err(Cancelled)` once the reporter says cancellation was requested.
+pub fn check_cancel(rep: &mut dyn trainer::Reporter) -> anyhow::Result<()> {
+    match rep.cancel_requested() {
+        Some(reason) => Err(Cancelled(reason).into()),
+        None => Ok(()),
+    }
+}

@@ -37,14 +37,15 @@ pub struct TrainConfig {
     pub dropout: f64,
 }
 
+/// What a completed training loop did.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    Completed { steps: usize, last_loss: f32 },
-    Cancelled { reason: String },
+pub struct Outcome {
+    pub steps: usize,
+    pub last_loss: f32,
 }
 
 /// Trains `lora` in place on `pairs`. `after_epoch(epoch)` runs after every epoch (evaluation,
-/// keeping the best epoch); it may return a cancel reason too.
+/// keeping the best epoch). A cancel request ends it with a [`super::Cancelled`] error.
 pub fn train(
     r: &Reranker,
     lora: &LoraSet,
@@ -70,9 +71,7 @@ pub fn train(
     let mut step = 0;
     let mut last_loss = f32::NAN;
     for epoch in 0..cfg.epochs {
-        if let Some(reason) = rep.cancel_requested() {
-            return Ok(Outcome::Cancelled { reason });
-        }
+        super::check_cancel(rep)?;
         let batches = epoch_batches(pairs, micro, cfg.seed.wrapping_add(epoch as u64));
         for group in batches.chunks(cfg.grad_accum.max(1)) {
             let t0 = Instant::now();
@@ -80,9 +79,8 @@ pub fn train(
             let mut acc = Accumulator::default();
             let (mut loss, mut tokens) = (0f32, 0usize);
             for mb in group {
-                if let Some(reason) = rep.cancel_requested() {
-                    return Ok(Outcome::Cancelled { reason });
-                }
+                super::check_cancel(rep)?;
+                crate::testhooks::step_sleep();
                 let seqs: Vec<&[u32]> = mb.iter().map(|&i| pairs[i].ids.as_slice()).collect();
                 let labels: Vec<f32> = mb.iter().map(|&i| pairs[i].label).collect();
                 let batch = r.batch(&seqs)?;
@@ -108,9 +106,7 @@ pub fn train(
             step += 1;
         }
         after_epoch(epoch, rep)?;
-        if let Some(reason) = rep.cancel_requested() {
-            return Ok(Outcome::Cancelled { reason });
-        }
+        super::check_cancel(rep)?;
     }
-    Ok(Outcome::Completed { steps: step, last_loss })
+    Ok(Outcome { steps: step, last_loss })
 }

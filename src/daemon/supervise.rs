@@ -1,0 +1,238 @@
+//! Supervision of run processes: the daemon's own children and runs adopted after a restart.
+//! Reaps them, records the end of a run that could not record it itself (with the process's
+//! last words from stderr), enforces the hard memory limit, and escalates ignored cancels
+//! (SIGTERM after `cancel_grace_s`, SIGKILL 3 s later). A state that cannot be recorded (a full
+//! disk) is kept and retried until it is, and the corpus stays busy until then (review F4).
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, ExitStatus};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::store::paths::RunFiles;
+use crate::store::{Root, RunState, Status};
+
+use super::sweep::{run_is_alive, settle_dead};
+
+/// How long after SIGTERM a run that ignores it gets SIGKILL.
+pub const TERM_TO_KILL: Duration = Duration::from_secs(3);
+/// How much of a run's stderr is kept as its last words.
+const LAST_WORDS_BYTES: usize = 2048;
+
+/// The hard limit for a run with this budget: a quarter above it, and at least 512 MB above.
+pub fn hard_limit_mb(budget_mb: u64) -> u64 {
+    (budget_mb + budget_mb / 4).max(budget_mb + 512)
+}
+
+/// The process behind an active run.
+pub enum Proc {
+    /// Started by this daemon: reaped with `wait`, its stderr read by a thread.
+    Child { child: Child, stderr: Option<(Arc<Mutex<VecDeque<u8>>>, JoinHandle<()>)> },
+    /// Found alive at boot (it outlived the previous daemon): polled by pid and corpus lock.
+    Adopted { pid: u32 },
+}
+
+/// A run whose process is alive (or was, until this tick).
+pub struct Active {
+    pub run_id: String,
+    pub corpus: String,
+    pub proc: Proc,
+    /// When this daemon first saw the cancel sentinel.
+    pub cancel_seen: Option<Instant>,
+    pub term_sent: Option<Instant>,
+    /// Memory past which the daemon kills the run (from its memory budget).
+    pub hard_limit_mb: u64,
+    /// Why the daemon killed it, if it did (recorded as the run's error).
+    pub killed_for: Option<String>,
+}
+
+/// A run's end that could not be recorded yet; retried every tick.
+pub struct Unsettled {
+    pub run_id: String,
+    pub corpus: String,
+    pub state: RunState,
+    pub reason: Option<String>,
+    pub error: Option<String>,
+}
+
+impl Active {
+    pub fn new(run_id: String, corpus: String, proc: Proc, budget_mb: u64) -> Self {
+        Self {
+            run_id,
+            corpus,
+            proc,
+            cancel_seen: None,
+            term_sent: None,
+            hard_limit_mb: hard_limit_mb(budget_mb),
+            killed_for: None,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        match &self.proc {
+            Proc::Child { child, .. } => child.id(),
+            Proc::Adopted { pid } => *pid,
+        }
+    }
+
+    /// `Some(how it ended)` once the process is gone.
+    fn exited(&mut self, root: &Root) -> Option<String> {
+        match &mut self.proc {
+            Proc::Child { child, stderr } => match child.try_wait() {
+                Ok(Some(exit)) => {
+                    let words = stderr.take().map(|(buf, t)| {
+                        let _ = t.join(); // the pipe is closed: the reader is at EOF
+                        last_words(&buf)
+                    });
+                    Some(describe(exit) + &words.flatten().map(|w| format!("; it said: {w}")).unwrap_or_default())
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::error!(run_id = %self.run_id, error = %e, "waiting on a run");
+                    None
+                }
+            },
+            Proc::Adopted { pid } => (!run_is_alive(root, &self.corpus, *pid))
+                .then(|| "exit status unknown: adopted after a daemon restart".to_string()),
+        }
+    }
+
+    /// Signals the process (SIGTERM, SIGKILL). A child is signalled only while unreaped, an
+    /// adopted pid only while it holds the run's lock, so the pid cannot have been recycled.
+    pub fn signal(&mut self, root: &Root, sig: i32) {
+        let ok = match &mut self.proc {
+            Proc::Child { child, .. } if sig == libc::SIGKILL => child.kill().is_ok(),
+            Proc::Child { child, .. } => crate::sys::signal(child.id(), sig).is_ok(),
+            Proc::Adopted { pid } => run_is_alive(root, &self.corpus, *pid) && crate::sys::signal(*pid, sig).is_ok(),
+        };
+        if !ok {
+            tracing::debug!(run_id = %self.run_id, sig, "signal not delivered (already gone?)");
+        }
+    }
+
+    /// One supervision tick for a live run: the memory watchdog, then cancel escalation.
+    fn police(&mut self, root: &Root, grace: Duration) {
+        let files = RunFiles::new(&root.run_dir(&self.run_id));
+        if self.killed_for.is_none()
+            && let Some(mb) = crate::sys::process_memory_mb(self.pid())
+            && mb > self.hard_limit_mb
+        {
+            let why = format!(
+                "killed by the daemon: memory {mb} MB passed the hard limit of {} MB \
+                 (memory budget x 1.25, at least +512 MB)",
+                self.hard_limit_mb
+            );
+            tracing::error!(run_id = %self.run_id, mem_mb = mb, limit_mb = self.hard_limit_mb, "memory limit: SIGKILL");
+            self.signal(root, libc::SIGKILL);
+            self.killed_for = Some(why);
+        }
+        if self.cancel_seen.is_none() && files.cancel_requested().is_some() {
+            self.cancel_seen = Some(Instant::now());
+        }
+        let Some(seen) = self.cancel_seen else { return };
+        if self.term_sent.is_none() && seen.elapsed() >= grace {
+            tracing::warn!(run_id = %self.run_id, "run ignored cancel for the grace period: SIGTERM");
+            self.signal(root, libc::SIGTERM);
+            self.term_sent = Some(Instant::now());
+        } else if self.term_sent.is_some_and(|t| t.elapsed() >= TERM_TO_KILL) {
+            tracing::warn!(run_id = %self.run_id, "run ignored SIGTERM: SIGKILL");
+            self.signal(root, libc::SIGKILL);
+        }
+    }
+}
+
+/// Reads a child's stderr on a thread: every line goes on to the daemon's stderr (the log), and
+/// the last [`LAST_WORDS_BYTES`] are kept for the run's error if it dies without a result.
+pub fn capture_stderr(run_id: &str, child: &mut Child) -> Option<(Arc<Mutex<VecDeque<u8>>>, JoinHandle<()>)> {
+    let pipe = child.stderr.take()?;
+    let buf = Arc::new(Mutex::new(VecDeque::with_capacity(LAST_WORDS_BYTES)));
+    let keep = Arc::clone(&buf);
+    let id = run_id.to_string();
+    let t = std::thread::spawn(move || {
+        for line in BufReader::new(pipe).split(b'\n').map_while(Result::ok) {
+            eprintln!("[run {id}] {}", String::from_utf8_lossy(&line));
+            if let Ok(mut b) = keep.lock() {
+                b.extend(line.iter().chain(b"\n"));
+                let over = b.len().saturating_sub(LAST_WORDS_BYTES);
+                b.drain(..over);
+            }
+        }
+    });
+    Some((buf, t))
+}
+
+fn last_words(buf: &Mutex<VecDeque<u8>>) -> Option<String> {
+    let b = buf.lock().ok()?;
+    let bytes: Vec<u8> = b.iter().copied().collect();
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
+    (!tail.is_empty()).then_some(tail)
+}
+
+fn describe(exit: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (exit.code(), exit.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (_, Some(s)) => format!("killed by signal {s}"),
+        _ => "unknown exit".to_string(),
+    }
+}
+
+/// Reaps finished runs (recording what they could not) and polices live ones. Returns the runs
+/// whose end could not be recorded (to retry).
+pub fn supervise(root: &Root, active: &mut Vec<Active>, grace: Duration) -> Vec<Unsettled> {
+    let mut failed = Vec::new();
+    let mut i = 0;
+    while i < active.len() {
+        if let Some(how) = active[i].exited(root) {
+            let a = active.remove(i);
+            failed.extend(finish(root, &a, &how));
+            continue;
+        }
+        active[i].police(root, grace);
+        i += 1;
+    }
+    failed
+}
+
+/// After a run's process is gone: if it left its run non-terminal, record why. `None` when the
+/// run is settled; the pending record otherwise.
+pub fn finish(root: &Root, a: &Active, how: &str) -> Option<Unsettled> {
+    let files = RunFiles::new(&root.run_dir(&a.run_id));
+    let (state, reason, error) = match (&a.killed_for, files.cancel_requested()) {
+        (Some(why), _) => (RunState::Failed, None, Some(why.clone())),
+        (None, Some(reason)) => (RunState::Cancelled, Some(reason), None),
+        (None, None) => (RunState::Failed, None, Some(format!("run process died without a result ({how})"))),
+    };
+    let u = Unsettled { run_id: a.run_id.clone(), corpus: a.corpus.clone(), state, reason, error };
+    retry(root, u)
+}
+
+/// Tries to record an unsettled end; gives it back if that failed again.
+pub fn retry(root: &Root, u: Unsettled) -> Option<Unsettled> {
+    let files = RunFiles::new(&root.run_dir(&u.run_id));
+    let mut st = match Status::read(&files.status()) {
+        Ok(st) => st,
+        Err(e) => {
+            tracing::error!(run_id = %u.run_id, error = %e, "reading a finished run's status; will retry");
+            return Some(u);
+        }
+    };
+    if st.state.is_terminal() {
+        tracing::info!(run_id = %u.run_id, state = st.state.as_str(), "run finished");
+        return None;
+    }
+    match settle_dead(root, &files, &mut st, u.state, u.reason.clone(), u.error.clone()) {
+        Ok(()) => {
+            tracing::warn!(run_id = %u.run_id, state = st.state.as_str(), "run ended without recording it; recorded for it");
+            None
+        }
+        Err(e) => {
+            tracing::error!(run_id = %u.run_id, error = %e, "recording the end of a run failed; will retry");
+            Some(u)
+        }
+    }
+}

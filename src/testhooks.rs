@@ -1,0 +1,42 @@
+//! Test-only fault injection, in one place. Each hook is an environment variable that the test
+//! suite sets on the process it starts; nothing here is read unless that variable is set, and
+//! none of them may be set outside tests (the README lists them so an operator can check).
+//!
+//! - `RERANKD_TEST_CRASH_AT=<point>`: the process kills itself with SIGKILL when it reaches the
+//!   named crash point (a real, uncatchable death at an exact step: intake, recording a state,
+//!   promotion). The points are the string literals passed to [`crash_point`].
+//! - `RERANKD_TEST_IGNORE_CANCEL`: a run neither checks its cancel sentinel nor obeys SIGTERM, so
+//!   tests can prove the daemon's escalation.
+//! - `RERANKD_TEST_ALLOC_MB=<n>`: a run allocates and touches n MB and keeps them, so tests can
+//!   prove the daemon's hard memory limit.
+//! - `RERANKD_TEST_STEP_SLEEP_MS=<n>`: a run sleeps n ms before each micro-step, so the fault
+//!   suite can kill it mid-training at leisure on a fast fixture model.
+
+pub const CRASH_AT_ENV: &str = "RERANKD_TEST_CRASH_AT";
+pub const IGNORE_CANCEL_ENV: &str = "RERANKD_TEST_IGNORE_CANCEL";
+pub const ALLOC_MB_ENV: &str = "RERANKD_TEST_ALLOC_MB";
+pub const STEP_SLEEP_MS_ENV: &str = "RERANKD_TEST_STEP_SLEEP_MS";
+
+/// Dies at once (SIGKILL to itself) if `RERANKD_TEST_CRASH_AT` names this point.
+pub fn crash_point(point: &str) {
+    if std::env::var_os(CRASH_AT_ENV).is_some_and(|v| v == point) {
+        let _ = crate::sys::signal(std::process::id(), libc::SIGKILL);
+        // SIGKILL to oneself is delivered before kill(2) returns; this is never reached.
+        std::process::abort();
+    }
+}
+
+pub fn ignore_cancel() -> bool {
+    std::env::var_os(IGNORE_CANCEL_ENV).is_some()
+}
+
+pub fn alloc_mb() -> Option<usize> {
+    std::env::var(ALLOC_MB_ENV).ok().and_then(|v| v.parse().ok())
+}
+
+/// Sleeps before a micro-step if `RERANKD_TEST_STEP_SLEEP_MS` is set.
+pub fn step_sleep() {
+    if let Some(ms) = std::env::var(STEP_SLEEP_MS_ENV).ok().and_then(|v| v.parse::<u64>().ok()) {
+        std::thread::sleep(std::time::Duration::from_millis(ms.min(60_000)));
+    }
+}
