@@ -163,7 +163,10 @@ pub fn run(root: &Root, run_dir: &Path, nice: Option<i32>) -> anyhow::Result<i32
 /// What the baseline is: the corpus's promoted adapter, the base model, or unknown (it could not
 /// be evaluated; `if_improves` then does not promote).
 enum Baseline {
-    Known { what: String, metrics: BTreeMap<String, f64> },
+    Known {
+        what: String,
+        metrics: BTreeMap<String, f64>,
+    },
     Unknown(String),
     /// No dev split, and why.
     NotEvaluated(String),

@@ -75,7 +75,11 @@ mod mac {
         let mut info = std::mem::MaybeUninit::<libc::rusage_info_v4>::zeroed();
         // SAFETY: the buffer is a rusage_info_v4, which is what flavor RUSAGE_INFO_V4 writes.
         let r = unsafe {
-            libc::proc_pid_rusage(pid as libc::c_int, libc::RUSAGE_INFO_V4, info.as_mut_ptr() as *mut libc::rusage_info_t)
+            libc::proc_pid_rusage(
+                pid as libc::c_int,
+                libc::RUSAGE_INFO_V4,
+                info.as_mut_ptr() as *mut libc::rusage_info_t,
+            )
         };
         // SAFETY: proc_pid_rusage filled the struct when it returned 0.
         (r == 0).then(|| unsafe { info.assume_init() }).map(|i| (i.ri_phys_footprint, i.ri_lifetime_max_phys_footprint))

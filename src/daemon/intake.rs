@@ -78,7 +78,7 @@ fn bad_name(name: &std::ffi::OsStr) -> Option<String> {
 /// What became of one claimed file.
 #[derive(Debug)]
 pub enum Verdict {
-    Accepted(Accepted),
+    Accepted(Box<Accepted>),
     /// Rejected, or a run already existed for it (a crash after creating it): nothing to queue.
     Settled,
     /// A write failed; the file stays claimed and is tried again.
@@ -117,7 +117,7 @@ impl Intake {
             tracing::warn!(file = %path.display(), "re-processing a claimed job file");
             let cname = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             match self.process_claimed(root, &path, adm, made.get(&cname).cloned()) {
-                Verdict::Accepted(a) => out.push(a),
+                Verdict::Accepted(a) => out.push(*a),
                 Verdict::Settled => {}
                 Verdict::Retry => self.retry_at = Some(Instant::now() + RETRY),
             }
@@ -147,7 +147,7 @@ impl Intake {
         let mut out = Vec::new();
         for (_, name, meta) in entries {
             match self.consider(root, &name, &meta, adm) {
-                Some(Verdict::Accepted(a)) => out.push(a),
+                Some(Verdict::Accepted(a)) => out.push(*a),
                 Some(Verdict::Retry) => self.retry_at = Some(Instant::now() + RETRY),
                 _ => {}
             }
@@ -255,11 +255,11 @@ impl Intake {
             // The run exists and is queued; the claim stays until its receipt is written.
             tracing::error!(file = %original, error = %e, "writing the receipt; will retry");
             self.retry_at = Some(Instant::now() + RETRY);
-            return Verdict::Accepted(Accepted { run_id, job });
+            return Verdict::Accepted(Box::new(Accepted { run_id, job }));
         }
         crash_point("intake.after_receipt");
         unclaim(claimed);
-        Verdict::Accepted(Accepted { run_id, job })
+        Verdict::Accepted(Box::new(Accepted { run_id, job }))
     }
 }
 
@@ -338,9 +338,7 @@ fn reject_bad_name(root: &Root, name: &std::ffi::OsStr, why: &str) -> Verdict {
 fn write_receipt(root: &Root, original: &str, run_id: &str, job: Option<&Job>) -> crate::store::Result<()> {
     let dir = root.accepted();
     let stem = original.strip_suffix(".json").unwrap_or(original);
-    let ours = |p: &Path| {
-        read_json::<serde_json::Value>(p).is_ok_and(|v| v["run_id"] == run_id)
-    };
+    let ours = |p: &Path| read_json::<serde_json::Value>(p).is_ok_and(|v| v["run_id"] == run_id);
     if let Ok(rd) = std::fs::read_dir(&dir) {
         let exists = rd.filter_map(|e| e.ok()).any(|e| {
             let n = e.file_name().to_string_lossy().into_owned();

@@ -143,8 +143,7 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
         d.supervise();
         d.cancel_queued();
         d.start_runs();
-        if until_idle && d.active.is_empty() && d.queue.is_empty() && d.unsettled.is_empty() && spool_is_empty(root)
-        {
+        if until_idle && d.active.is_empty() && d.queue.is_empty() && d.unsettled.is_empty() && spool_is_empty(root) {
             tracing::info!("idle: exiting");
             return Ok(());
         }
@@ -283,7 +282,8 @@ impl Daemon {
                 Err(e) => {
                     tracing::error!(run_id = %q.run_id, error = %e, "could not start the run");
                     let error = Some(format!("could not start: {e:#}"));
-                    let u = Unsettled { run_id: q.run_id, corpus: q.corpus, state: RunState::Failed, reason: None, error };
+                    let u =
+                        Unsettled { run_id: q.run_id, corpus: q.corpus, state: RunState::Failed, reason: None, error };
                     self.unsettled.extend(supervise::retry(&self.root, u));
                 }
             }

@@ -26,10 +26,13 @@ pub fn hard_limit_mb(budget_mb: u64) -> u64 {
     (budget_mb + budget_mb / 4).max(budget_mb + 512)
 }
 
+/// The last bytes a child wrote to stderr, and the thread that reads them.
+pub type StderrTail = (Arc<Mutex<VecDeque<u8>>>, JoinHandle<()>);
+
 /// The process behind an active run.
 pub enum Proc {
     /// Started by this daemon: reaped with `wait`, its stderr read by a thread.
-    Child { child: Child, stderr: Option<(Arc<Mutex<VecDeque<u8>>>, JoinHandle<()>)> },
+    Child { child: Child, stderr: Option<StderrTail> },
     /// Found alive at boot (it outlived the previous daemon): polled by pid and corpus lock.
     Adopted { pid: u32 },
 }
@@ -145,7 +148,7 @@ impl Active {
 
 /// Reads a child's stderr on a thread: every line goes on to the daemon's stderr (the log), and
 /// the last [`LAST_WORDS_BYTES`] are kept for the run's error if it dies without a result.
-pub fn capture_stderr(run_id: &str, child: &mut Child) -> Option<(Arc<Mutex<VecDeque<u8>>>, JoinHandle<()>)> {
+pub fn capture_stderr(run_id: &str, child: &mut Child) -> Option<StderrTail> {
     let pipe = child.stderr.take()?;
     let buf = Arc::new(Mutex::new(VecDeque::with_capacity(LAST_WORDS_BYTES)));
     let keep = Arc::clone(&buf);

@@ -32,9 +32,11 @@ impl MetricsLog {
         let good = bytes.iter().rposition(|&b| b == b'\n').map(|i| i + 1).unwrap_or(0);
         let events = parse_lines(&bytes[..good]);
         let next_seq = events.len() as u64;
-        let terminal = events.into_iter().rev().find(|e| e["type"] == "state").filter(|e| {
-            matches!(e["state"].as_str(), Some("completed" | "failed" | "cancelled"))
-        });
+        let terminal = events
+            .into_iter()
+            .rev()
+            .find(|e| e["type"] == "state")
+            .filter(|e| matches!(e["state"].as_str(), Some("completed" | "failed" | "cancelled")));
         let file =
             OpenOptions::new().create(true).append(true).open(path).map_err(|e| StoreError::io(path, "opening", e))?;
         if good < bytes.len() {

@@ -225,7 +225,11 @@ mod tests {
 
     #[test]
     fn undo_pops_the_unfinished_run() {
-        let h = vec![ev("A", None, "auto"), ev("B", Some("A"), "auto"), json!({"run_id": "A", "previous": "B", "how": "undo"})];
+        let h = vec![
+            ev("A", None, "auto"),
+            ev("B", Some("A"), "auto"),
+            json!({"run_id": "A", "previous": "B", "how": "undo"}),
+        ];
         assert_eq!(served(&h), ["A"]);
         let h = vec![ev("A", None, "auto"), json!({"run_id": null, "previous": "A", "how": "undo"})];
         assert!(served(&h).is_empty());

@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 
 use super::{Result, StoreError};
 
-
 #[derive(Debug, Clone)]
 pub struct Root {
     pub dir: PathBuf,

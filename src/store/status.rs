@@ -9,8 +9,8 @@ use serde_json::Value;
 use super::atomic::{read_json, write_json};
 use super::metrics::MetricsLog;
 use super::paths::RunFiles;
-use super::{Result, Root};
 use super::time::now_rfc3339;
+use super::{Result, Root};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -158,7 +158,13 @@ pub fn record(
 }
 
 /// [`record`] for a process that does not hold the run's log open (the daemon, the sweep).
-pub fn settle(files: &RunFiles, st: &mut Status, state: RunState, reason: Option<String>, error: Option<String>) -> Result<bool> {
+pub fn settle(
+    files: &RunFiles,
+    st: &mut Status,
+    state: RunState,
+    reason: Option<String>,
+    error: Option<String>,
+) -> Result<bool> {
     let mut log = MetricsLog::open(&files.metrics(), &st.run_id)?;
     record(files, &mut log, st, state, reason, error)
 }
@@ -188,7 +194,7 @@ mod tests {
     fn a_logged_terminal_state_wins() {
         let d = tempfile::tempdir().unwrap();
         let files = RunFiles::new(d.path());
-        let mut st = Status::new_queued("r", "c", None);
+        let st = Status::new_queued("r", "c", None);
         st.write(&files.status()).unwrap();
         let mut log = MetricsLog::open(&files.metrics(), "r").unwrap();
         log.append("state", serde_json::json!({"state": "failed", "reason": null, "error": "boom"})).unwrap();
