@@ -428,9 +428,20 @@ fn materialise(ctx: &mut RunContext, job: &Job) -> anyhow::Result<Materialised> 
         (Some(t), _) => read_triplets(t, docs.as_ref())?,
         (None, Some(f)) => {
             let docs = docs.as_ref().context("feedback needs documents")?;
-            let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+            // Feedback is appended by many writers: a line that is not UTF-8 is skipped and
+            // counted like any other garbage line, never the end of the run (review F18).
+            let mut not_utf8 = 0;
+            let text: String = bytes
+                .split(|&b| b == b'\n')
+                .filter_map(|l| std::str::from_utf8(l).map_err(|_| not_utf8 += 1).ok())
+                .flat_map(|l| [l, "\n"])
+                .collect();
             let mined = mining::mine(&text, &docs.ids, job.train.negative_ratio as usize, job.train.seed);
             skipped = mined.skipped;
+            if not_utf8 > 0 {
+                skipped.insert("not UTF-8".into(), not_utf8);
+            }
             let j = |id: &String, label: u8| Judged { id: Some(id.clone()), text: docs.text[id].clone(), label };
             mined
                 .triplets

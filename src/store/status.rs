@@ -152,6 +152,7 @@ pub fn record(
     }
     log.append("state", ev)?;
     log.sync()?;
+    crate::testhooks::crash_point(&format!("record.{}.after_event", state.as_str()));
     next.write(&files.status())?;
     *st = next;
     Ok(true)

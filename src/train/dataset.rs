@@ -35,8 +35,8 @@ impl Documents {
                 d.insert(id, clip(&String::from_utf8_lossy(&bytes), doc_chars));
             }
         } else {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            for (n, line) in jsonl_lines(path, &bytes)? {
                 let v: Value = serde_json::from_str(line)
                     .with_context(|| format!("{}: line {}: not JSON", path.display(), n + 1))?;
                 let id = match v.get("id") {
@@ -47,7 +47,12 @@ impl Documents {
                 let Some(t) = v.get("text").and_then(Value::as_str) else {
                     bail!("{}: line {}: field `text` must be a string", path.display(), n + 1);
                 };
-                d.insert(id, clip(t, doc_chars));
+                let text = clip(t, doc_chars);
+                if d.text.get(&id).is_some_and(|old| *old != text) {
+                    // The last text silently winning hid a user's mistake (review F18).
+                    bail!("{}: line {}: document id `{id}` appears again with another text", path.display(), n + 1);
+                }
+                d.insert(id, text);
             }
         }
         Ok(d)
@@ -58,6 +63,19 @@ impl Documents {
             self.ids.push(id);
         }
     }
+}
+
+/// The non-blank lines of a JSONL file with their 0-based numbers; a line that is not UTF-8 is an
+/// error naming the file and the line (not "stream did not contain valid UTF-8" for the file).
+pub fn jsonl_lines<'a>(path: &Path, bytes: &'a [u8]) -> anyhow::Result<Vec<(usize, &'a str)>> {
+    let mut out = Vec::new();
+    for (n, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = std::str::from_utf8(raw).map_err(|_| anyhow::anyhow!("{}: line {}: not UTF-8 text", path.display(), n + 1))?;
+        if !line.trim().is_empty() {
+            out.push((n, line));
+        }
+    }
+    Ok(out)
 }
 
 /// Regular files under `dir`, as (id relative to `base`, path). Symlinks that resolve outside
@@ -102,9 +120,9 @@ pub struct QueryRows {
 /// Reads `triplets` rows `{query, positive, negatives[]}`; each document is a text, or a document
 /// id when `docs` has it, or an object `{"text"|"id", "label": 0..3}`.
 pub fn read_triplets(path: &Path, docs: Option<&Documents>) -> anyhow::Result<Vec<QueryRows>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let mut rows = Vec::new();
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (n, line) in jsonl_lines(path, &bytes)? {
         let at = || format!("{}: line {}", path.display(), n + 1);
         let v: Value = serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
         let Some(query) = v.get("query").and_then(Value::as_str) else {

@@ -1,0 +1,293 @@
+//! What every integration test of the daemon needs: a fresh root with a small triplets file,
+//! the real binary, job drops, waits with timeouts, events and statuses. The daemon's stderr goes
+//! to `daemon.log` beside the root and is printed when a test fails, with every run's status.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_rerankd");
+
+pub fn fixture_model() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-qwen3").display().to_string()
+}
+
+pub struct Root {
+    pub _tmp: tempfile::TempDir,
+    pub dir: PathBuf,
+}
+
+impl Root {
+    pub fn new(config: &str) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("root");
+        for d in ["spool/tmp", "corpora"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        std::fs::write(dir.join("config.toml"), config).unwrap();
+        let triplets: String = (0..16)
+            .map(|i| {
+                json!({"query": format!("q{i}"), "positive": format!("answer {i}"), "negatives": ["noise", "other"]})
+                    .to_string()
+                    + "\n"
+            })
+            .collect();
+        std::fs::write(tmp.path().join("triplets.jsonl"), triplets).unwrap();
+        Self { _tmp: tmp, dir }
+    }
+
+    pub fn triplets(&self) -> String {
+        self.dir.parent().unwrap().join("triplets.jsonl").display().to_string()
+    }
+
+    pub fn job(&self, corpus: &str, epochs: u64) -> Value {
+        json!({"corpus": corpus, "model": fixture_model(), "data": {"triplets": self.triplets()},
+               "train": {"epochs": epochs, "batch_size": 4, "max_length": 128, "lr": 1e-3}, "device": "cpu"})
+    }
+
+    /// Maildir-style drop: write in spool/tmp, rename into spool/.
+    pub fn drop_job(&self, name: &str, job: &Value) {
+        let tmp = self.dir.join("spool/tmp").join(name);
+        std::fs::write(&tmp, job.to_string()).unwrap();
+        std::fs::rename(tmp, self.dir.join("spool").join(name)).unwrap();
+    }
+
+    pub fn daemon(&self) -> Child {
+        self.daemon_env(&[])
+    }
+
+    pub fn daemon_env(&self, env: &[(&str, &str)]) -> Child {
+        let mut c = self.cli_cmd(["daemon"]);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.spawn().unwrap()
+    }
+
+    /// Drops a job and waits for its receipt: the run id.
+    pub fn submit(&self, name: &str, job: &Value) -> String {
+        self.drop_job(name, job);
+        run_id_of(self, name)
+    }
+
+    /// `rerankd --root ROOT <args>`.
+    pub fn cli_cmd<const N: usize>(&self, args: [&str; N]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("--root").arg(&self.dir).args(args);
+        c
+    }
+
+    pub fn receipt(&self, name: &str) -> Option<Value> {
+        std::fs::read_to_string(self.dir.join("spool/accepted").join(name))
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+    }
+
+    pub fn status(&self, run_id: &str) -> Value {
+        serde_json::from_str(&std::fs::read_to_string(self.dir.join("runs").join(run_id).join("status.json")).unwrap())
+            .unwrap()
+    }
+
+    pub fn events(&self, run_id: &str) -> Vec<Value> {
+        let text =
+            std::fs::read_to_string(self.dir.join("runs").join(run_id).join("metrics.jsonl")).unwrap_or_default();
+        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+}
+
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn run_id_of(root: &Root, name: &str) -> String {
+    let r = wait_for(&format!("receipt of {name}"), Duration::from_secs(60), || root.receipt(name));
+    r["run_id"].as_str().unwrap().to_string()
+}
+
+pub fn wait_state(root: &Root, run_id: &str, states: &[&str], timeout: Duration) -> Value {
+    wait_for(&format!("{run_id} to reach {states:?}"), timeout, || {
+        let s = root.status(run_id);
+        states.contains(&s["state"].as_str().unwrap()).then_some(s)
+    })
+}
+
+pub fn wait_steps(root: &Root, run_id: &str, n: usize) {
+    wait_for(&format!("{n} steps of {run_id}"), Duration::from_secs(90), || {
+        (root.events(run_id).iter().filter(|e| e["type"] == "step").count() >= n).then_some(())
+    });
+}
+
+pub fn signal(child: &Child, sig: i32) {
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+}
+
+pub fn stop(mut d: Child) {
+    signal(&d, libc::SIGTERM);
+    let _ = d.wait();
+}
+
+impl Root {
+    pub fn drop_job_text(&self, name: &str, text: &str) {
+        let tmp = self.dir.join("spool/tmp").join(name);
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(tmp, self.dir.join("spool").join(name)).unwrap();
+    }
+}
+
+pub fn ts_of(e: &Value) -> String {
+    e["ts"].as_str().unwrap().to_string()
+}
+
+pub fn parse_ts(s: &str) -> std::time::SystemTime {
+    // 2026-11-25T23:19:25.123456Z -> via `date`-free arithmetic on the time of day only is not
+    // enough across midnight, so compare against the same clock: seconds since the epoch.
+    let (date, time) = s.trim_end_matches('Z').split_once('T').unwrap();
+    let d: Vec<i64> = date.split('-').map(|x| x.parse().unwrap()).collect();
+    let (hms, frac) = time.split_once('.').unwrap();
+    let t: Vec<i64> = hms.split(':').map(|x| x.parse().unwrap()).collect();
+    let (y, m) = if d[1] <= 2 { (d[0] - 1, d[1] + 9) } else { (d[0], d[1] - 3) };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + d[2] - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2];
+    std::time::UNIX_EPOCH + Duration::from_secs(secs as u64) + Duration::from_micros(frac.parse().unwrap())
+}
+
+impl Root {
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.parent().unwrap().join("daemon.log")
+    }
+}
+
+impl Drop for Root {
+    /// On a failing test: the daemon's log tail and every run's status, so a timeout explains
+    /// itself.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        eprintln!("---- daemon.log (last 60 lines) ----");
+        for l in tail.iter().rev() {
+            eprintln!("{l}");
+        }
+        if let Ok(rd) = std::fs::read_dir(self.dir.join("runs")) {
+            for e in rd.filter_map(|e| e.ok()) {
+                let st = std::fs::read_to_string(e.path().join("status.json")).unwrap_or_default();
+                eprintln!("---- {} ----\n{st}", e.file_name().to_string_lossy());
+            }
+        }
+    }
+}
+
+/// Sends a signal to any pid (a test's own children, or a run process read from status.json).
+pub fn kill_pid(pid: u32, sig: i32) {
+    let _ = rerankd::sys::signal(pid, sig);
+}
+
+/// Every run's status.json, by run id.
+pub fn statuses(root: &Root) -> Vec<Value> {
+    let Ok(rd) = std::fs::read_dir(root.dir.join("runs")) else { return Vec::new() };
+    rd.filter_map(|e| e.ok())
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter_map(|e| std::fs::read_to_string(e.path().join("status.json")).ok())
+        .filter_map(|s| serde_json::from_str(&s).ok())
+        .collect()
+}
+
+/// Waits for a daemon child to exit (bounded); returns its exit code.
+pub fn wait_exit(d: &mut Child, timeout: Duration) -> Option<i32> {
+    let st = wait_for("the daemon to exit", timeout, || d.try_wait().unwrap());
+    st.code()
+}
+
+/// The invariants every fault must leave (issue: reliability). `settled`: no daemon is running
+/// now, so no run may be `running` at all. Returns a description of the first violation.
+pub fn check_invariants(root: &Root, settled: bool) -> Result<(), String> {
+    let mut spans: std::collections::HashMap<String, Vec<(String, String, String)>> = Default::default();
+    for st in statuses(root) {
+        let id = st["run_id"].as_str().unwrap().to_string();
+        let state = st["state"].as_str().unwrap();
+        let ev = root.events(&id);
+        for (i, e) in ev.iter().enumerate() {
+            if e["seq"].as_u64() != Some(i as u64) {
+                return Err(format!("{id}: seq gap at line {i}"));
+            }
+        }
+        let states: Vec<&str> = ev.iter().filter(|e| e["type"] == "state").filter_map(|e| e["state"].as_str()).collect();
+        let terminal = states.iter().filter(|s| matches!(**s, "completed" | "failed" | "cancelled")).count();
+        if terminal > 1 {
+            return Err(format!("{id}: {terminal} terminal events {states:?}"));
+        }
+        if matches!(state, "completed" | "failed" | "cancelled") && states.last() != Some(&state) {
+            return Err(format!("{id}: status {state} but last state event {:?}", states.last()));
+        }
+        if state == "running" {
+            let pid = st["pid"].as_u64().unwrap_or(0) as u32;
+            if settled || !rerankd::sys::pid_alive(pid) {
+                return Err(format!("{id}: running without a live process (pid {pid})"));
+            }
+        }
+        let ts = |s: &str| ev.iter().find(|e| e["type"] == "state" && e["state"] == s).map(ts_of);
+        if let Some(start) = ts("running") {
+            let end = ev.iter().rev().find(|e| e["type"] == "state").map(ts_of).unwrap();
+            let corpus = st["corpus"].as_str().unwrap().to_string();
+            spans.entry(corpus).or_default().push((start, end, id.clone()));
+        }
+    }
+    for (c, mut v) in spans {
+        v.sort();
+        for w in v.windows(2) {
+            if w[0].1 > w[1].0 {
+                return Err(format!("corpus {c}: runs overlap: {w:?}"));
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(root.dir.join("models")) {
+        for c in rd.filter_map(|e| e.ok()) {
+            let link = c.path().join("current");
+            if link.symlink_metadata().is_err() {
+                continue;
+            }
+            let target = std::fs::canonicalize(&link).map_err(|e| format!("{}: {e}", link.display()))?;
+            if !target.join("adapter_model.safetensors").is_file() || !target.join("manifest.json").is_file() {
+                return Err(format!("{} is not a complete adapter", target.display()));
+            }
+            let run = target.file_name().unwrap().to_string_lossy().into_owned();
+            if settled {
+                let st = root.status(&run);
+                if st["state"] != "completed" {
+                    return Err(format!("current serves {run}, which is {}", st["state"]));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every file dropped has exactly one answer: a receipt (`accepted/`) or a rejection.
+pub fn answers(root: &Root, name: &str) -> usize {
+    let stem = name.strip_suffix(".json").unwrap();
+    let count = |dir: &str, f: &dyn Fn(&str) -> bool| {
+        std::fs::read_dir(root.dir.join("spool").join(dir))
+            .map(|rd| rd.filter_map(|e| e.ok()).filter(|e| f(&e.file_name().to_string_lossy())).count())
+            .unwrap_or(0)
+    };
+    let is = |n: &str| n == name || (n.starts_with(&format!("{stem}.")) && n.ends_with(".json") && !n.ends_with(".error.json") && n[stem.len() + 1..n.len() - 5].parse::<u32>().is_ok());
+    count("accepted", &is) + count("rejected", &is)
+}

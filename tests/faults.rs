@@ -1,0 +1,253 @@
+//! The fault suite (issue: reliability): an idle daemon sleeps, runs yield the machine, and
+//! every fault a user, a crash or a full disk can cause leaves the documented invariants. All on
+//! the fixture model, with the real binary, real signals, a real tmpfs and real FIFOs.
+
+mod common;
+use common::*;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+
+const STEP_SLEEP: &str = "RERANKD_TEST_STEP_SLEEP_MS";
+const CRASH_AT: &str = "RERANKD_TEST_CRASH_AT";
+
+fn mkfifo(p: &std::path::Path) {
+    assert!(Command::new("mkfifo").arg(p).status().unwrap().success());
+}
+
+fn pid_of(root: &Root, run: &str) -> u32 {
+    root.status(run)["pid"].as_u64().unwrap() as u32
+}
+
+/// The daemon has finished its boot (its layout exists and it answered one job).
+fn wait_ready(root: &Root) {
+    root.drop_job_text("ready.json", "{");
+    wait_for("the daemon to answer", Duration::from_secs(30), || {
+        root.dir.join("spool/rejected/ready.error.json").exists().then_some(())
+    });
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn an_idle_daemon_sleeps_and_a_supervising_one_nearly_does() {
+    let root = Root::new("");
+    let mut d = root.daemon_env(&[(STEP_SLEEP, "300")]);
+    wait_ready(&root);
+    // A job goes through first, so the spool and the watcher have seen activity.
+    let id = root.submit("a.json", &root.job("c", 1));
+    wait_state(&root, &id, &["completed"], Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(500));
+    let hz = rerankd::sys::ticks_per_second() as f64;
+    let t0 = rerankd::sys::cpu_ticks(d.id()).unwrap();
+    std::thread::sleep(Duration::from_secs(10));
+    let idle = (rerankd::sys::cpu_ticks(d.id()).unwrap() - t0) as f64 / hz / 10.0;
+    // While it supervises a run (which sleeps 300 ms per step, so the run is not what we time).
+    let id = root.submit("b.json", &root.job("c", 20));
+    wait_steps(&root, &id, 1);
+    let t0 = rerankd::sys::cpu_ticks(d.id()).unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    let busy = (rerankd::sys::cpu_ticks(d.id()).unwrap() - t0) as f64 / hz / 5.0;
+    println!("daemon CPU: idle {:.3}% of a core over 10 s; supervising a run {:.3}% over 5 s", idle * 100.0, busy * 100.0);
+    assert!(idle < 0.01, "an idle daemon used {:.1}% of a core", idle * 100.0);
+    assert!(busy < 0.05, "a supervising daemon used {:.1}% of a core", busy * 100.0);
+    signal(&d, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut d, Duration::from_secs(30)), Some(0));
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn runs_lower_their_cpu_and_io_priority() {
+    let root = Root::new("run_nice = 7\n");
+    let d = root.daemon_env(&[(STEP_SLEEP, "200")]);
+    let id = root.submit("a.json", &root.job("c", 20));
+    wait_steps(&root, &id, 1);
+    let (nice, io) = rerankd::sys::priority(pid_of(&root, &id)).unwrap();
+    assert_eq!(nice, 7);
+    assert_eq!(io, Some((2 << 13) | 7), "best-effort class, lowest level");
+    stop(d);
+}
+
+#[test]
+fn config_toml_every_documented_key_works_and_a_bad_one_names_itself() {
+    let root = Root::new(
+        "max_concurrent_runs = 2\ncancel_grace_s = 5\nrescan_s = 10\nshutdown_timeout_s = 5\n\
+         memory_budget_mb = 4096\nrun_nice = 10\n",
+    );
+    let out = root.cli_cmd(["daemon", "--until-idle"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (text, key) in [("cancel_grace_s = 1e20", "cancel_grace_s"), ("shutdown_timeout_s = inf", "shutdown_timeout_s")]
+    {
+        std::fs::write(root.dir.join("config.toml"), text).unwrap();
+        let out = root.cli_cmd(["daemon", "--until-idle"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key) && !err.contains("panicked"), "{err}");
+    }
+    // A bad config at SIGHUP keeps the old one: the daemon lives on and still takes jobs.
+    std::fs::write(root.dir.join("config.toml"), "").unwrap();
+    let mut d = root.daemon();
+    wait_ready(&root);
+    std::fs::write(root.dir.join("config.toml"), "cancel_grace_s = inf\nbogus = 1\n").unwrap();
+    signal(&d, libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(d.try_wait().unwrap().is_none(), "the daemon died on a bad reload");
+    root.submit("after.json", &root.job("c", 1));
+    signal(&d, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut d, Duration::from_secs(30)), Some(0));
+    let log = std::fs::read_to_string(root.log_path()).unwrap();
+    assert!(log.contains("config not reloaded"), "{log}");
+}
+
+#[test]
+fn submit_refuses_a_bad_wait_before_submitting_and_takes_dotfiles() {
+    let root = Root::new("");
+    let job = root.dir.parent().unwrap().join(".hidden.json");
+    std::fs::write(&job, root.job("c", 1).to_string()).unwrap();
+    for bad in ["nan", "inf", "-1", "1e30"] {
+        let out = root.cli_cmd(["submit"]).arg(&job).arg("--wait").arg(bad).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "--wait {bad}");
+    }
+    let spooled = std::fs::read_dir(root.dir.join("spool")).unwrap().filter_map(|e| e.ok()).filter(|e| e.path().is_file()).count();
+    assert_eq!(spooled, 0, "nothing submitted by a refused command");
+    let d = root.daemon();
+    let out = root.cli_cmd(["submit"]).arg(&job).arg("--wait").arg("30").output().unwrap();
+    assert!(out.status.success());
+    let receipt: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(receipt["run_id"].is_string(), "{receipt}");
+    stop(d);
+}
+
+#[test]
+fn fifos_and_devices_never_freeze_the_daemon() {
+    let root = Root::new("cancel_grace_s = 60\n");
+    let home = root.dir.join("corpora/c");
+    std::fs::create_dir_all(&home).unwrap();
+    mkfifo(&home.join("fifo.jsonl"));
+    let mut d = root.daemon_env(&[(STEP_SLEEP, "200")]);
+    let mut job = root.job("c", 1);
+    job["data"]["triplets"] = "fifo.jsonl".into();
+    root.drop_job("fifo.json", &job);
+    let err = wait_for("the FIFO job's rejection", Duration::from_secs(20), || {
+        std::fs::read_to_string(root.dir.join("spool/rejected/fifo.error.json")).ok()
+    });
+    assert!(err.contains("data.triplets") && err.contains("not a regular file"), "{err}");
+    // A FIFO as the cancel sentinel: read without blocking, and it means "cancel".
+    let id = root.submit("a.json", &root.job("c", 50));
+    wait_steps(&root, &id, 1);
+    mkfifo(&root.dir.join("runs").join(&id).join("cancel"));
+    wait_state(&root, &id, &["cancelled"], Duration::from_secs(20));
+    // A link to /dev/zero: never read to the end of the world.
+    let id = root.submit("b.json", &root.job("c", 50));
+    wait_steps(&root, &id, 1);
+    std::os::unix::fs::symlink("/dev/zero", root.dir.join("runs").join(&id).join("cancel")).unwrap();
+    let st = wait_state(&root, &id, &["cancelled"], Duration::from_secs(20));
+    assert_eq!(st["reason"], "cancelled by user");
+    let rss = rerankd::sys::process_memory_mb(d.id()).unwrap();
+    assert!(rss < 200, "daemon at {rss} MB");
+    let t0 = Instant::now();
+    signal(&d, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut d, Duration::from_secs(10)), Some(0));
+    assert!(t0.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn a_run_adopted_after_a_daemon_crash_is_supervised_to_its_end() {
+    let root = Root::new("");
+    let mut d1 = root.daemon_env(&[(STEP_SLEEP, "200")]);
+    let long = root.submit("long.json", &root.job("c", 50));
+    let next = root.submit("next.json", &root.job("c", 1));
+    wait_steps(&root, &long, 1);
+    kill_pid(d1.id(), libc::SIGKILL);
+    let _ = d1.wait();
+    let d2 = root.daemon();
+    wait_for("the new daemon to adopt the run", Duration::from_secs(20), || {
+        std::fs::read_to_string(root.log_path()).ok().filter(|l| l.contains("adopting")).map(|_| ())
+    });
+    kill_pid(pid_of(&root, &long), libc::SIGKILL);
+    let st = wait_state(&root, &long, &["failed"], Duration::from_secs(20));
+    assert!(st["error"].as_str().unwrap().contains("adopted"), "{st}");
+    wait_state(&root, &next, &["completed"], Duration::from_secs(60));
+    check_invariants(&root, false).unwrap();
+    let out = root.cli_cmd(["watch", &long]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    stop(d2);
+}
+
+#[test]
+fn names_that_cannot_be_kept_are_rejected_never_left_waiting() {
+    use std::os::unix::ffi::OsStrExt;
+    let root = Root::new("");
+    let d = root.daemon();
+    wait_ready(&root);
+    let long = format!("{}.json", "L".repeat(225));
+    root.drop_job(&long, &root.job("c", 1));
+    let raw = std::ffi::OsStr::from_bytes(b"\xffbad.json");
+    let tmp = root.dir.join("spool/tmp/raw");
+    std::fs::write(&tmp, root.job("c", 1).to_string()).unwrap();
+    std::fs::rename(&tmp, root.dir.join("spool").join(raw)).unwrap();
+    wait_for("both to be rejected", Duration::from_secs(20), || {
+        let n = std::fs::read_dir(root.dir.join("spool/rejected")).unwrap().count();
+        (n == 6).then_some(())
+    });
+    let reasons: String = std::fs::read_dir(root.dir.join("spool/rejected"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".error.json"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert!(reasons.contains("not UTF-8") && reasons.contains("bytes long"), "{reasons}");
+    assert_eq!(std::fs::read_dir(root.dir.join("spool")).unwrap().filter(|e| e.as_ref().unwrap().path().is_file()).count(), 0);
+    stop(d);
+}
+
+#[test]
+fn rejections_never_overwrite_a_file_or_a_reason() {
+    let root = Root::new("");
+    let d = root.daemon();
+    wait_ready(&root);
+    let rej = root.dir.join("spool/rejected");
+    let answered = |n: usize| {
+        wait_for("rejections", Duration::from_secs(20), || (std::fs::read_dir(&rej).unwrap().count() == n).then_some(()))
+    };
+    root.drop_job_text("x.error.json", "{\"corpus\": \"x.error.json was MY job file");
+    answered(4);
+    root.drop_job_text("x.json", "{\"corpus\": \"bad\"");
+    answered(6);
+    assert!(std::fs::read_to_string(rej.join("x.error.json")).unwrap().contains("MY job file"));
+    root.drop_job_text("a.json.json", "{\"first\": ");
+    answered(8);
+    root.drop_job_text("a.json", "{\"second\": ");
+    answered(10);
+    let all: Vec<String> = std::fs::read_dir(&rej).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let reasons = all.iter().filter(|n| n.ends_with(".error.json")).count();
+    assert_eq!(reasons, 5, "{all:?}");
+    stop(d);
+}
+
+#[test]
+fn cli_names_are_never_paths() {
+    let root = Root::new("");
+    let outside = root.dir.parent().unwrap();
+    for args in [["rollback", "../../x"], ["cancel", "../runs/x"], ["promote", "../../y"], ["stop", "a/b"], ["watch", ".."]] {
+        let out = root.cli_cmd(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(!outside.join("x.lock").exists() && !root.dir.join("x.lock").exists());
+    let out = Command::new(BIN).args(["--root", "/dev/null", "runs"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "a root that is a file is an error, not an empty list");
+}
+
+#[test]
+fn the_permission_check_covers_the_whole_layout() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = Root::new("");
+    std::fs::create_dir_all(root.dir.join("corpora/c")).unwrap();
+    std::fs::set_permissions(root.dir.join("corpora/c"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = root.cli_cmd(["daemon", "--until-idle"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("corpora/c") && err.contains("chmod go-w"), "{err}");
+    let out = root.cli_cmd(["doctor"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("corpora/c"));
+}
