@@ -401,3 +401,177 @@ fn random_kill_9_rounds_keep_every_invariant() {
     }
     println!("{rounds} rounds, seed {seed}, {} jobs dropped, {} runs", dropped.len(), statuses(&root).len());
 }
+
+/// A tmpfs mounted for one test and unmounted when dropped (skipped where mounting is refused).
+struct SmallDisk {
+    dir: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(at: &std::path::Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(at).status();
+        ok.is_ok_and(|s| s.success()).then(|| Self { dir: at.to_path_buf() })
+    }
+
+    /// Fills the file system to the last byte; returns the filler's path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let p = self.dir.join("filler");
+        let mut f = std::fs::File::create(&p).unwrap();
+        let block = vec![0u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.write_all(&[0u8; 1]);
+        p
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+#[test]
+fn a_full_disk_loses_no_job_fails_the_run_with_the_cause_and_recovers() {
+    let root = Root::new("");
+    let Some(disk) = SmallDisk::mount(&root.dir.parent().unwrap().join("small"), "4m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)");
+        return;
+    };
+    // The state root lives on the small disk; the model and the data do not.
+    let small = Root { _tmp: tempfile::tempdir().unwrap(), dir: disk.dir.join("root") };
+    std::fs::create_dir_all(small.dir.join("spool/tmp")).unwrap();
+    let mut job = root.job("c", 50);
+    job["data"]["triplets"] = root.triplets().into();
+    let mut d = small.daemon_env(&[(STEP_SLEEP, "100")]);
+    // 1. A run that meets a full disk fails with the cause in its status, once space returns.
+    let id = small.submit("a.json", &job);
+    wait_steps(&small, &id, 2);
+    std::fs::write(small.dir.join("spool/tmp/b.json"), root.job("c", 1).to_string()).unwrap();
+    let filler = disk.fill();
+    std::fs::rename(small.dir.join("spool/tmp/b.json"), small.dir.join("spool/b.json")).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(d.try_wait().unwrap().is_none(), "the daemon died on a full disk");
+    let b_there = small.dir.join("spool/b.json").exists()
+        || std::fs::read_dir(small.dir.join("spool/.claimed")).unwrap().count() == 1
+        || small.receipt("b.json").is_some();
+    assert!(b_there, "the dropped job was lost");
+    std::fs::remove_file(filler).unwrap();
+    let st = wait_state(&small, &id, &["failed"], Duration::from_secs(30));
+    assert!(st["error"].as_str().unwrap().contains("No space left"), "{st}");
+    // 2. The job dropped while the disk was full runs once space is back.
+    let b = run_id_of(&small, "b.json");
+    wait_state(&small, &b, &["completed"], Duration::from_secs(60));
+    assert_eq!(answers(&small, "b.json"), 1);
+    signal(&d, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut d, Duration::from_secs(30)), Some(0));
+    check_invariants(&small, true).unwrap();
+}
+
+#[test]
+fn a_thousand_job_files_at_once_are_all_answered_in_flat_memory() {
+    let root = Root::new("");
+    let d = root.daemon();
+    wait_ready(&root);
+    let mut job = root.job("c", 1);
+    job["if_busy"] = "reject".into();
+    job["promote"] = "never".into();
+    let names: Vec<String> = (0..1000).map(|i| format!("k{i:04}.json")).collect();
+    for (i, n) in names.iter().enumerate() {
+        let text = if i % 2 == 0 { job.to_string() } else { format!("{{\"corpus\": {i}}}") };
+        std::fs::write(root.dir.join("spool/tmp").join(n), text).unwrap();
+    }
+    for n in &names {
+        std::fs::rename(root.dir.join("spool/tmp").join(n), root.dir.join("spool").join(n)).unwrap();
+    }
+    let answered = |k: usize| {
+        wait_for(&format!("{k} answers"), Duration::from_secs(300), || {
+            (names.iter().take(k).all(|n| answers(&root, n) == 1)).then_some(())
+        })
+    };
+    answered(100);
+    let early = rerankd::sys::process_memory_mb(d.id()).unwrap();
+    answered(1000);
+    let late = rerankd::sys::process_memory_mb(d.id()).unwrap();
+    println!("daemon memory after 100 answers {early} MB, after 1000 {late} MB");
+    assert!(late <= early + 30, "daemon memory grew from {early} to {late} MB");
+    let out = root.cli_cmd(["stop", "c"]).output().unwrap();
+    assert!(out.status.success());
+    stop(d);
+}
+
+#[test]
+fn torn_and_half_written_files_of_every_kind_recover() {
+    let root = Root::new("");
+    let mut d = root.daemon();
+    let a = root.submit("a.json", &promoting(&root, "c"));
+    wait_state(&root, &a, &["completed"], Duration::from_secs(60));
+    signal(&d, libc::SIGTERM);
+    wait_exit(&mut d, Duration::from_secs(30));
+    // A dead writer's pid for the temp names.
+    let mut t = Command::new("true").spawn().unwrap();
+    let dead = t.id();
+    t.wait().unwrap();
+    let run = root.dir.join("runs").join(&a);
+    let models = root.dir.join("models/c");
+    std::fs::write(run.join(format!(".status.json.tmp.{dead}")), "{\"run_id\": \"x").unwrap();
+    std::fs::write(root.dir.join(format!("spool/accepted/.a.json.tmp.{dead}")), "{").unwrap();
+    std::fs::write(root.dir.join(format!("spool/rejected/.z.error.json.tmp.{dead}")), "").unwrap();
+    std::os::unix::fs::symlink("adapters/nowhere", models.join(format!(".current.tmp.{dead}"))).unwrap();
+    let half = models.join(format!("adapters/.B.tmp.{dead}"));
+    std::fs::create_dir_all(&half).unwrap();
+    std::fs::write(half.join("adapter_model.safetensors"), [0u8; 10]).unwrap();
+    std::fs::create_dir_all(root.dir.join(format!("runs/.c__20260101_000000.tmp.{dead}"))).unwrap();
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().append(true).open(run.join("metrics.jsonl")).unwrap();
+    f.write_all(b"{\"ts\": \"2026-").unwrap();
+    let mut f = std::fs::OpenOptions::new().append(true).open(models.join("promotions.jsonl")).unwrap();
+    f.write_all(b"{\"run_id\": \"B\", \"prev").unwrap();
+    drain(&root);
+    for p in [
+        run.join(format!(".status.json.tmp.{dead}")),
+        root.dir.join(format!("spool/accepted/.a.json.tmp.{dead}")),
+        root.dir.join(format!("spool/rejected/.z.error.json.tmp.{dead}")),
+        models.join(format!(".current.tmp.{dead}")),
+        half,
+        root.dir.join(format!("runs/.c__20260101_000000.tmp.{dead}")),
+    ] {
+        assert!(p.symlink_metadata().is_err(), "{} was not cleaned", p.display());
+    }
+    check_invariants(&root, true).unwrap();
+    assert!(std::fs::read_link(models.join("current")).unwrap().ends_with(&a));
+    let out = root.cli_cmd(["watch", &a]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "watch over a torn tail");
+    let out = root.cli_cmd(["rollback", "c"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "one promotion: nothing to roll back to");
+    // status.json itself is only ever replaced whole: a reader sees a complete one.
+    assert_eq!(root.status(&a)["state"], "completed");
+}
+
+#[test]
+fn dev_fraction_zero_and_a_non_utf8_feedback_line_are_reported_as_such() {
+    let root = Root::new("");
+    let home = root.dir.join("corpora/demo");
+    std::fs::create_dir_all(&home).unwrap();
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo");
+    std::fs::copy(demo.join("documents.jsonl"), home.join("documents.jsonl")).unwrap();
+    let mut fb = std::fs::read(demo.join("feedback.jsonl")).unwrap();
+    fb.extend_from_slice(b"\xff\xfe not utf-8\n");
+    std::fs::write(home.join("feedback.jsonl"), fb).unwrap();
+    let mut job: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(demo.join("job.json")).unwrap()).unwrap();
+    job["model"] = fixture_model().into();
+    job["train"]["epochs"] = 1.into();
+    job["eval"]["dev_fraction"] = 0.0.into();
+    let d = root.daemon();
+    let id = root.submit("a.json", &job);
+    let st = wait_state(&root, &id, &["completed", "failed"], Duration::from_secs(60));
+    assert_eq!(st["state"], "completed", "{st}");
+    let ev = root.events(&id);
+    let promote = ev.iter().find(|e| e["type"] == "promote").unwrap();
+    assert!(promote["reason"].as_str().unwrap().contains("dev_fraction is 0"), "{promote}");
+    let skipped = ev.iter().find(|e| e["message"] == "skipped feedback events").unwrap();
+    assert_eq!(skipped["skipped"]["not UTF-8"], 1, "{skipped}");
+    stop(d);
+}
