@@ -4,8 +4,8 @@
 mod common;
 use common::*;
 
-use std::time::Instant;
 use std::time::Duration;
+use std::time::Instant;
 
 use serde_json::{Value, json};
 
@@ -170,7 +170,6 @@ fn bad_job_files_are_rejected_with_the_problem_named() {
     stop(d);
 }
 
-
 #[test]
 fn thirty_jobs_over_three_corpora_all_land_and_never_overlap() {
     let root = Root::new("max_concurrent_runs = 3\n");
@@ -220,7 +219,6 @@ fn thirty_jobs_over_three_corpora_all_land_and_never_overlap() {
     }
     stop(d);
 }
-
 
 /// Reports (does not assert) the latency from a job's rename into spool/ to its run's first
 /// `state` event, median over 20, and from `touch cancel` to the terminal state. A measurement,

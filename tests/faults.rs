@@ -8,7 +8,6 @@ use common::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-
 const STEP_SLEEP: &str = "RERANKD_TEST_STEP_SLEEP_MS";
 const CRASH_AT: &str = "RERANKD_TEST_CRASH_AT";
 
@@ -54,7 +53,11 @@ fn an_idle_daemon_sleeps_and_a_supervising_one_nearly_does() {
     let t0 = rerankd::sys::cpu_ticks(d.id()).unwrap();
     std::thread::sleep(Duration::from_secs(5));
     let busy = (rerankd::sys::cpu_ticks(d.id()).unwrap() - t0) as f64 / hz / 5.0;
-    println!("daemon CPU: idle {:.3}% of a core over 10 s; supervising a run {:.3}% over 5 s", idle * 100.0, busy * 100.0);
+    println!(
+        "daemon CPU: idle {:.3}% of a core over 10 s; supervising a run {:.3}% over 5 s",
+        idle * 100.0,
+        busy * 100.0
+    );
     assert!(idle < 0.01, "an idle daemon used {:.1}% of a core", idle * 100.0);
     assert!(busy < 0.05, "a supervising daemon used {:.1}% of a core", busy * 100.0);
     signal(&d, libc::SIGTERM);
@@ -114,7 +117,11 @@ fn submit_refuses_a_bad_wait_before_submitting_and_takes_dotfiles() {
         let out = root.cli_cmd(["submit"]).arg(&job).arg("--wait").arg(bad).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "--wait {bad}");
     }
-    let spooled = std::fs::read_dir(root.dir.join("spool")).unwrap().filter_map(|e| e.ok()).filter(|e| e.path().is_file()).count();
+    let spooled = std::fs::read_dir(root.dir.join("spool"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_file())
+        .count();
     assert_eq!(spooled, 0, "nothing submitted by a refused command");
     let d = root.daemon();
     let out = root.cli_cmd(["submit"]).arg(&job).arg("--wait").arg("30").output().unwrap();
@@ -203,7 +210,10 @@ fn names_that_cannot_be_kept_are_rejected_never_left_waiting() {
         .map(|e| std::fs::read_to_string(e.path()).unwrap())
         .collect();
     assert!(reasons.contains("not UTF-8") && reasons.contains("bytes long"), "{reasons}");
-    assert_eq!(std::fs::read_dir(root.dir.join("spool")).unwrap().filter(|e| e.as_ref().unwrap().path().is_file()).count(), 0);
+    assert_eq!(
+        std::fs::read_dir(root.dir.join("spool")).unwrap().filter(|e| e.as_ref().unwrap().path().is_file()).count(),
+        0
+    );
     stop(d);
 }
 
@@ -214,7 +224,9 @@ fn rejections_never_overwrite_a_file_or_a_reason() {
     wait_ready(&root);
     let rej = root.dir.join("spool/rejected");
     let answered = |n: usize| {
-        wait_for("rejections", Duration::from_secs(20), || (std::fs::read_dir(&rej).unwrap().count() == n).then_some(()))
+        wait_for("rejections", Duration::from_secs(20), || {
+            (std::fs::read_dir(&rej).unwrap().count() == n).then_some(())
+        })
     };
     root.drop_job_text("x.error.json", "{\"corpus\": \"x.error.json was MY job file");
     answered(4);
@@ -225,7 +237,8 @@ fn rejections_never_overwrite_a_file_or_a_reason() {
     answered(8);
     root.drop_job_text("a.json", "{\"second\": ");
     answered(10);
-    let all: Vec<String> = std::fs::read_dir(&rej).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let all: Vec<String> =
+        std::fs::read_dir(&rej).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(all.len(), 10, "{all:?}");
     for (job, reason) in [
         ("x.error.json", "x.error.error.json"),
@@ -243,7 +256,9 @@ fn rejections_never_overwrite_a_file_or_a_reason() {
 fn cli_names_are_never_paths() {
     let root = Root::new("");
     let outside = root.dir.parent().unwrap();
-    for args in [["rollback", "../../x"], ["cancel", "../runs/x"], ["promote", "../../y"], ["stop", "a/b"], ["watch", ".."]] {
+    for args in
+        [["rollback", "../../x"], ["cancel", "../runs/x"], ["promote", "../../y"], ["stop", "a/b"], ["watch", ".."]]
+    {
         let out = root.cli_cmd(args).output().unwrap();
         assert_eq!(out.status.code(), Some(1), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }

@@ -70,7 +70,8 @@ impl Documents {
 pub fn jsonl_lines<'a>(path: &Path, bytes: &'a [u8]) -> anyhow::Result<Vec<(usize, &'a str)>> {
     let mut out = Vec::new();
     for (n, raw) in bytes.split(|&b| b == b'\n').enumerate() {
-        let line = std::str::from_utf8(raw).map_err(|_| anyhow::anyhow!("{}: line {}: not UTF-8 text", path.display(), n + 1))?;
+        let line = std::str::from_utf8(raw)
+            .map_err(|_| anyhow::anyhow!("{}: line {}: not UTF-8 text", path.display(), n + 1))?;
         if !line.trim().is_empty() {
             out.push((n, line));
         }

@@ -229,7 +229,8 @@ pub fn check_invariants(root: &Root, settled: bool) -> Result<(), String> {
                 return Err(format!("{id}: seq gap at line {i}"));
             }
         }
-        let states: Vec<&str> = ev.iter().filter(|e| e["type"] == "state").filter_map(|e| e["state"].as_str()).collect();
+        let states: Vec<&str> =
+            ev.iter().filter(|e| e["type"] == "state").filter_map(|e| e["state"].as_str()).collect();
         let terminal = states.iter().filter(|s| matches!(**s, "completed" | "failed" | "cancelled")).count();
         if terminal > 1 {
             return Err(format!("{id}: {terminal} terminal events {states:?}"));
@@ -288,6 +289,12 @@ pub fn answers(root: &Root, name: &str) -> usize {
             .map(|rd| rd.filter_map(|e| e.ok()).filter(|e| f(&e.file_name().to_string_lossy())).count())
             .unwrap_or(0)
     };
-    let is = |n: &str| n == name || (n.starts_with(&format!("{stem}.")) && n.ends_with(".json") && !n.ends_with(".error.json") && n[stem.len() + 1..n.len() - 5].parse::<u32>().is_ok());
+    let is = |n: &str| {
+        n == name
+            || (n.starts_with(&format!("{stem}."))
+                && n.ends_with(".json")
+                && !n.ends_with(".error.json")
+                && n[stem.len() + 1..n.len() - 5].parse::<u32>().is_ok())
+    };
     count("accepted", &is) + count("rejected", &is)
 }
