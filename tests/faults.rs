@@ -590,3 +590,22 @@ fn dev_fraction_zero_and_a_non_utf8_feedback_line_are_reported_as_such() {
     assert_eq!(skipped["skipped"]["not UTF-8"], 1, "{skipped}");
     stop(d);
 }
+
+#[test]
+fn score_prints_one_line_per_input_document_duplicates_included() {
+    let root = Root::new("");
+    let docs = root.dir.parent().unwrap().join("docs.jsonl");
+    std::fs::write(&docs, "{\"id\": \"a\", \"text\": \"one\"}\n{\"id\": \"dup\", \"text\": \"two\"}\n{\"id\": \"dup\", \"text\": \"three\"}\n").unwrap();
+    let out = root
+        .cli_cmd(["score", "--model", &fixture_model(), "--device", "cpu", "--query", "q", "--json"])
+        .arg("--docs")
+        .arg(&docs)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[2]["id"], "dup");
+    assert_ne!(lines[1]["score"], lines[2]["score"], "the second `dup` is scored with its own text");
+}

@@ -9,7 +9,7 @@ use clap::Args;
 use rerankd::model::device::DeviceChoice;
 use rerankd::model::{LoraSet, Reranker};
 use rerankd::store::{Root, models};
-use rerankd::train::dataset::Documents;
+use rerankd::train::dataset::jsonl_documents;
 use rerankd::train::eval::SCORE_BATCH;
 use serde_json::{Value, json};
 
@@ -35,7 +35,7 @@ pub struct ScoreArgs {
     /// A document text; repeat for several.
     #[arg(long = "doc", required_unless_present = "docs")]
     pub doc: Vec<String>,
-    /// Documents as JSONL `{id, text}`.
+    /// jsonl_documents as JSONL `{id, text}`.
     #[arg(long, conflicts_with = "doc")]
     pub docs: Option<PathBuf>,
     #[arg(long, default_value_t = SCORE_BATCH)]
@@ -83,8 +83,8 @@ pub fn run(root: &Root, a: ScoreArgs) -> anyhow::Result<ExitCode> {
     };
     let (ids, texts): (Vec<Option<String>>, Vec<String>) = match &a.docs {
         Some(path) => {
-            let d = Documents::load(path, usize::MAX)?;
-            d.ids.iter().map(|id| (Some(id.clone()), d.text[id].clone())).unzip()
+            // Every input line, duplicates included: one output line per input (review F18).
+            jsonl_documents(path, usize::MAX)?.into_iter().map(|(_, id, text)| (Some(id), text)).unzip()
         }
         None => a.doc.iter().map(|t| (None, t.clone())).unzip(),
     };

@@ -62,9 +62,12 @@ impl PromptBuilder {
             return Ok(ids);
         }
         let floor = self.template_len(instruction)?;
-        if floor > max_length {
+        if floor >= max_length {
+            // At the template's own length the query and the document would both be cut to
+            // nothing and every pair would score the same (review F18).
             return Err(ModelError::Invalid(format!(
-                "max_length {max_length} is shorter than the prompt template itself ({floor} tokens)"
+                "max_length {max_length} leaves no room for the query and the document: the prompt template \
+                 alone is {floor} tokens"
             )));
         }
         let (mut query, mut doc) = (query.to_string(), doc.to_string());

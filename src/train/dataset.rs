@@ -35,19 +35,7 @@ impl Documents {
                 d.insert(id, clip(&String::from_utf8_lossy(&bytes), doc_chars));
             }
         } else {
-            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            for (n, line) in jsonl_lines(path, &bytes)? {
-                let v: Value = serde_json::from_str(line)
-                    .with_context(|| format!("{}: line {}: not JSON", path.display(), n + 1))?;
-                let id = match v.get("id") {
-                    Some(Value::String(s)) => s.clone(),
-                    Some(Value::Number(x)) => x.to_string(),
-                    _ => bail!("{}: line {}: field `id` must be a string", path.display(), n + 1),
-                };
-                let Some(t) = v.get("text").and_then(Value::as_str) else {
-                    bail!("{}: line {}: field `text` must be a string", path.display(), n + 1);
-                };
-                let text = clip(t, doc_chars);
+            for (n, id, text) in jsonl_documents(path, doc_chars)? {
                 if d.text.get(&id).is_some_and(|old| *old != text) {
                     // The last text silently winning hid a user's mistake (review F18).
                     bail!("{}: line {}: document id `{id}` appears again with another text", path.display(), n + 1);
@@ -63,6 +51,27 @@ impl Documents {
             self.ids.push(id);
         }
     }
+}
+
+/// Every `{id, text}` line of a JSONL documents file, in order, duplicates included: (0-based
+/// line, id, text clipped to `doc_chars`). `score --docs` prints one line for each of these.
+pub fn jsonl_documents(path: &Path, doc_chars: usize) -> anyhow::Result<Vec<(usize, String, String)>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (n, line) in jsonl_lines(path, &bytes)? {
+        let v: Value =
+            serde_json::from_str(line).with_context(|| format!("{}: line {}: not JSON", path.display(), n + 1))?;
+        let id = match v.get("id") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(x)) => x.to_string(),
+            _ => bail!("{}: line {}: field `id` must be a string", path.display(), n + 1),
+        };
+        let Some(t) = v.get("text").and_then(Value::as_str) else {
+            bail!("{}: line {}: field `text` must be a string", path.display(), n + 1);
+        };
+        out.push((n, id, clip(t, doc_chars)));
+    }
+    Ok(out)
 }
 
 /// The non-blank lines of a JSONL file with their 0-based numbers; a line that is not UTF-8 is an
