@@ -609,3 +609,23 @@ fn score_prints_one_line_per_input_document_duplicates_included() {
     assert_eq!(lines[2]["id"], "dup");
     assert_ne!(lines[1]["score"], lines[2]["score"], "the second `dup` is scored with its own text");
 }
+
+#[test]
+fn an_in_place_writer_that_pauses_three_seconds_gets_its_job_accepted() {
+    use std::io::Write;
+    let root = Root::new("");
+    let d = root.daemon();
+    wait_ready(&root);
+    let text = root.job("c", 1).to_string();
+    let mut f = std::fs::File::create(root.dir.join("spool/slow.json")).unwrap();
+    let (a, b) = text.split_at(text.len() / 2);
+    f.write_all(a.as_bytes()).unwrap();
+    f.flush().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    f.write_all(b.as_bytes()).unwrap();
+    drop(f);
+    let id = run_id_of(&root, "slow.json");
+    assert!(!root.dir.join("spool/rejected/slow.json").exists(), "rejected as cut short (review F13)");
+    wait_state(&root, &id, &["completed"], Duration::from_secs(60));
+    stop(d);
+}
