@@ -366,13 +366,18 @@ fn parse_lora(v: Option<&Value>) -> Result<Lora, JobError> {
     let target_modules = match o.get("target_modules") {
         None => vec![Target::Q, Target::K, Target::V, Target::O],
         Some(Value::Array(a)) if !a.is_empty() => {
-            a.iter().map(|t| t.as_str().and_then(Target::parse)).collect::<Option<Vec<_>>>().ok_or_else(|| {
-                JobError::at(
-                    "lora.target_modules",
-                    "unknown module",
-                    Some("q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"),
-                )
-            })?
+            let mut out = Vec::with_capacity(a.len());
+            for t in a {
+                let Some(m) = t.as_str().and_then(Target::parse) else {
+                    return Err(JobError::at(
+                        "lora.target_modules",
+                        format!("unknown module {t}"),
+                        Some("q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"),
+                    ));
+                };
+                out.push(m);
+            }
+            out
         }
         Some(_) => return Err(JobError::at("lora.target_modules", "must be a non-empty list of module names", None)),
     };
@@ -407,6 +412,21 @@ mod tests {
 
     fn parse(text: &str, home: &Path) -> Result<Job, JobError> {
         parse_job(text, |_| home.to_path_buf(), 4096)
+    }
+
+    #[test]
+    fn an_unknown_target_module_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.jsonl"), "").unwrap();
+        let text =
+            r#"{"corpus": "c", "data": {"triplets": "t.jsonl"}, "lora": {"target_modules": ["q_proj", "lm_head"]}}"#;
+        let e = parse(text, dir.path()).unwrap_err();
+        assert!(e.error.contains("lm_head"), "{e}");
+        // A FIFO as a data file is refused at intake, never opened (review F2).
+        let fifo = dir.path().join("f.jsonl");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let e = parse(r#"{"corpus": "c", "data": {"triplets": "f.jsonl"}}"#, dir.path()).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("data.triplets"));
     }
 
     #[test]

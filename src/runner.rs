@@ -176,7 +176,7 @@ fn execute(ctx: &mut RunContext, root: &Root) -> anyhow::Result<Value> {
     ctx.check_cancel()?;
     let job: Job = read_json(&ctx.files.job())?;
     let device = job.device.open()?;
-    let ck = CheckpointDir::resolve(&job.model).with_context(|| format!("model `{}`", job.model))?;
+    let ck = CheckpointDir::resolve(&job.model)?; // its errors name the model already
     let job = govern(ctx, job, &ck)?;
     ctx.info(&format!("loading model {} on {:?}", job.model, device.location()))?;
     let mut r = Reranker::open(&ck, &device).with_context(|| format!("loading model `{}`", job.model))?;
