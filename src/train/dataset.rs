@@ -102,6 +102,11 @@ fn walk(base: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> anyhow::Re
             continue;
         }
         if real.is_dir() {
+            // A link back to this directory or one above it would recurse until ELOOP: name it.
+            let here = std::fs::canonicalize(dir).with_context(|| format!("resolving {}", dir.display()))?;
+            if here.starts_with(&real) {
+                bail!("{} links back to {} (a loop)", p.display(), real.display());
+            }
             walk(base, &p, out)?;
         } else if real.is_file() {
             let id = p.strip_prefix(base).unwrap_or(&p).to_string_lossy().into_owned();
@@ -323,6 +328,15 @@ pub fn dev_lists(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_symlink_loop_in_a_documents_directory_is_named_at_once() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a.txt"), "text").unwrap();
+        std::os::unix::fs::symlink(".", d.path().join("loop")).unwrap();
+        let e = format!("{:#}", Documents::load(d.path(), 100).unwrap_err());
+        assert!(e.contains("a loop") && e.len() < 200, "{e}");
+    }
 
     fn q(text: &str) -> QueryRows {
         QueryRows { query: text.into(), positives: vec![], negatives: vec![] }
