@@ -629,3 +629,22 @@ fn an_in_place_writer_that_pauses_three_seconds_gets_its_job_accepted() {
     wait_state(&root, &id, &["completed"], Duration::from_secs(60));
     stop(d);
 }
+
+#[test]
+fn a_deleted_layout_is_recreated_and_a_file_named_spool_is_refused_clearly() {
+    let root = Root::new("");
+    let d = root.daemon();
+    wait_ready(&root);
+    std::fs::remove_dir_all(root.dir.join("spool/accepted")).unwrap();
+    std::fs::remove_dir_all(root.dir.join("spool/.claimed")).unwrap();
+    let id = root.submit("after.json", &root.job("c", 1)); // its receipt is written all the same (F5)
+    wait_state(&root, &id, &["completed"], Duration::from_secs(60));
+    stop(d);
+    let other = Root::new("");
+    std::fs::remove_dir_all(other.dir.join("spool")).unwrap();
+    std::fs::write(other.dir.join("spool"), "").unwrap();
+    let out = other.cli_cmd(["daemon", "--until-idle"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("spool is not a directory") && !err.contains("(os error 17): File exists"), "{err}");
+}
