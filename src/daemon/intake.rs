@@ -19,7 +19,7 @@ use serde_json::json;
 
 use crate::job::{Job, JobError, MAX_JOB_BYTES, parse_job};
 use crate::store::atomic::{read_json, sync_dir, temp_name, write_json};
-use crate::store::paths::{RunFiles, error_name, free_name, free_rejection_name};
+use crate::store::paths::{RunFiles, error_name, free_rejection_name, name_variants};
 use crate::store::{MetricsLog, Root, Status, all_runs};
 use crate::testhooks::crash_point;
 
@@ -293,16 +293,18 @@ fn read_claimed(path: &Path) -> Result<String, JobError> {
     String::from_utf8(bytes).map_err(|_| JobError::whole("is not UTF-8 text", Some("a job file is one JSON object")))
 }
 
-/// The reason first, then the file: if the reason cannot be written (a full disk), the file
-/// stays claimed and is judged again later, so a rejection never lacks its reason (review F5).
-fn reject(root: &Root, claimed: &Path, original: &str, err: &JobError) -> Verdict {
+/// Moves `from` (a claimed file, or a spool file whose name cannot be kept) into `rejected/` as
+/// `original` (or a free variant). The reason first, then the file: if the reason cannot be
+/// written (a full disk), the file stays where it is and is judged again later, so a rejection
+/// never lacks its reason (review F5).
+fn reject(root: &Root, from: &Path, original: &str, err: &JobError) -> Verdict {
     let dest_name = free_rejection_name(&root.rejected(), original);
     if let Err(e) = write_json(&root.rejected().join(error_name(&dest_name)), err) {
         tracing::error!(file = %original, error = %e, "writing the rejection reason; will retry");
         return Verdict::Retry;
     }
     crash_point("intake.after_reason");
-    match std::fs::rename(claimed, root.rejected().join(&dest_name)) {
+    match std::fs::rename(from, root.rejected().join(&dest_name)) {
         Ok(()) => tracing::warn!(file = %original, reason = %err, "job rejected"),
         Err(e) => {
             tracing::error!(file = %original, error = %e, "moving a rejected job; will retry");
@@ -321,36 +323,25 @@ fn reject_bad_name(root: &Root, name: &std::ffi::OsStr, why: &str) -> Verdict {
     while stem.len() > 100 {
         stem.pop();
     }
-    let dest_name = free_rejection_name(&root.rejected(), &format!("{stem}.json"));
     let err = JobError::whole(why, Some("rename the file to a short UTF-8 name ending in .json"));
-    if write_json(&root.rejected().join(error_name(&dest_name)), &err).is_err() {
-        return Verdict::Retry;
-    }
-    match std::fs::rename(root.spool().join(name), root.rejected().join(&dest_name)) {
-        Ok(()) => tracing::warn!(file = %lossy, reason = %err, "job rejected"),
-        Err(e) => tracing::error!(file = %lossy, error = %e, "moving a rejected job"),
-    }
-    Verdict::Settled
+    reject(root, &root.spool().join(name), &format!("{stem}.json"), &err)
 }
 
 /// The receipt `accepted/<name>.json` (or `name.N.json` on a collision). Written once per run:
-/// a receipt for this run already present under this name's variants is kept (review F12).
+/// walking the names a receipt for `original` may have, one that already holds this run (a crash
+/// after the receipt, before the claim was removed) is kept rather than doubled (review F12).
 fn write_receipt(root: &Root, original: &str, run_id: &str, job: Option<&Job>) -> crate::store::Result<()> {
     let dir = root.accepted();
-    let stem = original.strip_suffix(".json").unwrap_or(original);
-    let ours = |p: &Path| read_json::<serde_json::Value>(p).is_ok_and(|v| v["run_id"] == run_id);
-    if let Ok(rd) = std::fs::read_dir(&dir) {
-        let exists = rd.filter_map(|e| e.ok()).any(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            (n == original || n.strip_prefix(stem).is_some_and(|r| r.starts_with('.') && !r.starts_with(".tmp")))
-                && ours(&e.path())
-        });
-        if exists {
+    for name in name_variants(original) {
+        let path = dir.join(&name);
+        if path.symlink_metadata().is_err() {
+            return write_json(&path, &json!({"run_id": run_id, "run_dir": root.run_dir(run_id), "job": job}));
+        }
+        if read_json::<serde_json::Value>(&path).is_ok_and(|v| v["run_id"] == run_id) {
             return Ok(());
         }
     }
-    let dest = dir.join(free_name(&dir, original));
-    write_json(&dest, &json!({"run_id": run_id, "run_dir": root.run_dir(run_id), "job": job}))
+    unreachable!("name_variants never ends")
 }
 
 /// Creates `runs/<corpus>__<UTC time>[__N]/` with job.json, metrics.jsonl (the locked primary

@@ -19,11 +19,9 @@ impl Root {
         Self { dir }
     }
 
-    /// Creates what is missing of the layout, 0700 whatever the umask. Idempotent; existing
-    /// directories keep their modes (the daemon checks them and says what is wrong).
-    pub fn ensure(&self) -> Result<()> {
-        use std::os::unix::fs::DirBuilderExt;
-        let dirs = [
+    /// Every directory of the layout, the root first.
+    fn layout(&self) -> [PathBuf; 10] {
+        [
             self.dir.clone(),
             self.spool(),
             self.spool_tmp(),
@@ -34,8 +32,14 @@ impl Root {
             self.locks(),
             self.dir.join("models"),
             self.dir.join("corpora"),
-        ];
-        for d in dirs.iter().filter(|d| d.symlink_metadata().is_err()) {
+        ]
+    }
+
+    /// Creates what is missing of the layout, 0700 whatever the umask. Idempotent; existing
+    /// directories keep their modes (the daemon checks them and says what is wrong).
+    pub fn ensure(&self) -> Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        for d in self.layout().iter().filter(|d| d.symlink_metadata().is_err()) {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -52,18 +56,7 @@ impl Root {
     pub fn permission_problems(&self) -> Vec<String> {
         use std::os::unix::fs::MetadataExt;
         let uid = crate::sys::uid();
-        let mut dirs = vec![
-            self.dir.clone(),
-            self.spool(),
-            self.spool_tmp(),
-            self.claimed(),
-            self.accepted(),
-            self.rejected(),
-            self.runs(),
-            self.locks(),
-            self.dir.join("models"),
-            self.dir.join("corpora"),
-        ];
+        let mut dirs = self.layout().to_vec();
         for parent in [self.dir.join("corpora"), self.dir.join("models")] {
             if let Ok(rd) = std::fs::read_dir(&parent) {
                 dirs.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()));
@@ -243,25 +236,19 @@ pub fn error_name(job_name: &str) -> String {
     format!("{}.error.json", job_name.strip_suffix(".json").unwrap_or(job_name))
 }
 
-/// A name in `dir` for a rejected job whose file *and* reason file are both free: `name`, else
-/// `stem.2.json`, `stem.3.json`, ... (so nothing already in `rejected/`, a user's file or an
-/// earlier reason, is ever overwritten).
-pub fn free_rejection_name(dir: &Path, name: &str) -> String {
-    let free = |n: &str| dir.join(n).symlink_metadata().is_err() && dir.join(error_name(n)).symlink_metadata().is_err();
-    if free(name) {
-        return name.to_string();
-    }
+/// The names a file called `name` may take in a directory, in order: `name`, then `stem.2.json`,
+/// `stem.3.json`, ... (collisions in `accepted/` and `rejected/`).
+pub fn name_variants(name: &str) -> impl Iterator<Item = String> + '_ {
     let (stem, ext) = name.strip_suffix(".json").map_or((name, ""), |s| (s, ".json"));
-    (2u64..).map(|n| format!("{stem}.{n}{ext}")).find(|n| free(n)).expect("some free name")
+    std::iter::once(name.to_string()).chain((2u64..).map(move |n| format!("{stem}.{n}{ext}")))
 }
 
-/// A name in `dir` that does not exist yet: `name`, else `stem.N.json`.
-pub fn free_name(dir: &Path, name: &str) -> String {
-    if dir.join(name).symlink_metadata().is_err() {
-        return name.to_string();
-    }
-    let (stem, ext) = name.strip_suffix(".json").map_or((name, ""), |s| (s, ".json"));
-    (2u64..).map(|n| format!("{stem}.{n}{ext}")).find(|n| dir.join(n).symlink_metadata().is_err()).expect("free")
+/// A name in `dir` for a rejected job whose file *and* reason file are both free (so nothing
+/// already in `rejected/`, a user's file or an earlier reason, is ever overwritten).
+pub fn free_rejection_name(dir: &Path, name: &str) -> String {
+    let free =
+        |n: &String| dir.join(n).symlink_metadata().is_err() && dir.join(error_name(n)).symlink_metadata().is_err();
+    name_variants(name).find(free).expect("some free name")
 }
 
 #[cfg(test)]
