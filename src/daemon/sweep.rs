@@ -5,15 +5,16 @@
 //! - any other `running` run becomes `cancelled` (reason `orphaned: ...`), and if it had made
 //!   itself current its promotion is undone;
 //! - a run whose log already holds its terminal state gets status.json to match (a crash
-//!   between the two writes);
+//!   between the two writes), through the one recorder;
 //! - every corpus's `current` is reconciled with its promotion log;
 //! - temporary files left by crashed writers are removed (review F19);
 //! - `queued` runs are returned in their original order.
 
 use crate::store::atomic::remove_stale_temps;
 use crate::store::lock::is_held;
+use crate::store::metrics::{read_events, terminal_state};
 use crate::store::paths::RunFiles;
-use crate::store::{FileLock, MetricsLog, Root, RunState, Status, all_runs, models, settle};
+use crate::store::{FileLock, Root, RunState, Status, all_runs, models, settle};
 
 pub const ORPHANED: &str = "orphaned: found running at boot with no live owner";
 
@@ -43,12 +44,14 @@ pub fn sweep(root: &Root) -> anyhow::Result<Swept> {
         if st.state.is_terminal() {
             continue;
         }
-        if MetricsLog::open(&files.metrics(), &st.run_id)?.terminal().is_some() {
-            settle(&files, &mut st, RunState::Cancelled, Some(ORPHANED.into()), None)?; // completes the logged state
-            out.settled += 1;
-            continue;
-        }
         match st.state {
+            // A queued run whose end is already in its log (a crash while cancelling it): record
+            // completes that state. Only a queued run needs the look; a dead running one gets it
+            // from settle_dead below, and a live one records its own end.
+            RunState::Queued if terminal_state(&read_events(&files.metrics())?).is_some() => {
+                settle(&files, &mut st, RunState::Cancelled, None, None)?;
+                out.settled += 1;
+            }
             RunState::Queued => out.queued.push(st),
             RunState::Running => {
                 if let Some(pid) = st.pid.filter(|p| run_is_alive(root, &st.corpus, *p)) {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use super::status::RunState;
 use super::time::now_rfc3339;
 use super::{Result, StoreError};
 
@@ -16,6 +17,8 @@ pub struct MetricsLog {
     path: PathBuf,
     run_id: String,
     next_seq: u64,
+    /// Bytes of complete lines in the file: where a torn write is cut back to.
+    len: u64,
     /// The last `state` event that was terminal, if the log has one: a state recorded in the
     /// log but perhaps not yet in status.json (see `status::record`).
     terminal: Option<Value>,
@@ -32,17 +35,13 @@ impl MetricsLog {
         let good = bytes.iter().rposition(|&b| b == b'\n').map(|i| i + 1).unwrap_or(0);
         let events = parse_lines(&bytes[..good]);
         let next_seq = events.len() as u64;
-        let terminal = events
-            .into_iter()
-            .rev()
-            .find(|e| e["type"] == "state")
-            .filter(|e| matches!(e["state"].as_str(), Some("completed" | "failed" | "cancelled")));
+        let terminal = terminal_state(&events).cloned();
         let file =
             OpenOptions::new().create(true).append(true).open(path).map_err(|e| StoreError::io(path, "opening", e))?;
         if good < bytes.len() {
             file.set_len(good as u64).map_err(|e| StoreError::io(path, "truncating a torn line", e))?;
         }
-        Ok(Self { file, path: path.to_path_buf(), run_id: run_id.to_string(), next_seq, terminal })
+        Ok(Self { file, path: path.to_path_buf(), run_id: run_id.to_string(), next_seq, len: good as u64, terminal })
     }
 
     /// Appends one event of `kind` with `fields`; `ts`, `seq`, `run_id` and `type` are added.
@@ -59,27 +58,18 @@ impl MetricsLog {
         let mut line = event.to_string();
         line.push('\n');
         if let Err(e) = self.file.write_all(line.as_bytes()) {
-            // A short write (disk full) leaves a torn line: cut it now, so the next append starts
-            // on a line of its own (readers skip torn lines either way).
-            self.cut_torn_tail();
+            // A short write (disk full) leaves a torn line: cut it now (best effort), so the next
+            // append starts on a line of its own (readers skip torn lines either way).
+            let _ = self.file.set_len(self.len);
             return Err(StoreError::io(&self.path, "appending", e));
         }
         self.file.flush().map_err(|e| StoreError::io(&self.path, "flushing", e))?;
         self.next_seq += 1;
-        if kind == "state" && matches!(event["state"].as_str(), Some("completed" | "failed" | "cancelled")) {
+        self.len += line.len() as u64;
+        if is_terminal_state(&event) {
             self.terminal = Some(event);
         }
         Ok(())
-    }
-
-    /// Cuts the file back to its last complete line (best effort: this runs after a failed write).
-    fn cut_torn_tail(&self) {
-        if let Ok(b) = std::fs::read(&self.path) {
-            let good = b.iter().rposition(|&c| c == b'\n').map_or(0, |i| i + 1);
-            if good < b.len() {
-                let _ = self.file.set_len(good as u64);
-            }
-        }
     }
 
     /// The terminal `state` event this log holds, if any.
@@ -95,6 +85,16 @@ impl MetricsLog {
 
 fn parse_lines(bytes: &[u8]) -> Vec<Value> {
     bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()).filter_map(|l| serde_json::from_slice(l).ok()).collect()
+}
+
+/// Whether an event is a `state` event naming a terminal state.
+fn is_terminal_state(e: &Value) -> bool {
+    e["type"] == "state" && e["state"].as_str().and_then(RunState::parse).is_some_and(RunState::is_terminal)
+}
+
+/// The log's terminal `state` event, if the last `state` event is one.
+pub fn terminal_state(events: &[Value]) -> Option<&Value> {
+    events.iter().rev().find(|e| e["type"] == "state").filter(|e| is_terminal_state(e))
 }
 
 /// Every complete event of a log (a torn or garbled line is skipped).

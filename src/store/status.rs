@@ -27,15 +27,9 @@ impl RunState {
         matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
     }
 
+    /// The state a `state` event or status.json names (serde's own mapping, so there is one).
     pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "queued" => Self::Queued,
-            "running" => Self::Running,
-            "completed" => Self::Completed,
-            "failed" => Self::Failed,
-            "cancelled" => Self::Cancelled,
-            _ => return None,
-        })
+        Self::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(s)).ok()
     }
 
     pub fn as_str(self) -> &'static str {
