@@ -260,14 +260,15 @@ impl Daemon {
         let mut i = 0;
         while i < self.queue.len() && self.active.len() < self.cfg.max_concurrent_runs {
             let corpus = &self.queue[i].corpus;
-            let lock_held = crate::store::lock::is_held(&self.root.corpus_lock(corpus)).unwrap_or_else(|e| {
-                tracing::error!(corpus = %corpus, error = %e, "cannot probe the corpus lock; the run waits");
-                true
-            });
-            let busy = lock_held
-                || self.active.iter().any(|a| &a.corpus == corpus)
+            // What the daemon knows first; the lock (a `promote` by hand) is probed last, and only
+            // for a run that could otherwise start: not once per waiting run and tick.
+            let busy = self.active.iter().any(|a| &a.corpus == corpus)
                 || self.unsettled.iter().any(|u| &u.corpus == corpus)
-                || self.queue.iter().take(i).any(|q| &q.corpus == corpus);
+                || self.queue.iter().take(i).any(|q| &q.corpus == corpus)
+                || crate::store::lock::is_held(&self.root.corpus_lock(corpus)).unwrap_or_else(|e| {
+                    tracing::error!(corpus = %corpus, error = %e, "cannot probe the corpus lock; the run waits");
+                    true
+                });
             if busy {
                 i += 1;
                 continue;
@@ -326,7 +327,7 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(50));
         }
         for a in &mut self.active {
-            a.signal(&self.root.clone(), libc::SIGKILL);
+            a.signal(&self.root, libc::SIGKILL);
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         while !self.active.is_empty() && Instant::now() < deadline {

@@ -167,9 +167,8 @@ pub fn capture_stderr(run_id: &str, child: &mut Child) -> Option<StderrTail> {
 }
 
 fn last_words(buf: &Mutex<VecDeque<u8>>) -> Option<String> {
-    let b = buf.lock().ok()?;
-    let bytes: Vec<u8> = b.iter().copied().collect();
-    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let mut b = buf.lock().ok()?;
+    let text = String::from_utf8_lossy(b.make_contiguous()).into_owned();
     let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
     (!tail.is_empty()).then_some(tail)

@@ -91,13 +91,12 @@ pub fn settle_dead(
     reason: Option<String>,
     error: Option<String>,
 ) -> crate::store::Result<()> {
-    crate::testhooks::crash_point("settle.before_record");
     settle(files, st, state, reason, error)?;
     if st.state != RunState::Completed
         && let Ok(Some(_lock)) = FileLock::try_acquire(&root.corpus_lock(&st.corpus))
-        && let Some(now) =
-            models::undo(root, &st.corpus, &st.run_id, &format!("{} ended {}", st.run_id, st.state.as_str()))?
+        && models::undo(root, &st.corpus, &st.run_id, &format!("{} ended {}", st.run_id, st.state.as_str()))?
     {
+        let now = models::current(root, &st.corpus).map(|(id, _)| id);
         tracing::warn!(run_id = %st.run_id, current = ?now, "undid the promotion of a run that did not complete");
     }
     Ok(())

@@ -154,17 +154,16 @@ pub fn rollback(root: &Root, corpus: &str) -> std::result::Result<(String, Strin
 /// A run that promoted itself and then did not complete (killed, cancelled by escalation, a
 /// write that failed after the swap) must not stay current: restore what was served before it
 /// (or no adapter, if it was the first) and log an `undo` with the reason. Idempotent; does
-/// nothing unless `run_id` is on top of the served stack. Returns what is current afterwards
-/// when it changed something.
-pub fn undo(root: &Root, corpus: &str, run_id: &str, reason: &str) -> Result<Option<Option<String>>> {
+/// nothing unless `run_id` is on top of the served stack. Returns whether it changed anything.
+pub fn undo(root: &Root, corpus: &str, run_id: &str, reason: &str) -> Result<bool> {
     let stack = served(&promotions(root, corpus));
     if stack.last().map(String::as_str) != Some(run_id) {
         // Not logged as promoted: `current` cannot point at it (the log comes first), unless an
         // older build swapped first; repair that too.
         if current(root, corpus).is_some_and(|(c, _)| c == run_id) {
-            return reconcile(root, corpus).map(|r| r.map(Some));
+            return reconcile(root, corpus).map(|r| r.is_some());
         }
-        return Ok(None);
+        return Ok(false);
     }
     let restore = stack.len().checked_sub(2).map(|i| stack[i].clone());
     log(root, corpus, json!({"run_id": restore, "previous": run_id, "how": "undo", "reason": reason}))?;
@@ -180,7 +179,7 @@ pub fn undo(root: &Root, corpus: &str, run_id: &str, reason: &str) -> Result<Opt
             }
         }
     }
-    Ok(Some(restore))
+    Ok(true)
 }
 
 /// Points `current` at the top of the served stack if it points elsewhere (a crash between the
