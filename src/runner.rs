@@ -36,8 +36,6 @@ pub struct RunContext {
     pub status: Status,
     pub log: MetricsLog,
     ignore_cancel: bool,
-    /// Why there is no dev split, once materialising found none.
-    no_dev: Option<String>,
     /// Set by SIGTERM/SIGINT: treated like the cancel sentinel, at the next boundary.
     terminated: Arc<AtomicBool>,
 }
@@ -117,7 +115,7 @@ pub fn run(root: &Root, run_dir: &Path, nice: Option<i32>) -> anyhow::Result<i32
     }
     let lock_path = root.corpus_lock(&status.corpus);
     let log = MetricsLog::open(&files.metrics(), &status.run_id)?;
-    let mut ctx = RunContext { files, status, log, ignore_cancel, no_dev: None, terminated };
+    let mut ctx = RunContext { files, status, log, ignore_cancel, terminated };
     // The daemon starts a run only when the lock is free, but a `promote`/`rollback` by hand may
     // hold it for a moment: wait a little before giving up.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -192,7 +190,7 @@ fn execute(ctx: &mut RunContext, root: &Root) -> anyhow::Result<Value> {
         .map(|p| Ok(TrainPair { ids: r.encode(&p.query, &p.doc, max_len)?, label: p.label }))
         .collect::<anyhow::Result<_>>()?;
     ctx.check_cancel()?;
-    let baseline = evaluate_baseline(ctx, root, &job, &r, &data.dev_lists)?;
+    let baseline = evaluate_baseline(ctx, root, &job, &r, &data)?;
     ctx.check_cancel()?;
     let trained = train_and_select(ctx, &job, &r, &pairs, &data.dev_lists)?;
     let primary = &job.eval.primary_metric;
@@ -260,11 +258,11 @@ fn evaluate_baseline(
     root: &Root,
     job: &Job,
     r: &Reranker,
-    lists: &[DevList],
+    data: &Materialised,
 ) -> anyhow::Result<Baseline> {
-    if lists.is_empty() {
-        let why = ctx.no_dev.clone().unwrap_or_else(|| "no dev queries".into());
-        return Ok(Baseline::NotEvaluated(why));
+    let lists = &data.dev_lists;
+    if let Some(why) = &data.no_dev {
+        return Ok(Baseline::NotEvaluated(why.clone()));
     }
     let (what, adapter) = match models::current(root, &job.corpus) {
         None => ("base model".to_string(), Ok(None)),
@@ -413,6 +411,8 @@ struct Materialised {
     train_pairs: Vec<TextPair>,
     dev_lists: Vec<DevList>,
     skipped: BTreeMap<String, usize>,
+    /// Why there is no dev split, when there is none.
+    no_dev: Option<String>,
 }
 
 /// Reads the job's data (triplets, or feedback mined against the documents), splits it by query,
@@ -491,14 +491,15 @@ fn materialise(ctx: &mut RunContext, job: &Job) -> anyhow::Result<Materialised> 
         dev_q.len(),
         train_pairs.len()
     ))?;
-    if dev_q.is_empty() {
-        let why = if job.eval.dev_fraction <= 0.0 {
+    let no_dev = dev_q.is_empty().then(|| {
+        if job.eval.dev_fraction <= 0.0 {
             "eval.dev_fraction is 0".to_string()
         } else {
             format!("only {} distinct queries (fewer than 5)", queries.len())
-        };
+        }
+    });
+    if let Some(why) = &no_dev {
         ctx.info(&format!("no dev split ({why}): evaluation skipped"))?;
-        ctx.no_dev = Some(why);
     }
-    Ok(Materialised { train_pairs, dev_lists, skipped })
+    Ok(Materialised { train_pairs, dev_lists, skipped, no_dev })
 }

@@ -108,36 +108,21 @@ pub fn lower_priority(nice: i32) -> io::Result<()> {
     Ok(())
 }
 
-/// This process's (nice value, Linux I/O priority as `class << 13 | level`), for tests and doctor.
+/// A process's (nice value, Linux I/O priority as `class << 13 | level`), for tests and doctor.
+/// None if the process is gone. (getpriority's -1 is both a value and its error; the process is
+/// known to exist first, so here it is the value.)
 pub fn priority(pid: u32) -> Option<(i32, Option<i64>)> {
-    let p = libc::id_t::try_from(pid).ok()?;
-    // getpriority returns -1 both as a value and as an error: clear errno first.
-    // SAFETY: no pointers are involved.
-    let nice = unsafe {
-        *errno_location() = 0;
-        libc::getpriority(libc::PRIO_PROCESS as _, p)
-    };
-    if nice == -1 && io::Error::last_os_error().raw_os_error().unwrap_or(0) != 0 {
+    if !pid_alive(pid) {
         return None;
     }
+    // SAFETY: no pointers are involved.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS as _, pid as libc::id_t) };
     #[cfg(target_os = "linux")]
-    // SAFETY: ioprio_get(which, who) takes no pointers.
-    let io = Some(unsafe { libc::syscall(libc::SYS_ioprio_get, 1 as libc::c_long, p as libc::c_long) } as i64);
+    // SAFETY: ioprio_get(which = process, who) takes no pointers.
+    let io = Some(unsafe { libc::syscall(libc::SYS_ioprio_get, 1 as libc::c_long, pid as libc::c_long) } as i64);
     #[cfg(not(target_os = "linux"))]
     let io = None;
     Some((nice, io))
-}
-
-#[cfg(target_os = "linux")]
-unsafe fn errno_location() -> *mut libc::c_int {
-    // SAFETY: returns this thread's errno slot.
-    unsafe { libc::__errno_location() }
-}
-
-#[cfg(target_os = "macos")]
-unsafe fn errno_location() -> *mut libc::c_int {
-    // SAFETY: returns this thread's errno slot.
-    unsafe { libc::__error() }
 }
 
 /// CPU time (user + system) a process has used, in clock ticks, from `/proc/<pid>/stat` (Linux).

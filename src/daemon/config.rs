@@ -63,17 +63,13 @@ impl Default for DaemonConfig {
 
 impl DaemonConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let err = |key: Option<&str>, message: String| ConfigError {
-            path: path.to_path_buf(),
-            key: key.map(str::to_string),
-            message,
-        };
+        let whole = |message: String| ConfigError { path: path.to_path_buf(), key: None, message };
         let text = match std::fs::read(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
-            Err(e) => return Err(err(None, format!("cannot read: {e}"))),
+            Err(e) => return Err(whole(format!("cannot read: {e}"))),
         };
-        let text = String::from_utf8(text).map_err(|_| err(None, "is not UTF-8 text".into()))?;
+        let text = String::from_utf8(text).map_err(|_| whole("is not UTF-8 text".into()))?;
         Self::parse_at(path, &text)
     }
 
@@ -82,10 +78,9 @@ impl DaemonConfig {
         let err = |key: Option<String>, message: String| ConfigError { path: path.to_path_buf(), key, message };
         let file: ConfigFile = toml::from_str(text).map_err(|e| {
             // toml reports a span; the key is the one on that line (`key = value`).
-            let key = e.span().and_then(|s| {
-                let line = text[..s.start.min(text.len())].rsplit('\n').next().unwrap_or("");
-                let line = if line.contains('=') { line } else { text[s.start.min(text.len())..].lines().next()? };
-                let k = line.split('=').next()?.trim();
+            let key = e.span().and_then(|span| {
+                let start = text[..span.start.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
+                let k = text[start..].lines().next()?.split('=').next()?.trim();
                 (!k.is_empty() && !k.starts_with('[')).then(|| k.to_string())
             });
             err(key, e.message().to_string())
