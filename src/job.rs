@@ -366,18 +366,16 @@ fn parse_lora(v: Option<&Value>) -> Result<Lora, JobError> {
     let target_modules = match o.get("target_modules") {
         None => vec![Target::Q, Target::K, Target::V, Target::O],
         Some(Value::Array(a)) if !a.is_empty() => {
-            let mut out = Vec::with_capacity(a.len());
-            for t in a {
-                let Some(m) = t.as_str().and_then(Target::parse) else {
-                    return Err(JobError::at(
+            let parse = |t: &Value| {
+                t.as_str().and_then(Target::parse).ok_or_else(|| {
+                    JobError::at(
                         "lora.target_modules",
                         format!("unknown module {t}"),
                         Some("q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"),
-                    ));
-                };
-                out.push(m);
-            }
-            out
+                    )
+                })
+            };
+            a.iter().map(parse).collect::<Result<Vec<_>, _>>()?
         }
         Some(_) => return Err(JobError::at("lora.target_modules", "must be a non-empty list of module names", None)),
     };

@@ -35,7 +35,7 @@ pub struct ScoreArgs {
     /// A document text; repeat for several.
     #[arg(long = "doc", required_unless_present = "docs")]
     pub doc: Vec<String>,
-    /// jsonl_documents as JSONL `{id, text}`.
+    /// Documents as JSONL `{id, text}`.
     #[arg(long, conflicts_with = "doc")]
     pub docs: Option<PathBuf>,
     #[arg(long, default_value_t = SCORE_BATCH)]
