@@ -71,11 +71,10 @@ fn kill_9_of_daemon_and_child_then_restart_settles_the_orphan() {
     let mut d = root.daemon();
     let a = root.submit("a.json", &root.job("c1", 1000));
     wait_steps(&root, &a, 2);
-    let child_pid = root.status(&a)["pid"].as_u64().unwrap() as i32;
+    let child_pid = pid_of(&root, &a);
     signal(&d, libc::SIGKILL);
     let _ = d.wait();
-    unsafe { libc::kill(child_pid, libc::SIGKILL) };
-    wait_for("child gone", Duration::from_secs(5), || (unsafe { libc::kill(child_pid, 0) } != 0).then_some(()));
+    kill_until_gone(child_pid);
     let doc = root.cli_cmd(["doctor"]).output().unwrap();
     assert_eq!(doc.status.code(), Some(1), "doctor reports problems");
     let text = String::from_utf8_lossy(&doc.stdout);
@@ -265,8 +264,7 @@ fn a_child_killed_while_the_daemon_lives_is_recorded_failed_and_the_queue_moves_
     let a = root.submit("a.json", &root.job("c1", 1000));
     let b = root.submit("b.json", &root.job("c1", 1));
     wait_steps(&root, &a, 2);
-    let pid = root.status(&a)["pid"].as_u64().unwrap() as i32;
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    kill_pid(pid_of(&root, &a), libc::SIGKILL);
     let st = wait_state(&root, &a, &["failed"], Duration::from_secs(10));
     assert!(st["error"].as_str().unwrap().contains("signal 9"), "{st}");
     assert!(root.events(&a).iter().any(|e| e["type"] == "error"));
@@ -316,11 +314,10 @@ fn after_a_crash_claimed_files_are_reprocessed_and_queued_runs_keep_their_order(
     let q1 = root.submit("q1.json", &root.job("c1", 1));
     let q2 = root.submit("q2.json", &root.job("c1", 1));
     wait_steps(&root, &long, 1);
-    let child = root.status(&long)["pid"].as_u64().unwrap() as i32;
+    let child = pid_of(&root, &long);
     signal(&d, libc::SIGKILL);
     let _ = d.wait();
-    unsafe { libc::kill(child, libc::SIGKILL) };
-    wait_for("child gone", Duration::from_secs(5), || (unsafe { libc::kill(child, 0) } != 0).then_some(()));
+    kill_until_gone(child);
     // A file claimed (renamed into spool/.claimed/) by a daemon that died before judging it.
     std::fs::create_dir_all(root.dir.join("spool/.claimed")).unwrap();
     std::fs::write(root.dir.join("spool/.claimed/123-1-1__claimed.json"), root.job("c1", 1).to_string()).unwrap();
@@ -371,8 +368,7 @@ fn sigterm_to_a_child_ends_its_run_recorded_at_the_next_boundary() {
     let d = root.daemon();
     let a = root.submit("a.json", &root.job("c1", 1000));
     wait_steps(&root, &a, 1);
-    let pid = root.status(&a)["pid"].as_u64().unwrap() as i32;
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    kill_pid(pid_of(&root, &a), libc::SIGTERM);
     let st = wait_state(&root, &a, &["cancelled", "failed"], Duration::from_secs(10));
     assert_eq!(st["state"], "cancelled", "{st}");
     assert!(st["reason"].as_str().unwrap().contains("SIGTERM"), "{st}");

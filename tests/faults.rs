@@ -15,10 +15,6 @@ fn mkfifo(p: &std::path::Path) {
     assert!(Command::new("mkfifo").arg(p).status().unwrap().success());
 }
 
-fn pid_of(root: &Root, run: &str) -> u32 {
-    root.status(run)["pid"].as_u64().unwrap() as u32
-}
-
 /// The daemon has finished its boot (its layout exists and it answered one job).
 fn wait_ready(root: &Root) {
     wait_answered(root, "ready");
@@ -199,10 +195,7 @@ fn names_that_cannot_be_kept_are_rejected_never_left_waiting() {
     let tmp = root.dir.join("spool/tmp/raw");
     std::fs::write(&tmp, root.job("c", 1).to_string()).unwrap();
     std::fs::rename(&tmp, root.dir.join("spool").join(raw)).unwrap();
-    wait_for("both to be rejected", Duration::from_secs(20), || {
-        let n = std::fs::read_dir(root.dir.join("spool/rejected")).unwrap().count();
-        (n == 6).then_some(())
-    });
+    wait_entries(&root.dir.join("spool/rejected"), 6); // both, and the readiness probe
     let reasons: String = std::fs::read_dir(root.dir.join("spool/rejected"))
         .unwrap()
         .filter_map(|e| e.ok())
@@ -223,11 +216,7 @@ fn rejections_never_overwrite_a_file_or_a_reason() {
     let d = root.daemon();
     wait_ready(&root);
     let rej = root.dir.join("spool/rejected");
-    let answered = |n: usize| {
-        wait_for("rejections", Duration::from_secs(20), || {
-            (std::fs::read_dir(&rej).unwrap().count() == n).then_some(())
-        })
-    };
+    let answered = |n: usize| wait_entries(&rej, n);
     root.drop_job_text("x.error.json", "{\"corpus\": \"x.error.json was MY job file");
     answered(4);
     root.drop_job_text("x.json", "{\"corpus\": \"bad\"");

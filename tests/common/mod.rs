@@ -130,7 +130,7 @@ pub fn wait_steps(root: &Root, run_id: &str, n: usize) {
 }
 
 pub fn signal(child: &Child, sig: i32) {
-    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+    rerankd::sys::signal(child.id(), sig).unwrap();
 }
 
 pub fn stop(mut d: Child) {
@@ -198,6 +198,25 @@ impl Drop for Root {
 /// Sends a signal to any pid (a test's own children, or a run process read from status.json).
 pub fn kill_pid(pid: u32, sig: i32) {
     let _ = rerankd::sys::signal(pid, sig);
+}
+
+/// The pid a run's status.json records.
+pub fn pid_of(root: &Root, run: &str) -> u32 {
+    root.status(run)["pid"].as_u64().unwrap() as u32
+}
+
+/// SIGKILL to a process that is not our child (it was the dead daemon's), then wait until it is
+/// gone.
+pub fn kill_until_gone(pid: u32) {
+    kill_pid(pid, libc::SIGKILL);
+    wait_for("the process to be gone", Duration::from_secs(5), || (!rerankd::sys::pid_alive(pid)).then_some(()));
+}
+
+/// Waits until `dir` holds exactly `n` entries.
+pub fn wait_entries(dir: &std::path::Path, n: usize) {
+    wait_for(&format!("{n} entries in {}", dir.display()), Duration::from_secs(20), || {
+        (std::fs::read_dir(dir).map_or(0, |rd| rd.count()) == n).then_some(())
+    });
 }
 
 /// Every run's status.json, by run id.
