@@ -15,6 +15,7 @@ mod install;
 mod promote;
 mod runs;
 mod score;
+mod serve;
 mod submit;
 mod watch;
 
@@ -102,6 +103,8 @@ pub enum Command {
     Doctor,
     /// Score documents against a query with a corpus's promoted adapter, an adapter or a model.
     Score(score::ScoreArgs),
+    /// Serve the promoted rerankers over HTTP (TEI /rerank, Cohere/Jina /v1/rerank and /v2/rerank).
+    Serve(serve::ServeArgs),
     /// Promote a completed run's adapter to its corpus's current adapter, by hand.
     Promote { run: String },
     /// Restore the adapter that was current before the current one.
@@ -130,6 +133,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sweep => daemon::sweep(&root),
         Command::Doctor => doctor::run(&root),
         Command::Score(a) => score::run(&root, a),
+        Command::Serve(a) => serve::run(&root, a),
         Command::Promote { run } => promote::promote(&root, &run),
         Command::Rollback { corpus } => promote::rollback(&root, &corpus),
         Command::Bench(a) => bench::run(a),

@@ -11,7 +11,7 @@ use rerankd::model::{LoraSet, Reranker};
 use rerankd::store::{Root, models};
 use rerankd::train::dataset::jsonl_documents;
 use rerankd::train::eval::SCORE_BATCH;
-use serde_json::{Value, json};
+use serde_json::json;
 
 #[derive(Args, Debug)]
 pub struct ScoreArgs {
@@ -59,20 +59,16 @@ pub fn run(root: &Root, a: ScoreArgs) -> anyhow::Result<ExitCode> {
         },
         (None, a) => a.clone(),
     };
-    let manifest: Option<Value> = adapter_dir
-        .as_ref()
-        .and_then(|d| std::fs::read_to_string(d.join("manifest.json")).ok())
-        .and_then(|t| serde_json::from_str(&t).ok());
-    let from_manifest = |k: &str| manifest.as_ref().and_then(|m| m[k].as_str().map(str::to_string));
-    let model =
-        a.model.clone().or_else(|| from_manifest("model")).unwrap_or_else(|| rerankd::job::DEFAULT_MODEL.into());
-    let max_length = a
-        .max_length
-        .or_else(|| manifest.as_ref().and_then(|m| m["max_length"].as_u64()).map(|n| n as usize))
-        .unwrap_or(512);
+    let manifest = adapter_dir.as_deref().and_then(|d| models::Manifest::read(d).ok());
+    let model = a
+        .model
+        .clone()
+        .or_else(|| manifest.as_ref().map(|m| m.model.clone()))
+        .unwrap_or_else(|| rerankd::job::DEFAULT_MODEL.into());
+    let max_length = a.max_length.or_else(|| manifest.as_ref().and_then(|m| m.max_length)).unwrap_or(512);
     let device = a.device.open()?;
     let mut r = Reranker::load(&model, &device)?;
-    if let Some(i) = a.instruction.clone().or_else(|| from_manifest("instruction")) {
+    if let Some(i) = a.instruction.clone().or_else(|| manifest.as_ref().and_then(|m| m.instruction.clone())) {
         r.instruction = i;
     }
     let lora = match &adapter_dir {

@@ -1,4 +1,4 @@
-//! `ROOT/config.toml`: daemon settings. Optional; a missing file means defaults. Read with serde
+//! `ROOT/config.toml`: daemon settings, and `rerankd serve`'s under `[serve]`. Optional; a missing file means defaults. Read with serde
 //! and the `toml` crate: an unknown key is an error naming it (and listing the known ones), and
 //! every value is range-checked here, once, so nothing downstream can meet a duration it cannot
 //! represent.
@@ -18,6 +18,45 @@ struct ConfigFile {
     shutdown_timeout_s: Option<f64>,
     memory_budget_mb: Option<i64>,
     run_nice: Option<i64>,
+    serve: Option<ServeFile>,
+}
+
+/// The `[serve]` table as typed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServeFile {
+    max_documents: Option<i64>,
+    max_body_kb: Option<i64>,
+    max_queue_pairs: Option<i64>,
+    batch_size: Option<i64>,
+    batch_tokens: Option<i64>,
+}
+
+/// `rerankd serve`'s limits (`[serve]` in config.toml), resolved and checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServeConfig {
+    /// Most documents one request may rank (413 past it).
+    pub max_documents: usize,
+    /// Largest request body in bytes (413 past it).
+    pub max_body_bytes: usize,
+    /// Most pairs waiting or being scored across all requests (429 past it).
+    pub max_queue_pairs: usize,
+    /// Most pairs in one forward (the batch of `rerankd score` and evaluation by default).
+    pub batch_size: usize,
+    /// Most padded tokens (rows x longest row) in one forward: bounds scoring memory.
+    pub batch_tokens: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            max_documents: 1000,
+            max_body_bytes: 4 << 20,
+            max_queue_pairs: 2048,
+            batch_size: crate::train::eval::SCORE_BATCH,
+            batch_tokens: crate::train::eval::SCORE_BATCH * 512,
+        }
+    }
 }
 
 /// The daemon's settings, resolved and checked.
@@ -34,6 +73,7 @@ pub struct DaemonConfig {
     pub memory_budget_mb: u64,
     /// The nice value run processes give themselves (0 = as the daemon; 19 = only idle cycles).
     pub run_nice: i32,
+    pub serve: ServeConfig,
 }
 
 /// A bad `config.toml`: the file, the key when one is to blame, and what is wrong.
@@ -57,6 +97,7 @@ impl Default for DaemonConfig {
             shutdown_timeout: Duration::from_secs(20),
             memory_budget_mb: crate::train::memory::default_budget_mb(),
             run_nice: 10,
+            serve: ServeConfig::default(),
         }
     }
 }
@@ -94,12 +135,8 @@ impl DaemonConfig {
     }
 
     fn resolve(f: ConfigFile) -> Result<Self, (&'static str, String)> {
+        let serve = resolve_serve(f.serve.unwrap_or_default())?;
         let d = Self::default();
-        let int = |key: &'static str, v: Option<i64>, lo: i64, hi: i64, dflt: i64| match v {
-            None => Ok(dflt),
-            Some(n) if (lo..=hi).contains(&n) => Ok(n),
-            Some(n) => Err((key, format!("must be an integer from {lo} to {hi}, got {n}"))),
-        };
         let secs = |key: &'static str, v: Option<f64>, lo: f64, dflt: Duration| match v {
             None => Ok(dflt),
             Some(x) if x.is_finite() && (lo..=MAX_SECONDS).contains(&x) => Ok(Duration::from_secs_f64(x)),
@@ -113,8 +150,29 @@ impl DaemonConfig {
             memory_budget_mb: int("memory_budget_mb", f.memory_budget_mb, 256, 1 << 20, d.memory_budget_mb as i64)?
                 as u64,
             run_nice: int("run_nice", f.run_nice, 0, 19, d.run_nice as i64)? as i32,
+            serve,
         })
     }
+}
+
+fn int(key: &'static str, v: Option<i64>, lo: i64, hi: i64, dflt: i64) -> Result<i64, (&'static str, String)> {
+    match v {
+        None => Ok(dflt),
+        Some(n) if (lo..=hi).contains(&n) => Ok(n),
+        Some(n) => Err((key, format!("must be an integer from {lo} to {hi}, got {n}"))),
+    }
+}
+
+fn resolve_serve(f: ServeFile) -> Result<ServeConfig, (&'static str, String)> {
+    let d = ServeConfig::default();
+    let n = |key, v, lo, hi, dflt: usize| int(key, v, lo, hi, dflt as i64).map(|n| n as usize);
+    Ok(ServeConfig {
+        max_documents: n("serve.max_documents", f.max_documents, 1, 100_000, d.max_documents)?,
+        max_body_bytes: n("serve.max_body_kb", f.max_body_kb, 1, 1 << 20, d.max_body_bytes >> 10)? << 10,
+        max_queue_pairs: n("serve.max_queue_pairs", f.max_queue_pairs, 1, 1 << 20, d.max_queue_pairs)?,
+        batch_size: n("serve.batch_size", f.batch_size, 1, 1024, d.batch_size)?,
+        batch_tokens: n("serve.batch_tokens", f.batch_tokens, 16, 1 << 22, d.batch_tokens)?,
+    })
 }
 
 #[cfg(test)]
@@ -126,7 +184,8 @@ mod tests {
     fn every_documented_key() {
         let c = DaemonConfig::parse(
             "max_concurrent_runs = 2\ncancel_grace_s = 1.5\nrescan_s = 10\nshutdown_timeout_s = 5\n\
-             memory_budget_mb = 4096\nrun_nice = 5\n",
+             memory_budget_mb = 4096\nrun_nice = 5\n[serve]\nmax_documents = 50\nmax_body_kb = 64\n\
+             max_queue_pairs = 100\nbatch_size = 8\nbatch_tokens = 2048\n",
         )
         .unwrap();
         assert_eq!(c.max_concurrent_runs, 2);
@@ -135,6 +194,14 @@ mod tests {
         assert_eq!(c.shutdown_timeout, Duration::from_secs(5));
         assert_eq!(c.memory_budget_mb, 4096);
         assert_eq!(c.run_nice, 5);
+        let s = ServeConfig {
+            max_documents: 50,
+            max_body_bytes: 65536,
+            max_queue_pairs: 100,
+            batch_size: 8,
+            batch_tokens: 2048,
+        };
+        assert_eq!(c.serve, s);
         assert_eq!(DaemonConfig::parse("").unwrap(), DaemonConfig::default());
     }
 
@@ -149,6 +216,7 @@ mod tests {
             ("max_concurrent_runs = 0", "max_concurrent_runs"),
             ("run_nice = 40", "run_nice"),
             ("memory_budget_mb = 1", "memory_budget_mb"),
+            ("[serve]\nbatch_size = 0", "serve.batch_size"),
         ] {
             let e = DaemonConfig::parse(text).unwrap_err();
             assert_eq!(e.key.as_deref(), Some(key), "{text}: {e}");

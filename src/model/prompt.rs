@@ -50,6 +50,21 @@ impl PromptBuilder {
         Ok(enc.get_offsets().iter().map(|&(_, e)| e).collect())
     }
 
+    /// Tokens of the whole prompt for one pair, before any truncation.
+    pub fn prompt_len(&self, instruction: &str, query: &str, doc: &str) -> Result<usize> {
+        Ok(self.encode_text(&render(instruction, query, doc))?.len())
+    }
+
+    /// `text` cut to its first `max_tokens` tokens (at a token boundary; whole when it fits).
+    pub fn truncate_tokens(&self, text: &str, max_tokens: usize) -> Result<String> {
+        let ends = self.token_ends(text)?;
+        if ends.len() <= max_tokens {
+            return Ok(text.to_string());
+        }
+        let cut = if max_tokens == 0 { 0 } else { ends[max_tokens - 1] };
+        Ok(text[..floor_char_boundary(text, cut.min(text.len()))].to_string())
+    }
+
     /// Tokens of the template alone (empty query and document): the floor for `max_length`.
     pub fn template_len(&self, instruction: &str) -> Result<usize> {
         Ok(self.encode_text(&render(instruction, "", ""))?.len())

@@ -6,6 +6,7 @@ pub mod lock;
 pub mod metrics;
 pub mod models;
 pub mod paths;
+pub mod serving;
 pub mod status;
 pub mod time;
 

@@ -15,11 +15,36 @@ fn adapters_dir(root: &Root, corpus: &str) -> PathBuf {
     root.models(corpus).join("adapters")
 }
 
+/// How an adapter must be scored, from its `manifest.json` (written by the run beside the
+/// adapter): the base model it was trained on, the instruction and the max_length.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Manifest {
+    pub model: String,
+    pub instruction: Option<String>,
+    pub max_length: Option<usize>,
+}
+
+impl Manifest {
+    pub fn read(adapter_dir: &Path) -> Result<Self> {
+        super::atomic::read_json(&adapter_dir.join("manifest.json"))
+    }
+}
+
+/// The run id `current` points at, read from the link alone (a cheap probe for a change).
+pub fn current_run(root: &Root, corpus: &str) -> Option<String> {
+    let target = std::fs::read_link(root.models(corpus).join("current")).ok()?;
+    Some(target.file_name()?.to_string_lossy().into_owned())
+}
+
+/// A promoted adapter (current or not) of a corpus: `models/<corpus>/adapters/<run_id>`.
+pub fn adapter_dir(root: &Root, corpus: &str, run_id: &str) -> Option<PathBuf> {
+    let dir = adapters_dir(root, corpus).join(run_id);
+    (super::paths::valid_run_id(run_id) && dir.is_dir()).then_some(dir)
+}
+
 /// The promoted run and its adapter directory, if the corpus has one.
 pub fn current(root: &Root, corpus: &str) -> Option<(String, PathBuf)> {
-    let link = root.models(corpus).join("current");
-    let target = std::fs::read_link(&link).ok()?;
-    let run_id = target.file_name()?.to_string_lossy().into_owned();
+    let run_id = current_run(root, corpus)?;
     let dir = adapters_dir(root, corpus).join(&run_id);
     dir.is_dir().then_some((run_id, dir))
 }

@@ -91,6 +91,13 @@ impl Root {
     pub fn daemon_lock(&self) -> PathBuf {
         self.dir.join("daemon.lock")
     }
+    /// Held by the running `rerankd serve` (one per root).
+    pub fn serve_lock(&self) -> PathBuf {
+        self.dir.join("serve.lock")
+    }
+    pub fn serve_json(&self) -> PathBuf {
+        self.dir.join("serve.json")
+    }
     pub fn spool(&self) -> PathBuf {
         self.dir.join("spool")
     }

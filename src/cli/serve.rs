@@ -1,0 +1,61 @@
+//! `rerankd serve`: the promoted rerankers over HTTP (TEI and Cohere/Jina rerank APIs).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use rerankd::model::device::DeviceChoice;
+use rerankd::serve::{AlreadyServing, Options, Refused};
+use rerankd::store::Root;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// TCP address to listen on (default 127.0.0.1:8181 unless only --socket is given). A
+    /// non-loopback address needs --api-key-file.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Also (or only) listen on this Unix socket, mode 0600.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// A file holding the bearer token every endpoint but /health then requires.
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// Serve only this corpus (repeatable); default: every corpus with a home or promoted models.
+    #[arg(long = "corpus")]
+    pub corpora: Vec<String>,
+    /// The corpus for requests that name none (TEI `/rerank`, a Cohere request without `model`).
+    #[arg(long)]
+    pub default_corpus: Option<String>,
+    /// Base model for corpora with nothing promoted yet, and for `model: "base"`.
+    #[arg(long, default_value = rerankd::job::DEFAULT_MODEL)]
+    pub model: String,
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+}
+
+pub fn run(root: &Root, a: ServeArgs) -> anyhow::Result<ExitCode> {
+    for c in a.corpora.iter().chain(&a.default_corpus) {
+        if let Err(code) = super::check_corpus(c) {
+            return Ok(code);
+        }
+    }
+    super::daemon::init_logging();
+    let o = Options {
+        listen: a.listen,
+        socket: a.socket,
+        api_key_file: a.api_key_file,
+        corpora: a.corpora,
+        default_corpus: a.default_corpus,
+        model: a.model,
+        device: a.device.open()?,
+    };
+    match rerankd::serve::run(root, o) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) if e.is::<AlreadyServing>() || e.is::<Refused>() => {
+            eprintln!("rerankd: {e:#}");
+            Ok(ExitCode::from(super::EXIT_REFUSED))
+        }
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,445 @@
+//! The HTTP API: TEI's `POST /rerank`, the Cohere/Jina/Infinity `POST /v1/rerank` and
+//! `/v2/rerank`, `/health`, `/v1/models` and `/metrics`, on axum. Request bodies are read up to
+//! `serve.max_body_kb` and parsed with serde (unknown fields ignored); every error is JSON
+//! `{"error": {"message", "type"}}` with its 4xx/5xx status.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+use tokio::sync::oneshot;
+
+use super::batcher::{Batcher, Work};
+use super::models::{Models, ResolveError, Scorer};
+use super::telemetry::{ErrorLabels, RequestLabels, Telemetry};
+use crate::daemon::config::ServeConfig;
+use crate::model::reranker::PairLogits;
+
+/// Everything a handler needs.
+pub struct App {
+    pub models: Arc<Models>,
+    pub batcher: Batcher,
+    pub telemetry: Arc<Telemetry>,
+    pub settings: RwLock<ServeConfig>,
+    /// The bearer token every endpoint but `/health` requires, when one is configured.
+    pub api_key: RwLock<Option<Vec<u8>>>,
+    pub default_corpus: Option<String>,
+    /// Set by SIGTERM: new scoring requests get 503 while in-flight ones finish.
+    pub draining: AtomicBool,
+}
+
+impl App {
+    fn settings(&self) -> ServeConfig {
+        self.settings.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// An error response: status, a machine-readable type, a message for people.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub message: String,
+    pub retry_after: Option<u64>,
+}
+
+/// The error type, carried to the metrics middleware.
+#[derive(Clone)]
+struct ErrorKind(&'static str);
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self { status, kind, message: message.into(), retry_after: None }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+    fn too_large(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+    }
+    fn unavailable(message: impl Into<String>) -> Self {
+        Self { retry_after: Some(1), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message) }
+    }
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({"error": {"message": self.message, "type": self.kind}}));
+        let mut r = (self.status, body).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r.extensions_mut().insert(ErrorKind(self.kind));
+        r
+    }
+}
+
+impl From<ResolveError> for ApiError {
+    fn from(e: ResolveError) -> Self {
+        match e {
+            ResolveError::Unknown(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found", m),
+            ResolveError::Unavailable(m) => ApiError::unavailable(m),
+        }
+    }
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    let protected = Router::new()
+        .route("/rerank", post(tei))
+        .route("/corpora/{corpus}/rerank", post(tei_corpus))
+        .route("/v1/rerank", post(cohere_v1))
+        .route("/v2/rerank", post(cohere_v2))
+        .route("/v1/models", get(list_models))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(app.clone(), auth));
+    Router::new()
+        .route("/health", get(health))
+        .merge(protected)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(middleware::from_fn_with_state(app.clone(), observe))
+        // Bodies are read by `read_json` under the limit in force (it changes on SIGHUP).
+        .layer(DefaultBodyLimit::disable())
+        .with_state(app)
+}
+
+/// Counts every request by endpoint and status, its errors by type, and its latency.
+async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let endpoint = req.extensions().get::<MatchedPath>().map_or("other", |p| p.as_str()).to_string();
+    let t0 = Instant::now();
+    let resp = next.run(req).await;
+    let t = &app.telemetry;
+    t.latency.observe(t0.elapsed().as_secs_f64());
+    t.requests.get_or_create(&RequestLabels { endpoint: endpoint.clone(), status: resp.status().as_u16() }).inc();
+    if let Some(ErrorKind(kind)) = resp.extensions().get::<ErrorKind>() {
+        t.errors.get_or_create(&ErrorLabels { endpoint, r#type: kind.to_string() }).inc();
+    }
+    resp
+}
+
+/// `Authorization: Bearer <key>`, compared in constant time, when a key is configured.
+async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let key = app.api_key.read().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some(key) = key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .unwrap_or_default();
+        if !bool::from(given.ct_eq(&key)) {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token")
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn read_json<T: DeserializeOwned>(app: &App, body: Body) -> Result<T, ApiError> {
+    let limit = app.settings().max_body_bytes;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        ApiError::too_large(format!("request body over {limit} bytes (serve.max_body_kb), or unreadable: {e}"))
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+}
+
+/// What a rerank request asks of the scorer, whatever its API shape.
+struct Ask {
+    model: String,
+    query: String,
+    docs: Vec<String>,
+    /// The documents' field name in this API, for messages.
+    field: &'static str,
+    /// TEI `truncate: false`: a pair longer than max_length is an error instead of being cut.
+    refuse_long: bool,
+    max_tokens_per_doc: Option<usize>,
+}
+
+struct Ranked {
+    scorer: Arc<Scorer>,
+    scores: Vec<PairLogits>,
+    tokens: usize,
+}
+
+impl Ranked {
+    /// Indices by score, best first (ties in input order).
+    fn order(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.scores.len()).collect();
+        order.sort_by(|&a, &b| self.scores[b].score.total_cmp(&self.scores[a].score));
+        order
+    }
+
+    fn adapter_header(&self) -> [(&'static str, String); 1] {
+        [("x-rerankd-adapter", self.scorer.adapter().to_string())]
+    }
+
+    fn meta(&self) -> Value {
+        json!({"corpus": self.scorer.corpus, "adapter": self.scorer.adapter(),
+               "base_model": self.scorer.base.spec, "max_length": self.scorer.max_length})
+    }
+}
+
+/// Validates, admits, tokenizes and scores one request.
+async fn rank(app: &Arc<App>, ask: Ask) -> Result<Ranked, ApiError> {
+    if app.draining.load(Ordering::Acquire) {
+        return Err(ApiError::unavailable("the server is shutting down"));
+    }
+    let n = ask.docs.len();
+    if n == 0 {
+        return Err(ApiError::bad_request(format!("`{}` is empty: give at least one document", ask.field)));
+    }
+    let max_docs = app.settings().max_documents;
+    if n > max_docs {
+        return Err(ApiError::too_large(format!(
+            "{n} documents in `{}`; this server ranks at most {max_docs} per request (serve.max_documents)",
+            ask.field
+        )));
+    }
+    if ask.max_tokens_per_doc == Some(0) {
+        return Err(ApiError::bad_request("`max_tokens_per_doc` must be at least 1"));
+    }
+    let admission = app.batcher.admit(n).map_err(|full| ApiError {
+        retry_after: Some(1),
+        ..ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "overloaded",
+            format!(
+                "the scoring queue is full ({} of {} pairs, serve.max_queue_pairs); retry shortly",
+                full.admitted, full.max
+            ),
+        )
+    })?;
+    let models = app.models.clone();
+    let model = ask.model.clone();
+    let scorer = tokio::task::spawn_blocking(move || models.resolve(&model))
+        .await
+        .map_err(|e| ApiError::internal(format!("loading the model: {e}")))??;
+    let s = scorer.clone();
+    let seqs = tokio::task::spawn_blocking(move || tokenize(&s, &ask))
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenizing: {e}")))??;
+    let tokens = seqs.iter().map(Vec::len).sum();
+    let (reply, rx) = oneshot::channel();
+    app.batcher.submit(Work { scorer: scorer.clone(), seqs, reply, admission });
+    let scores = rx
+        .await
+        .map_err(|_| ApiError::internal("the scoring thread dropped the request"))?
+        .map_err(|e| ApiError::internal(format!("scoring failed: {e}")))?;
+    Ok(Ranked { scorer, scores, tokens })
+}
+
+/// The prompts of one request, built and truncated exactly as `rerankd score` builds them.
+fn tokenize(s: &Scorer, ask: &Ask) -> Result<Vec<Vec<u32>>, ApiError> {
+    let p = &s.base.reranker.prompt;
+    let fail = |e: crate::model::ModelError| ApiError::bad_request(format!("cannot tokenize: {e}"));
+    ask.docs
+        .iter()
+        .enumerate()
+        .map(|(i, doc)| {
+            let doc = match ask.max_tokens_per_doc {
+                Some(k) => p.truncate_tokens(doc, k).map_err(fail)?,
+                None => doc.clone(),
+            };
+            if ask.refuse_long {
+                let len = p.prompt_len(&s.instruction, &ask.query, &doc).map_err(fail)?;
+                if len > s.max_length {
+                    return Err(ApiError::too_large(format!(
+                        "`{}[{i}]` makes a prompt of {len} tokens, over this model's max_length {}, and `truncate` is false",
+                        ask.field, s.max_length
+                    )));
+                }
+            }
+            p.encode_pair(&s.instruction, &ask.query, &doc, s.max_length).map_err(fail)
+        })
+        .collect()
+}
+
+fn default_model(app: &App) -> String {
+    app.default_corpus.clone().unwrap_or_else(|| "base".to_string())
+}
+
+#[derive(Deserialize)]
+struct TeiRequest {
+    query: String,
+    texts: Vec<String>,
+    #[serde(default)]
+    raw_scores: bool,
+    #[serde(default)]
+    return_text: bool,
+    truncate: Option<bool>,
+}
+
+async fn tei(State(app): State<Arc<App>>, body: Body) -> Result<Response, ApiError> {
+    let model = default_model(&app);
+    tei_for(app, model, body).await
+}
+
+async fn tei_corpus(State(app): State<Arc<App>>, Path(corpus): Path<String>, body: Body) -> Result<Response, ApiError> {
+    tei_for(app, corpus, body).await
+}
+
+async fn tei_for(app: Arc<App>, model: String, body: Body) -> Result<Response, ApiError> {
+    let req: TeiRequest = read_json(&app, body).await?;
+    let ask = Ask {
+        model,
+        query: req.query,
+        docs: req.texts,
+        field: "texts",
+        refuse_long: req.truncate == Some(false),
+        max_tokens_per_doc: None,
+    };
+    let texts = req.return_text.then(|| ask.docs.clone());
+    let r = rank(&app, ask).await?;
+    let out: Vec<Value> = r
+        .order()
+        .into_iter()
+        .map(|i| {
+            let s = &r.scores[i];
+            let mut o = json!({"index": i, "score": if req.raw_scores { s.yes_logit - s.no_logit } else { s.score }});
+            if let Some(t) = &texts {
+                o["text"] = t[i].clone().into();
+            }
+            o
+        })
+        .collect();
+    Ok((r.adapter_header(), Json(out)).into_response())
+}
+
+/// A Cohere/Jina document: a string, or an object with `text` (and an `id`, kept for capture).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Document {
+    Text(String),
+    Object { text: String },
+}
+
+#[derive(Deserialize)]
+struct CohereRequest {
+    model: Option<String>,
+    query: String,
+    documents: Vec<Document>,
+    top_n: Option<usize>,
+    #[serde(default)]
+    return_documents: bool,
+    max_tokens_per_doc: Option<usize>,
+}
+
+async fn cohere_v1(State(app): State<Arc<App>>, body: Body) -> Result<Response, ApiError> {
+    cohere(app, body, "1").await
+}
+
+async fn cohere_v2(State(app): State<Arc<App>>, body: Body) -> Result<Response, ApiError> {
+    cohere(app, body, "2").await
+}
+
+async fn cohere(app: Arc<App>, body: Body, version: &str) -> Result<Response, ApiError> {
+    let req: CohereRequest = read_json(&app, body).await?;
+    if req.top_n == Some(0) {
+        return Err(ApiError::bad_request("`top_n` must be at least 1"));
+    }
+    let model = req.model.filter(|m| !m.is_empty()).unwrap_or_else(|| default_model(&app));
+    let docs: Vec<String> = req
+        .documents
+        .into_iter()
+        .map(|d| match d {
+            Document::Text(t) | Document::Object { text: t } => t,
+        })
+        .collect();
+    let ask = Ask {
+        model: model.clone(),
+        query: req.query,
+        docs,
+        field: "documents",
+        refuse_long: false,
+        max_tokens_per_doc: req.max_tokens_per_doc,
+    };
+    let texts = req.return_documents.then(|| ask.docs.clone());
+    let r = rank(&app, ask).await?;
+    let mut order = r.order();
+    order.truncate(req.top_n.unwrap_or(usize::MAX));
+    let results: Vec<Value> = order
+        .into_iter()
+        .map(|i| {
+            let mut o = json!({"index": i, "relevance_score": r.scores[i].score});
+            if let Some(t) = &texts {
+                o["document"] = json!({"text": t[i]});
+            }
+            o
+        })
+        .collect();
+    let mut meta = json!({"api_version": {"version": version}, "billed_units": {"search_units": 1}});
+    if let (Value::Object(m), Value::Object(extra)) = (&mut meta, r.meta()) {
+        m.extend(extra);
+    }
+    let body = json!({"id": response_id(), "model": model, "results": results, "meta": meta,
+                      "usage": {"total_tokens": r.tokens}});
+    Ok((r.adapter_header(), Json(body)).into_response())
+}
+
+/// A random 128-bit id for a response (the event id feedback refers to).
+fn response_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+async fn health(State(app): State<Arc<App>>) -> Response {
+    if app.draining.load(Ordering::Acquire) {
+        return ApiError::unavailable("the server is shutting down").into_response();
+    }
+    let models = app.models.clone();
+    let loaded = tokio::task::spawn_blocking(move || models.any_loaded()).await.unwrap_or(false);
+    if loaded {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        ApiError::unavailable("no model is loaded yet").into_response()
+    }
+}
+
+async fn list_models(State(app): State<Arc<App>>) -> Json<Value> {
+    let mut data: Vec<Value> = app
+        .models
+        .snapshot()
+        .into_iter()
+        .map(|(corpus, s, error)| {
+            let mut o = json!({"id": corpus, "object": "model", "owned_by": "rerankd"});
+            if let Some(s) = s {
+                o["adapter"] = s.adapter().into();
+                o["base_model"] = s.base.spec.clone().into();
+                o["max_length"] = s.max_length.into();
+                o["instruction"] = s.instruction.clone().into();
+            }
+            if let Some(e) = error {
+                o["load_error"] = e.into();
+            }
+            o
+        })
+        .collect();
+    data.push(json!({"id": "base", "object": "model", "owned_by": "rerankd", "adapter": "base",
+                     "base_model": app.models.default_model(), "max_length": super::models::DEFAULT_MAX_LENGTH}));
+    Json(json!({"object": "list", "data": data, "default": app.default_corpus}))
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    let rss = crate::sys::process_memory_mb(std::process::id()).unwrap_or(0);
+    app.telemetry.resident.set((rss << 20) as i64);
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    (headers, app.telemetry.encode())
+}

@@ -1,0 +1,73 @@
+//! `/metrics`: serve's counters in the Prometheus text format, through `prometheus-client`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub endpoint: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub endpoint: String,
+    pub r#type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub corpus: String,
+    pub result: String,
+}
+
+pub struct Telemetry {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub errors: Family<ErrorLabels, Counter>,
+    pub pairs_scored: Counter,
+    pub batch_size: Histogram,
+    pub queue_pairs: Gauge,
+    pub latency: Histogram,
+    pub reloads: Family<ReloadLabels, Counter>,
+    pub resident: Gauge,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("rerankd");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let pairs_scored = Counter::default();
+        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 8));
+        let queue_pairs = Gauge::default();
+        let latency = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        let resident = Gauge::default();
+        registry.register("requests", "HTTP requests answered, by endpoint and status", requests.clone());
+        registry.register(
+            "request_errors",
+            "Requests answered with an error, by endpoint and error type",
+            errors.clone(),
+        );
+        registry.register("pairs_scored", "Query-document pairs scored", pairs_scored.clone());
+        registry.register("batch_size", "Pairs per scoring forward", batch_size.clone());
+        registry.register("queue_pairs", "Pairs admitted and not yet answered", queue_pairs.clone());
+        registry.register("request_duration_seconds", "Time from request to response", latency.clone());
+        registry.register("adapter_reloads", "Adapter reloads after a change of current, by result", reloads.clone());
+        registry.register("resident_memory_bytes", "Resident memory of the serve process", resident.clone());
+        Self { registry, requests, errors, pairs_scored, batch_size, queue_pairs, latency, reloads, resident }
+    }
+}
+
+impl Telemetry {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
