@@ -46,6 +46,27 @@ pub fn run(root: &Root) -> anyhow::Result<ExitCode> {
         Ok(false) => r.warn("no daemon holds this root", "`rerankd daemon`, or install-launchd / install-systemd"),
         Err(e) => r.warn(&format!("cannot probe the daemon lock: {e}"), "check the root's permissions"),
     }
+    match rerankd::store::serving::live(root) {
+        Some(s) => {
+            let mut at: Vec<String> = s.listen.clone().into_iter().collect();
+            at.extend(s.socket.iter().map(|p| format!("unix:{p}")));
+            let adapters: Vec<String> = s.adapters.iter().map(|(c, a)| format!("{c}={a}")).collect();
+            r.ok(&format!(
+                "serve runs (pid {}) at {}, {} MB resident, serving {}",
+                s.pid,
+                at.join(" and "),
+                s.rss_mb,
+                if adapters.is_empty() { "no corpus yet".to_string() } else { adapters.join(", ") }
+            ));
+            for (c, e) in &s.load_errors {
+                r.warn(
+                    &format!("serve keeps the previous adapter of {c}: the promoted one failed to load: {e}"),
+                    &format!("fix or `rerankd rollback {c}`, then SIGHUP serve to retry"),
+                );
+            }
+        }
+        None => r.info("serve is not running (`rerankd serve`, or install-launchd / install-systemd --serve)"),
+    }
     let claimed = std::fs::read_dir(root.claimed()).map(|d| d.count()).unwrap_or(0);
     let waiting = std::fs::read_dir(root.spool())
         .map(|d| d.filter_map(|e| e.ok()).filter(|e| is_job_name(&e.file_name())).count())

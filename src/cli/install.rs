@@ -10,7 +10,10 @@ use rerankd::store::Root;
 
 const PLIST: &str = include_str!("../../launchd/rerankd.plist.template");
 const UNIT: &str = include_str!("../../systemd/rerankd.service.template");
+const SERVE_PLIST: &str = include_str!("../../launchd/rerankd-serve.plist.template");
+const SERVE_UNIT: &str = include_str!("../../systemd/rerankd-serve.service.template");
 const LABEL: &str = "io.rerankd.daemon";
+const SERVE_LABEL: &str = "io.rerankd.serve";
 
 #[derive(Args, Debug)]
 pub struct InstallArgs {
@@ -20,18 +23,58 @@ pub struct InstallArgs {
     /// Also run the load commands.
     #[arg(long)]
     pub load: bool,
+    /// Write the unit of `rerankd serve` (a second service) instead of the daemon's.
+    #[arg(long)]
+    pub serve: bool,
+    /// Arguments for `rerankd serve` in the unit, after `--` (e.g. `-- --default-corpus docs`).
+    #[arg(last = true, requires = "serve")]
+    pub serve_args: Vec<String>,
+}
+
+/// The service's template, label and unit name: the daemon's or serve's.
+fn which(a: &InstallArgs, plist: bool) -> (&'static str, &'static str, &'static str) {
+    match (a.serve, plist) {
+        (false, true) => (PLIST, LABEL, "rerankd"),
+        (true, true) => (SERVE_PLIST, SERVE_LABEL, "rerankd-serve"),
+        (false, false) => (UNIT, LABEL, "rerankd"),
+        (true, false) => (SERVE_UNIT, SERVE_LABEL, "rerankd-serve"),
+    }
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// Serve's extra arguments as the template wants them: plist `<string>` lines or a unit's words
+/// (quoted for systemd when they hold a space or a quote).
+fn args_text(args: &[String], plist: bool) -> String {
+    if plist {
+        args.iter().map(|a| format!("    <string>{}</string>\n", xml_escape(a))).collect()
+    } else {
+        args.iter()
+            .map(|a| a.replace('%', "%%"))
+            .map(|a| {
+                if a.contains([' ', '"', '\\', '\'']) {
+                    format!(" \"{}\"", a.replace('\\', "\\\\").replace('"', "\\\""))
+                } else {
+                    format!(" {a}")
+                }
+            })
+            .collect()
+    }
 }
 
 fn home() -> PathBuf {
     std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."))
 }
 
-fn fill(template: &str, root: &Root) -> anyhow::Result<String> {
+fn fill(template: &str, label: &str, args: &str, root: &Root) -> anyhow::Result<String> {
     let exe = std::env::current_exe().context("finding the rerankd executable")?;
     let logdir = root.dir.join("logs");
     std::fs::create_dir_all(&logdir).with_context(|| format!("creating {}", logdir.display()))?;
     Ok(template
-        .replace("@LABEL@", LABEL)
+        .replace("@LABEL@", label)
+        .replace("@ARGS@", args)
         .replace("@EXE@", &exe.display().to_string())
         .replace("@ROOT@", &root.dir.display().to_string())
         .replace("@LOGDIR@", &logdir.display().to_string()))
@@ -59,26 +102,28 @@ fn run_lines(lines: &[String], load: bool) -> anyhow::Result<()> {
 
 pub fn launchd(root: &Root, a: InstallArgs) -> anyhow::Result<ExitCode> {
     root.ensure()?;
-    let dest = a.dest.unwrap_or_else(|| home().join(format!("Library/LaunchAgents/{LABEL}.plist")));
-    write(&dest, &fill(PLIST, root)?)?;
+    let (template, label, _) = which(&a, true);
+    let dest = a.dest.clone().unwrap_or_else(|| home().join(format!("Library/LaunchAgents/{label}.plist")));
+    write(&dest, &fill(template, label, &args_text(&a.serve_args, true), root)?)?;
     println!("load, restart and unload with:");
     let d = dest.display();
     let lines = [format!("launchctl bootstrap gui/$(id -u) {d}")];
     run_lines(&lines, a.load)?;
-    println!("  launchctl kickstart -k gui/$(id -u)/{LABEL}");
-    println!("  launchctl bootout gui/$(id -u)/{LABEL}");
+    println!("  launchctl kickstart -k gui/$(id -u)/{label}");
+    println!("  launchctl bootout gui/$(id -u)/{label}");
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn systemd(root: &Root, a: InstallArgs) -> anyhow::Result<ExitCode> {
     root.ensure()?;
-    let dest = a.dest.unwrap_or_else(|| home().join(".config/systemd/user/rerankd.service"));
-    write(&dest, &fill(UNIT, root)?)?;
+    let (template, label, unit) = which(&a, false);
+    let dest = a.dest.clone().unwrap_or_else(|| home().join(format!(".config/systemd/user/{unit}.service")));
+    write(&dest, &fill(template, label, &args_text(&a.serve_args, false), root)?)?;
     println!("enable and start with:");
     run_lines(
-        &["systemctl --user daemon-reload".into(), "systemctl --user enable --now rerankd.service".into()],
+        &["systemctl --user daemon-reload".into(), format!("systemctl --user enable --now {unit}.service")],
         a.load,
     )?;
-    println!("  journalctl --user -u rerankd -f      # logs");
+    println!("  journalctl --user -u {unit} -f      # logs");
     Ok(ExitCode::SUCCESS)
 }

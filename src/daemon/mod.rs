@@ -39,6 +39,9 @@ pub struct AlreadyRunning {
     pub lock: PathBuf,
 }
 
+/// The least default budget left to runs however large serve grows (the job file's minimum).
+const MIN_BUDGET_MB: u64 = 256;
+
 /// The watchdog's sampling interval while runs are active.
 const ACTIVE_TICK: Duration = Duration::from_millis(500);
 /// The tick while runs wait (for a corpus lock, a cancel of a queued run) or ends wait to be
@@ -186,10 +189,18 @@ impl Daemon {
         tracing::info!("SIGHUP: reloading config and rescanning");
         match DaemonConfig::load(&self.root.config()) {
             Ok(c) => {
-                self.intake.default_budget_mb = c.memory_budget_mb;
                 self.cfg = c;
             }
             Err(e) => tracing::error!(error = %e, "config not reloaded; keeping the previous settings"),
+        }
+    }
+
+    /// The budget of a job that names none: the configured (or machine-derived) default, less
+    /// what a running `rerankd serve` holds resident, since both share one machine.
+    fn default_budget_mb(&self) -> u64 {
+        match crate::store::serving::resident_mb(&self.root) {
+            Some((_, serve_mb)) => self.cfg.memory_budget_mb.saturating_sub(serve_mb).max(MIN_BUDGET_MB),
+            None => self.cfg.memory_budget_mb,
         }
     }
 
@@ -211,6 +222,11 @@ impl Daemon {
     fn intake_pass(&mut self, claims: bool) {
         if let Err(e) = self.root.ensure() {
             tracing::error!(error = %e, "re-creating the root's layout");
+        }
+        let budget = self.default_budget_mb();
+        if budget != self.intake.default_budget_mb {
+            tracing::info!(from = self.intake.default_budget_mb, to = budget, "default memory budget of new runs");
+            self.intake.default_budget_mb = budget;
         }
         let busy = self.busy_corpora();
         let mut adm = Busy { corpora: &busy };
