@@ -11,11 +11,14 @@
 //!   prove the daemon's hard memory limit.
 //! - `RERANKD_TEST_STEP_SLEEP_MS=<n>`: a run sleeps n ms before each micro-step, so the fault
 //!   suite can kill it mid-training at leisure on a fast fixture model.
+//! - `RERANKD_TEST_SCORE_SLEEP_MS=<n>`: `rerankd serve` sleeps n ms before each scoring forward,
+//!   so tests can fill its queue and hold a request in flight on a fast fixture model.
 
 pub const CRASH_AT_ENV: &str = "RERANKD_TEST_CRASH_AT";
 pub const IGNORE_CANCEL_ENV: &str = "RERANKD_TEST_IGNORE_CANCEL";
 pub const ALLOC_MB_ENV: &str = "RERANKD_TEST_ALLOC_MB";
 pub const STEP_SLEEP_MS_ENV: &str = "RERANKD_TEST_STEP_SLEEP_MS";
+pub const SCORE_SLEEP_MS_ENV: &str = "RERANKD_TEST_SCORE_SLEEP_MS";
 
 /// Dies at once (SIGKILL to itself) if `RERANKD_TEST_CRASH_AT` names this point.
 pub fn crash_point(point: &str) {
@@ -36,7 +39,16 @@ pub fn alloc_mb() -> Option<usize> {
 
 /// Sleeps before a micro-step if `RERANKD_TEST_STEP_SLEEP_MS` is set.
 pub fn step_sleep() {
-    if let Some(ms) = std::env::var(STEP_SLEEP_MS_ENV).ok().and_then(|v| v.parse::<u64>().ok()) {
+    sleep_from(STEP_SLEEP_MS_ENV);
+}
+
+/// Sleeps before a serve scoring forward if `RERANKD_TEST_SCORE_SLEEP_MS` is set.
+pub fn score_sleep() {
+    sleep_from(SCORE_SLEEP_MS_ENV);
+}
+
+fn sleep_from(var: &str) {
+    if let Some(ms) = std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok()) {
         std::thread::sleep(std::time::Duration::from_millis(ms.min(60_000)));
     }
 }

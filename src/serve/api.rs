@@ -150,12 +150,32 @@ async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
     next.run(req).await
 }
 
-async fn read_json<T: DeserializeOwned>(app: &App, body: Body) -> Result<T, ApiError> {
+/// How much of an over-long body is read and thrown away before the 413, so that a client still
+/// sending it gets the answer instead of a reset connection (past it, the connection is cut).
+const DRAIN_BYTES: usize = 64 << 20;
+
+/// The body, up to `serve.max_body_kb` kept, parsed as JSON.
+async fn read_json<T: DeserializeOwned>(app: &App, mut body: Body) -> Result<T, ApiError> {
+    use http_body_util::BodyExt;
     let limit = app.settings().max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        ApiError::too_large(format!("request body over {limit} bytes (serve.max_body_kb), or unreadable: {e}"))
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+    let (mut kept, mut seen) = (Vec::new(), 0usize);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else { continue };
+        seen += data.len();
+        if seen <= limit {
+            kept.extend_from_slice(&data);
+        } else if seen > limit + DRAIN_BYTES {
+            break;
+        }
+    }
+    if seen > limit {
+        return Err(ApiError::too_large(format!(
+            "the request body is over {limit} bytes (serve.max_body_kb = {})",
+            limit >> 10
+        )));
+    }
+    serde_json::from_slice(&kept).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
 /// What a rerank request asks of the scorer, whatever its API shape.

@@ -214,6 +214,7 @@ fn score_group(group: &[Work], limits: Limits, telemetry: &Telemetry) -> Result<
     let mut out: Vec<Vec<Option<PairLogits>>> = group.iter().map(|w| vec![None; w.seqs.len()]).collect();
     for range in chunks(&lengths, &order, limits.batch_size, limits.batch_tokens) {
         let rows = &order[range];
+        crate::testhooks::score_sleep();
         let seqs: Vec<&[u32]> = rows.iter().map(|&i| group[pairs[i].0].seqs[pairs[i].1].as_slice()).collect();
         let scores = scorer.base.reranker.score_ids(&seqs, scorer.lora.as_ref()).map_err(|e| e.to_string())?;
         telemetry.batch_size.observe(rows.len() as f64);

@@ -1,0 +1,704 @@
+//! `rerankd serve` through real HTTP on loopback with the fixture model: both API shapes against
+//! `rerankd score`, hot reload under load (a real promotion through the daemon, and a rollback),
+//! concurrency and overload, bad input, the API key, a Unix socket, SIGTERM draining, kill -9
+//! isolation from the daemon, and serve's idle CPU.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+/// A running `rerankd serve`, its log beside the root (printed if the test fails), killed on drop.
+struct Serve {
+    child: Option<Child>,
+    url: String,
+    log: PathBuf,
+}
+
+impl Serve {
+    fn start(root: &Root, args: &[&str], env: &[(&str, &str)]) -> Serve {
+        let log = root.dir.parent().unwrap().join("serve.log");
+        let _ = std::fs::remove_file(root.dir.join("serve.json"));
+        let mut c = root.cli_cmd(["serve"]);
+        c.args(args).stdin(Stdio::null()).stdout(Stdio::null());
+        c.stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let mut child = c.spawn().unwrap();
+        let info: Value = wait_for("serve.json", Duration::from_secs(30), || {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("serve exited {st}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            let v: Value = serde_json::from_str(&std::fs::read_to_string(root.dir.join("serve.json")).ok()?).ok()?;
+            v["pid"].as_u64().is_some_and(|p| p == child.id() as u64).then_some(v)
+        });
+        let url = info["listen"].as_str().unwrap_or_default().to_string();
+        Serve { child: Some(child), url, log }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGTERM and the exit code.
+    fn stop(mut self) -> Option<i32> {
+        let mut c = self.child.take().unwrap();
+        kill_pid(c.id(), libc::SIGTERM);
+        wait_exit(&mut c, Duration::from_secs(30))
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- serve.log ----\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::new_with_config(
+        ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(60))).build(),
+    )
+}
+
+/// A response: status, the adapter header, the JSON body (Null when not JSON), Retry-After.
+struct Reply {
+    status: u16,
+    adapter: Option<String>,
+    body: Value,
+    retry_after: Option<String>,
+}
+
+fn send(a: &ureq::Agent, method: &str, url: &str, body: Option<&[u8]>, token: Option<&str>) -> Reply {
+    let mut r = match method {
+        "GET" => {
+            let mut req = a.get(url);
+            if let Some(t) = token {
+                req = req.header("Authorization", &format!("Bearer {t}"));
+            }
+            req.call().unwrap()
+        }
+        _ => {
+            let mut req = a.post(url).header("Content-Type", "application/json");
+            if let Some(t) = token {
+                req = req.header("Authorization", &format!("Bearer {t}"));
+            }
+            req.send(body.unwrap_or_default()).unwrap()
+        }
+    };
+    let header = |n: &str| r.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let (adapter, retry_after) = (header("x-rerankd-adapter"), header("retry-after"));
+    let status = r.status().as_u16();
+    let text = r.body_mut().with_config().limit(64 << 20).read_to_string().unwrap_or_default();
+    Reply { status, adapter, body: serde_json::from_str(&text).unwrap_or(Value::Null), retry_after }
+}
+
+fn post(a: &ureq::Agent, url: &str, body: &Value) -> Reply {
+    send(a, "POST", url, Some(body.to_string().as_bytes()), None)
+}
+
+fn get(a: &ureq::Agent, url: &str) -> Reply {
+    send(a, "GET", url, None, None)
+}
+
+const RUN: &str = "docs__20261127_120000";
+const INSTRUCTION: &str = "Given a question, find the passage that answers it";
+
+/// A root whose corpus `docs` has the fixture's PEFT adapter promoted (as a run leaves it), with
+/// a short max_length so long documents are truncated.
+fn root_with_promoted_adapter(config: &str) -> Root {
+    let root = Root::new(config);
+    std::fs::create_dir_all(root.dir.join("corpora/docs")).unwrap();
+    let dir = root.dir.join("models/docs/adapters").join(RUN);
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-qwen3/peft_adapter");
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let manifest = json!({"model": fixture_model(), "corpus": "docs", "run_id": RUN, "max_length": 100,
+                          "instruction": INSTRUCTION});
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    std::os::unix::fs::symlink(Path::new("adapters").join(RUN), root.dir.join("models/docs/current")).unwrap();
+    root
+}
+
+fn docs() -> Vec<String> {
+    vec![
+        "Rust is a systems programming language focused on safety and speed.".into(),
+        "Bananas are yellow and rich in potassium.".into(),
+        "The borrow checker enforces ownership rules at compile time. ".repeat(12),
+        "Cargo builds Rust code and downloads its dependencies.".into(),
+        "A reranker orders retrieved passages by relevance to a query.".into(),
+    ]
+}
+
+/// `rerankd score ... --json`: per input document, (score, yes - no).
+fn score_cli(root: &Root, extra: &[&str], query: &str, docs: &[String]) -> Vec<(f64, f64)> {
+    let mut c = root.cli_cmd(["score", "--device", "cpu", "--json", "--query", query]);
+    c.args(extra);
+    for d in docs {
+        c.arg("--doc").arg(d);
+    }
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "score: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["score"].as_f64().unwrap(), v["yes_logit"].as_f64().unwrap() - v["no_logit"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+/// Results (`index` plus a score field) in descending order, covering the expected indices, with
+/// each score equal to the expected one.
+fn check_ranked(results: &[Value], field: &str, expected: &[f64], n: usize, tol: f64) {
+    assert_eq!(results.len(), n, "{results:?}");
+    let mut seen = std::collections::HashSet::new();
+    let mut last = f64::INFINITY;
+    for r in results {
+        let i = r["index"].as_u64().unwrap() as usize;
+        let s = r[field].as_f64().unwrap();
+        assert!(seen.insert(i), "index {i} twice");
+        assert!(s <= last, "not sorted descending: {results:?}");
+        last = s;
+        assert!((s - expected[i]).abs() <= tol, "index {i}: served {s}, rerankd score {}", expected[i]);
+    }
+    // top_n keeps the best: every index left out scores no higher than the last one kept.
+    for (i, &e) in expected.iter().enumerate() {
+        if !seen.contains(&i) {
+            assert!(e <= last + tol, "index {i} ({e}) left out of the top {n}");
+        }
+    }
+}
+
+#[test]
+fn both_api_shapes_answer_as_documented_and_equal_rerankd_score() {
+    let root = root_with_promoted_adapter("");
+    let model = fixture_model();
+    let s = Serve::start(
+        &root,
+        &["--listen", "127.0.0.1:0", "--model", &model, "--default-corpus", "docs", "--device", "cpu"],
+        &[],
+    );
+    let a = agent();
+    let query = "what is rust";
+    let docs = docs();
+    let expected = score_cli(&root, &["--corpus", "docs"], query, &docs);
+    let sig: Vec<f64> = expected.iter().map(|e| e.0).collect();
+    let raw: Vec<f64> = expected.iter().map(|e| e.1).collect();
+
+    // TEI, default corpus and by route; unknown fields ignored.
+    for path in ["/rerank", "/corpora/docs/rerank"] {
+        let r = post(
+            &a,
+            &format!("{}{path}", s.url),
+            &json!({"query": query, "texts": docs, "return_text": true, "extra": 1}),
+        );
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+        assert_eq!(r.adapter.as_deref(), Some(RUN));
+        let results = r.body.as_array().unwrap();
+        check_ranked(results, "score", &sig, docs.len(), 1e-6);
+        for x in results {
+            assert_eq!(x["text"], docs[x["index"].as_u64().unwrap() as usize].as_str());
+        }
+    }
+    let r = post(&a, &format!("{}/rerank", s.url), &json!({"query": query, "texts": docs, "raw_scores": true}));
+    check_ranked(r.body.as_array().unwrap(), "score", &raw, docs.len(), 1e-6);
+    assert!(r.body[0].get("text").is_none(), "text without return_text");
+
+    // Cohere v1 / Jina: top_n, return_documents, strings and {text, id} objects.
+    let objects: Vec<Value> = docs.iter().enumerate().map(|(i, d)| json!({"text": d, "id": format!("d{i}")})).collect();
+    for (path, documents) in [("/v1/rerank", json!(docs)), ("/v2/rerank", json!(objects))] {
+        let req =
+            json!({"model": "docs", "query": query, "documents": documents, "top_n": 2, "return_documents": true});
+        let r = post(&a, &format!("{}{path}", s.url), &req);
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+        assert_eq!(r.adapter.as_deref(), Some(RUN));
+        check_ranked(r.body["results"].as_array().unwrap(), "relevance_score", &sig, 2, 1e-6);
+        for x in r.body["results"].as_array().unwrap() {
+            assert_eq!(x["document"]["text"], docs[x["index"].as_u64().unwrap() as usize].as_str());
+        }
+        let id = r.body["id"].as_str().unwrap();
+        assert!(id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+        assert_eq!(r.body["meta"]["adapter"], RUN);
+        assert_eq!(r.body["meta"]["corpus"], "docs");
+        assert!(r.body["meta"]["api_version"]["version"].is_string());
+        assert!(r.body["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    }
+    // Without return_documents and top_n: every document, no texts; the model named by run id.
+    let r = post(
+        &a,
+        &format!("{}/v1/rerank", s.url),
+        &json!({"model": format!("docs@{RUN}"), "query": query, "documents": docs}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    check_ranked(r.body["results"].as_array().unwrap(), "relevance_score", &sig, docs.len(), 1e-6);
+    assert!(r.body["results"][0].get("document").is_none());
+
+    // `base`: the base model with the default instruction and max_length, as `rerankd score --model`.
+    let base = score_cli(&root, &["--model", &model], query, &docs);
+    let base_sig: Vec<f64> = base.iter().map(|e| e.0).collect();
+    let r = post(&a, &format!("{}/v1/rerank", s.url), &json!({"model": "base", "query": query, "documents": docs}));
+    assert_eq!(r.adapter.as_deref(), Some("base"));
+    check_ranked(r.body["results"].as_array().unwrap(), "relevance_score", &base_sig, docs.len(), 1e-6);
+    assert!(sig.iter().zip(&base_sig).any(|(x, y)| (x - y).abs() > 1e-4), "the adapter changes nothing?");
+
+    // max_tokens_per_doc cuts each document before the prompt is built.
+    let cut: Vec<String> = docs.iter().map(|d| d.split(' ').take(2).collect::<Vec<_>>().join(" ")).collect();
+    let r = post(
+        &a,
+        &format!("{}/v2/rerank", s.url),
+        &json!({"model": "docs", "query": query, "documents": docs, "max_tokens_per_doc": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let cut_expected: Vec<f64> = score_cli(&root, &["--corpus", "docs"], query, &cut).iter().map(|e| e.0).collect();
+    let served: Vec<f64> =
+        r.body["results"].as_array().unwrap().iter().map(|x| x["relevance_score"].as_f64().unwrap()).collect();
+    assert!(served.iter().any(|s| cut_expected.iter().any(|e| (s - e).abs() < 1e-6)), "{served:?} vs {cut_expected:?}");
+
+    let h = get(&a, &format!("{}/health", s.url));
+    assert_eq!(h.status, 200);
+    let m = get(&a, &format!("{}/v1/models", s.url));
+    let docs_model = m.body["data"].as_array().unwrap().iter().find(|x| x["id"] == "docs").unwrap().clone();
+    assert_eq!(docs_model["adapter"], RUN);
+    assert_eq!(docs_model["max_length"], 100);
+    assert_eq!(docs_model["instruction"], INSTRUCTION);
+    let metrics = a.get(format!("{}/metrics", s.url)).call().unwrap().body_mut().read_to_string().unwrap();
+    for name in [
+        "rerankd_requests_total{",
+        "rerankd_pairs_scored_total",
+        "rerankd_batch_size_bucket",
+        "rerankd_queue_pairs",
+        "rerankd_request_duration_seconds_bucket",
+        "rerankd_resident_memory_bytes",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics:\n{metrics}");
+    }
+    let info: Value = serde_json::from_str(&std::fs::read_to_string(root.dir.join("serve.json")).unwrap()).unwrap();
+    assert_eq!(info["adapters"]["docs"], RUN);
+    assert!(info["rss_mb"].as_u64().unwrap() > 0);
+    let doctor = root.cli_cmd(["doctor"]).output().unwrap();
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    assert!(text.contains(&format!("serve runs (pid {})", s.pid())) && text.contains(&format!("docs={RUN}")), "{text}");
+    assert_eq!(s.stop(), Some(0));
+    assert!(!root.dir.join("serve.json").exists(), "serve.json left after a clean stop");
+}
+
+#[test]
+fn bad_input_gets_a_4xx_with_a_message_and_the_server_keeps_serving() {
+    let root = root_with_promoted_adapter("");
+    let s = Serve::start(&root, &["--listen", "127.0.0.1:0", "--model", &fixture_model(), "--device", "cpu"], &[]);
+    let a = agent();
+    let u = |p: &str| format!("{}{p}", s.url);
+    let many: Vec<String> = (0..10_000).map(|i| format!("d{i}")).collect();
+    let long = "word ".repeat(400);
+    let cases: Vec<(&str, String, Vec<u8>, u16)> = vec![
+        ("malformed JSON", u("/rerank"), b"{\"query\": \"q\", \"texts\": [".to_vec(), 400),
+        ("missing field", u("/rerank"), br#"{"texts": ["a"]}"#.to_vec(), 400),
+        ("empty texts", u("/corpora/docs/rerank"), br#"{"query": "q", "texts": []}"#.to_vec(), 400),
+        (
+            "10 MB body",
+            u("/corpora/docs/rerank"),
+            format!(r#"{{"query": "q", "texts": ["{}"]}}"#, "x".repeat(10 << 20)).into_bytes(),
+            413,
+        ),
+        (
+            "10,000 documents",
+            u("/v1/rerank"),
+            json!({"model": "docs", "query": "q", "documents": many}).to_string().into_bytes(),
+            413,
+        ),
+        ("unknown corpus", u("/v1/rerank"), br#"{"model": "nosuch", "query": "q", "documents": ["a"]}"#.to_vec(), 404),
+        (
+            "unknown run",
+            u("/v1/rerank"),
+            br#"{"model": "docs@docs__20200101_000000", "query": "q", "documents": ["a"]}"#.to_vec(),
+            404,
+        ),
+        ("non-UTF-8", u("/corpora/docs/rerank"), b"{\"query\": \"q\xff\xfe\", \"texts\": [\"a\"]}".to_vec(), 400),
+        ("../ in the route", u("/corpora/..%2F..%2Fetc/rerank"), br#"{"query": "q", "texts": ["a"]}"#.to_vec(), 404),
+        (
+            "../ as a model",
+            u("/v2/rerank"),
+            br#"{"model": "../../etc", "query": "q", "documents": ["a"]}"#.to_vec(),
+            404,
+        ),
+        (
+            "top_n 0",
+            u("/v1/rerank"),
+            br#"{"model": "docs", "query": "q", "documents": ["a"], "top_n": 0}"#.to_vec(),
+            400,
+        ),
+        ("texts not strings", u("/corpora/docs/rerank"), br#"{"query": "q", "texts": [1, 2]}"#.to_vec(), 400),
+        (
+            "truncate false and too long",
+            u("/corpora/docs/rerank"),
+            json!({"query": "q", "texts": [long], "truncate": false}).to_string().into_bytes(),
+            413,
+        ),
+        ("no such endpoint", u("/v3/rerank"), b"{}".to_vec(), 404),
+    ];
+    for (what, url, body, want) in cases {
+        let r = send(&a, "POST", &url, Some(&body), None);
+        assert_eq!(r.status, want, "{what}: {}", r.body);
+        let msg = r.body["error"]["message"].as_str().unwrap_or_default();
+        assert!(!msg.is_empty() && r.body["error"]["type"].is_string(), "{what}: no JSON error: {}", r.body);
+        eprintln!("{what}: {} {msg:.160}", r.status);
+        let ok = post(&a, &u("/corpora/docs/rerank"), &json!({"query": "q", "texts": ["a", "b"]}));
+        assert_eq!(ok.status, 200, "after {what}: {}", ok.body);
+    }
+    assert_eq!(s.stop(), Some(0));
+}
+
+/// Hammers `/v1/rerank` from `clients` threads until `stop`; every reply is kept with the time it
+/// was sent.
+fn hammer(
+    url: String,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+    query: String,
+    docs: Vec<String>,
+) -> Vec<std::thread::JoinHandle<Vec<(Instant, Reply)>>> {
+    (0..clients)
+        .map(|_| {
+            let (url, stop, query, docs) = (url.clone(), stop.clone(), query.clone(), docs.clone());
+            std::thread::spawn(move || {
+                let a = agent();
+                let mut out = Vec::new();
+                while !stop.load(Ordering::Acquire) {
+                    let t = Instant::now();
+                    out.push((t, post(&a, &url, &json!({"model": "docs", "query": query, "documents": docs}))));
+                }
+                out
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn a_promotion_and_a_rollback_are_served_within_two_seconds_under_load_with_no_failed_request() {
+    let root = Root::new("rescan_s = 1\n");
+    std::fs::create_dir_all(root.dir.join("corpora/docs")).unwrap();
+    let mut daemon = root.daemon();
+    let mut job = root.job("docs", 1);
+    job["promote"] = json!("always");
+    let run1 = root.submit("one.json", &job);
+    wait_state(&root, &run1, &["completed"], Duration::from_secs(120));
+    assert_eq!(std::fs::read_link(root.dir.join("models/docs/current")).unwrap().file_name().unwrap(), run1.as_str());
+
+    let s = Serve::start(&root, &["--listen", "127.0.0.1:0", "--model", &fixture_model(), "--device", "cpu"], &[]);
+    let query = "q3".to_string();
+    let docs: Vec<String> = ["answer 3", "noise", "other", "answer 7"].map(String::from).to_vec();
+    let expected_of = |run: &str| -> Vec<f64> {
+        let dir = root.dir.join("models/docs/adapters").join(run);
+        score_cli(&root, &["--adapter", dir.to_str().unwrap()], &query, &docs).iter().map(|e| e.0).collect()
+    };
+    let mut expected: HashMap<String, Vec<f64>> = HashMap::new();
+    expected.insert(run1.clone(), expected_of(&run1));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = hammer(format!("{}/v1/rerank", s.url), 4, stop.clone(), query.clone(), docs.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    // A real promotion: a second run through the daemon with policy `always`.
+    // Two epochs: another adapter than run 1's (same data, same seed).
+    job["train"]["epochs"] = json!(2);
+    let run2 = root.submit("two.json", &job);
+    let current = root.dir.join("models/docs/current");
+    let is_current = |run: &str| std::fs::read_link(&current).ok().is_some_and(|t| t.file_name().unwrap() == run);
+    wait_for("run 2 promoted", Duration::from_secs(120), || is_current(&run2).then_some(()));
+    let promoted_at = Instant::now();
+    std::thread::sleep(Duration::from_millis(2500));
+    // And a rollback by hand.
+    let out = root.cli_cmd(["rollback", "docs"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rolled_back_at = Instant::now();
+    std::thread::sleep(Duration::from_millis(2500));
+    stop.store(true, Ordering::Release);
+    let replies: Vec<Vec<(Instant, Reply)>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    wait_state(&root, &run2, &["completed"], Duration::from_secs(60));
+    expected.insert(run2.clone(), expected_of(&run2));
+    assert_ne!(expected[&run1], expected[&run2], "two runs with the same scores prove nothing");
+
+    let total: usize = replies.iter().map(Vec::len).sum();
+    let mut first_new: Option<Instant> = None;
+    let mut first_back: Option<Instant> = None;
+    for thread in &replies {
+        for (t, r) in thread {
+            assert_eq!(r.status, 200, "a failed request during reload: {}", r.body);
+            let label = r.adapter.clone().unwrap();
+            assert_eq!(r.body["meta"]["adapter"].as_str(), Some(label.as_str()));
+            // Scored by the adapter it names, entirely (no mix within a request).
+            let want = expected.get(&label).unwrap_or_else(|| panic!("labelled with unknown adapter {label}"));
+            check_ranked(r.body["results"].as_array().unwrap(), "relevance_score", want, docs.len(), 1e-6);
+            if label == run2 && first_new.is_none_or(|f| *t < f) {
+                first_new = Some(*t);
+            }
+            if *t >= rolled_back_at && label == run1 && first_back.is_none_or(|f| *t < f) {
+                first_back = Some(*t);
+            }
+        }
+        // Sent after the swap was visible plus 2 s, every request gets the new adapter.
+        for (t, r) in thread {
+            let label = r.adapter.as_deref().unwrap();
+            if *t > promoted_at + Duration::from_secs(2) && *t < rolled_back_at {
+                assert_eq!(label, run2, "still the old adapter 2 s after the promotion");
+            }
+            if *t > rolled_back_at + Duration::from_secs(2) {
+                assert_eq!(label, run1, "still the rolled-back adapter 2 s after the rollback");
+            }
+        }
+    }
+    let lag = |first: Option<Instant>, at: Instant| first.map(|f| f.saturating_duration_since(at));
+    eprintln!(
+        "{total} requests, 0 failed; promotion served after {:?}, rollback after {:?}",
+        lag(first_new, promoted_at),
+        lag(first_back, rolled_back_at)
+    );
+    assert!(first_new.is_some() && first_back.is_some());
+    let reloads = agent().get(format!("{}/metrics", s.url)).call().unwrap().body_mut().read_to_string().unwrap();
+    assert!(reloads.contains("rerankd_adapter_reloads_total{corpus=\"docs\",result=\"ok\"} 2"), "{reloads}");
+    assert_eq!(s.stop(), Some(0));
+    stop_daemon(&mut daemon);
+}
+
+fn stop_daemon(d: &mut Child) {
+    kill_pid(d.id(), libc::SIGTERM);
+    wait_exit(d, Duration::from_secs(30));
+}
+
+#[test]
+fn many_concurrent_clients_are_all_answered_and_overload_is_refused_not_hung() {
+    let root = root_with_promoted_adapter("");
+    let model = fixture_model();
+    let s = Serve::start(&root, &["--listen", "127.0.0.1:0", "--model", &model, "--device", "cpu"], &[]);
+    let queries: Vec<String> = (0..4).map(|i| format!("query number {i}")).collect();
+    let docs = docs();
+    let expected: Vec<Vec<f64>> = queries
+        .iter()
+        .map(|q| score_cli(&root, &["--corpus", "docs"], q, &docs).iter().map(|e| e.0).collect())
+        .collect();
+    // 200 requests from 32 connections.
+    let next = Arc::new(Mutex::new(0usize));
+    let results: Vec<Vec<(usize, Reply)>> = (0..32)
+        .map(|_| {
+            let (url, next, queries, docs) =
+                (format!("{}/v1/rerank", s.url), next.clone(), queries.clone(), docs.clone());
+            std::thread::spawn(move || {
+                let a = agent();
+                let mut out = Vec::new();
+                loop {
+                    let i = {
+                        let mut n = next.lock().unwrap();
+                        if *n == 200 {
+                            break;
+                        }
+                        *n += 1;
+                        *n - 1
+                    };
+                    let q = i % queries.len();
+                    out.push((q, post(&a, &url, &json!({"model": "docs", "query": queries[q], "documents": docs}))));
+                }
+                out
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    let mut n = 0;
+    for (q, r) in results.iter().flatten() {
+        assert_eq!(r.status, 200, "{}", r.body);
+        check_ranked(r.body["results"].as_array().unwrap(), "relevance_score", &expected[*q], docs.len(), 1e-6);
+        n += 1;
+    }
+    assert_eq!(n, 200);
+    let m = agent().get(format!("{}/metrics", s.url)).call().unwrap().body_mut().read_to_string().unwrap();
+    let metric = |name: &str| -> f64 {
+        m.lines().find(|l| l.starts_with(name)).and_then(|l| l.split(' ').nth(1)).unwrap().parse().unwrap()
+    };
+    let (pairs, batches) = (metric("rerankd_batch_size_sum"), metric("rerankd_batch_size_count"));
+    eprintln!("200 requests answered; {pairs} pairs in {batches} forwards ({:.1} pairs per forward)", pairs / batches);
+    assert_eq!(metric("rerankd_queue_pairs"), 0.0, "pairs left admitted after every answer");
+    assert_eq!(s.stop(), Some(0));
+
+    // Overload: a slow scorer and a queue of 16 pairs; 24 clients of 8 documents at once.
+    std::fs::write(root.dir.join("config.toml"), "[serve]\nmax_queue_pairs = 16\n").unwrap();
+    let s = Serve::start(
+        &root,
+        &["--listen", "127.0.0.1:0", "--model", &model, "--device", "cpu"],
+        &[("RERANKD_TEST_SCORE_SLEEP_MS", "300")],
+    );
+    let eight: Vec<String> = (0..8).map(|i| format!("document {i}")).collect();
+    let t0 = Instant::now();
+    let replies: Vec<Reply> = (0..24)
+        .map(|_| {
+            let (url, docs) = (format!("{}/v1/rerank", s.url), eight.clone());
+            std::thread::spawn(move || post(&agent(), &url, &json!({"model": "docs", "query": "q", "documents": docs})))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    let ok = replies.iter().filter(|r| r.status == 200).count();
+    let refused: Vec<&Reply> = replies.iter().filter(|r| r.status == 429).collect();
+    eprintln!("overload: {ok} answered, {} refused with 429, in {:?}", refused.len(), t0.elapsed());
+    assert_eq!(ok + refused.len(), 24, "only 200 or 429: {:?}", replies.iter().map(|r| r.status).collect::<Vec<_>>());
+    assert!(ok >= 2 && !refused.is_empty(), "{ok} answered");
+    for r in refused {
+        assert_eq!(r.retry_after.as_deref(), Some("1"));
+        assert_eq!(r.body["error"]["type"], "overloaded");
+    }
+    assert!(t0.elapsed() < Duration::from_secs(30), "overload took {:?}", t0.elapsed());
+    let after =
+        post(&agent(), &format!("{}/v1/rerank", s.url), &json!({"model": "docs", "query": "q", "documents": ["a"]}));
+    assert_eq!(after.status, 200);
+    assert_eq!(s.stop(), Some(0));
+}
+
+#[test]
+fn a_non_loopback_address_needs_an_api_key_and_the_key_is_checked() {
+    let root = root_with_promoted_adapter("");
+    let model = fixture_model();
+    let out = root.cli_cmd(["serve", "--listen", "0.0.0.0:0", "--model", &model, "--device", "cpu"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--api-key-file") && err.contains("0.0.0.0"), "{err}");
+    assert!(!root.dir.join("serve.json").exists());
+
+    let key = root.dir.parent().unwrap().join("key");
+    std::fs::write(&key, "s3cret-token\n").unwrap();
+    let s = Serve::start(
+        &root,
+        &["--listen", "0.0.0.0:0", "--api-key-file", key.to_str().unwrap(), "--model", &model, "--device", "cpu"],
+        &[],
+    );
+    // Connect over loopback only: the port is bound on every address.
+    let port = s.url.rsplit(':').next().unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let a = agent();
+    let body = json!({"model": "docs", "query": "q", "documents": ["a", "b"]}).to_string();
+    assert_eq!(send(&a, "GET", &format!("{url}/health"), None, None).status, 200, "/health needs no key");
+    for token in [None, Some("wrong"), Some("s3cret-token-but-longer"), Some("")] {
+        let r = send(&a, "POST", &format!("{url}/v1/rerank"), Some(body.as_bytes()), token);
+        assert_eq!(r.status, 401, "{token:?}");
+        assert_eq!(r.body["error"]["type"], "unauthorized");
+        assert_eq!(send(&a, "GET", &format!("{url}/v1/models"), None, token).status, 401);
+    }
+    let r = send(&a, "POST", &format!("{url}/v1/rerank"), Some(body.as_bytes()), Some("s3cret-token"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(send(&a, "GET", &format!("{url}/metrics"), None, Some("s3cret-token")).status, 200);
+    assert_eq!(s.stop(), Some(0));
+}
+
+#[test]
+fn a_unix_socket_answers_sigterm_drains_and_an_idle_server_sleeps() {
+    let root = root_with_promoted_adapter("");
+    let sock = root.dir.parent().unwrap().join("serve.sock");
+    let s = Serve::start(
+        &root,
+        &[
+            "--socket",
+            sock.to_str().unwrap(),
+            "--model",
+            &fixture_model(),
+            "--device",
+            "cpu",
+            "--default-corpus",
+            "docs",
+        ],
+        &[("RERANKD_TEST_SCORE_SLEEP_MS", "1500")],
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(s.url.is_empty(), "only the socket was asked for, yet it listens on {}", s.url);
+
+    // Idle: CPU ticks over 5 s.
+    let ticks = |pid: u32| rerankd::sys::cpu_ticks(pid).unwrap();
+    let t0 = ticks(s.pid());
+    std::thread::sleep(Duration::from_secs(5));
+    let idle = ticks(s.pid()) - t0;
+    let pct = idle as f64 / rerankd::sys::ticks_per_second() as f64 / 5.0 * 100.0;
+    eprintln!("idle serve: {idle} ticks in 5 s ({pct:.2}% of a core)");
+    assert!(pct < 1.0, "an idle serve burns {pct:.1}% of a core");
+
+    // A request in flight (the scorer sleeps 1.5 s), then SIGTERM: it is answered, then exit 0.
+    let body = json!({"query": "what is rust", "texts": ["rust", "bananas"]}).to_string();
+    let sock2 = sock.clone();
+    let inflight = std::thread::spawn(move || {
+        let mut c = std::os::unix::net::UnixStream::connect(&sock2).unwrap();
+        write!(c, "POST /rerank HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        out
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    let status = s.stop();
+    let answer = inflight.join().unwrap();
+    eprintln!("drained and stopped in {:?}", t0.elapsed());
+    assert_eq!(status, Some(0));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("x-rerankd-adapter: docs__20261127_120000") && answer.contains("\"index\""), "{answer}");
+    assert!(!sock.exists(), "the socket file is left behind");
+}
+
+#[test]
+fn kill_9_of_serve_never_touches_the_daemon_and_a_restart_serves_the_current_adapter() {
+    let root = Root::new("memory_budget_mb = 8000\n");
+    std::fs::create_dir_all(root.dir.join("corpora/docs")).unwrap();
+    let model = fixture_model();
+    let s = Serve::start(&root, &["--listen", "127.0.0.1:0", "--model", &model, "--device", "cpu"], &[]);
+    let serve_mb = rerankd::sys::process_memory_mb(s.pid()).unwrap();
+    let mut daemon = root.daemon_env(&[("RERANKD_TEST_STEP_SLEEP_MS", "100")]);
+    let mut job = root.job("docs", 2);
+    job["promote"] = json!("always");
+    let run = root.submit("one.json", &job);
+    // serve's resident memory is left out of the default budget of new runs.
+    let budget = serde_json::from_str::<Value>(
+        &std::fs::read_to_string(root.dir.join("runs").join(&run).join("job.json")).unwrap(),
+    )
+    .unwrap()["memory_budget_mb"]
+        .as_u64()
+        .unwrap();
+    eprintln!("serve holds {serve_mb} MB; the run's default budget is {budget} MB of 8000");
+    assert!(budget < 8000 && budget + serve_mb + 64 >= 8000, "budget {budget} with serve at {serve_mb} MB");
+
+    wait_steps(&root, &run, 2);
+    kill_pid(s.pid(), libc::SIGKILL);
+    drop(s);
+    let st = wait_state(&root, &run, &["completed", "failed", "cancelled"], Duration::from_secs(120));
+    assert_eq!(st["state"], "completed", "{st}");
+    assert!(daemon.try_wait().unwrap().is_none(), "the daemon died with serve");
+    assert!(rerankd::store::serving::live(&rerankd::store::Root { dir: root.dir.clone() }).is_none());
+
+    // A restart takes the lock the dead one left and serves what is current now.
+    let s = Serve::start(&root, &["--listen", "127.0.0.1:0", "--model", &model, "--device", "cpu"], &[]);
+    let r = post(
+        &agent(),
+        &format!("{}/v1/rerank", s.url),
+        &json!({"model": "docs", "query": "q1", "documents": ["answer 1", "noise"]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.adapter.as_deref(), Some(run.as_str()));
+    // A second serve on the same root is refused.
+    let out = root.cli_cmd(["serve", "--listen", "127.0.0.1:0", "--model", &model]).output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(s.stop(), Some(0));
+    stop_daemon(&mut daemon);
+}
