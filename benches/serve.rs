@@ -1,0 +1,203 @@
+//! `cargo bench --bench serve -- [--config C] [--clients 1,4,16] [--docs 20] [--doc-tokens 200]`
+//!
+//! `rerankd serve` under load, side by side with the bare scoring forward on the same machine in
+//! the same run. It writes a checkpoint of random weights of the config (default: the Qwen3-0.6B
+//! shape) with the fixture's tokenizer, promotes a LoRA r16 q/k/v/o adapter for a corpus, starts
+//! the real `rerankd serve` binary on loopback, and for each client count sends requests of
+//! `--docs` documents of about `--doc-tokens` tokens from that many concurrent connections. Each
+//! level is preceded by the bare forward (`Reranker::score_pairs` in this process, batches of 16,
+//! the same adapter) over the same number of pairs while serve idles, so the two alternate.
+//! Prints one JSON line per level: pairs/s of both, their ratio, and p50/p95 request latency.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use rerankd::model::checkpoint::{RandomWeights, WeightSource};
+use rerankd::model::lora::{LoraConfig, LoraSet, Target};
+use rerankd::model::qwen3::Qwen3;
+use rerankd::model::{Qwen3Config, Reranker};
+use serde_json::{Value, json};
+
+/// Hands out RandomWeights' tensors and keeps each, so loading a model once names them all.
+struct Recording {
+    inner: RandomWeights,
+    kept: Mutex<Vec<(String, Tensor)>>,
+}
+
+impl WeightSource for Recording {
+    fn get(&self, name: &str, shape: &[usize]) -> rerankd::model::Result<Tensor> {
+        let t = self.inner.get(name, shape)?;
+        self.kept.lock().unwrap().push((name.to_string(), t.clone()));
+        Ok(t)
+    }
+    fn has(&self, name: &str) -> bool {
+        self.inner.has(name)
+    }
+}
+
+fn arg(args: &[String], name: &str, default: &str) -> String {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.into())
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = PathBuf::from(arg(
+        &args,
+        "--config",
+        &here.join("tests/fixtures/qwen3-0.6b.config.json").display().to_string(),
+    ));
+    let clients: Vec<usize> = arg(&args, "--clients", "1,4,16").split(',').map(|c| c.parse().unwrap()).collect();
+    let n_docs: usize = arg(&args, "--docs", "20").parse()?;
+    let doc_tokens: usize = arg(&args, "--doc-tokens", "200").parse()?;
+    let tmp = tempfile::tempdir()?;
+    let device = Device::Cpu;
+
+    // A checkpoint of random weights: every tensor Qwen3::load asks for, saved as safetensors.
+    let t0 = Instant::now();
+    let ck = tmp.path().join("model");
+    std::fs::create_dir_all(&ck)?;
+    std::fs::copy(&config, ck.join("config.json"))?;
+    std::fs::copy(here.join("tests/fixtures/tiny-qwen3/tokenizer.json"), ck.join("tokenizer.json"))?;
+    let cfg = Qwen3Config::from_file(&config)?;
+    {
+        let rec = Recording {
+            inner: RandomWeights { seed: 0, dtype: DType::BF16, device: device.clone() },
+            kept: Mutex::new(Vec::new()),
+        };
+        drop(Qwen3::load(&cfg, &rec, 1, 2, &device)?);
+        let kept: std::collections::HashMap<String, Tensor> = rec.kept.into_inner().unwrap().into_iter().collect();
+        candle_core::safetensors::save(&kept, ck.join("model.safetensors"))?;
+    }
+    // A promoted adapter for corpus `bench`, as a run leaves it.
+    let root = tmp.path().join("root");
+    let run = "bench__20261127_000000";
+    let adapter = root.join("models/bench/adapters").join(run);
+    let lcfg = LoraConfig::new(16, 32.0, 0.0, &[Target::Q, Target::K, Target::V, Target::O]);
+    LoraSet::init(&lcfg, &cfg, 0, &device)?.save(&adapter, Some(&ck.display().to_string()))?;
+    let manifest = json!({"model": ck.display().to_string(), "corpus": "bench", "run_id": run, "max_length": 512});
+    std::fs::write(adapter.join("manifest.json"), manifest.to_string())?;
+    std::os::unix::fs::symlink(Path::new("adapters").join(run), root.join("models/bench/current"))?;
+    eprintln!("random {} checkpoint written in {:.1?}", config.display(), t0.elapsed());
+
+    // Documents of about `doc_tokens` tokens each.
+    let reranker = Reranker::load(&ck.display().to_string(), &device)?;
+    let lora = LoraSet::load(&adapter, &reranker.model.cfg, &device)?;
+    let words =
+        ["retrieval", "passage", "ranking", "model", "query", "document", "relevance", "score", "token", "layer"];
+    let docs: Vec<String> = (0..n_docs)
+        .map(|i| {
+            let mut d = String::new();
+            let mut k = i;
+            while reranker.prompt.encode_text(&d)?.len() < doc_tokens {
+                d.push_str(words[k % words.len()]);
+                d.push(' ');
+                k = k * 7 + 3;
+            }
+            Ok(d)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let query = "how are retrieved passages ranked by relevance";
+    let pair_len = reranker.encode(query, &docs[0], 512)?.len();
+
+    let mut serve = ServeProc::start(&root, &ck)?;
+    let url = format!("{}/v1/rerank", serve.url);
+    let body = json!({"model": "bench", "query": query, "documents": docs}).to_string();
+    // Warm both (first forward allocates).
+    reranker.score_pairs(&docs.iter().map(|d| (query, d.as_str())).collect::<Vec<_>>(), 512, 16, Some(&lora))?;
+    post(&url, &body)?;
+
+    for &c in &clients {
+        // The bare forward over the same number of pairs, while serve idles.
+        let pairs: Vec<(&str, &str)> = (0..c).flat_map(|_| docs.iter().map(|d| (query, d.as_str()))).collect();
+        let t = Instant::now();
+        reranker.score_pairs(&pairs, 512, 16, Some(&lora))?;
+        let bare = pairs.len() as f64 / t.elapsed().as_secs_f64();
+        // Serve: c clients, one request each, at once.
+        let lat = Arc::new(Mutex::new(Vec::new()));
+        let t = Instant::now();
+        let threads: Vec<_> = (0..c)
+            .map(|_| {
+                let (url, body, lat) = (url.clone(), body.clone(), lat.clone());
+                std::thread::spawn(move || -> anyhow::Result<()> {
+                    let t = Instant::now();
+                    post(&url, &body)?;
+                    lat.lock().unwrap().push(t.elapsed().as_secs_f64());
+                    Ok(())
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap()?;
+        }
+        let served = (c * n_docs) as f64 / t.elapsed().as_secs_f64();
+        let mut lat = lat.lock().unwrap().clone();
+        let line = json!({
+            "clients": c, "docs_per_request": n_docs, "tokens_per_pair": pair_len,
+            "serve_pairs_per_s": round3(served), "bare_forward_pairs_per_s": round3(bare),
+            "serve_over_bare": round3(served / bare),
+            "latency_p50_s": round3(percentile(&mut lat, 0.5)), "latency_p95_s": round3(percentile(&mut lat, 0.95)),
+            "threads": rayon::current_num_threads(),
+        });
+        println!("{line}");
+    }
+    serve.stop();
+    Ok(())
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn post(url: &str, body: &str) -> anyhow::Result<Value> {
+    let agent = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(3600))).build(),
+    );
+    let mut r = agent.post(url).header("Content-Type", "application/json").send(body)?;
+    let v: Value = serde_json::from_str(&r.body_mut().with_config().limit(64 << 20).read_to_string()?)?;
+    anyhow::ensure!(v["results"].is_array(), "unexpected answer: {v}");
+    Ok(v)
+}
+
+struct ServeProc {
+    child: Child,
+    url: String,
+}
+
+impl ServeProc {
+    fn start(root: &Path, model: &Path) -> anyhow::Result<Self> {
+        let child = Command::new(env!("CARGO_BIN_EXE_rerankd"))
+            .arg("--root")
+            .arg(root)
+            .args(["serve", "--listen", "127.0.0.1:0", "--device", "cpu", "--model"])
+            .arg(model)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let t0 = Instant::now();
+        loop {
+            if let Ok(text) = std::fs::read_to_string(root.join("serve.json"))
+                && let Ok(v) = serde_json::from_str::<Value>(&text)
+                && let Some(url) = v["listen"].as_str()
+            {
+                return Ok(Self { child, url: url.to_string() });
+            }
+            anyhow::ensure!(t0.elapsed() < Duration::from_secs(300), "serve did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stop(&mut self) {
+        let _ = rerankd::sys::signal(self.child.id(), libc::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
