@@ -702,3 +702,97 @@ fn kill_9_of_serve_never_touches_the_daemon_and_a_restart_serves_the_current_ada
     assert_eq!(s.stop(), Some(0));
     stop_daemon(&mut daemon);
 }
+
+#[test]
+fn a_promoted_adapter_that_fails_to_load_keeps_the_previous_one_serving_and_is_reported() {
+    let root = root_with_promoted_adapter("");
+    let s = Serve::start(&root, &["--listen", "127.0.0.1:0", "--model", &fixture_model(), "--device", "cpu"], &[]);
+    let a = agent();
+    let req = json!({"model": "docs", "query": "q", "documents": ["a", "b"]});
+    assert_eq!(post(&a, &format!("{}/v1/rerank", s.url), &req).adapter.as_deref(), Some(RUN));
+    // A "promotion" of an adapter whose tensors are garbage.
+    let bad = "docs__20261127_130000";
+    let dir = root.dir.join("models/docs/adapters").join(bad);
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = root.dir.join("models/docs/adapters").join(RUN);
+    for f in ["adapter_config.json", "manifest.json"] {
+        std::fs::copy(good.join(f), dir.join(f)).unwrap();
+    }
+    std::fs::write(dir.join("adapter_model.safetensors"), b"not safetensors").unwrap();
+    let link = root.dir.join("models/docs/current.tmp");
+    std::os::unix::fs::symlink(Path::new("adapters").join(bad), &link).unwrap();
+    std::fs::rename(&link, root.dir.join("models/docs/current")).unwrap();
+
+    let models = wait_for("the load error in /v1/models", Duration::from_secs(5), || {
+        let m = get(&a, &format!("{}/v1/models", s.url)).body;
+        let docs = m["data"].as_array()?.iter().find(|x| x["id"] == "docs")?.clone();
+        docs.get("load_error").is_some().then_some(docs)
+    });
+    assert_eq!(models["adapter"], RUN, "{models}");
+    assert!(models["load_error"].as_str().unwrap().contains("adapter_model.safetensors"), "{models}");
+    let r = post(&a, &format!("{}/v1/rerank", s.url), &req);
+    assert_eq!((r.status, r.adapter.as_deref()), (200, Some(RUN)), "{}", r.body);
+    let m = a.get(format!("{}/metrics", s.url)).call().unwrap().body_mut().read_to_string().unwrap();
+    assert!(m.contains("rerankd_adapter_reloads_total{corpus=\"docs\",result=\"failed\"} 1"), "{m}");
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    assert!(log.contains(&format!("keeping {RUN}")), "{log}");
+    let doctor = String::from_utf8(root.cli_cmd(["doctor"]).output().unwrap().stdout).unwrap();
+    assert!(doctor.contains("failed to load"), "{doctor}");
+
+    // Fixed in place (a real fix would be a rollback): SIGHUP retries it.
+    std::fs::copy(good.join("adapter_model.safetensors"), dir.join("adapter_model.safetensors")).unwrap();
+    kill_pid(s.pid(), libc::SIGHUP);
+    wait_for("the fixed adapter served", Duration::from_secs(5), || {
+        (post(&a, &format!("{}/v1/rerank", s.url), &req).adapter.as_deref() == Some(bad)).then_some(())
+    });
+    assert_eq!(s.stop(), Some(0));
+}
+
+#[test]
+fn install_writes_a_second_unit_for_serve() {
+    let root = Root::new("");
+    let dir = root.dir.parent().unwrap();
+    let unit = dir.join("serve.service");
+    let out = root
+        .cli_cmd([
+            "install-systemd",
+            "--serve",
+            "--dest",
+            unit.to_str().unwrap(),
+            "--",
+            "--default-corpus",
+            "notes",
+            "--listen",
+            "127.0.0.1:9000",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&unit).unwrap();
+    let exec =
+        format!("ExecStart={BIN} --root {} serve --default-corpus notes --listen 127.0.0.1:9000", root.dir.display());
+    assert!(text.contains(&exec), "{text}");
+    assert!(text.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("enable --now rerankd-serve.service"));
+
+    let plist = dir.join("serve.plist");
+    let out = root
+        .cli_cmd(["install-launchd", "--serve", "--dest", plist.to_str().unwrap(), "--", "--default-corpus", "a&b"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&plist).unwrap();
+    for needle in [
+        "<string>io.rerankd.serve</string>",
+        "<string>serve</string>",
+        "<string>--default-corpus</string>",
+        "<string>a&amp;b</string>",
+        "rerankd-serve.err.log",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from\n{text}");
+    }
+    // The daemon's own unit is unchanged by the flag's existence.
+    let out = root.cli_cmd(["install-systemd", "--dest", dir.join("d.service").to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success());
+    assert!(std::fs::read_to_string(dir.join("d.service")).unwrap().contains(" daemon --root "));
+}
