@@ -395,7 +395,7 @@ fn hammer(
 fn a_promotion_and_a_rollback_are_served_within_two_seconds_under_load_with_no_failed_request() {
     let root = Root::new("rescan_s = 1\n");
     std::fs::create_dir_all(root.dir.join("corpora/docs")).unwrap();
-    let mut daemon = root.daemon();
+    let _daemon = Daemon(root.daemon());
     let mut job = root.job("docs", 1);
     job["promote"] = json!("always");
     let run1 = root.submit("one.json", &job);
@@ -474,12 +474,19 @@ fn a_promotion_and_a_rollback_are_served_within_two_seconds_under_load_with_no_f
     let reloads = agent().get(format!("{}/metrics", s.url)).call().unwrap().body_mut().read_to_string().unwrap();
     assert!(reloads.contains("rerankd_adapter_reloads_total{corpus=\"docs\",result=\"ok\"} 2"), "{reloads}");
     assert_eq!(s.stop(), Some(0));
-    stop_daemon(&mut daemon);
 }
 
-fn stop_daemon(d: &mut Child) {
-    kill_pid(d.id(), libc::SIGTERM);
-    wait_exit(d, Duration::from_secs(30));
+/// The daemon of a test, SIGTERMed at the end and killed if the test fails first.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        kill_pid(self.0.id(), libc::SIGTERM);
+        if std::thread::panicking() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
@@ -665,7 +672,7 @@ fn kill_9_of_serve_never_touches_the_daemon_and_a_restart_serves_the_current_ada
     let model = fixture_model();
     let s = Serve::start(&root, &["--listen", "127.0.0.1:0", "--model", &model, "--device", "cpu"], &[]);
     let serve_mb = rerankd::sys::process_memory_mb(s.pid()).unwrap();
-    let mut daemon = root.daemon_env(&[("RERANKD_TEST_STEP_SLEEP_MS", "100")]);
+    let mut daemon = Daemon(root.daemon_env(&[("RERANKD_TEST_STEP_SLEEP_MS", "100")]));
     let mut job = root.job("docs", 2);
     job["promote"] = json!("always");
     let run = root.submit("one.json", &job);
@@ -684,7 +691,7 @@ fn kill_9_of_serve_never_touches_the_daemon_and_a_restart_serves_the_current_ada
     drop(s);
     let st = wait_state(&root, &run, &["completed", "failed", "cancelled"], Duration::from_secs(120));
     assert_eq!(st["state"], "completed", "{st}");
-    assert!(daemon.try_wait().unwrap().is_none(), "the daemon died with serve");
+    assert!(daemon.0.try_wait().unwrap().is_none(), "the daemon died with serve");
     assert!(rerankd::store::serving::live(&rerankd::store::Root { dir: root.dir.clone() }).is_none());
 
     // A restart takes the lock the dead one left and serves what is current now.
@@ -700,7 +707,6 @@ fn kill_9_of_serve_never_touches_the_daemon_and_a_restart_serves_the_current_ada
     let out = root.cli_cmd(["serve", "--listen", "127.0.0.1:0", "--model", &model]).output().unwrap();
     assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(s.stop(), Some(0));
-    stop_daemon(&mut daemon);
 }
 
 #[test]
