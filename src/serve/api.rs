@@ -154,10 +154,28 @@ async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
 /// sending it gets the answer instead of a reset connection (past it, the connection is cut).
 const DRAIN_BYTES: usize = 64 << 20;
 
-/// The body, up to `serve.max_body_kb` kept, parsed as JSON.
-async fn read_json<T: DeserializeOwned>(app: &App, mut body: Body) -> Result<T, ApiError> {
-    use http_body_util::BodyExt;
+/// How long a client may take to send its request body.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The body, up to `serve.max_body_kb` kept, parsed as JSON; a body still arriving after
+/// [`BODY_TIMEOUT`] is a 408, so a client that stalls holds nothing for long.
+async fn read_json<T: DeserializeOwned>(app: &App, body: Body) -> Result<T, ApiError> {
     let limit = app.settings().max_body_bytes;
+    match tokio::time::timeout(BODY_TIMEOUT, read_body(body, limit)).await {
+        Ok(r) => {
+            let kept = r?;
+            serde_json::from_slice(&kept).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+        }
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
+        )),
+    }
+}
+
+async fn read_body(mut body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+    use http_body_util::BodyExt;
     let (mut kept, mut seen) = (Vec::new(), 0usize);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?;
@@ -175,7 +193,7 @@ async fn read_json<T: DeserializeOwned>(app: &App, mut body: Body) -> Result<T, 
             limit >> 10
         )));
     }
-    serde_json::from_slice(&kept).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+    Ok(kept)
 }
 
 /// What a rerank request asks of the scorer, whatever its API shape.
