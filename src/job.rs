@@ -99,6 +99,15 @@ pub enum IfBusy {
     Supersede,
 }
 
+/// Who asked for a run: a user's job file, or the corpus's retraining policy (the daemon).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    #[default]
+    User,
+    Policy,
+}
+
 /// The effective job: what `runs/<id>/job.json` holds. Data paths are absolute.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
@@ -116,6 +125,8 @@ pub struct Job {
     pub memory_budget_mb: u64,
     pub if_busy: IfBusy,
     pub instruction: Option<String>,
+    #[serde(default)]
+    pub origin: Origin,
 }
 
 pub const DEFAULT_MODEL: &str = "Qwen/Qwen3-Reranker-0.6B";
@@ -267,8 +278,9 @@ pub fn parse_job(text: &str, corpus_home: impl Fn(&str) -> PathBuf, default_budg
         &[("queue", IfBusy::Queue), ("reject", IfBusy::Reject), ("supersede", IfBusy::Supersede)],
     )?;
     let instruction = o.string("instruction")?.map(str::to_string);
+    let origin = o.choice("origin", Origin::User, &[("user", Origin::User), ("policy", Origin::Policy)])?;
     o.finish()?;
-    Ok(Job { corpus, model, data, train, lora, eval, promote, device, memory_budget_mb, if_busy, instruction })
+    Ok(Job { corpus, model, data, train, lora, eval, promote, device, memory_budget_mb, if_busy, instruction, origin })
 }
 
 fn data_path(o: &mut Obj, k: &'static str, home: &Path, dir_ok: bool) -> Result<PathBuf, JobError> {

@@ -16,6 +16,7 @@ use crate::model::checkpoint::{CheckpointDir, SafetensorsWeights};
 use crate::model::lora::LoraConfig;
 use crate::model::{LoraSet, Reranker};
 use crate::store::atomic::{read_json, write_json};
+use crate::store::feedback::CorpusFeedback;
 use crate::store::models;
 use crate::store::paths::RunFiles;
 use crate::store::{self, FileLock, MetricsLog, Root, RunState, Status};
@@ -182,7 +183,7 @@ fn execute(ctx: &mut RunContext, root: &Root) -> anyhow::Result<Value> {
         r.instruction = i.clone();
     }
     let max_len = job.train.max_length as usize;
-    let data = materialise(ctx, &job)?;
+    let data = materialise(ctx, root, &job)?;
     ctx.check_cancel()?;
     let pairs: Vec<TrainPair> = data
         .train_pairs
@@ -365,7 +366,8 @@ fn write_outputs(
     let eval_doc = json!({"primary_metric": job.eval.primary_metric, "dev_queries": data.dev_lists.len(),
         "list_size": job.eval.list_size, "baseline": {"what": base_what, "metrics": base_metrics},
         "candidate": {"best_epoch": best_epoch, "metrics": cand.map(|c| &c.metrics)},
-        "epochs": t.epochs, "lists": cand.map(|c| &c.lists), "skipped": data.skipped});
+        "epochs": t.epochs, "lists": cand.map(|c| &c.lists), "skipped": data.skipped,
+        "feedback": data.feedback});
     write_json(&ctx.files.eval(), &eval_doc)?;
     Ok(())
 }
@@ -413,22 +415,36 @@ struct Materialised {
     skipped: BTreeMap<String, usize>,
     /// Why there is no dev split, when there is none.
     no_dev: Option<String>,
+    /// The feedback snapshot mined, when the data is feedback: events and the byte offset.
+    feedback: Option<Value>,
 }
 
 /// Reads the job's data (triplets, or feedback mined against the documents), splits it by query,
 /// and records the rows used, each with its split, in `triplets.jsonl`.
-fn materialise(ctx: &mut RunContext, job: &Job) -> anyhow::Result<Materialised> {
+fn materialise(ctx: &mut RunContext, root: &Root, job: &Job) -> anyhow::Result<Materialised> {
     let d = &job.data;
     let docs = match &d.documents {
         Some(p) => Some(Documents::load(p, d.doc_chars as usize)?),
         None => None,
     };
     let mut skipped = BTreeMap::new();
+    let mut snapshot = None;
     let rows = match (&d.triplets, &d.feedback) {
         (Some(t), _) => read_triplets(t, docs.as_ref())?,
         (None, Some(f)) => {
             let docs = docs.as_ref().context("feedback needs documents")?;
-            let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+            // Writers append while this reads: the complete lines as of now, under the lock.
+            let snap = CorpusFeedback::new(root, &job.corpus).snapshot_at(f)?;
+            anyhow::ensure!(snap.offset > 0 || f.exists(), "reading {}: no such file", f.display());
+            let fields = json!({"path": f, "events": snap.events, "offset": snap.offset});
+            let mut ev = json!({"level": "info", "message": format!(
+                "feedback snapshot: {} events, bytes 0..{} of {}", snap.events, snap.offset, f.display())});
+            if let (Value::Object(e), Value::Object(x)) = (&mut ev, json!({"feedback": fields.clone()})) {
+                e.extend(x);
+            }
+            ctx.event("log", ev)?;
+            snapshot = Some(fields);
+            let bytes = snap.bytes;
             // Feedback is appended by many writers: a line that is not UTF-8 is skipped and
             // counted like any other garbage line, never the end of the run (review F18).
             let mut not_utf8 = 0;
@@ -501,5 +517,5 @@ fn materialise(ctx: &mut RunContext, job: &Job) -> anyhow::Result<Materialised> 
     if let Some(why) = &no_dev {
         ctx.info(&format!("no dev split ({why}): evaluation skipped"))?;
     }
-    Ok(Materialised { train_pairs, dev_lists, skipped, no_dev })
+    Ok(Materialised { train_pairs, dev_lists, skipped, no_dev, feedback: snapshot })
 }

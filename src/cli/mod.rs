@@ -11,6 +11,7 @@ mod bench;
 mod daemon;
 mod demo;
 mod doctor;
+mod feedback;
 mod install;
 mod promote;
 mod runs;
@@ -103,6 +104,9 @@ pub enum Command {
     Doctor,
     /// Score documents against a query with a corpus's promoted adapter, an adapter or a model.
     Score(score::ScoreArgs),
+    /// Record feedback on a captured ranking (the same checks as POST /v1/feedback).
+    #[command(subcommand)]
+    Feedback(feedback::FeedbackCmd),
     /// Serve the promoted rerankers over HTTP (TEI /rerank, Cohere/Jina /v1/rerank and /v2/rerank).
     Serve(serve::ServeArgs),
     /// Promote a completed run's adapter to its corpus's current adapter, by hand.
@@ -134,6 +138,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Doctor => doctor::run(&root),
         Command::Score(a) => score::run(&root, a),
         Command::Serve(a) => serve::run(&root, a),
+        Command::Feedback(c) => feedback::run(&root, c),
         Command::Promote { run } => promote::promote(&root, &run),
         Command::Rollback { corpus } => promote::rollback(&root, &corpus),
         Command::Bench(a) => bench::run(a),

@@ -48,7 +48,41 @@ pub fn status(root: &Root, a: StatusArgs) -> anyhow::Result<ExitCode> {
         (None, None) => all_runs(root),
     };
     print(&runs, a.json);
+    if let (None, Some(c)) = (&a.run, &a.corpus) {
+        print_online(root, c, a.json)?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Per adapter that served the corpus: impressions and signals, from its feedback.jsonl.
+fn print_online(root: &Root, corpus: &str, json: bool) -> anyhow::Result<()> {
+    let fb = rerankd::store::feedback::CorpusFeedback::new(root, corpus);
+    let online = rerankd::store::feedback::online(&fb.feedback)?;
+    if json {
+        if !online.is_empty() {
+            println!("{}", serde_json::json!({"corpus": corpus, "online": online}));
+        }
+        return Ok(());
+    }
+    if online.is_empty() {
+        return Ok(());
+    }
+    let current = rerankd::store::models::current_run(root, corpus);
+    println!("\nonline feedback per adapter (from {}):", fb.feedback.display());
+    println!("{:<40} {:>11} {:>9} {:>9} {:>9} {:>9}", "adapter", "impressions", "positive", "rate", "negative", "rate");
+    for (adapter, o) in &online {
+        let mark = if current.as_deref() == Some(adapter.as_str()) { " (current)" } else { "" };
+        println!(
+            "{:<40} {:>11} {:>9} {:>9.3} {:>9} {:>9.3}",
+            format!("{adapter}{mark}"),
+            o.impressions,
+            o.positive,
+            o.positive_rate,
+            o.negative,
+            o.negative_rate
+        );
+    }
+    Ok(())
 }
 
 pub fn list(root: &Root, a: RunsArgs) -> anyhow::Result<ExitCode> {

@@ -32,6 +32,10 @@ pub struct ServeArgs {
     pub model: String,
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
+    /// Capture every corpus's rankings as feedback events (else only corpora whose
+    /// policy.json has `"capture": true`).
+    #[arg(long)]
+    pub capture: bool,
 }
 
 pub fn run(root: &Root, a: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -49,6 +53,7 @@ pub fn run(root: &Root, a: ServeArgs) -> anyhow::Result<ExitCode> {
         default_corpus: a.default_corpus,
         model: a.model,
         device: a.device.open()?,
+        capture: a.capture,
     };
     match rerankd::serve::run(root, o) {
         Ok(()) => Ok(ExitCode::SUCCESS),

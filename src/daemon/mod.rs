@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod intake;
+pub mod policy;
 pub mod supervise;
 pub mod sweep;
 
@@ -70,6 +71,7 @@ struct Daemon {
     /// Ends of runs that could not be recorded yet (a full disk); their corpora stay busy.
     unsettled: Vec<Unsettled>,
     intake: Intake,
+    policies: policy::Policies,
 }
 
 /// Runs the daemon until a stop signal (or, with `until_idle`, until nothing is left to do).
@@ -104,8 +106,15 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
         );
     }
     let intake = Intake::new(cfg.memory_budget_mb);
-    let mut d =
-        Daemon { root: root.clone(), cfg, queue: VecDeque::new(), active: Vec::new(), unsettled: Vec::new(), intake };
+    let mut d = Daemon {
+        root: root.clone(),
+        cfg,
+        queue: VecDeque::new(),
+        active: Vec::new(),
+        unsettled: Vec::new(),
+        intake,
+        policies: Default::default(),
+    };
     for a in swept.adopted {
         tracing::warn!(run_id = %a.run_id, pid = a.pid, "adopting a run that outlived the previous daemon");
         let budget = d.budget_of(&a.run_id);
@@ -123,12 +132,14 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
         // Sleep until the first wake-up or the timer, then take every other one already queued.
         let wakes: Vec<Wake> = rx.recv_timeout(timeout).into_iter().chain(rx.try_iter()).collect();
         let mut rescan = Instant::now() >= next_scan;
+        let mut policies = rescan;
         for w in wakes {
             match w {
                 Wake::Spool => rescan = true,
                 Wake::Signal(signal_hook::consts::SIGHUP) => {
                     d.reload_config();
                     rescan = true;
+                    policies = true;
                 }
                 Wake::Signal(signal_hook::consts::SIGCHLD) => {} // reaped below
                 Wake::Signal(sig) => {
@@ -137,6 +148,9 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
                     return Ok(());
                 }
             }
+        }
+        if policies {
+            d.policy_pass();
         }
         let due = d.intake.next_due().is_some_and(|t| t <= Instant::now());
         if rescan || due {
@@ -237,7 +251,25 @@ impl Daemon {
         }
     }
 
+    /// Drops the job of every corpus whose retraining policy is due (see `policy.rs`).
+    fn policy_pass(&mut self) {
+        let busy = self.busy_corpora();
+        let all = crate::store::all_runs(&self.root);
+        self.policies.pass(&self.root, &busy, &all);
+    }
+
     fn enqueue(&mut self, a: Accepted) {
+        if a.job.origin == crate::job::Origin::Policy {
+            let reason = self.policies.reasons.remove(&a.job.corpus).map(|(r, _)| r);
+            let message = reason.unwrap_or_else(|| "started by the corpus's retraining policy".into());
+            let files = RunFiles::new(&self.root.run_dir(&a.run_id));
+            let logged = crate::store::MetricsLog::open(&files.metrics(), &a.run_id).and_then(|mut log| {
+                log.append("log", serde_json::json!({"level": "info", "message": message, "origin": "policy"}))
+            });
+            if let Err(e) = logged {
+                tracing::error!(run_id = %a.run_id, error = %e, "logging why the policy started this run");
+            }
+        }
         if a.job.if_busy == IfBusy::Supersede {
             let reason = format!("superseded by {}", a.run_id);
             let active = self.active.iter().filter(|x| x.corpus == a.job.corpus).map(|x| &x.run_id);

@@ -21,10 +21,12 @@ use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
 use super::batcher::{Batcher, Work};
+use super::capture::{Capture, CaptureError};
 use super::models::{Models, ResolveError, Scorer};
 use super::telemetry::{ErrorLabels, RequestLabels, Telemetry};
 use crate::daemon::config::ServeConfig;
 use crate::model::reranker::PairLogits;
+use crate::store::feedback::content_id;
 
 /// Everything a handler needs.
 pub struct App {
@@ -35,6 +37,7 @@ pub struct App {
     /// The bearer token every endpoint but `/health` requires, when one is configured.
     pub api_key: RwLock<Option<Vec<u8>>>,
     pub default_corpus: Option<String>,
+    pub capture: Arc<Capture>,
     /// Set by SIGTERM: new scoring requests get 503 while in-flight ones finish.
     pub draining: AtomicBool,
 }
@@ -91,6 +94,17 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<CaptureError> for ApiError {
+    fn from(e: CaptureError) -> Self {
+        match e {
+            CaptureError::Invalid(m) => ApiError::bad_request(m),
+            CaptureError::Unknown(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found", m),
+            CaptureError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            CaptureError::Io(m) => ApiError::internal(format!("recording feedback: {m}")),
+        }
+    }
+}
+
 impl From<ResolveError> for ApiError {
     fn from(e: ResolveError) -> Self {
         match e {
@@ -106,6 +120,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/corpora/{corpus}/rerank", post(tei_corpus))
         .route("/v1/rerank", post(cohere_v1))
         .route("/v2/rerank", post(cohere_v2))
+        .route("/v1/feedback", post(feedback))
         .route("/v1/models", get(list_models))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(app.clone(), auth));
@@ -201,6 +216,8 @@ struct Ask {
     model: String,
     query: String,
     docs: Vec<String>,
+    /// The client's document ids (Cohere `{text, id}`), for capture; others get a content hash.
+    ids: Vec<Option<String>>,
     /// The documents' field name in this API, for messages.
     field: &'static str,
     /// TEI `truncate: false`: a pair longer than max_length is an error instead of being cut.
@@ -212,6 +229,8 @@ struct Ranked {
     scorer: Arc<Scorer>,
     scores: Vec<PairLogits>,
     tokens: usize,
+    /// The response id, which is also the captured event's id.
+    id: String,
 }
 
 impl Ranked {
@@ -222,8 +241,8 @@ impl Ranked {
         order
     }
 
-    fn adapter_header(&self) -> [(&'static str, String); 1] {
-        [("x-rerankd-adapter", self.scorer.adapter().to_string())]
+    fn headers(&self) -> [(&'static str, String); 2] {
+        [("x-rerankd-adapter", self.scorer.adapter().to_string()), ("x-rerankd-event-id", self.id.clone())]
     }
 
     fn meta(&self) -> Value {
@@ -251,6 +270,9 @@ async fn rank(app: &Arc<App>, ask: Ask) -> Result<Ranked, ApiError> {
     if ask.max_tokens_per_doc == Some(0) {
         return Err(ApiError::bad_request("`max_tokens_per_doc` must be at least 1"));
     }
+    if let Some(i) = ask.ids.iter().position(|id| id.as_ref().is_some_and(|id| id.is_empty() || id.len() > 256)) {
+        return Err(ApiError::bad_request(format!("`{}[{i}].id` must be 1 to 256 bytes", ask.field)));
+    }
     let admission = app.batcher.admit(n).map_err(|full| ApiError {
         retry_after: Some(1),
         ..ApiError::new(
@@ -268,7 +290,7 @@ async fn rank(app: &Arc<App>, ask: Ask) -> Result<Ranked, ApiError> {
         .await
         .map_err(|e| ApiError::internal(format!("loading the model: {e}")))??;
     let s = scorer.clone();
-    let seqs = tokio::task::spawn_blocking(move || tokenize(&s, &ask))
+    let (seqs, ask) = tokio::task::spawn_blocking(move || tokenize(&s, &ask).map(|seqs| (seqs, ask)))
         .await
         .map_err(|e| ApiError::internal(format!("tokenizing: {e}")))??;
     let tokens = seqs.iter().map(Vec::len).sum();
@@ -278,7 +300,26 @@ async fn rank(app: &Arc<App>, ask: Ask) -> Result<Ranked, ApiError> {
         .await
         .map_err(|_| ApiError::internal("the scoring thread dropped the request"))?
         .map_err(|e| ApiError::internal(format!("scoring failed: {e}")))?;
-    Ok(Ranked { scorer, scores, tokens })
+    let r = Ranked { scorer, scores, tokens, id: response_id() };
+    if let Some(corpus) = r.scorer.corpus.clone() {
+        let (capture, id, adapter, order) =
+            (app.capture.clone(), r.id.clone(), r.scorer.adapter().to_string(), r.order());
+        tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
+            if !capture.enabled(&corpus) {
+                return Ok(());
+            }
+            let docs: Vec<(String, &str)> = ask
+                .docs
+                .iter()
+                .zip(&ask.ids)
+                .map(|(text, id)| (id.clone().unwrap_or_else(|| content_id(text)), text.as_str()))
+                .collect();
+            Ok(capture.record(&corpus, &id, &ask.query, &docs, &order, &adapter)?)
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("recording feedback: {e}")))??;
+    }
+    Ok(r)
 }
 
 /// The prompts of one request, built and truncated exactly as `rerankd score` builds them.
@@ -336,6 +377,7 @@ async fn tei_for(app: Arc<App>, model: String, body: Body) -> Result<Response, A
     let ask = Ask {
         model,
         query: req.query,
+        ids: vec![None; req.texts.len()],
         docs: req.texts,
         field: "texts",
         refuse_long: req.truncate == Some(false),
@@ -355,7 +397,7 @@ async fn tei_for(app: Arc<App>, model: String, body: Body) -> Result<Response, A
             o
         })
         .collect();
-    Ok((r.adapter_header(), Json(out)).into_response())
+    Ok((r.headers(), Json(out)).into_response())
 }
 
 /// A Cohere/Jina document: a string, or an object with `text` (and an `id`, kept for capture).
@@ -363,7 +405,7 @@ async fn tei_for(app: Arc<App>, model: String, body: Body) -> Result<Response, A
 #[serde(untagged)]
 enum Document {
     Text(String),
-    Object { text: String },
+    Object { text: String, id: Option<String> },
 }
 
 #[derive(Deserialize)]
@@ -391,17 +433,19 @@ async fn cohere(app: Arc<App>, body: Body, version: &str) -> Result<Response, Ap
         return Err(ApiError::bad_request("`top_n` must be at least 1"));
     }
     let model = req.model.filter(|m| !m.is_empty()).unwrap_or_else(|| default_model(&app));
-    let docs: Vec<String> = req
+    let (docs, ids): (Vec<String>, Vec<Option<String>>) = req
         .documents
         .into_iter()
         .map(|d| match d {
-            Document::Text(t) | Document::Object { text: t } => t,
+            Document::Text(t) => (t, None),
+            Document::Object { text, id } => (text, id),
         })
-        .collect();
+        .unzip();
     let ask = Ask {
         model: model.clone(),
         query: req.query,
         docs,
+        ids,
         field: "documents",
         refuse_long: false,
         max_tokens_per_doc: req.max_tokens_per_doc,
@@ -424,9 +468,49 @@ async fn cohere(app: Arc<App>, body: Body, version: &str) -> Result<Response, Ap
     if let (Value::Object(m), Value::Object(extra)) = (&mut meta, r.meta()) {
         m.extend(extra);
     }
-    let body = json!({"id": response_id(), "model": model, "results": results, "meta": meta,
+    let body = json!({"id": r.id, "model": model, "results": results, "meta": meta,
                       "usage": {"total_tokens": r.tokens}});
-    Ok((r.adapter_header(), Json(body)).into_response())
+    Ok((r.headers(), Json(body)).into_response())
+}
+
+/// The largest feedback body: a signal is a few short fields.
+const MAX_FEEDBACK_BODY: usize = 64 << 10;
+
+#[derive(Deserialize)]
+struct FeedbackRequest {
+    /// The rerank response's id (the captured event).
+    id: String,
+    signal: String,
+    index: Option<usize>,
+    doc_id: Option<String>,
+    corpus: Option<String>,
+}
+
+/// `POST /v1/feedback {id, signal, index | doc_id}`: a signal on a captured ranking.
+async fn feedback(State(app): State<Arc<App>>, body: Body) -> Result<Response, ApiError> {
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, read_body(body, MAX_FEEDBACK_BODY)).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                "the request body did not arrive in time",
+            ));
+        }
+    };
+    let req: FeedbackRequest =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))?;
+    let capture = app.capture.clone();
+    let (corpus, doc) = tokio::task::spawn_blocking(move || {
+        capture.signal(req.corpus.as_deref(), &req.id, &req.signal, req.index, req.doc_id.as_deref()).map(|r| (r, req))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("recording feedback: {e}")))?
+    .map(|((corpus, doc), req)| (corpus, json!({"event_id": req.id, "signal": req.signal, "doc_id": doc})))?;
+    let mut out = doc;
+    out["corpus"] = corpus.into();
+    out["status"] = "recorded".into();
+    Ok(Json(out).into_response())
 }
 
 /// A random 128-bit id for a response (the event id feedback refers to).
@@ -447,28 +531,38 @@ async fn health(State(app): State<Arc<App>>) -> Response {
     }
 }
 
-async fn list_models(State(app): State<Arc<App>>) -> Json<Value> {
-    let mut data: Vec<Value> = app
-        .models
-        .snapshot()
-        .into_iter()
-        .map(|(corpus, s, error)| {
-            let mut o = json!({"id": corpus, "object": "model", "owned_by": "rerankd"});
-            if let Some(s) = s {
-                o["adapter"] = s.adapter().into();
-                o["base_model"] = s.base.spec.clone().into();
-                o["max_length"] = s.max_length.into();
-                o["instruction"] = s.instruction.clone().into();
-            }
-            if let Some(e) = error {
-                o["load_error"] = e.into();
-            }
-            o
-        })
-        .collect();
+async fn list_models(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
+    let (root, snapshot) = (app.capture.root().clone(), app.models.snapshot());
+    // Online counts per adapter, from each corpus's feedback.jsonl (a streamed pass).
+    let mut data: Vec<Value> = tokio::task::spawn_blocking(move || {
+        snapshot
+            .into_iter()
+            .map(|(corpus, s, error)| {
+                let mut o = json!({"id": corpus, "object": "model", "owned_by": "rerankd"});
+                if let Some(s) = s {
+                    o["adapter"] = s.adapter().into();
+                    o["base_model"] = s.base.spec.clone().into();
+                    o["max_length"] = s.max_length.into();
+                    o["instruction"] = s.instruction.clone().into();
+                }
+                if let Some(e) = error {
+                    o["load_error"] = e.into();
+                }
+                let fb = crate::store::feedback::CorpusFeedback::new(&root, &corpus);
+                match crate::store::feedback::online(&fb.feedback) {
+                    Ok(m) if !m.is_empty() => o["online"] = json!(m),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("online counts of {corpus}: {e}"),
+                }
+                o
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("listing models: {e}")))?;
     data.push(json!({"id": "base", "object": "model", "owned_by": "rerankd", "adapter": "base",
                      "base_model": app.models.default_model(), "max_length": super::models::DEFAULT_MAX_LENGTH}));
-    Json(json!({"object": "list", "data": data, "default": app.default_corpus}))
+    Ok(Json(json!({"object": "list", "data": data, "default": app.default_corpus})))
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {

@@ -3,6 +3,7 @@
 //!
 //! - [`models`]: base models loaded once, one scorer per corpus, hot reload on promotion.
 //! - [`batcher`]: the bounded queue and the one scoring thread that batches across requests.
+//! - [`capture`]: served rankings and signals into the corpus's feedback files.
 //! - [`api`]: the HTTP endpoints (TEI, Cohere/Jina/Infinity, health, models, metrics).
 //! - [`telemetry`]: the Prometheus counters.
 //!
@@ -12,6 +13,7 @@
 
 pub mod api;
 pub mod batcher;
+pub mod capture;
 pub mod models;
 pub mod telemetry;
 
@@ -51,6 +53,8 @@ pub struct Options {
     pub default_corpus: Option<String>,
     pub model: String,
     pub device: Device,
+    /// Capture every corpus's rankings (else only those whose policy.json says `capture`).
+    pub capture: bool,
 }
 
 /// Another serve holds this root's `serve.lock`.
@@ -155,6 +159,7 @@ pub fn run(root: &Root, o: Options) -> anyhow::Result<()> {
         settings: RwLock::new(cfg),
         api_key: RwLock::new(api_key),
         default_corpus: o.default_corpus.clone(),
+        capture: Arc::new(capture::Capture::new(root, o.capture)),
         draining: Default::default(),
     });
 

@@ -31,6 +31,20 @@ impl FileLock {
         }
     }
 
+    /// Takes the lock, waiting for the holder to release it (for short critical sections such
+    /// as one feedback append, never for a whole run).
+    pub fn acquire(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| StoreError::io(path, "opening lock file", e))?;
+        file.lock().map_err(|e| StoreError::io(path, "locking", e))?;
+        Ok(Self { file, path: path.to_path_buf() })
+    }
+
     /// Records the holder's pid in the lock file (for messages; the lock itself is the truth).
     pub fn write_pid(&mut self) -> Result<()> {
         let pid = std::process::id().to_string();

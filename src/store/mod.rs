@@ -2,10 +2,12 @@
 //! Paths, atomic writes, the metrics log, status transitions, the cancel sentinel and locks.
 
 pub mod atomic;
+pub mod feedback;
 pub mod lock;
 pub mod metrics;
 pub mod models;
 pub mod paths;
+pub mod policy;
 pub mod serving;
 pub mod status;
 pub mod time;

@@ -12,8 +12,7 @@ use rand::SeedableRng;
 use rand::seq::IndexedRandom;
 use serde_json::Value;
 
-const POSITIVE: [&str; 4] = ["thumbsup", "click", "star4", "star5"];
-const NEGATIVE: [&str; 3] = ["thumbsdown", "star1", "star2"];
+use crate::store::feedback::{NEGATIVE, POSITIVE};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Triplet {

@@ -1,0 +1,176 @@
+//! Retraining by policy: for each corpus whose `policy.json` has `retrain_after_events`, the
+//! daemon counts the signal events appended to its feedback.jsonl after the last run's snapshot
+//! and, once there are enough, the corpus is idle and `min_interval_s` has passed since its last
+//! run (or the last policy drop), it drops the corpus's job template into the spool with
+//! `"origin": "policy"`. From there it is a normal job: intake, receipt, run.
+//!
+//! Looked at on the daemon's rescan timer (and at SIGHUP), never in a busy loop; a corpus whose
+//! feedback file and runs have not changed since the last look is not read again.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Value, json};
+
+use crate::store::feedback::{CorpusFeedback, signals_after};
+use crate::store::metrics::read_events;
+use crate::store::paths::RunFiles;
+use crate::store::{Root, Status, policy};
+
+#[derive(Default)]
+struct Watched {
+    /// (feedback.jsonl size, number of the corpus's runs) at the last look that did not trigger.
+    looked_at: Option<(u64, usize)>,
+    last_drop: Option<SystemTime>,
+    /// The last policy.json or template problem logged (each is logged once).
+    last_error: Option<String>,
+}
+
+#[derive(Default)]
+pub struct Policies {
+    watched: HashMap<String, Watched>,
+    /// Corpus -> why its policy job was dropped and the file, until the job is accepted (the
+    /// reason is then logged in the run) or leaves the spool otherwise (rejected).
+    pub reasons: HashMap<String, (String, PathBuf)>,
+}
+
+/// A policy job dropped into the spool.
+pub struct Dropped {
+    pub corpus: String,
+    pub file: PathBuf,
+    pub reason: String,
+}
+
+/// The byte offset where the newest run of the corpus that took a feedback snapshot stopped
+/// reading (0 when none did), from that run's `log` event with a `feedback` object.
+fn last_snapshot(root: &Root, runs: &[&Status], feedback: &std::path::Path) -> u64 {
+    let same = |p: &str| {
+        let (a, b) = (std::fs::canonicalize(p), std::fs::canonicalize(feedback));
+        a.is_ok() && a.ok() == b.ok()
+    };
+    for st in runs {
+        let events = read_events(&RunFiles::new(&root.run_dir(&st.run_id)).metrics()).unwrap_or_default();
+        let snap = events.iter().rev().find_map(|e| {
+            let f = e.get("feedback")?;
+            same(f.get("path")?.as_str()?).then(|| f.get("offset")?.as_u64())?
+        });
+        if let Some(off) = snap {
+            return off;
+        }
+    }
+    0
+}
+
+/// When a run was created: its job.json, which is never rewritten.
+fn created(root: &Root, run_id: &str) -> Option<SystemTime> {
+    std::fs::metadata(RunFiles::new(&root.run_dir(run_id)).job()).and_then(|m| m.modified()).ok()
+}
+
+impl Policies {
+    /// One look at every corpus with a policy; `busy` are the corpora with a run active, queued,
+    /// waiting to be recorded, or a job in the spool. Returns the jobs it dropped.
+    pub fn pass(&mut self, root: &Root, busy: &[String], all: &[Status]) -> Vec<Dropped> {
+        let mut out = Vec::new();
+        // A dropped job that left the spool without being accepted (rejected): forget it; the
+        // interval since the drop still holds the next try back.
+        self.reasons.retain(|_, (_, file)| file.exists());
+        let corpora = std::fs::read_dir(root.dir.join("corpora"))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().to_str().map(str::to_string))
+            .filter(|c| crate::store::paths::valid_corpus_name(c));
+        for corpus in corpora {
+            let w = self.watched.entry(corpus.clone()).or_default();
+            let p = match policy::read(root, &corpus) {
+                Ok(Some(p)) => p,
+                Ok(None) => continue,
+                Err(e) => {
+                    let msg = e.to_string();
+                    if w.last_error.as_deref() != Some(msg.as_str()) {
+                        tracing::error!("retraining policy ignored: {msg}");
+                        w.last_error = Some(msg);
+                    }
+                    continue;
+                }
+            };
+            let Some(threshold) = p.retrain_after_events else { continue };
+            if busy.contains(&corpus) || self.reasons.contains_key(&corpus) {
+                continue;
+            }
+            let mut runs: Vec<&Status> = all.iter().filter(|s| s.corpus == corpus).collect();
+            runs.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+            let fb = CorpusFeedback::new(root, &corpus);
+            let size = std::fs::metadata(&fb.feedback).map_or(0, |m| m.len());
+            if w.looked_at == Some((size, runs.len())) {
+                continue;
+            }
+            let since = runs.first().and_then(|r| created(root, &r.run_id)).into_iter().chain(w.last_drop).max();
+            let interval = Duration::from_secs_f64(p.min_interval_s);
+            if let Some(t) = since
+                && SystemTime::now().duration_since(t).unwrap_or_default() < interval
+            {
+                continue; // not looked at: the interval, not the data, holds it back
+            }
+            let from = last_snapshot(root, &runs, &fb.feedback);
+            let signals = match signals_after(&fb.feedback, from) {
+                Ok((n, _)) => n,
+                Err(e) => {
+                    tracing::error!(corpus, "counting new feedback: {e}");
+                    continue;
+                }
+            };
+            if signals < threshold {
+                w.looked_at = Some((size, runs.len()));
+                continue;
+            }
+            let reason = format!(
+                "retraining policy: {signals} new signal events since byte {from} of {} (retrain_after_events {threshold})",
+                fb.feedback.display()
+            );
+            w.last_drop = Some(SystemTime::now());
+            match drop_job(root, &corpus, &p.job) {
+                Ok(file) => {
+                    w.last_error = None;
+                    tracing::info!(corpus, file = %file.display(), "{reason}");
+                    self.reasons.insert(corpus.clone(), (reason.clone(), file.clone()));
+                    out.push(Dropped { corpus, file, reason });
+                }
+                Err(e) => {
+                    let msg = format!("retraining policy of `{corpus}`: {e}");
+                    if w.last_error.as_deref() != Some(msg.as_str()) {
+                        tracing::error!("{msg}");
+                        w.last_error = Some(msg);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Writes the corpus's job template, with `"origin": "policy"`, into the spool (through
+/// spool/tmp and a rename, as any writer must).
+fn drop_job(root: &Root, corpus: &str, template: &std::path::Path) -> Result<PathBuf, String> {
+    let path = root.corpus_home(corpus).join(template);
+    let text = std::fs::read(&path).map_err(|e| format!("reading the job template {}: {e}", path.display()))?;
+    let mut job: Value =
+        serde_json::from_slice(&text).map_err(|e| format!("the job template {} is not JSON: {e}", path.display()))?;
+    let Value::Object(o) = &mut job else {
+        return Err(format!("the job template {} is not a JSON object", path.display()));
+    };
+    match o.get("corpus").and_then(Value::as_str) {
+        None => {
+            o.insert("corpus".into(), json!(corpus));
+        }
+        Some(c) if c == corpus => {}
+        Some(c) => return Err(format!("the job template {} is for corpus `{c}`", path.display())),
+    }
+    o.insert("origin".into(), json!("policy"));
+    let name = format!("policy-{corpus}-{}.json", crate::store::time::compact(SystemTime::now()));
+    let tmp = root.spool_tmp().join(&name);
+    std::fs::write(&tmp, job.to_string()).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+    let dest = root.spool().join(&name);
+    std::fs::rename(&tmp, &dest).map_err(|e| format!("renaming into {}: {e}", dest.display()))?;
+    Ok(dest)
+}

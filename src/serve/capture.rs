@@ -1,0 +1,201 @@
+//! Feedback capture: each ranking served for a corpus with capture on becomes a query event in
+//! its feedback.jsonl (`event_id` = the response id, `shown` = the order returned, `documents` =
+//! the request's order, `adapter` = what scored it), its new documents are appended once to
+//! documents.jsonl, and `POST /v1/feedback` appends signals on those events. Every append goes
+//! through `store::feedback` (the corpus's lock, one write per line).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use serde_json::json;
+
+use crate::store::feedback::{
+    CorpusFeedback, DocumentIndex, Impression, MAX_LINE, check_signal, find_event, signal_line,
+};
+use crate::store::time::now_rfc3339;
+use crate::store::{Root, policy};
+
+/// Events kept in memory to answer feedback without reading the file (older ones are found by
+/// scanning it).
+const RECENT_EVENTS: usize = 100_000;
+
+/// Why capture or a signal was refused.
+#[derive(Debug)]
+pub enum CaptureError {
+    /// The client's input (400).
+    Invalid(String),
+    /// No such event (404).
+    Unknown(String),
+    /// A document id already recorded with another text (409).
+    Conflict(String),
+    /// The files (500).
+    Io(String),
+}
+
+struct CorpusState {
+    fb: CorpusFeedback,
+    docs: DocumentIndex,
+}
+
+pub struct Capture {
+    root: Root,
+    /// `--capture`: every corpus, whatever its policy says.
+    all: bool,
+    corpora: Mutex<HashMap<String, Arc<Mutex<CorpusState>>>>,
+    recent: Mutex<(HashMap<String, Impression>, VecDeque<String>)>,
+}
+
+impl Capture {
+    pub fn new(root: &Root, all: bool) -> Self {
+        Self { root: root.clone(), all, corpora: Mutex::new(HashMap::new()), recent: Default::default() }
+    }
+
+    pub fn root(&self) -> &Root {
+        &self.root
+    }
+
+    /// Whether rankings of `corpus` are captured: `--capture`, or `"capture": true` in its
+    /// policy.json (read each time, so turning it on needs no restart).
+    pub fn enabled(&self, corpus: &str) -> bool {
+        self.all
+            || match policy::read(&self.root, corpus) {
+                Ok(p) => p.is_some_and(|p| p.capture),
+                Err(e) => {
+                    tracing::warn!("{e}; not capturing");
+                    false
+                }
+            }
+    }
+
+    fn state(&self, corpus: &str) -> Arc<Mutex<CorpusState>> {
+        let mut map = self.corpora.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(corpus.to_string())
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(CorpusState {
+                    fb: CorpusFeedback::new(&self.root, corpus),
+                    docs: DocumentIndex::default(),
+                }))
+            })
+            .clone()
+    }
+
+    fn remember(&self, event_id: &str, ev: Impression) {
+        let mut guard = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let (map, order) = &mut *guard;
+        if map.insert(event_id.to_string(), ev).is_none() {
+            order.push_back(event_id.to_string());
+        }
+        while order.len() > RECENT_EVENTS {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
+            }
+        }
+    }
+
+    /// Records one served ranking: documents (id, text) in request order, `shown` = the request
+    /// indices in the order returned. New documents first, then the query event, both under the
+    /// corpus's lock; a document id recorded with another text refuses the whole record.
+    pub fn record(
+        &self,
+        corpus: &str,
+        event_id: &str,
+        query: &str,
+        docs: &[(String, &str)],
+        shown: &[usize],
+        adapter: &str,
+    ) -> Result<(), CaptureError> {
+        let ids: Vec<&str> = docs.iter().map(|(id, _)| id.as_str()).collect();
+        let line = json!({"event_id": event_id, "ts": now_rfc3339(), "query": query,
+                          "shown": shown.iter().map(|&i| ids[i]).collect::<Vec<_>>(),
+                          "documents": ids, "adapter": adapter})
+        .to_string();
+        if line.len() > MAX_LINE {
+            return Err(CaptureError::Invalid(format!(
+                "this ranking's event would be a {} byte line (the most is {MAX_LINE}): shorter ids or fewer documents",
+                line.len()
+            )));
+        }
+        let state = self.state(corpus);
+        let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+        let io = |e: crate::store::StoreError| CaptureError::Io(e.to_string());
+        let _lock = st.fb.lock().map_err(io)?;
+        let documents = st.fb.documents.clone();
+        let new = match st.docs.new_lines(&documents, docs).map_err(io)? {
+            Ok(lines) => lines,
+            Err(conflict) => return Err(CaptureError::Conflict(format!("{conflict} in corpus `{corpus}`"))),
+        };
+        if let Some(l) = new.iter().find(|l| l.len() > MAX_LINE) {
+            return Err(CaptureError::Invalid(format!(
+                "a document of {} bytes is over the {MAX_LINE} byte line limit",
+                l.len()
+            )));
+        }
+        st.fb.append(&documents, &new).map_err(io)?;
+        st.docs.record(docs);
+        let feedback = st.fb.feedback.clone();
+        st.fb.append(&feedback, &[line]).map_err(io)?;
+        drop(_lock);
+        drop(st);
+        self.remember(
+            event_id,
+            Impression { corpus: corpus.to_string(), docs: ids.iter().map(|s| s.to_string()).collect() },
+        );
+        Ok(())
+    }
+
+    /// Appends a signal on event `event_id` (of `corpus` when given, else of any corpus this
+    /// server captured or that has capture on). Returns the corpus and the document signalled.
+    pub fn signal(
+        &self,
+        corpus: Option<&str>,
+        event_id: &str,
+        signal: &str,
+        index: Option<usize>,
+        doc_id: Option<&str>,
+    ) -> Result<(String, Option<String>), CaptureError> {
+        let ev = self.find(corpus, event_id)?;
+        let doc = check_signal(&ev, signal, index, doc_id).map_err(CaptureError::Invalid)?;
+        let state = self.state(&ev.corpus);
+        let st = state.lock().unwrap_or_else(|e| e.into_inner());
+        let io = |e: crate::store::StoreError| CaptureError::Io(e.to_string());
+        let _lock = st.fb.lock().map_err(io)?;
+        st.fb.append(&st.fb.feedback, &[signal_line(event_id, signal, doc.as_deref())]).map_err(io)?;
+        Ok((ev.corpus, doc))
+    }
+
+    fn find(&self, corpus: Option<&str>, event_id: &str) -> Result<Impression, CaptureError> {
+        let unknown = || {
+            let shown: String = event_id.chars().take(80).collect();
+            CaptureError::Unknown(format!("unknown event id `{shown}`: give the `id` of a captured rerank response"))
+        };
+        if event_id.is_empty() || event_id.len() > 256 {
+            return Err(unknown());
+        }
+        if let Some(ev) = self.recent.lock().unwrap_or_else(|e| e.into_inner()).0.get(event_id)
+            && corpus.is_none_or(|c| c == ev.corpus)
+        {
+            return Ok(ev.clone());
+        }
+        let candidates: Vec<String> = match corpus {
+            Some(c) => vec![c.to_string()],
+            None => crate::store::models::corpora(&self.root)
+                .into_iter()
+                .chain(
+                    std::fs::read_dir(self.root.dir.join("corpora"))
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|e| e.ok().and_then(|e| e.file_name().to_str().map(str::to_string))),
+                )
+                .filter(|c| crate::store::paths::valid_corpus_name(c) && self.enabled(c))
+                .collect(),
+        };
+        for c in candidates {
+            let fb = CorpusFeedback::new(&self.root, &c);
+            if let Some(ev) = find_event(&fb, event_id).map_err(|e| CaptureError::Io(e.to_string()))? {
+                self.remember(event_id, ev.clone());
+                return Ok(ev);
+            }
+        }
+        Err(unknown())
+    }
+}
