@@ -468,3 +468,45 @@ fn kill_9_of_serve_in_the_middle_of_appends_leaves_valid_jsonl() {
     assert_eq!(all.len(), events.len() + 1);
     eprintln!("kill -9 mid-append: {acknowledged} acknowledged, {signals} recorded, file valid");
 }
+
+#[test]
+fn a_failed_policy_run_is_not_retried_until_more_feedback_arrives() {
+    let root = Root::new("rescan_s = 1\n");
+    let home = root.dir.join("corpora/c");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(home.join("policy.json"), r#"{"capture": true, "retrain_after_events": 2, "min_interval_s": 0}"#)
+        .unwrap();
+    // A template that can only fail: its model does not exist.
+    let job = json!({"model": "/nonexistent/model", "data": {"feedback": "feedback.jsonl", "documents": "documents.jsonl"}, "device": "cpu"});
+    std::fs::write(home.join("job.json"), job.to_string()).unwrap();
+    let _daemon = Daemon(root.daemon());
+    let s = Serve::start(&root, &[]);
+    let a = agent();
+    let event = capture_one(&a, &s.url, "c", &[("d1", "one"), ("d2", "two")]);
+    for signal in ["thumbsup", "thumbsdown"] {
+        assert_eq!(
+            post_json(&a, &format!("{}/v1/feedback", s.url), &json!({"id": event, "signal": signal, "index": 0})).0,
+            200
+        );
+    }
+    let runs = || -> Vec<String> {
+        std::fs::read_dir(root.dir.join("runs"))
+            .map(|d| d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned())).collect())
+            .unwrap_or_default()
+    };
+    let first = wait_for("the policy run", Duration::from_secs(30), || runs().into_iter().next());
+    let st = wait_state(&root, &first, &["completed", "failed", "cancelled"], Duration::from_secs(60));
+    assert_eq!(st["state"], "failed", "{st}");
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(runs().len(), 1, "a failed policy run was started again on the same feedback");
+    // New feedback: the policy may try again (and fails again, once).
+    for signal in ["click", "star5"] {
+        assert_eq!(
+            post_json(&a, &format!("{}/v1/feedback", s.url), &json!({"id": event, "signal": signal, "index": 1})).0,
+            200
+        );
+    }
+    wait_for("a second policy run", Duration::from_secs(30), || (runs().len() == 2).then_some(()));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(runs().len(), 2);
+}

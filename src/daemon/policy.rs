@@ -4,6 +4,9 @@
 //! run (or the last policy drop), it drops the corpus's job template into the spool with
 //! `"origin": "policy"`. From there it is a normal job: intake, receipt, run.
 //!
+//! A policy run that failed is not started again until more feedback arrives (and the interval
+//! has passed), so a job that cannot succeed never loops.
+//!
 //! Looked at on the daemon's rescan timer (and at SIGHUP), never in a busy loop; a corpus whose
 //! feedback file and runs have not changed since the last look is not read again.
 
@@ -13,6 +16,8 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 
+use crate::job::{Job, Origin};
+use crate::store::atomic::read_json;
 use crate::store::feedback::{CorpusFeedback, signals_after};
 use crate::store::metrics::read_events;
 use crate::store::paths::RunFiles;
@@ -104,6 +109,18 @@ impl Policies {
             let size = std::fs::metadata(&fb.feedback).map_or(0, |m| m.len());
             if w.looked_at == Some((size, runs.len())) {
                 continue;
+            }
+            // A policy run that failed is not retried on the same feedback: only once more arrives.
+            if let Some(last) = runs.first()
+                && last.state == crate::store::RunState::Failed
+                && read_json::<Job>(&RunFiles::new(&root.run_dir(&last.run_id)).job())
+                    .is_ok_and(|j| j.origin == Origin::Policy)
+            {
+                let grew = std::fs::metadata(&fb.feedback).and_then(|m| m.modified()).ok();
+                if grew.is_none_or(|t| created(root, &last.run_id).is_some_and(|c| t <= c)) {
+                    w.looked_at = Some((size, runs.len()));
+                    continue;
+                }
             }
             let since = runs.first().and_then(|r| created(root, &r.run_id)).into_iter().chain(w.last_drop).max();
             let interval = Duration::from_secs_f64(p.min_interval_s);
