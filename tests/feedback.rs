@@ -5,68 +5,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value, json};
-
-struct Serve {
-    child: Option<Child>,
-    url: String,
-    log: std::path::PathBuf,
-}
-
-impl Serve {
-    fn start(root: &Root, args: &[&str]) -> Serve {
-        let log = root.dir.parent().unwrap().join("serve.log");
-        let _ = std::fs::remove_file(root.dir.join("serve.json"));
-        let mut c = root.cli_cmd(["serve", "--listen", "127.0.0.1:0", "--device", "cpu", "--model"]);
-        c.arg(fixture_model()).args(args).stdin(Stdio::null()).stdout(Stdio::null());
-        c.stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap());
-        let mut child = c.spawn().unwrap();
-        let info: Value = wait_for("serve.json", Duration::from_secs(30), || {
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!("serve exited {st}: {}", std::fs::read_to_string(&log).unwrap_or_default());
-            }
-            let v: Value = serde_json::from_str(&std::fs::read_to_string(root.dir.join("serve.json")).ok()?).ok()?;
-            (v["pid"].as_u64() == Some(child.id() as u64)).then_some(v)
-        });
-        Serve { url: info["listen"].as_str().unwrap().to_string(), child: Some(child), log }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("---- serve.log ----\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
-        }
-        if let Some(mut c) = self.child.take() {
-            kill_pid(c.id(), libc::SIGTERM);
-            let _ = c.wait();
-        }
-    }
-}
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        kill_pid(self.0.id(), libc::SIGTERM);
-        if std::thread::panicking() {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::new_with_config(
-        ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(60))).build(),
-    )
-}
 
 fn post(a: &ureq::Agent, url: &str, body: &[u8]) -> (u16, Value) {
     let mut r = a.post(url).header("Content-Type", "application/json").send(body).unwrap();
@@ -158,8 +102,8 @@ fn the_loop_closes_with_no_manual_step_and_the_served_ranking_improves() {
     job["model"] = fixture_model().into();
     job["promote"] = "always".into();
     std::fs::write(home.join("job.json"), job.to_string()).unwrap();
-    let _daemon = Daemon(root.daemon());
-    let s = Serve::start(&root, &[]);
+    let _daemon = DaemonGuard(root.daemon());
+    let s = Serve::fixture(&root, &[]);
     let a = agent();
 
     // The held-out queries, ranked by the base model (these rankings are captured too).
@@ -277,8 +221,8 @@ fn four_writers_append_while_a_run_reads_a_consistent_snapshot() {
     let home = root.dir.join("corpora/c");
     std::fs::create_dir_all(&home).unwrap();
     std::fs::write(home.join("policy.json"), r#"{"capture": true}"#).unwrap();
-    let _daemon = Daemon(root.daemon());
-    let s = Serve::start(&root, &[]);
+    let _daemon = DaemonGuard(root.daemon());
+    let s = Serve::fixture(&root, &[]);
     let docs: Vec<(String, String)> =
         (0..6).map(|i| (format!("d{i}"), format!("document number {i} about topic {i}"))).collect();
     let pairs: Vec<(&str, &str)> = docs.iter().map(|(i, t)| (i.as_str(), t.as_str())).collect();
@@ -334,7 +278,7 @@ fn bad_feedback_is_refused_with_a_message_and_nothing_is_written() {
     let home = root.dir.join("corpora/c");
     std::fs::create_dir_all(&home).unwrap();
     std::fs::write(home.join("policy.json"), r#"{"capture": true}"#).unwrap();
-    let s = Serve::start(&root, &[]);
+    let s = Serve::fixture(&root, &[]);
     let a = agent();
     let event = capture_one(&a, &s.url, "c", &[("d1", "first text"), ("d2", "second text")]);
     let snapshot =
@@ -407,7 +351,7 @@ fn kill_9_of_serve_in_the_middle_of_appends_leaves_valid_jsonl() {
     let home = root.dir.join("corpora/c");
     std::fs::create_dir_all(&home).unwrap();
     std::fs::write(home.join("policy.json"), r#"{"capture": true}"#).unwrap();
-    let mut s = Serve::start(&root, &[]);
+    let mut s = Serve::fixture(&root, &[]);
     let event = capture_one(&agent(), &s.url, "c", &[("d1", "one"), ("d2", "two")]);
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));
@@ -459,7 +403,7 @@ fn kill_9_of_serve_in_the_middle_of_appends_leaves_valid_jsonl() {
     let mut f = std::fs::OpenOptions::new().append(true).open(home.join("feedback.jsonl")).unwrap();
     std::io::Write::write_all(&mut f, b"{\"event_id\": \"torn").unwrap();
     drop(f);
-    let s = Serve::start(&root, &[]);
+    let s = Serve::fixture(&root, &[]);
     let (status, body) =
         post_json(&agent(), &format!("{}/v1/feedback", s.url), &json!({"id": event, "signal": "thumbsup", "index": 1}));
     assert_eq!(status, 200, "{body}");
@@ -479,8 +423,8 @@ fn a_failed_policy_run_is_not_retried_until_more_feedback_arrives() {
     // A template that can only fail: its model does not exist.
     let job = json!({"model": "/nonexistent/model", "data": {"feedback": "feedback.jsonl", "documents": "documents.jsonl"}, "device": "cpu"});
     std::fs::write(home.join("job.json"), job.to_string()).unwrap();
-    let _daemon = Daemon(root.daemon());
-    let s = Serve::start(&root, &[]);
+    let _daemon = DaemonGuard(root.daemon());
+    let s = Serve::fixture(&root, &[]);
     let a = agent();
     let event = capture_one(&a, &s.url, "c", &[("d1", "one"), ("d2", "two")]);
     for signal in ["thumbsup", "thumbsdown"] {

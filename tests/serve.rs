@@ -7,73 +7,13 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value, json};
-
-/// A running `rerankd serve`, its log beside the root (printed if the test fails), killed on drop.
-struct Serve {
-    child: Option<Child>,
-    url: String,
-    log: PathBuf,
-}
-
-impl Serve {
-    fn start(root: &Root, args: &[&str], env: &[(&str, &str)]) -> Serve {
-        let log = root.dir.parent().unwrap().join("serve.log");
-        let _ = std::fs::remove_file(root.dir.join("serve.json"));
-        let mut c = root.cli_cmd(["serve"]);
-        c.args(args).stdin(Stdio::null()).stdout(Stdio::null());
-        c.stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap());
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        let mut child = c.spawn().unwrap();
-        let info: Value = wait_for("serve.json", Duration::from_secs(30), || {
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!("serve exited {st}: {}", std::fs::read_to_string(&log).unwrap_or_default());
-            }
-            let v: Value = serde_json::from_str(&std::fs::read_to_string(root.dir.join("serve.json")).ok()?).ok()?;
-            v["pid"].as_u64().is_some_and(|p| p == child.id() as u64).then_some(v)
-        });
-        let url = info["listen"].as_str().unwrap_or_default().to_string();
-        Serve { child: Some(child), url, log }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    /// SIGTERM and the exit code.
-    fn stop(mut self) -> Option<i32> {
-        let mut c = self.child.take().unwrap();
-        kill_pid(c.id(), libc::SIGTERM);
-        wait_exit(&mut c, Duration::from_secs(30))
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("---- serve.log ----\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
-        }
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::new_with_config(
-        ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(60))).build(),
-    )
-}
 
 /// A response: status, the adapter header, the JSON body (Null when not JSON), Retry-After.
 struct Reply {
@@ -395,7 +335,7 @@ fn hammer(
 fn a_promotion_and_a_rollback_are_served_within_two_seconds_under_load_with_no_failed_request() {
     let root = Root::new("rescan_s = 1\n");
     std::fs::create_dir_all(root.dir.join("corpora/docs")).unwrap();
-    let _daemon = Daemon(root.daemon());
+    let _daemon = DaemonGuard(root.daemon());
     let mut job = root.job("docs", 1);
     job["promote"] = json!("always");
     let run1 = root.submit("one.json", &job);
@@ -474,19 +414,6 @@ fn a_promotion_and_a_rollback_are_served_within_two_seconds_under_load_with_no_f
     let reloads = agent().get(format!("{}/metrics", s.url)).call().unwrap().body_mut().read_to_string().unwrap();
     assert!(reloads.contains("rerankd_adapter_reloads_total{corpus=\"docs\",result=\"ok\"} 2"), "{reloads}");
     assert_eq!(s.stop(), Some(0));
-}
-
-/// The daemon of a test, SIGTERMed at the end and killed if the test fails first.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        kill_pid(self.0.id(), libc::SIGTERM);
-        if std::thread::panicking() {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
 }
 
 #[test]
@@ -672,7 +599,7 @@ fn kill_9_of_serve_never_touches_the_daemon_and_a_restart_serves_the_current_ada
     let model = fixture_model();
     let s = Serve::start(&root, &["--listen", "127.0.0.1:0", "--model", &model, "--device", "cpu"], &[]);
     let serve_mb = rerankd::sys::process_memory_mb(s.pid()).unwrap();
-    let mut daemon = Daemon(root.daemon_env(&[("RERANKD_TEST_STEP_SLEEP_MS", "100")]));
+    let mut daemon = DaemonGuard(root.daemon_env(&[("RERANKD_TEST_STEP_SLEEP_MS", "100")]));
     let mut job = root.job("docs", 2);
     job["promote"] = json!("always");
     let run = root.submit("one.json", &job);

@@ -11,6 +11,7 @@ mod bench;
 mod daemon;
 mod demo;
 mod doctor;
+mod export;
 mod feedback;
 mod install;
 mod promote;
@@ -104,6 +105,8 @@ pub enum Command {
     Doctor,
     /// Score documents against a query with a corpus's promoted adapter, an adapter or a model.
     Score(score::ScoreArgs),
+    /// Export an adapter merged into its base as a Hugging Face checkpoint (merged or seq-cls).
+    Export(export::ExportArgs),
     /// Record feedback on a captured ranking (the same checks as POST /v1/feedback).
     #[command(subcommand)]
     Feedback(feedback::FeedbackCmd),
@@ -139,6 +142,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Score(a) => score::run(&root, a),
         Command::Serve(a) => serve::run(&root, a),
         Command::Feedback(c) => feedback::run(&root, c),
+        Command::Export(a) => export::run(&root, a),
         Command::Promote { run } => promote::promote(&root, &run),
         Command::Rollback { corpus } => promote::rollback(&root, &corpus),
         Command::Bench(a) => bench::run(a),

@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod export;
 pub mod lora;
 pub mod ops;
 pub mod prompt;

@@ -131,7 +131,12 @@ impl Qwen3 {
             .collect::<Result<Vec<_>>>()?;
         let norm = f32w("model.norm.weight", &[d])?;
         let ids = Tensor::new(&[no_id, yes_id], device)?;
-        let head = if !cfg.tie_word_embeddings && w.has("lm_head.weight") {
+        let head = if w.has("score.weight") {
+            // A single-logit classifier (an export in seq-cls form): its row is E[yes] - E[no],
+            // so it is the `yes` row against a `no` row of zeros: yes - no = the logit.
+            let row = w.get("score.weight", &[1, d])?.to_dtype(DType::F32)?;
+            Tensor::cat(&[&row.zeros_like()?, &row], 0)?
+        } else if !cfg.tie_word_embeddings && w.has("lm_head.weight") {
             w.get("lm_head.weight", &[cfg.vocab_size, d])?.index_select(&ids, 0)?
         } else {
             embed_tokens.index_select(&ids, 0)?

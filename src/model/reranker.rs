@@ -22,6 +22,8 @@ pub struct Reranker {
     pub model: Qwen3,
     pub prompt: PromptBuilder,
     pub instruction: String,
+    /// The max_length the checkpoint was trained for, when it says so (an export does).
+    pub max_length: Option<usize>,
 }
 
 impl Reranker {
@@ -36,7 +38,10 @@ impl Reranker {
         let prompt = PromptBuilder::from_file(&ck.tokenizer)?;
         let w = SafetensorsWeights::open(&ck.weights, device)?;
         let model = Qwen3::load(&cfg, &w, prompt.yes_id, prompt.no_id, device)?;
-        Ok(Self { model, prompt, instruction: super::prompt::DEFAULT_INSTRUCTION.to_string() })
+        let info = super::export::ExportInfo::read(&ck.dir);
+        let instruction =
+            info.as_ref().map_or_else(|| super::prompt::DEFAULT_INSTRUCTION.to_string(), |i| i.instruction.clone());
+        Ok(Self { model, prompt, instruction, max_length: info.map(|i| i.max_length) })
     }
 
     pub fn encode(&self, query: &str, doc: &str, max_length: usize) -> Result<Vec<u32>> {

@@ -185,25 +185,13 @@ async fn serve(root: &Root, o: &Options, listen: Option<SocketAddr>, app: Arc<Ap
         let bound = l.local_addr()?;
         info.listen = Some(format!("http://{bound}"));
         eprintln!("rerankd serve: listening on http://{bound}");
-        let mut stop = stop_rx.clone();
-        let svc = api::router(app.clone());
-        servers.spawn(async move {
-            axum::serve(l, svc)
-                .with_graceful_shutdown(async move { while stop.changed().await.is_ok() && !*stop.borrow() {} })
-                .await
-        });
+        spawn_server(&mut servers, l, &app, stop_rx.clone());
     }
     if let Some(path) = &o.socket {
         let l = bind_socket(path)?;
         info.socket = Some(path.display().to_string());
         eprintln!("rerankd serve: listening on unix:{}", path.display());
-        let mut stop = stop_rx.clone();
-        let svc = api::router(app.clone());
-        servers.spawn(async move {
-            axum::serve(l, svc)
-                .with_graceful_shutdown(async move { while stop.changed().await.is_ok() && !*stop.borrow() {} })
-                .await
-        });
+        spawn_server(&mut servers, l, &app, stop_rx.clone());
     }
 
     describe(root, &app, &mut info);
@@ -252,6 +240,25 @@ async fn serve(root: &Root, o: &Options, listen: Option<SocketAddr>, app: Arc<Ap
     let _ = watcher.join();
     tracing::info!("serve stopped");
     Ok(())
+}
+
+/// Serves the API on a bound listener until `stop` turns true, then lets the requests in flight
+/// finish (axum's graceful shutdown).
+fn spawn_server<L>(
+    servers: &mut tokio::task::JoinSet<std::io::Result<()>>,
+    listener: L,
+    app: &Arc<App>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let svc = api::router(app.clone());
+    servers.spawn(async move {
+        axum::serve(listener, svc)
+            .with_graceful_shutdown(async move { while stop.changed().await.is_ok() && !*stop.borrow() {} })
+            .await
+    });
 }
 
 /// SIGHUP: the `[serve]` limits and the API key file are read again; a bad config or key file

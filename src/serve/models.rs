@@ -237,13 +237,15 @@ impl Models {
     }
 
     fn build_base(&self, corpus: Option<&str>) -> Result<Scorer, String> {
+        // An exported checkpoint carries its own instruction and max_length (rerankd_export.json).
+        let base = self.base(&self.default_model)?;
         Ok(Scorer {
             corpus: corpus.map(str::to_string),
             run_id: None,
-            base: self.base(&self.default_model)?,
+            instruction: base.reranker.instruction.clone(),
+            max_length: base.reranker.max_length.unwrap_or(DEFAULT_MAX_LENGTH),
+            base,
             lora: None,
-            instruction: DEFAULT_INSTRUCTION.to_string(),
-            max_length: DEFAULT_MAX_LENGTH,
         })
     }
 

@@ -15,15 +15,19 @@ pub struct FileLock {
 }
 
 impl FileLock {
-    /// Takes the lock without waiting: `Ok(None)` when another process holds it.
-    pub fn try_acquire(path: &Path) -> Result<Option<Self>> {
-        let file = OpenOptions::new()
+    fn open(path: &Path) -> Result<File> {
+        OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(path)
-            .map_err(|e| StoreError::io(path, "opening lock file", e))?;
+            .map_err(|e| StoreError::io(path, "opening lock file", e))
+    }
+
+    /// Takes the lock without waiting: `Ok(None)` when another process holds it.
+    pub fn try_acquire(path: &Path) -> Result<Option<Self>> {
+        let file = Self::open(path)?;
         match file.try_lock() {
             Ok(()) => Ok(Some(Self { file, path: path.to_path_buf() })),
             Err(TryLockError::WouldBlock) => Ok(None),
@@ -34,13 +38,7 @@ impl FileLock {
     /// Takes the lock, waiting for the holder to release it (for short critical sections such
     /// as one feedback append, never for a whole run).
     pub fn acquire(path: &Path) -> Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| StoreError::io(path, "opening lock file", e))?;
+        let file = Self::open(path)?;
         file.lock().map_err(|e| StoreError::io(path, "locking", e))?;
         Ok(Self { file, path: path.to_path_buf() })
     }

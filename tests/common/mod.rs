@@ -317,3 +317,83 @@ pub fn answers(root: &Root, name: &str) -> usize {
     };
     count("accepted", &is) + count("rejected", &is)
 }
+
+/// A test's daemon: SIGTERMed when dropped, and killed outright if the test failed first.
+pub struct DaemonGuard(pub Child);
+
+impl Drop for DaemonGuard {
+    fn drop(&mut self) {
+        kill_pid(self.0.id(), libc::SIGTERM);
+        if std::thread::panicking() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// A running `rerankd serve`, its log beside the root (printed if the test fails), killed on drop.
+pub struct Serve {
+    pub child: Option<Child>,
+    pub url: String,
+    pub log: PathBuf,
+}
+
+impl Serve {
+    pub fn start(root: &Root, args: &[&str], env: &[(&str, &str)]) -> Serve {
+        let log = root.dir.parent().unwrap().join("serve.log");
+        let _ = std::fs::remove_file(root.dir.join("serve.json"));
+        let mut c = root.cli_cmd(["serve"]);
+        c.args(args).stdin(Stdio::null()).stdout(Stdio::null());
+        c.stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let mut child = c.spawn().unwrap();
+        let info: Value = wait_for("serve.json", Duration::from_secs(30), || {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("serve exited {st}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            let v: Value = serde_json::from_str(&std::fs::read_to_string(root.dir.join("serve.json")).ok()?).ok()?;
+            v["pid"].as_u64().is_some_and(|p| p == child.id() as u64).then_some(v)
+        });
+        let url = info["listen"].as_str().unwrap_or_default().to_string();
+        Serve { child: Some(child), url, log }
+    }
+
+    /// On the fixture model, CPU, an ephemeral loopback port, plus `args`.
+    pub fn fixture(root: &Root, args: &[&str]) -> Serve {
+        let model = fixture_model();
+        let mut all = vec!["--listen", "127.0.0.1:0", "--device", "cpu", "--model", model.as_str()];
+        all.extend_from_slice(args);
+        Self::start(root, &all, &[])
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGTERM and the exit code.
+    pub fn stop(mut self) -> Option<i32> {
+        let mut c = self.child.take().unwrap();
+        kill_pid(c.id(), libc::SIGTERM);
+        wait_exit(&mut c, Duration::from_secs(30))
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- serve.log ----\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::new_with_config(
+        ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(60))).build(),
+    )
+}

@@ -1,0 +1,181 @@
+//! `rerankd export`: a run's (or a corpus's promoted) adapter folded into its base model, written
+//! as a standard Hugging Face checkpoint in a temporary directory renamed into place at the end.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use rerankd::model::LoraSet;
+use rerankd::model::checkpoint::CheckpointDir;
+use rerankd::model::export::{self, ExportInfo, ExportSpec, Format};
+use rerankd::model::prompt::{DEFAULT_INSTRUCTION, PromptBuilder};
+use rerankd::store::{Root, models};
+use sha2::{Digest, Sha256};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum FormatArg {
+    Merged,
+    SeqCls,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DtypeArg {
+    Bf16,
+    F16,
+    F32,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// A completed run whose adapter to export.
+    #[arg(required_unless_present = "corpus")]
+    pub run: Option<String>,
+    /// Export the corpus's promoted adapter instead.
+    #[arg(long, conflicts_with = "run")]
+    pub corpus: Option<String>,
+    #[arg(long, value_enum)]
+    pub format: FormatArg,
+    /// A new (or empty) directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Default: the base checkpoint's own.
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
+    /// Largest weights file before splitting into shards with an index (HF's 5 GB by default).
+    #[arg(long, hide = true, default_value_t = export::HF_MAX_SHARD_BYTES / 1_000_000)]
+    pub max_shard_mb: u64,
+}
+
+fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+pub fn run(root: &Root, a: ExportArgs) -> anyhow::Result<ExitCode> {
+    let (run_id, adapter) = match (&a.run, &a.corpus) {
+        (Some(run), _) => {
+            let (files, st) = match super::find_run(root, run) {
+                Ok(x) => x,
+                Err(code) => return Ok(code),
+            };
+            if !files.adapter().join("adapter_model.safetensors").is_file() {
+                eprintln!("rerankd: run {run} ({}) has no adapter to export", st.state.as_str());
+                return Ok(ExitCode::from(super::EXIT_NOT_FOUND));
+            }
+            (run.clone(), files.adapter())
+        }
+        (None, Some(c)) => {
+            if let Err(code) = super::check_corpus(c) {
+                return Ok(code);
+            }
+            match models::current(root, c) {
+                Some(x) => x,
+                None => {
+                    eprintln!("rerankd: corpus `{c}` has no promoted adapter");
+                    return Ok(ExitCode::from(super::EXIT_NOT_FOUND));
+                }
+            }
+        }
+        (None, None) => unreachable!("clap requires one"),
+    };
+    if let Ok(mut d) = std::fs::read_dir(&a.out) {
+        if d.next().is_some() {
+            eprintln!("rerankd: {} is not empty; refusing to overwrite it", a.out.display());
+            return Ok(ExitCode::from(super::EXIT_REFUSED));
+        }
+    } else if a.out.exists() {
+        eprintln!("rerankd: {} exists and is not a directory", a.out.display());
+        return Ok(ExitCode::from(super::EXIT_REFUSED));
+    }
+    let manifest = models::Manifest::read(&adapter)?;
+    let base = CheckpointDir::resolve(&manifest.model)?;
+    let cfg = base.read_config()?;
+    let lora = LoraSet::load(&adapter, &cfg, &candle_core::Device::Cpu)
+        .with_context(|| format!("loading adapter {}", adapter.display()))?;
+    let prompt = PromptBuilder::from_file(&base.tokenizer)?;
+    let format = match a.format {
+        FormatArg::Merged => Format::Merged,
+        FormatArg::SeqCls => Format::SeqCls,
+    };
+    let dtype = a.dtype.map(|d| match d {
+        DtypeArg::Bf16 => candle_core::DType::BF16,
+        DtypeArg::F16 => candle_core::DType::F16,
+        DtypeArg::F32 => candle_core::DType::F32,
+    });
+    // Built beside the destination and renamed at the end: an interrupted export leaves only a
+    // hidden temporary directory, never something that looks complete.
+    let out = std::path::absolute(&a.out)?;
+    let parent = out.parent().context("the output directory has no parent")?;
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let name = out.file_name().context("the output directory has no name")?.to_string_lossy().into_owned();
+    let tmp = parent.join(format!(".{name}.rerankd-export-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let result = (|| -> anyhow::Result<export::Written> {
+        let spec = ExportSpec {
+            base: &base,
+            lora: &lora,
+            format,
+            dtype,
+            yes_id: prompt.yes_id,
+            no_id: prompt.no_id,
+            pad_id: prompt.pad_id,
+            max_shard_bytes: a.max_shard_mb.max(1) * 1_000_000,
+        };
+        let mut written = export::write_weights(&spec, &tmp)?;
+        written.files.extend(export::copy_tokenizer(&base, format, &tmp)?);
+        let metrics: serde_json::Value = std::fs::read_to_string(adapter.join("manifest.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .map(|m| m["metrics"].clone())
+            .unwrap_or_default();
+        let primary = std::fs::read_to_string(adapter.join("manifest.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|m| m["primary_metric"].as_str().map(str::to_string));
+        let info = ExportInfo {
+            run_id: run_id.clone(),
+            corpus: run_id.split_once("__").map(|(c, _)| c.to_string()),
+            adapter_digest: sha256_file(&adapter.join("adapter_model.safetensors"))?,
+            base_model: manifest.model.clone(),
+            instruction: manifest.instruction.clone().unwrap_or_else(|| DEFAULT_INSTRUCTION.to_string()),
+            max_length: manifest.max_length.unwrap_or(512),
+            format: match format {
+                Format::Merged => "merged".into(),
+                Format::SeqCls => "seq-cls".into(),
+            },
+            dtype: written.dtype.clone(),
+            metrics,
+            primary_metric: primary,
+        };
+        info.write(&tmp)?;
+        std::fs::write(tmp.join("README.md"), info.model_card(format))?;
+        written.files.extend([export::EXPORT_INFO.to_string(), "README.md".to_string()]);
+        for f in &written.files {
+            std::fs::File::open(tmp.join(f)).and_then(|f| f.sync_all())?;
+        }
+        Ok(written)
+    })();
+    let written = match result {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    if out.is_dir() {
+        std::fs::remove_dir(&out).with_context(|| format!("replacing the empty {}", out.display()))?;
+    }
+    std::fs::rename(&tmp, &out).with_context(|| format!("renaming the export into {}", out.display()))?;
+    rerankd::store::atomic::sync_dir(parent)?;
+    println!(
+        "{}",
+        serde_json::json!({"out": out, "run_id": run_id, "format": a.format.to_possible_value().map(|v| v.get_name().to_string()),
+            "dtype": written.dtype, "files": written.files, "tensors": written.tensors, "bytes": written.bytes,
+            "peak_rss_mb": rerankd::sys::peak_memory_mb()})
+    );
+    Ok(ExitCode::SUCCESS)
+}
