@@ -395,7 +395,7 @@ impl ExportInfo {
                 );
                 let _ = writeln!(
                     y,
-                    "sentence-transformers, vLLM and TEI load the single-logit form: export with `--format seq-cls` for them (vLLM can also score this causal LM with `--hf-overrides` naming the yes/no tokens, as for Qwen3-Reranker).\n"
+                    "sentence-transformers (`CrossEncoder`), vLLM and TEI load the single-logit form: export with `--format seq-cls` for them (vLLM can also score this causal LM with `--hf-overrides` naming the yes/no tokens, as for Qwen3-Reranker).\n"
                 );
             }
         }
