@@ -15,29 +15,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor};
-use rerankd::model::checkpoint::{RandomWeights, WeightSource};
+use candle_core::Device;
+use rerankd::model::checkpoint::write_random_checkpoint;
 use rerankd::model::lora::{LoraConfig, LoraSet, Target};
-use rerankd::model::qwen3::Qwen3;
 use rerankd::model::{Qwen3Config, Reranker};
 use serde_json::{Value, json};
-
-/// Hands out RandomWeights' tensors and keeps each, so loading a model once names them all.
-struct Recording {
-    inner: RandomWeights,
-    kept: Mutex<Vec<(String, Tensor)>>,
-}
-
-impl WeightSource for Recording {
-    fn get(&self, name: &str, shape: &[usize]) -> rerankd::model::Result<Tensor> {
-        let t = self.inner.get(name, shape)?;
-        self.kept.lock().unwrap().push((name.to_string(), t.clone()));
-        Ok(t)
-    }
-    fn has(&self, name: &str) -> bool {
-        self.inner.has(name)
-    }
-}
 
 fn arg(args: &[String], name: &str, default: &str) -> String {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.into())
@@ -65,19 +47,8 @@ fn main() -> anyhow::Result<()> {
     // A checkpoint of random weights: every tensor Qwen3::load asks for, saved as safetensors.
     let t0 = Instant::now();
     let ck = tmp.path().join("model");
-    std::fs::create_dir_all(&ck)?;
-    std::fs::copy(&config, ck.join("config.json"))?;
-    std::fs::copy(here.join("tests/fixtures/tiny-qwen3/tokenizer.json"), ck.join("tokenizer.json"))?;
+    write_random_checkpoint(&config, &here.join("tests/fixtures/tiny-qwen3/tokenizer.json"), &ck)?;
     let cfg = Qwen3Config::from_file(&config)?;
-    {
-        let rec = Recording {
-            inner: RandomWeights { seed: 0, dtype: DType::BF16, device: device.clone() },
-            kept: Mutex::new(Vec::new()),
-        };
-        drop(Qwen3::load(&cfg, &rec, 1, 2, &device)?);
-        let kept: std::collections::HashMap<String, Tensor> = rec.kept.into_inner().unwrap().into_iter().collect();
-        candle_core::safetensors::save(&kept, ck.join("model.safetensors"))?;
-    }
     // A promoted adapter for corpus `bench`, as a run leaves it.
     let root = tmp.path().join("root");
     let run = "bench__20261127_000000";

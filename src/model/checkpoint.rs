@@ -250,3 +250,37 @@ impl WeightSource for RandomWeights {
         false
     }
 }
+
+/// Hands out another source's tensors and keeps each, so loading a model once names them all.
+struct Recording<'a> {
+    inner: &'a dyn WeightSource,
+    kept: std::sync::Mutex<Vec<(String, Tensor)>>,
+}
+
+impl WeightSource for Recording<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.inner.get(name, shape)?;
+        self.kept.lock().unwrap_or_else(|e| e.into_inner()).push((name.to_string(), t.clone()));
+        Ok(t)
+    }
+    fn has(&self, name: &str) -> bool {
+        self.inner.has(name)
+    }
+}
+
+/// Writes a checkpoint directory of random weights (bf16) of `config` with `tokenizer`: every
+/// tensor `Qwen3::load` reads, under its Hugging Face name. For benchmarks of the real shapes
+/// where real weights cannot be downloaded.
+pub fn write_random_checkpoint(config: &Path, tokenizer: &Path, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, "creating", e))?;
+    std::fs::copy(config, dir.join("config.json")).map_err(|e| ModelError::io(config, "copying", e))?;
+    std::fs::copy(tokenizer, dir.join("tokenizer.json")).map_err(|e| ModelError::io(tokenizer, "copying", e))?;
+    let cfg = Qwen3Config::from_file(config)?;
+    let random = RandomWeights { seed: 0, dtype: DType::BF16, device: Device::Cpu };
+    let rec = Recording { inner: &random, kept: std::sync::Mutex::new(Vec::new()) };
+    drop(super::qwen3::Qwen3::load(&cfg, &rec, 1, 2, &Device::Cpu)?);
+    let kept: std::collections::HashMap<String, Tensor> =
+        rec.kept.into_inner().unwrap_or_else(|e| e.into_inner()).into_iter().collect();
+    candle_core::safetensors::save(&kept, dir.join("model.safetensors"))?;
+    Ok(())
+}
