@@ -341,6 +341,15 @@ fn a_promotion_and_a_rollback_are_served_within_two_seconds_under_load_with_no_f
     let run1 = root.submit("one.json", &job);
     wait_state(&root, &run1, &["completed"], Duration::from_secs(120));
     assert_eq!(std::fs::read_link(root.dir.join("models/docs/current")).unwrap().file_name().unwrap(), run1.as_str());
+    // Plain-text triplets: eval.json still names every document (a content id and its start).
+    let eval: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.dir.join("runs").join(&run1).join("eval.json")).unwrap())
+            .unwrap();
+    let list = &eval["lists"][0];
+    let (ids, texts) = (list["ids"].as_array().unwrap(), list["texts"].as_array().unwrap());
+    assert!(!ids.is_empty() && ids.len() == texts.len(), "{list}");
+    assert!(ids.iter().all(|i| i.as_str().is_some_and(|i| i.starts_with("sha256:"))), "{list}");
+    assert!(texts.iter().all(|t| t.as_str().is_some_and(|t| !t.is_empty() && t.chars().count() <= 80)), "{list}");
 
     let s = Serve::start(&root, &["--listen", "127.0.0.1:0", "--model", &fixture_model(), "--device", "cpu"], &[]);
     let query = "q3".to_string();
@@ -724,6 +733,16 @@ fn install_writes_a_second_unit_for_serve() {
     ] {
         assert!(text.contains(needle), "{needle} missing from\n{text}");
     }
+    // --dest may be a directory: the usual file name is written into it.
+    let units = dir.join("units");
+    std::fs::create_dir_all(&units).unwrap();
+    let out = root.cli_cmd(["install-systemd", "--serve", "--dest", units.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(units.join("rerankd-serve.service").is_file());
+    let out =
+        root.cli_cmd(["install-launchd", "--dest", &format!("{}/", dir.join("agents").display())]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(dir.join("agents/io.rerankd.daemon.plist").is_file());
     // The daemon's own unit is unchanged by the flag's existence.
     let out = root.cli_cmd(["install-systemd", "--dest", dir.join("d.service").to_str().unwrap()]).output().unwrap();
     assert!(out.status.success());

@@ -14,6 +14,8 @@ pub struct DaemonArgs {
     /// manual start outside a service manager: launchd and systemd must get the foreground process.
     #[arg(long)]
     pub detach: bool,
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
 }
 
 pub fn run(root: &Root, a: DaemonArgs) -> anyhow::Result<ExitCode> {
@@ -26,7 +28,7 @@ pub fn run(root: &Root, a: DaemonArgs) -> anyhow::Result<ExitCode> {
     } else {
         root.clone()
     };
-    init_logging();
+    init_logging(a.log_format);
     match rerankd::daemon::run(&root, a.until_idle) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) if e.is::<rerankd::daemon::AlreadyRunning>() => {
@@ -37,14 +39,26 @@ pub fn run(root: &Root, a: DaemonArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Structured logs to stderr (launchd's StandardErrorPath, journald), filtered by `RUST_LOG`.
-pub fn init_logging() {
+/// How the daemon and serve write their logs.
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    /// One JSON object a line (for log shippers).
+    Json,
+}
+
+/// Structured logs to stderr (launchd's StandardErrorPath, journald), filtered by `RUST_LOG`;
+/// colour only on a terminal and never with `NO_COLOR` set.
+pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    let color = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(color);
+    let _ = match format {
+        LogFormat::Text => b.try_init(),
+        LogFormat::Json => b.json().try_init(),
+    };
 }
 
 pub fn sweep(root: &Root) -> anyhow::Result<ExitCode> {

@@ -26,7 +26,7 @@ fn repo_dir() -> PathBuf {
 }
 
 pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
-    super::daemon::init_logging();
+    super::daemon::init_logging(super::daemon::LogFormat::Text);
     let repo = std::fs::canonicalize(repo_dir())?;
     let demo = repo.join("examples/demo");
     if a.demo_root.exists() {

@@ -17,7 +17,8 @@ const SERVE_LABEL: &str = "io.rerankd.serve";
 
 #[derive(Args, Debug)]
 pub struct InstallArgs {
-    /// Where to write the file (default: ~/Library/LaunchAgents or ~/.config/systemd/user).
+    /// The file to write, or a directory to write it into (default: ~/Library/LaunchAgents or
+    /// ~/.config/systemd/user).
     #[arg(long)]
     pub dest: Option<PathBuf>,
     /// Also run the load commands.
@@ -64,6 +65,16 @@ fn args_text(args: &[String], plist: bool) -> String {
     }
 }
 
+/// `--dest` as the file to write, or a directory (existing, or written with a trailing `/`) to
+/// write the usual file name into; without it, the usual place.
+fn dest_file(dest: Option<PathBuf>, default_dir: PathBuf, name: &str) -> PathBuf {
+    match dest {
+        Some(d) if d.is_dir() || d.as_os_str().to_string_lossy().ends_with('/') => d.join(name),
+        Some(d) => d,
+        None => default_dir.join(name),
+    }
+}
+
 fn home() -> PathBuf {
     std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."))
 }
@@ -103,7 +114,7 @@ fn run_lines(lines: &[String], load: bool) -> anyhow::Result<()> {
 pub fn launchd(root: &Root, a: InstallArgs) -> anyhow::Result<ExitCode> {
     root.ensure()?;
     let (template, label, _) = which(&a, true);
-    let dest = a.dest.clone().unwrap_or_else(|| home().join(format!("Library/LaunchAgents/{label}.plist")));
+    let dest = dest_file(a.dest.clone(), home().join("Library/LaunchAgents"), &format!("{label}.plist"));
     write(&dest, &fill(template, label, &args_text(&a.serve_args, true), root)?)?;
     println!("load, restart and unload with:");
     let d = dest.display();
@@ -117,7 +128,7 @@ pub fn launchd(root: &Root, a: InstallArgs) -> anyhow::Result<ExitCode> {
 pub fn systemd(root: &Root, a: InstallArgs) -> anyhow::Result<ExitCode> {
     root.ensure()?;
     let (template, label, unit) = which(&a, false);
-    let dest = a.dest.clone().unwrap_or_else(|| home().join(format!(".config/systemd/user/{unit}.service")));
+    let dest = dest_file(a.dest.clone(), home().join(".config/systemd/user"), &format!("{unit}.service"));
     write(&dest, &fill(template, label, &args_text(&a.serve_args, false), root)?)?;
     println!("enable and start with:");
     run_lines(

@@ -36,6 +36,8 @@ pub struct ServeArgs {
     /// policy.json has `"capture": true`).
     #[arg(long)]
     pub capture: bool,
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: super::daemon::LogFormat,
 }
 
 pub fn run(root: &Root, a: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -44,7 +46,7 @@ pub fn run(root: &Root, a: ServeArgs) -> anyhow::Result<ExitCode> {
             return Ok(code);
         }
     }
-    super::daemon::init_logging();
+    super::daemon::init_logging(a.log_format);
     let o = Options {
         listen: a.listen,
         socket: a.socket,

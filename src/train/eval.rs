@@ -15,7 +15,10 @@ pub const SCORE_BATCH: usize = 16;
 #[derive(Debug, Clone, Serialize)]
 pub struct ScoredList {
     pub query: String,
-    pub ids: Vec<Option<String>>,
+    /// Each document's id: its own, or for a text without one a content id (`sha256:...`).
+    pub ids: Vec<String>,
+    /// Each document's first 80 characters, so a person can tell which got which score.
+    pub texts: Vec<String>,
     pub labels: Vec<u8>,
     pub scores: Vec<f32>,
 }
@@ -49,7 +52,14 @@ pub fn evaluate(
         for (s, v) in sums.iter_mut().zip([m.ndcg, m.mrr, m.recall, m.ap]) {
             *s += v;
         }
-        scored.push(ScoredList { query: l.query.clone(), ids: l.ids.clone(), labels: l.labels.clone(), scores });
+        let ids = l
+            .ids
+            .iter()
+            .zip(&l.docs)
+            .map(|(id, text)| id.clone().unwrap_or_else(|| crate::store::feedback::content_id(text)))
+            .collect();
+        let texts = l.docs.iter().map(|d| d.chars().take(80).collect()).collect();
+        scored.push(ScoredList { query: l.query.clone(), ids, texts, labels: l.labels.clone(), scores });
     }
     let n = lists.len().max(1) as f64;
     let metrics =
