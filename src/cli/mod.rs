@@ -122,6 +122,13 @@ pub enum Command {
     InstallLaunchd(install::InstallArgs),
     /// Write a systemd user unit for this root and print the systemctl lines.
     InstallSystemd(install::InstallArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write the man page (roff): to --out, else to standard output.
+    Man {
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Train on the shipped demo corpus with the tiny fixture model, end to end.
     Demo(demo::DemoArgs),
 }
@@ -149,5 +156,20 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::InstallLaunchd(a) => install::launchd(&root, a),
         Command::InstallSystemd(a) => install::systemd(&root, a),
         Command::Demo(a) => demo::run(a),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "rerankd", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { out } => {
+            use clap::CommandFactory;
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+            match out {
+                Some(p) => std::fs::write(&p, page).map_err(|e| anyhow::anyhow!("writing {}: {e}", p.display()))?,
+                None => std::io::Write::write_all(&mut std::io::stdout(), &page)?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

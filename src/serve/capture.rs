@@ -16,8 +16,9 @@ use crate::store::time::now_rfc3339;
 use crate::store::{Root, policy};
 
 /// Events kept in memory to answer feedback without reading the file (older ones are found by
-/// scanning it).
+/// scanning it): at most this many, holding at most [`RECENT_IDS`] document ids in all.
 const RECENT_EVENTS: usize = 100_000;
+const RECENT_IDS: usize = 1_000_000;
 
 /// Why capture or a signal was refused.
 #[derive(Debug)]
@@ -42,7 +43,15 @@ pub struct Capture {
     /// `--capture`: every corpus, whatever its policy says.
     all: bool,
     corpora: Mutex<HashMap<String, Arc<Mutex<CorpusState>>>>,
-    recent: Mutex<(HashMap<String, Impression>, VecDeque<String>)>,
+    recent: Mutex<Recent>,
+}
+
+/// Recently captured events, oldest first, bounded in events and in document ids.
+#[derive(Default)]
+struct Recent {
+    map: HashMap<String, Impression>,
+    order: VecDeque<String>,
+    ids: usize,
 }
 
 impl Capture {
@@ -80,14 +89,16 @@ impl Capture {
     }
 
     fn remember(&self, event_id: &str, ev: Impression) {
-        let mut guard = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        let (map, order) = &mut *guard;
-        if map.insert(event_id.to_string(), ev).is_none() {
-            order.push_back(event_id.to_string());
+        let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        r.ids += ev.docs.len();
+        match r.map.insert(event_id.to_string(), ev) {
+            Some(old) => r.ids -= old.docs.len(),
+            None => r.order.push_back(event_id.to_string()),
         }
-        while order.len() > RECENT_EVENTS {
-            if let Some(old) = order.pop_front() {
-                map.remove(&old);
+        while r.order.len() > RECENT_EVENTS || (r.ids > RECENT_IDS && r.order.len() > 1) {
+            let Some(old) = r.order.pop_front() else { break };
+            if let Some(ev) = r.map.remove(&old) {
+                r.ids -= ev.docs.len();
             }
         }
     }
@@ -171,7 +182,7 @@ impl Capture {
         if event_id.is_empty() || event_id.len() > 256 {
             return Err(unknown());
         }
-        if let Some(ev) = self.recent.lock().unwrap_or_else(|e| e.into_inner()).0.get(event_id)
+        if let Some(ev) = self.recent.lock().unwrap_or_else(|e| e.into_inner()).map.get(event_id)
             && corpus.is_none_or(|c| c == ev.corpus)
         {
             return Ok(ev.clone());
