@@ -127,6 +127,9 @@ pub struct Job {
     pub instruction: Option<String>,
     #[serde(default)]
     pub origin: Origin,
+    /// A command run after this run ends (instead of config.toml's `on_finish`).
+    #[serde(default)]
+    pub on_finish: Option<String>,
 }
 
 pub const DEFAULT_MODEL: &str = "Qwen/Qwen3-Reranker-0.6B";
@@ -279,8 +282,26 @@ pub fn parse_job(text: &str, corpus_home: impl Fn(&str) -> PathBuf, default_budg
     )?;
     let instruction = o.string("instruction")?.map(str::to_string);
     let origin = o.choice("origin", Origin::User, &[("user", Origin::User), ("policy", Origin::Policy)])?;
+    let on_finish = o.string("on_finish")?.map(str::to_string);
+    if on_finish.as_deref().is_some_and(|c| c.trim().is_empty()) {
+        return Err(JobError::at("on_finish", "must be a command, got an empty string", None));
+    }
     o.finish()?;
-    Ok(Job { corpus, model, data, train, lora, eval, promote, device, memory_budget_mb, if_busy, instruction, origin })
+    Ok(Job {
+        corpus,
+        model,
+        data,
+        train,
+        lora,
+        eval,
+        promote,
+        device,
+        memory_budget_mb,
+        if_busy,
+        instruction,
+        origin,
+        on_finish,
+    })
 }
 
 fn data_path(o: &mut Obj, k: &'static str, home: &Path, dir_ok: bool) -> Result<PathBuf, JobError> {

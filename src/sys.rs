@@ -29,6 +29,13 @@ pub fn signal(pid: u32, signal: i32) -> io::Result<()> {
     if unsafe { libc::kill(p, signal) } == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
+/// Sends `signal` to the process group `pgid` (a child started as the leader of its own group).
+pub fn signal_group(pgid: u32, signal: i32) -> io::Result<()> {
+    let p = libc::pid_t::try_from(pgid).ok().filter(|p| *p > 1).ok_or_else(|| io::Error::other("bad process group"))?;
+    // SAFETY: kill has no memory-safety preconditions; -p names one process group (p > 1).
+    if unsafe { libc::kill(-p, signal) } == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
 /// The real user id of this process.
 pub fn uid() -> u32 {
     // SAFETY: getuid has no preconditions and cannot fail.

@@ -18,6 +18,8 @@ struct ConfigFile {
     shutdown_timeout_s: Option<f64>,
     memory_budget_mb: Option<i64>,
     run_nice: Option<i64>,
+    on_finish: Option<String>,
+    on_finish_timeout_s: Option<f64>,
     serve: Option<ServeFile>,
 }
 
@@ -73,6 +75,11 @@ pub struct DaemonConfig {
     pub memory_budget_mb: u64,
     /// The nice value run processes give themselves (0 = as the daemon; 19 = only idle cycles).
     pub run_nice: i32,
+    /// A command (`sh -c`) run after each run's terminal state is recorded, unless its job names
+    /// its own `on_finish`.
+    pub on_finish: Option<String>,
+    /// How long a hook may run before it (and its process group) is killed.
+    pub on_finish_timeout: Duration,
     pub serve: ServeConfig,
 }
 
@@ -97,6 +104,8 @@ impl Default for DaemonConfig {
             shutdown_timeout: Duration::from_secs(20),
             memory_budget_mb: crate::train::memory::default_budget_mb(),
             run_nice: 10,
+            on_finish: None,
+            on_finish_timeout: Duration::from_secs(60),
             serve: ServeConfig::default(),
         }
     }
@@ -150,6 +159,13 @@ impl DaemonConfig {
             memory_budget_mb: int("memory_budget_mb", f.memory_budget_mb, 256, 1 << 20, d.memory_budget_mb as i64)?
                 as u64,
             run_nice: int("run_nice", f.run_nice, 0, 19, d.run_nice as i64)? as i32,
+            on_finish: match f.on_finish {
+                Some(c) if c.trim().is_empty() => {
+                    return Err(("on_finish", "must be a command, got an empty string".into()));
+                }
+                other => other,
+            },
+            on_finish_timeout: secs("on_finish_timeout_s", f.on_finish_timeout_s, 0.1, d.on_finish_timeout)?,
             serve,
         })
     }
@@ -184,7 +200,7 @@ mod tests {
     fn every_documented_key() {
         let c = DaemonConfig::parse(
             "max_concurrent_runs = 2\ncancel_grace_s = 1.5\nrescan_s = 10\nshutdown_timeout_s = 5\n\
-             memory_budget_mb = 4096\nrun_nice = 5\n[serve]\nmax_documents = 50\nmax_body_kb = 64\n\
+             memory_budget_mb = 4096\nrun_nice = 5\non_finish = \"notify-send done\"\non_finish_timeout_s = 5\n[serve]\nmax_documents = 50\nmax_body_kb = 64\n\
              max_queue_pairs = 100\nbatch_size = 8\nbatch_tokens = 2048\n",
         )
         .unwrap();
@@ -194,6 +210,8 @@ mod tests {
         assert_eq!(c.shutdown_timeout, Duration::from_secs(5));
         assert_eq!(c.memory_budget_mb, 4096);
         assert_eq!(c.run_nice, 5);
+        assert_eq!(c.on_finish.as_deref(), Some("notify-send done"));
+        assert_eq!(c.on_finish_timeout, Duration::from_secs(5));
         let s = ServeConfig {
             max_documents: 50,
             max_body_bytes: 65536,

@@ -10,6 +10,7 @@
 //! half-second tick; while runs wait, a one-second tick).
 
 pub mod config;
+pub mod hooks;
 pub mod intake;
 pub mod policy;
 pub mod supervise;
@@ -72,6 +73,7 @@ struct Daemon {
     unsettled: Vec<Unsettled>,
     intake: Intake,
     policies: policy::Policies,
+    hooks: hooks::Hooks,
 }
 
 /// Runs the daemon until a stop signal (or, with `until_idle`, until nothing is left to do).
@@ -114,6 +116,7 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
         unsettled: Vec::new(),
         intake,
         policies: Default::default(),
+        hooks: Default::default(),
     };
     for a in swept.adopted {
         tracing::warn!(run_id = %a.run_id, pid = a.pid, "adopting a run that outlived the previous daemon");
@@ -196,7 +199,11 @@ impl Daemon {
         } else {
             None
         };
-        [Some(next_scan), tick, self.intake.next_due()].into_iter().flatten().min().unwrap_or(next_scan)
+        [Some(next_scan), tick, self.intake.next_due(), self.hooks.next_due()]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(next_scan)
     }
 
     fn reload_config(&mut self) {
@@ -287,12 +294,16 @@ impl Daemon {
     /// Queued runs with a cancel sentinel are cancelled without ever starting.
     fn cancel_queued(&mut self) {
         let root = self.root.clone();
+        let mut ended = Vec::new();
         self.queue.retain(|q| {
             let files = RunFiles::new(&root.run_dir(&q.run_id));
             let Some(reason) = files.cancel_requested() else { return true };
             match Status::read(&files.status()) {
                 Ok(mut st) => match crate::store::settle(&files, &mut st, RunState::Cancelled, Some(reason), None) {
-                    Ok(_) => tracing::info!(run_id = %q.run_id, "queued run cancelled"),
+                    Ok(_) => {
+                        tracing::info!(run_id = %q.run_id, "queued run cancelled");
+                        ended.push(q.run_id.clone());
+                    }
                     Err(e) => {
                         tracing::error!(run_id = %q.run_id, error = %e, "recording a cancelled queued run; will retry");
                         return true;
@@ -302,6 +313,9 @@ impl Daemon {
             }
             false
         });
+        for id in ended {
+            self.finished(&id);
+        }
     }
 
     fn start_runs(&mut self) {
@@ -355,15 +369,34 @@ impl Daemon {
     }
 
     fn supervise(&mut self) {
+        let before: Vec<String> = self
+            .active
+            .iter()
+            .map(|a| a.run_id.clone())
+            .chain(self.unsettled.iter().map(|u| u.run_id.clone()))
+            .collect();
         let failed = supervise::supervise(&self.root, &mut self.active, self.cfg.cancel_grace);
         let pending = std::mem::take(&mut self.unsettled);
         self.unsettled = pending.into_iter().filter_map(|u| supervise::retry(&self.root, u)).collect();
         self.unsettled.extend(failed);
+        // Runs whose terminal state is now recorded: their on_finish hooks.
+        for id in before {
+            if !self.active.iter().any(|a| a.run_id == id) && !self.unsettled.iter().any(|u| u.run_id == id) {
+                self.finished(&id);
+            }
+        }
+        self.hooks.poll(&self.root);
+    }
+
+    /// A run's terminal state is recorded: start its on_finish hook.
+    fn finished(&mut self, run_id: &str) {
+        self.hooks.start(&self.root, run_id, self.cfg.on_finish.as_deref(), self.cfg.on_finish_timeout);
     }
 
     /// Cancels every active run as "daemon shutdown", waits (bounded) for them to record it,
     /// kills what is left and records it. Queued runs stay queued for the next start.
     fn shutdown(&mut self) {
+        self.hooks.stop_all(&self.root);
         for a in &self.active {
             if let Err(e) = RunFiles::new(&self.root.run_dir(&a.run_id)).request_cancel(SHUTDOWN_REASON) {
                 tracing::error!(run_id = %a.run_id, error = %e, "writing the cancel sentinel");
