@@ -16,7 +16,11 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("rerankd: error: {e:#}");
+            if cli::json() {
+                eprintln!("{}", serde_json::json!({"error": format!("{e:#}")}));
+            } else {
+                eprintln!("rerankd: error: {e:#}");
+            }
             ExitCode::from(cli::EXIT_FAILURE)
         }
     }

@@ -29,3 +29,79 @@ fn completions_and_the_man_page_are_generated_from_the_real_commands() {
     let out = root.cli_cmd(["completions", "tcsh"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "an unknown shell is a usage error");
 }
+
+/// Every non-empty line of `out` is a JSON object.
+fn json_lines(what: &str, out: &[u8]) -> Vec<serde_json::Value> {
+    let text = String::from_utf8_lossy(out);
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{what}: not a JSON line ({e}): {l}")))
+        .collect();
+    assert!(!lines.is_empty(), "{what}: printed nothing");
+    assert!(lines.iter().all(|v| v.is_object()), "{what}: {text}");
+    lines
+}
+
+#[test]
+fn every_command_speaks_json_with_the_flag() {
+    let root = Root::new("");
+    let d = DaemonGuard(root.daemon());
+    let job_file = root.dir.parent().unwrap().join("job.json");
+    let mut job = root.job("c1", 1);
+    job["promote"] = "always".into();
+    std::fs::write(&job_file, job.to_string()).unwrap();
+    let out = root.cli_cmd(["submit", job_file.to_str().unwrap(), "--wait", "30", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run = json_lines("submit", &out.stdout)[0]["run_id"].as_str().unwrap().to_string();
+    wait_state(&root, &run, &["completed"], std::time::Duration::from_secs(60));
+    let dir = root.dir.parent().unwrap();
+    let export_dir = dir.join("export");
+    let commands: Vec<Vec<String>> = vec![
+        vec!["status".into(), run.clone()],
+        vec!["status".into(), "--corpus".into(), "c1".into()],
+        vec!["runs".into()],
+        vec!["cancel".into(), run.clone()],
+        vec!["stop".into(), "c1".into()],
+        vec!["promote".into(), run.clone()],
+        vec!["doctor".into()],
+        vec!["install-systemd".into(), "--dest".into(), dir.join("u.service").display().to_string()],
+        vec!["install-launchd".into(), "--dest".into(), dir.join("a.plist").display().to_string()],
+        vec![
+            "score".into(),
+            "--corpus".into(),
+            "c1".into(),
+            "--query".into(),
+            "q1".into(),
+            "--doc".into(),
+            "answer 1".into(),
+        ],
+        vec![
+            "export".into(),
+            "--corpus".into(),
+            "c1".into(),
+            "--format".into(),
+            "seq-cls".into(),
+            "--out".into(),
+            export_dir.display().to_string(),
+        ],
+    ];
+    for args in &commands {
+        let out = root.cli_cmd(["--json"]).args(args).output().unwrap();
+        let what = args.join(" ");
+        json_lines(&what, &out.stdout);
+        assert!(out.status.code().is_some_and(|c| c <= 1), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Refusals and errors: JSON on stderr.
+    for args in [vec!["cancel", "nosuch__20260101_000000"], vec!["rollback", "nosuch"], vec!["sweep"], vec!["promote", "nosuch__20260101_000000"], vec!["stop", "../x"]]
+    {
+        let out = root.cli_cmd(["--json"]).args(&args).output().unwrap();
+        let what = args.join(" ");
+        assert!(!out.status.success(), "{what}");
+        let e = json_lines(&what, &out.stderr);
+        assert!(e[0]["error"].is_string(), "{what}: {:?}", e);
+    }
+    drop(d);
+    let out = root.cli_cmd(["sweep", "--json"]).output().unwrap();
+    assert!(json_lines("sweep", &out.stdout)[0]["settled"].is_number());
+}

@@ -28,8 +28,6 @@ pub struct BenchArgs {
     pub lora_r: usize,
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
-    #[arg(long)]
-    pub json: bool,
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
@@ -88,7 +86,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         "device": format!("{:?}", device.location()),
         "threads": rayon::current_num_threads(),
     });
-    if a.json {
+    if super::json() {
         println!("{line}");
     } else {
         println!("{}", serde_json::to_string_pretty(&line)?);

@@ -32,7 +32,7 @@ pub fn run(root: &Root, a: DaemonArgs) -> anyhow::Result<ExitCode> {
     match rerankd::daemon::run(&root, a.until_idle) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) if e.is::<rerankd::daemon::AlreadyRunning>() => {
-            eprintln!("rerankd: {e:#}");
+            super::complain(format!("{e:#}"));
             Ok(ExitCode::from(super::EXIT_REFUSED))
         }
         Err(e) => Err(e),
@@ -64,16 +64,19 @@ pub fn init_logging(format: LogFormat) {
 pub fn sweep(root: &Root) -> anyhow::Result<ExitCode> {
     root.ensure()?;
     let Some(_lock) = FileLock::try_acquire(&root.daemon_lock())? else {
-        eprintln!("rerankd: a daemon holds {}; it sweeps at boot by itself", root.daemon_lock().display());
+        super::complain(format!("a daemon holds {}; it sweeps at boot by itself", root.daemon_lock().display()));
         return Ok(ExitCode::from(super::EXIT_REFUSED));
     };
     let s = rerankd::daemon::sweep::sweep(root)?;
-    println!(
-        "settled {} orphaned run(s); {} queued run(s) wait for a daemon; {} run(s) still alive; {} stale temp file(s) removed",
-        s.settled,
-        s.queued.len(),
-        s.adopted.len(),
-        s.temps_removed
+    super::say(
+        format!(
+            "settled {} orphaned run(s); {} queued run(s) wait for a daemon; {} run(s) still alive; {} stale temp file(s) removed",
+            s.settled,
+            s.queued.len(),
+            s.adopted.len(),
+            s.temps_removed
+        ),
+        serde_json::json!({"settled": s.settled, "queued": s.queued.len(), "alive": s.adopted.len(), "temps_removed": s.temps_removed}),
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -13,20 +13,23 @@ struct Report {
 
 impl Report {
     fn ok(&self, what: &str) {
-        println!("ok    {what}");
+        super::say(format!("ok    {what}"), serde_json::json!({"level": "ok", "what": what}));
     }
     fn warn(&mut self, what: &str, fix: &str) {
         self.problems += 1;
-        println!("WARN  {what}\n      -> {fix}");
+        super::say(
+            format!("WARN  {what}\n      -> {fix}"),
+            serde_json::json!({"level": "warn", "what": what, "fix": fix}),
+        );
     }
     fn info(&self, what: &str) {
-        println!("info  {what}");
+        super::say(format!("info  {what}"), serde_json::json!({"level": "info", "what": what}));
     }
 }
 
 pub fn run(root: &Root) -> anyhow::Result<ExitCode> {
     let mut r = Report { problems: 0 };
-    println!("root: {}", root.dir.display());
+    r.info(&format!("root: {}", root.dir.display()));
     if !root.dir.is_dir() {
         r.warn("the root does not exist yet", "start the daemon (it creates the layout) or `rerankd submit` a job");
         return Ok(ExitCode::from(super::EXIT_FAILURE));

@@ -62,7 +62,7 @@ pub fn run(root: &Root, a: ExportArgs) -> anyhow::Result<ExitCode> {
                 Err(code) => return Ok(code),
             };
             if !files.adapter().join("adapter_model.safetensors").is_file() {
-                eprintln!("rerankd: run {run} ({}) has no adapter to export", st.state.as_str());
+                super::complain(format!("run {run} ({}) has no adapter to export", st.state.as_str()));
                 return Ok(ExitCode::from(super::EXIT_NOT_FOUND));
             }
             (run.clone(), files.adapter())
@@ -74,7 +74,7 @@ pub fn run(root: &Root, a: ExportArgs) -> anyhow::Result<ExitCode> {
             match models::current(root, c) {
                 Some(x) => x,
                 None => {
-                    eprintln!("rerankd: corpus `{c}` has no promoted adapter");
+                    super::complain(format!("corpus `{c}` has no promoted adapter"));
                     return Ok(ExitCode::from(super::EXIT_NOT_FOUND));
                 }
             }
@@ -83,11 +83,11 @@ pub fn run(root: &Root, a: ExportArgs) -> anyhow::Result<ExitCode> {
     };
     if let Ok(mut d) = std::fs::read_dir(&a.out) {
         if d.next().is_some() {
-            eprintln!("rerankd: {} is not empty; refusing to overwrite it", a.out.display());
+            super::complain(format!("{} is not empty; refusing to overwrite it", a.out.display()));
             return Ok(ExitCode::from(super::EXIT_REFUSED));
         }
     } else if a.out.exists() {
-        eprintln!("rerankd: {} exists and is not a directory", a.out.display());
+        super::complain(format!("{} exists and is not a directory", a.out.display()));
         return Ok(ExitCode::from(super::EXIT_REFUSED));
     }
     let manifest = models::Manifest::read(&adapter)?;

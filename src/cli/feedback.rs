@@ -37,13 +37,13 @@ pub fn run(root: &Root, cmd: FeedbackCmd) -> anyhow::Result<ExitCode> {
     }
     let fb = CorpusFeedback::new(root, &a.corpus);
     let Some(ev) = find_event(&fb, &a.event)? else {
-        eprintln!("rerankd: no query event `{}` in {}", a.event, fb.feedback.display());
+        super::complain(format!("no query event `{}` in {}", a.event, fb.feedback.display()));
         return Ok(ExitCode::from(super::EXIT_NOT_FOUND));
     };
     let doc = match check_signal(&ev, &a.signal, a.index, a.doc.as_deref()) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("rerankd: {e}");
+            super::complain(e);
             return Ok(ExitCode::from(super::EXIT_FAILURE));
         }
     };

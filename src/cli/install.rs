@@ -96,18 +96,25 @@ fn write(dest: &std::path::Path, text: &str) -> anyhow::Result<()> {
         std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
     }
     rerankd::store::write_atomic(dest, text.as_bytes())?;
-    println!("wrote {}", dest.display());
     Ok(())
 }
 
-fn run_lines(lines: &[String], load: bool) -> anyhow::Result<()> {
-    for l in lines {
-        println!("  {l}");
-        if load {
+/// Reports what was written and the commands that load it (running the first ones with
+/// `--load`); `more` are shown, never run.
+fn report(dest: &std::path::Path, heading: &str, lines: &[String], more: &[String], load: bool) -> anyhow::Result<()> {
+    if load {
+        for l in lines {
             let ok = std::process::Command::new("sh").arg("-c").arg(l).status()?.success();
             anyhow::ensure!(ok, "`{l}` failed");
         }
     }
+    let all: Vec<&String> = lines.iter().chain(more).collect();
+    let text = format!(
+        "wrote {}\n{heading}\n{}",
+        dest.display(),
+        all.iter().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+    );
+    super::say(text, serde_json::json!({"wrote": dest, "commands": all, "loaded": load}));
     Ok(())
 }
 
@@ -116,12 +123,14 @@ pub fn launchd(root: &Root, a: InstallArgs) -> anyhow::Result<ExitCode> {
     let (template, label, _) = which(&a, true);
     let dest = dest_file(a.dest.clone(), home().join("Library/LaunchAgents"), &format!("{label}.plist"));
     write(&dest, &fill(template, label, &args_text(&a.serve_args, true), root)?)?;
-    println!("load, restart and unload with:");
     let d = dest.display();
-    let lines = [format!("launchctl bootstrap gui/$(id -u) {d}")];
-    run_lines(&lines, a.load)?;
-    println!("  launchctl kickstart -k gui/$(id -u)/{label}");
-    println!("  launchctl bootout gui/$(id -u)/{label}");
+    report(
+        &dest,
+        "load, restart and unload with:",
+        &[format!("launchctl bootstrap gui/$(id -u) {d}")],
+        &[format!("launchctl kickstart -k gui/$(id -u)/{label}"), format!("launchctl bootout gui/$(id -u)/{label}")],
+        a.load,
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -130,11 +139,12 @@ pub fn systemd(root: &Root, a: InstallArgs) -> anyhow::Result<ExitCode> {
     let (template, label, unit) = which(&a, false);
     let dest = dest_file(a.dest.clone(), home().join(".config/systemd/user"), &format!("{unit}.service"));
     write(&dest, &fill(template, label, &args_text(&a.serve_args, false), root)?)?;
-    println!("enable and start with:");
-    run_lines(
+    report(
+        &dest,
+        "enable and start with:",
         &["systemctl --user daemon-reload".into(), format!("systemctl --user enable --now {unit}.service")],
+        &[format!("journalctl --user -u {unit} -f      # logs")],
         a.load,
     )?;
-    println!("  journalctl --user -u {unit} -f      # logs");
     Ok(ExitCode::SUCCESS)
 }

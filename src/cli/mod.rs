@@ -30,18 +30,43 @@ pub const EXIT_REFUSED: u8 = 4;
 /// `watch`: the run ended cancelled.
 pub const EXIT_CANCELLED: u8 = 5;
 
+static JSON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Whether `--json` was given: results as JSON objects a line on stdout, errors as JSON on stderr.
+pub fn json() -> bool {
+    JSON.get().copied().unwrap_or(false)
+}
+
+/// A command's result: its JSON object with `--json`, else the text for people.
+pub fn say(text: impl std::fmt::Display, obj: serde_json::Value) {
+    if json() {
+        println!("{obj}");
+    } else {
+        println!("{text}");
+    }
+}
+
+/// A refusal or a failure, on stderr: `rerankd: message`, or with `--json` `{"error": message}`.
+pub fn complain(message: impl std::fmt::Display) {
+    if json() {
+        eprintln!("{}", serde_json::json!({"error": message.to_string()}));
+    } else {
+        eprintln!("rerankd: {message}");
+    }
+}
+
 /// A run named on the command line: its files and status, or the exit code already reported
 /// (a malformed id, or no such run). The one "no run `X`" lookup of the CLI.
 pub fn find_run(root: &Root, run: &str) -> Result<(RunFiles, Status), ExitCode> {
     if !valid_run_id(run) {
-        eprintln!("rerankd: `{run}` is not a run id (like corpus__20261127_120000)");
+        complain(format!("`{run}` is not a run id (like corpus__20261127_120000)"));
         return Err(ExitCode::from(EXIT_FAILURE));
     }
     let files = RunFiles::new(&root.run_dir(run));
     match Status::read(&files.status()) {
         Ok(st) => Ok((files, st)),
         Err(_) => {
-            eprintln!("rerankd: no run `{run}` under {}", root.runs().display());
+            complain(format!("no run `{run}` under {}", root.runs().display()));
             Err(ExitCode::from(EXIT_NOT_FOUND))
         }
     }
@@ -52,7 +77,7 @@ pub fn check_corpus(corpus: &str) -> Result<(), ExitCode> {
     if valid_corpus_name(corpus) {
         return Ok(());
     }
-    eprintln!("rerankd: `{corpus}` is not a corpus name (1-64 of A-Z a-z 0-9 . _ -, not starting with a dot)");
+    complain(format!("`{corpus}` is not a corpus name (1-64 of A-Z a-z 0-9 . _ -, not starting with a dot)"));
     Err(ExitCode::from(EXIT_FAILURE))
 }
 
@@ -71,6 +96,9 @@ pub struct Cli {
     /// State root (default: $RERANKD_ROOT, else the platform's state directory).
     #[arg(long, global = true)]
     pub root: Option<PathBuf>,
+    /// Results as one JSON object a line on stdout; errors as `{"error": ...}` on stderr.
+    #[arg(long, global = true)]
+    pub json: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -134,6 +162,7 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let _ = JSON.set(cli.json);
     let root = Root::resolve(cli.root.as_deref());
     match cli.command {
         Command::Daemon(a) => daemon::run(&root, a),

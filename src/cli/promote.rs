@@ -10,7 +10,7 @@ fn lock(root: &Root, corpus: &str) -> anyhow::Result<Option<FileLock>> {
     root.ensure()?;
     let l = FileLock::try_acquire(&root.corpus_lock(corpus))?;
     if l.is_none() {
-        eprintln!("rerankd: corpus `{corpus}` has an active run; try again when it has finished");
+        super::complain(format!("corpus `{corpus}` has an active run; try again when it has finished"));
     }
     Ok(l)
 }
@@ -21,14 +21,17 @@ pub fn promote(root: &Root, run: &str) -> anyhow::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     if st.state != RunState::Completed || !files.adapter().join("adapter_model.safetensors").is_file() {
-        eprintln!("rerankd: run `{run}` is {} and has no adapter to promote", st.state.as_str());
+        super::complain(format!("run `{run}` is {} and has no adapter to promote", st.state.as_str()));
         return Ok(ExitCode::from(super::EXIT_REFUSED));
     }
     let Some(_lock) = lock(root, &st.corpus)? else { return Ok(ExitCode::from(super::EXIT_REFUSED)) };
     models::reconcile(root, &st.corpus)?;
     let dest =
         models::promote(root, &st.corpus, run, &files.adapter(), "manual", json!({"reason": "promoted by hand"}))?;
-    println!("{} now serves {run} ({})", st.corpus, dest.display());
+    super::say(
+        format!("{} now serves {run} ({})", st.corpus, dest.display()),
+        json!({"corpus": st.corpus, "current": run, "path": dest}),
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -37,18 +40,21 @@ pub fn rollback(root: &Root, corpus: &str) -> anyhow::Result<ExitCode> {
         return Ok(code);
     }
     if !root.models(corpus).is_dir() {
-        eprintln!("rerankd: corpus `{corpus}` has no promoted adapter");
+        super::complain(format!("corpus `{corpus}` has no promoted adapter"));
         return Ok(ExitCode::from(super::EXIT_REFUSED));
     }
     let Some(_lock) = lock(root, corpus)? else { return Ok(ExitCode::from(super::EXIT_REFUSED)) };
     match models::rollback(root, corpus) {
         Ok((from, to)) => {
-            println!("{corpus}: rolled back from {from} to {to}");
+            super::say(
+                format!("{corpus}: rolled back from {from} to {to}"),
+                json!({"corpus": corpus, "from": from, "to": to}),
+            );
             Ok(ExitCode::SUCCESS)
         }
         Err(models::RollbackError::Store(e)) => Err(e.into()),
         Err(why) => {
-            eprintln!("rerankd: {why}");
+            super::complain(why);
             Ok(ExitCode::from(super::EXIT_REFUSED))
         }
     }

@@ -12,15 +12,10 @@ pub struct StatusArgs {
     pub run: Option<String>,
     #[arg(long)]
     pub corpus: Option<String>,
-    #[arg(long)]
-    pub json: bool,
 }
 
 #[derive(Args, Debug)]
-pub struct RunsArgs {
-    #[arg(long)]
-    pub json: bool,
-}
+pub struct RunsArgs {}
 
 use rerankd::store::all_runs;
 
@@ -47,9 +42,9 @@ pub fn status(root: &Root, a: StatusArgs) -> anyhow::Result<ExitCode> {
         (None, Some(c)) => all_runs(root).into_iter().filter(|s| &s.corpus == c).collect(),
         (None, None) => all_runs(root),
     };
-    print(&runs, a.json);
+    print(&runs, super::json());
     if let (None, Some(c)) = (&a.run, &a.corpus) {
-        print_online(root, c, a.json)?;
+        print_online(root, c, super::json())?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -85,9 +80,9 @@ fn print_online(root: &Root, corpus: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn list(root: &Root, a: RunsArgs) -> anyhow::Result<ExitCode> {
+pub fn list(root: &Root, _a: RunsArgs) -> anyhow::Result<ExitCode> {
     super::check_root(root)?;
-    print(&all_runs(root), a.json);
+    print(&all_runs(root), super::json());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -97,12 +92,18 @@ pub fn cancel(root: &Root, run: &str) -> anyhow::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     if st.state.is_terminal() {
-        println!("{run} is already {}", st.state.as_str());
+        super::say(
+            format!("{run} is already {}", st.state.as_str()),
+            serde_json::json!({"run_id": run, "cancel": "not needed", "state": st.state.as_str()}),
+        );
         return Ok(ExitCode::SUCCESS);
     }
     // A failure to write the sentinel is the command's failure, never a silent "requested".
     files.request_cancel(rerankd::store::paths::DEFAULT_CANCEL_REASON)?;
-    println!("cancel requested for {run}");
+    super::say(
+        format!("cancel requested for {run}"),
+        serde_json::json!({"run_id": run, "cancel": "requested", "state": st.state.as_str()}),
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -114,10 +115,16 @@ pub fn stop(root: &Root, corpus: &str) -> anyhow::Result<ExitCode> {
         all_runs(root).into_iter().filter(|s| s.corpus == corpus && !s.state.is_terminal()).collect();
     for s in &live {
         RunFiles::new(&root.run_dir(&s.run_id)).request_cancel(&format!("corpus {corpus} stopped by user"))?;
-        println!("cancel requested for {} ({})", s.run_id, s.state.as_str());
+        super::say(
+            format!("cancel requested for {} ({})", s.run_id, s.state.as_str()),
+            serde_json::json!({"run_id": s.run_id, "cancel": "requested", "state": s.state.as_str()}),
+        );
     }
     if live.is_empty() {
-        println!("no active or queued run for corpus {corpus}");
+        super::say(
+            format!("no active or queued run for corpus {corpus}"),
+            serde_json::json!({"corpus": corpus, "stopped": 0}),
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -42,9 +42,6 @@ pub struct ScoreArgs {
     pub batch_size: usize,
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
-    /// One JSON line per document, in input order.
-    #[arg(long)]
-    pub json: bool,
 }
 
 pub fn run(root: &Root, a: ScoreArgs) -> anyhow::Result<ExitCode> {
@@ -52,7 +49,7 @@ pub fn run(root: &Root, a: ScoreArgs) -> anyhow::Result<ExitCode> {
         (Some(c), _) => match models::current(root, c) {
             Some((_, dir)) => Some(dir),
             None if a.model.is_some() => {
-                eprintln!("rerankd: corpus `{c}` has no promoted adapter; scoring with the base model");
+                super::complain(format!("corpus `{c}` has no promoted adapter; scoring with the base model"));
                 None
             }
             None => anyhow::bail!("corpus `{c}` has no promoted adapter (and no --model given)"),
@@ -87,7 +84,7 @@ pub fn run(root: &Root, a: ScoreArgs) -> anyhow::Result<ExitCode> {
     };
     let pairs: Vec<(&str, &str)> = texts.iter().map(|d| (a.query.as_str(), d.as_str())).collect();
     let scores = r.score_pairs(&pairs, max_length, a.batch_size, lora.as_ref())?;
-    if a.json {
+    if super::json() {
         for (i, s) in scores.iter().enumerate() {
             let mut line = json!({"index": i, "score": s.score, "yes_logit": s.yes_logit, "no_logit": s.no_logit});
             if let Some(id) = &ids[i] {

@@ -60,7 +60,7 @@ pub fn run(root: &Root, a: ServeArgs) -> anyhow::Result<ExitCode> {
     match rerankd::serve::run(root, o) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) if e.is::<AlreadyServing>() || e.is::<Refused>() => {
-            eprintln!("rerankd: {e:#}");
+            super::complain(format!("{e:#}"));
             Ok(ExitCode::from(super::EXIT_REFUSED))
         }
         Err(e) => Err(e),

@@ -15,8 +15,6 @@ pub struct SubmitArgs {
     /// Seconds to wait for a running daemon to accept or reject the job (0: do not wait).
     #[arg(long, default_value_t = 10.0, value_parser = parse_wait)]
     pub wait: f64,
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// `--wait`: a finite number of seconds from 0 to a day (checked before anything is submitted).
@@ -59,18 +57,27 @@ pub fn run(root: &Root, a: SubmitArgs) -> anyhow::Result<ExitCode> {
     );
     loop {
         if let Ok(r) = std::fs::read_to_string(&acc) {
-            print!("{r}");
+            match serde_json::from_str::<serde_json::Value>(&r) {
+                Ok(v) if super::json() => println!("{v}"),
+                _ => print!("{r}"),
+            }
             return Ok(ExitCode::SUCCESS);
         }
         if rej.exists() {
             let why = std::fs::read_to_string(&err).unwrap_or_default();
-            eprintln!("rerankd: job rejected: {}", why.trim());
+            match serde_json::from_str::<serde_json::Value>(&why) {
+                // With --json, the rejection's own {error, field, hint} on stderr.
+                Ok(v) if super::json() => eprintln!("{v}"),
+                _ => super::complain(format!("job rejected: {}", why.trim())),
+            }
             return Ok(ExitCode::from(super::EXIT_REFUSED));
         }
         if Instant::now() >= deadline {
             let msg = if a.wait > 0.0 { " (no daemon answered yet)" } else { "" };
             println!("{{\"submitted\": {:?}, \"spool\": {:?}}}", name, root.spool().join(&name));
-            eprintln!("submitted {name}{msg}");
+            if !super::json() {
+                eprintln!("submitted {name}{msg}");
+            }
             return Ok(ExitCode::SUCCESS);
         }
         std::thread::sleep(Duration::from_millis(100));
