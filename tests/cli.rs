@@ -93,8 +93,13 @@ fn every_command_speaks_json_with_the_flag() {
         assert!(out.status.code().is_some_and(|c| c <= 1), "{what}: {}", String::from_utf8_lossy(&out.stderr));
     }
     // Refusals and errors: JSON on stderr.
-    for args in [vec!["cancel", "nosuch__20260101_000000"], vec!["rollback", "nosuch"], vec!["sweep"], vec!["promote", "nosuch__20260101_000000"], vec!["stop", "../x"]]
-    {
+    for args in [
+        vec!["cancel", "nosuch__20260101_000000"],
+        vec!["rollback", "nosuch"],
+        vec!["sweep"],
+        vec!["promote", "nosuch__20260101_000000"],
+        vec!["stop", "../x"],
+    ] {
         let out = root.cli_cmd(["--json"]).args(&args).output().unwrap();
         let what = args.join(" ");
         assert!(!out.status.success(), "{what}");
