@@ -54,23 +54,10 @@ fn docs() -> Vec<String> {
     ]
 }
 
-/// `rerankd score --json` with `extra`: per document (score, yes - no).
+/// `rerankd score --json` of the test's query and documents with `extra`: per document (score,
+/// yes - no).
 fn score(root: &Root, extra: &[&str]) -> Vec<(f64, f64)> {
-    let mut c = root.cli_cmd(["score", "--device", "cpu", "--json", "--query", QUERY]);
-    c.args(extra);
-    for d in docs() {
-        c.arg("--doc").arg(d);
-    }
-    let out = c.output().unwrap();
-    assert!(out.status.success(), "score: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            (v["score"].as_f64().unwrap(), v["yes_logit"].as_f64().unwrap() - v["no_logit"].as_f64().unwrap())
-        })
-        .collect()
+    score_cli(root, extra, QUERY, &docs())
 }
 
 fn max_diff(a: &[(f64, f64)], b: &[(f64, f64)]) -> (f64, f64) {

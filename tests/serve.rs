@@ -86,25 +86,6 @@ fn docs() -> Vec<String> {
     ]
 }
 
-/// `rerankd score ... --json`: per input document, (score, yes - no).
-fn score_cli(root: &Root, extra: &[&str], query: &str, docs: &[String]) -> Vec<(f64, f64)> {
-    let mut c = root.cli_cmd(["score", "--device", "cpu", "--json", "--query", query]);
-    c.args(extra);
-    for d in docs {
-        c.arg("--doc").arg(d);
-    }
-    let out = c.output().unwrap();
-    assert!(out.status.success(), "score: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            (v["score"].as_f64().unwrap(), v["yes_logit"].as_f64().unwrap() - v["no_logit"].as_f64().unwrap())
-        })
-        .collect()
-}
-
 /// Results (`index` plus a score field) in descending order, covering the expected indices, with
 /// each score equal to the expected one.
 fn check_ranked(results: &[Value], field: &str, expected: &[f64], n: usize, tol: f64) {

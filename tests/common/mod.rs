@@ -397,3 +397,22 @@ pub fn agent() -> ureq::Agent {
         ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(60))).build(),
     )
 }
+
+/// `rerankd score ... --json`: per input document, (score, yes - no).
+pub fn score_cli(root: &Root, extra: &[&str], query: &str, docs: &[String]) -> Vec<(f64, f64)> {
+    let mut c = root.cli_cmd(["score", "--device", "cpu", "--json", "--query", query]);
+    c.args(extra);
+    for d in docs {
+        c.arg("--doc").arg(d);
+    }
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "score: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["score"].as_f64().unwrap(), v["yes_logit"].as_f64().unwrap() - v["no_logit"].as_f64().unwrap())
+        })
+        .collect()
+}
