@@ -434,8 +434,13 @@ fn a_failed_policy_run_is_not_retried_until_more_feedback_arrives() {
         );
     }
     let runs = || -> Vec<String> {
+        // Run directories only (a run is built in a hidden temporary directory first).
         std::fs::read_dir(root.dir.join("runs"))
-            .map(|d| d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned())).collect())
+            .map(|d| {
+                d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                    .filter(|n| n.starts_with("c__"))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let first = wait_for("the policy run", Duration::from_secs(30), || runs().into_iter().next());
