@@ -110,3 +110,39 @@ fn every_command_speaks_json_with_the_flag() {
     let out = root.cli_cmd(["sweep", "--json"]).output().unwrap();
     assert!(json_lines("sweep", &out.stdout)[0]["settled"].is_number());
 }
+
+#[test]
+fn watch_json_streams_the_events_and_exits_with_the_run() {
+    let root = Root::new("");
+    let _d = DaemonGuard(root.daemon());
+    // --corpus, started before the corpus has any run: it follows the next one.
+    let follower =
+        root.cli_cmd(["watch", "--corpus", "c1", "--json"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let ok = root.submit("ok.json", &root.job("c1", 1));
+    let out = follower.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let events = json_lines("watch --corpus", &out.stdout);
+    assert_eq!(events[0]["seq"], 0);
+    assert!(events.iter().all(|e| e["run_id"] == ok.as_str()), "followed another run");
+    assert_eq!(events.last().unwrap()["state"], "completed");
+    assert!(events.iter().any(|e| e["type"] == "step"));
+
+    let mut bad = root.job("c2", 1);
+    bad["model"] = "/nonexistent/model".into();
+    let failed = root.submit("bad.json", &bad);
+    let out = root.cli_cmd(["watch", &failed, "--json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json_lines("watch failed", &out.stdout).last().unwrap()["state"], "failed");
+
+    let long = root.submit("long.json", &root.job("c3", 1000));
+    wait_state(&root, &long, &["running"], std::time::Duration::from_secs(60));
+    assert!(root.cli_cmd(["cancel", &long]).output().unwrap().status.success());
+    let out = root.cli_cmd(["watch", &long, "--json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(5));
+    assert_eq!(json_lines("watch cancelled", &out.stdout).last().unwrap()["state"], "cancelled");
+    // In a pipe without --json: the plain lines, same exit code.
+    let out = root.cli_cmd(["watch", &ok]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("completed"));
+}

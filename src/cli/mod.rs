@@ -122,7 +122,14 @@ pub enum Command {
     /// List all runs.
     Runs(runs::RunsArgs),
     /// Follow a run: progress, loss, ETA, evaluation; exits when it ends (0/1/5).
-    Watch { run: String },
+    Watch {
+        /// The run to follow.
+        #[arg(required_unless_present = "corpus")]
+        run: Option<String>,
+        /// Follow the corpus's run: the one not ended yet, else the next one it gets.
+        #[arg(long, conflicts_with = "run")]
+        corpus: Option<String>,
+    },
     /// Request cancellation of a run.
     Cancel { run: String },
     /// Cancel a corpus's active and queued runs.
@@ -170,7 +177,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Submit(a) => submit::run(&root, a),
         Command::Status(a) => runs::status(&root, a),
         Command::Runs(a) => runs::list(&root, a),
-        Command::Watch { run } => watch::run(&root, &run),
+        Command::Watch { run, corpus } => watch::run(&root, run.as_deref(), corpus.as_deref()),
         Command::Cancel { run } => runs::cancel(&root, &run),
         Command::Stop { corpus } => runs::stop(&root, &corpus),
         Command::Sweep => daemon::sweep(&root),

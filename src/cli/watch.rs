@@ -9,7 +9,39 @@ use std::time::Duration;
 use rerankd::store::{Root, RunState, Status};
 use serde_json::Value;
 
-pub fn run(root: &Root, run: &str) -> anyhow::Result<ExitCode> {
+/// `watch --corpus C`: the corpus's run to follow: one not yet ended, else the next one created.
+fn next_run_of(root: &Root, corpus: &str) -> String {
+    let before: Vec<String> = rerankd::store::all_runs(root).into_iter().map(|s| s.run_id).collect();
+    loop {
+        let runs = rerankd::store::all_runs(root);
+        let mine = runs.iter().filter(|s| s.corpus == corpus);
+        if let Some(s) = mine.clone().filter(|s| !s.state.is_terminal()).min_by(|a, b| a.created_at.cmp(&b.created_at))
+        {
+            return s.run_id.clone();
+        }
+        if let Some(s) = mine.filter(|s| !before.contains(&s.run_id)).min_by(|a, b| a.created_at.cmp(&b.created_at)) {
+            return s.run_id.clone();
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+pub fn run(root: &Root, run: Option<&str>, corpus: Option<&str>) -> anyhow::Result<ExitCode> {
+    let run = match (run, corpus) {
+        (Some(r), _) => r.to_string(),
+        (None, Some(c)) => {
+            if let Err(code) = super::check_corpus(c) {
+                return Ok(code);
+            }
+            let r = next_run_of(root, c);
+            if !super::json() {
+                println!("following {r}");
+            }
+            r
+        }
+        (None, None) => unreachable!("clap requires a run or --corpus"),
+    };
+    let run = run.as_str();
     let files = match super::find_run(root, run) {
         Ok((files, _)) => files,
         Err(code) => return Ok(code),
@@ -30,10 +62,17 @@ pub fn run(root: &Root, run: &str) -> anyhow::Result<ExitCode> {
                 break; // a line still being written: read it whole next time
             }
             pos += line.len() as u64;
-            if let Ok(e) = serde_json::from_str::<Value>(&line)
-                && let Some(code) = show(&e, &mut total, &mut step_ms)
-            {
-                return Ok(ExitCode::from(code));
+            if let Ok(e) = serde_json::from_str::<Value>(&line) {
+                // --json: the run's events as they are, one a line, from the start.
+                let code = if super::json() {
+                    println!("{e}");
+                    terminal_code(&e)
+                } else {
+                    show(&e, &mut total, &mut step_ms)
+                };
+                if let Some(code) = code {
+                    return Ok(ExitCode::from(code));
+                }
             }
             line.clear();
         }
@@ -42,7 +81,10 @@ pub fn run(root: &Root, run: &str) -> anyhow::Result<ExitCode> {
         // be written) ends here too, so watch never waits for an event that will not come.
         if let Some(st) = ended {
             let reason = st.reason.as_deref().or(st.error.as_deref()).unwrap_or("");
-            println!("{} ({reason}; from status.json)", st.state.as_str());
+            super::say(
+                format!("{} ({reason}; from status.json)", st.state.as_str()),
+                serde_json::json!({"run_id": run, "type": "state", "state": st.state.as_str(), "reason": reason, "from": "status.json"}),
+            );
             return Ok(ExitCode::from(exit_code(st.state)));
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -56,6 +98,15 @@ fn exit_code(state: RunState) -> u8 {
         RunState::Cancelled => super::EXIT_CANCELLED,
         _ => super::EXIT_FAILURE,
     }
+}
+
+/// The exit code of a terminal `state` event.
+fn terminal_code(e: &Value) -> Option<u8> {
+    (e["type"] == "state")
+        .then(|| RunState::parse(e["state"].as_str()?))
+        .flatten()
+        .filter(|s| s.is_terminal())
+        .map(exit_code)
 }
 
 /// Prints one event; returns an exit code when the run is over.
