@@ -5,14 +5,12 @@
 //! binary, one JSON line each with the exported size, the export's peak resident memory and
 //! their ratio (the goal: under 2, since tensors are streamed, never two copies of the model).
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use candle_core::Device;
-use rerankd::model::Qwen3Config;
-use rerankd::model::checkpoint::write_random_checkpoint;
-use rerankd::model::lora::{LoraConfig, LoraSet, Target};
 use serde_json::{Value, json};
 
 fn main() -> anyhow::Result<()> {
@@ -25,17 +23,7 @@ fn main() -> anyhow::Result<()> {
         .map(Into::into)
         .unwrap_or_else(|| here.join("tests/fixtures/qwen3-0.6b.config.json"));
     let tmp = tempfile::tempdir()?;
-    let ck = tmp.path().join("model");
-    write_random_checkpoint(&config, &here.join("tests/fixtures/tiny-qwen3/tokenizer.json"), &ck)?;
-    let cfg = Qwen3Config::from_file(&config)?;
-    let root = tmp.path().join("root");
-    let run = "bench__20261127_000000";
-    let adapter = root.join("models/bench/adapters").join(run);
-    let lcfg = LoraConfig::new(16, 32.0, 0.0, &[Target::Q, Target::K, Target::V, Target::O]);
-    LoraSet::init(&lcfg, &cfg, 0, &Device::Cpu)?.save(&adapter, Some(&ck.display().to_string()))?;
-    let manifest = json!({"model": ck.display().to_string(), "corpus": "bench", "run_id": run, "max_length": 512});
-    std::fs::write(adapter.join("manifest.json"), manifest.to_string())?;
-    std::os::unix::fs::symlink(Path::new("adapters").join(run), root.join("models/bench/current"))?;
+    let root = common::setup(&config, tmp.path())?.root;
     for (format, dtype) in [("merged", "bf16"), ("seq-cls", "bf16"), ("merged", "f32")] {
         let out = tmp.path().join(format!("{format}-{dtype}"));
         let t0 = Instant::now();

@@ -10,15 +10,16 @@
 //! two alternate.
 //! Prints one JSON line per level: pairs/s of both, their ratio, and p50/p95 request latency.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use rerankd::model::checkpoint::write_random_checkpoint;
-use rerankd::model::lora::{LoraConfig, LoraSet, Target};
-use rerankd::model::{Qwen3Config, Reranker};
+use rerankd::model::Reranker;
+use rerankd::model::lora::LoraSet;
 use serde_json::{Value, json};
 
 fn arg(args: &[String], name: &str, default: &str) -> String {
@@ -44,20 +45,9 @@ fn main() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let device = Device::Cpu;
 
-    // A checkpoint of random weights: every tensor Qwen3::load asks for, saved as safetensors.
+    // A checkpoint of random weights and a promoted adapter for corpus `bench`.
     let t0 = Instant::now();
-    let ck = tmp.path().join("model");
-    write_random_checkpoint(&config, &here.join("tests/fixtures/tiny-qwen3/tokenizer.json"), &ck)?;
-    let cfg = Qwen3Config::from_file(&config)?;
-    // A promoted adapter for corpus `bench`, as a run leaves it.
-    let root = tmp.path().join("root");
-    let run = "bench__20261127_000000";
-    let adapter = root.join("models/bench/adapters").join(run);
-    let lcfg = LoraConfig::new(16, 32.0, 0.0, &[Target::Q, Target::K, Target::V, Target::O]);
-    LoraSet::init(&lcfg, &cfg, 0, &device)?.save(&adapter, Some(&ck.display().to_string()))?;
-    let manifest = json!({"model": ck.display().to_string(), "corpus": "bench", "run_id": run, "max_length": 512});
-    std::fs::write(adapter.join("manifest.json"), manifest.to_string())?;
-    std::os::unix::fs::symlink(Path::new("adapters").join(run), root.join("models/bench/current"))?;
+    let common::Setup { model: ck, root, adapter } = common::setup(&config, tmp.path())?;
     eprintln!("random {} checkpoint written in {:.1?}", config.display(), t0.elapsed());
 
     // Documents of about `doc_tokens` tokens each.

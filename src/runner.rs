@@ -437,12 +437,9 @@ fn materialise(ctx: &mut RunContext, root: &Root, job: &Job) -> anyhow::Result<M
             let snap = CorpusFeedback::new(root, &job.corpus).snapshot_at(f)?;
             anyhow::ensure!(snap.offset > 0 || f.exists(), "reading {}: no such file", f.display());
             let fields = json!({"path": f, "events": snap.events, "offset": snap.offset});
-            let mut ev = json!({"level": "info", "message": format!(
-                "feedback snapshot: {} events, bytes 0..{} of {}", snap.events, snap.offset, f.display())});
-            if let (Value::Object(e), Value::Object(x)) = (&mut ev, json!({"feedback": fields.clone()})) {
-                e.extend(x);
-            }
-            ctx.event("log", ev)?;
+            let message =
+                format!("feedback snapshot: {} events, bytes 0..{} of {}", snap.events, snap.offset, f.display());
+            ctx.event("log", json!({"level": "info", "message": message, "feedback": fields}))?;
             snapshot = Some(fields);
             let bytes = snap.bytes;
             // Feedback is appended by many writers: a line that is not UTF-8 is skipped and

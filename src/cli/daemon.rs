@@ -31,7 +31,7 @@ pub fn run(root: &Root, a: DaemonArgs) -> anyhow::Result<ExitCode> {
     init_logging(a.log_format);
     match rerankd::daemon::run(&root, a.until_idle) {
         Ok(()) => Ok(ExitCode::SUCCESS),
-        Err(e) if e.is::<rerankd::daemon::AlreadyRunning>() => {
+        Err(e) if e.is::<rerankd::store::lock::Held>() => {
             super::complain(format!("{e:#}"));
             Ok(ExitCode::from(super::EXIT_REFUSED))
         }

@@ -127,15 +127,6 @@ pub fn run(root: &Root, a: ExportArgs) -> anyhow::Result<ExitCode> {
         };
         let mut written = export::write_weights(&spec, &tmp)?;
         written.files.extend(export::copy_tokenizer(&base, format, &tmp)?);
-        let metrics: serde_json::Value = std::fs::read_to_string(adapter.join("manifest.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .map(|m| m["metrics"].clone())
-            .unwrap_or_default();
-        let primary = std::fs::read_to_string(adapter.join("manifest.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|m| m["primary_metric"].as_str().map(str::to_string));
         let info = ExportInfo {
             run_id: run_id.clone(),
             corpus: run_id.split_once("__").map(|(c, _)| c.to_string()),
@@ -148,8 +139,8 @@ pub fn run(root: &Root, a: ExportArgs) -> anyhow::Result<ExitCode> {
                 Format::SeqCls => "seq-cls".into(),
             },
             dtype: written.dtype.clone(),
-            metrics,
-            primary_metric: primary,
+            metrics: manifest.metrics.clone(),
+            primary_metric: manifest.primary_metric.clone(),
         };
         info.write(&tmp)?;
         std::fs::write(tmp.join("README.md"), info.model_card(format))?;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 use rerankd::model::device::DeviceChoice;
-use rerankd::serve::{AlreadyServing, Options, Refused};
+use rerankd::serve::{Options, Refused};
 use rerankd::store::Root;
 
 #[derive(Args, Debug)]
@@ -59,7 +59,7 @@ pub fn run(root: &Root, a: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     match rerankd::serve::run(root, o) {
         Ok(()) => Ok(ExitCode::SUCCESS),
-        Err(e) if e.is::<AlreadyServing>() || e.is::<Refused>() => {
+        Err(e) if e.is::<rerankd::store::lock::Held>() || e.is::<Refused>() => {
             super::complain(format!("{e:#}"));
             Ok(ExitCode::from(super::EXIT_REFUSED))
         }

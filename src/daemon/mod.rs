@@ -17,7 +17,6 @@ pub mod supervise;
 pub mod sweep;
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -32,14 +31,6 @@ use intake::{Accepted, Admission, Intake};
 use supervise::{Active, Proc, Unsettled};
 
 pub const SHUTDOWN_REASON: &str = "daemon shutdown";
-
-/// Another daemon holds this root's `daemon.lock`.
-#[derive(Debug, thiserror::Error)]
-#[error("another rerankd daemon ({}) holds {}; one daemon per root", pid.map_or("another process".to_string(), |p| format!("pid {p}")), lock.display())]
-pub struct AlreadyRunning {
-    pub pid: Option<u32>,
-    pub lock: PathBuf,
-}
 
 /// The least default budget left to runs however large serve grows (the job file's minimum).
 const MIN_BUDGET_MB: u64 = 256;
@@ -84,11 +75,7 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
     }
     made?;
     let Some(mut lock) = FileLock::try_acquire(&root.daemon_lock())? else {
-        return Err(AlreadyRunning {
-            pid: crate::store::lock::holder_pid(&root.daemon_lock()),
-            lock: root.daemon_lock(),
-        }
-        .into());
+        return Err(crate::store::lock::Held::at("daemon", &root.daemon_lock()).into());
     };
     lock.write_pid()?;
     let cfg = DaemonConfig::load(&root.config())?;
@@ -261,8 +248,7 @@ impl Daemon {
     /// Drops the job of every corpus whose retraining policy is due (see `policy.rs`).
     fn policy_pass(&mut self) {
         let busy = self.busy_corpora();
-        let all = crate::store::all_runs(&self.root);
-        self.policies.pass(&self.root, &busy, &all);
+        self.policies.pass(&self.root, &busy);
     }
 
     fn enqueue(&mut self, a: Accepted) {
@@ -369,21 +355,18 @@ impl Daemon {
     }
 
     fn supervise(&mut self) {
-        let before: Vec<String> = self
-            .active
-            .iter()
-            .map(|a| a.run_id.clone())
-            .chain(self.unsettled.iter().map(|u| u.run_id.clone()))
-            .collect();
-        let failed = supervise::supervise(&self.root, &mut self.active, self.cfg.cancel_grace);
-        let pending = std::mem::take(&mut self.unsettled);
-        self.unsettled = pending.into_iter().filter_map(|u| supervise::retry(&self.root, u)).collect();
+        let (mut settled, failed) = supervise::supervise(&self.root, &mut self.active, self.cfg.cancel_grace);
+        for u in std::mem::take(&mut self.unsettled) {
+            let id = u.run_id.clone();
+            match supervise::retry(&self.root, u) {
+                Some(u) => self.unsettled.push(u),
+                None => settled.push(id),
+            }
+        }
         self.unsettled.extend(failed);
         // Runs whose terminal state is now recorded: their on_finish hooks.
-        for id in before {
-            if !self.active.iter().any(|a| a.run_id == id) && !self.unsettled.iter().any(|u| u.run_id == id) {
-                self.finished(&id);
-            }
+        for id in settled {
+            self.finished(&id);
         }
         self.hooks.poll(&self.root);
     }

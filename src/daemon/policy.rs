@@ -40,13 +40,6 @@ pub struct Policies {
     pub reasons: HashMap<String, (String, PathBuf)>,
 }
 
-/// A policy job dropped into the spool.
-pub struct Dropped {
-    pub corpus: String,
-    pub file: PathBuf,
-    pub reason: String,
-}
-
 /// The byte offset where the newest run of the corpus that took a feedback snapshot stopped
 /// reading (0 when none did), from that run's `log` event with a `feedback` object.
 fn last_snapshot(root: &Root, runs: &[&Status], feedback: &std::path::Path) -> u64 {
@@ -74,18 +67,14 @@ fn created(root: &Root, run_id: &str) -> Option<SystemTime> {
 
 impl Policies {
     /// One look at every corpus with a policy; `busy` are the corpora with a run active, queued,
-    /// waiting to be recorded, or a job in the spool. Returns the jobs it dropped.
-    pub fn pass(&mut self, root: &Root, busy: &[String], all: &[Status]) -> Vec<Dropped> {
-        let mut out = Vec::new();
+    /// or waiting to be recorded. Returns the jobs it dropped.
+    pub fn pass(&mut self, root: &Root, busy: &[String]) {
+        // Every run's status, read only once a corpus with a retraining policy needs it.
+        let mut all: Option<Vec<Status>> = None;
         // A dropped job that left the spool without being accepted (rejected): forget it; the
         // interval since the drop still holds the next try back.
         self.reasons.retain(|_, (_, file)| file.exists());
-        let corpora = std::fs::read_dir(root.dir.join("corpora"))
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok()?.file_name().to_str().map(str::to_string))
-            .filter(|c| crate::store::paths::valid_corpus_name(c));
-        for corpus in corpora {
+        for corpus in root.corpus_homes() {
             let w = self.watched.entry(corpus.clone()).or_default();
             let p = match policy::read(root, &corpus) {
                 Ok(Some(p)) => p,
@@ -103,6 +92,7 @@ impl Policies {
             if busy.contains(&corpus) || self.reasons.contains_key(&corpus) {
                 continue;
             }
+            let all = all.get_or_insert_with(|| crate::store::all_runs(root));
             let mut runs: Vec<&Status> = all.iter().filter(|s| s.corpus == corpus).collect();
             runs.sort_by(|a, b| b.created_at.cmp(&a.created_at));
             let fb = CorpusFeedback::new(root, &corpus);
@@ -150,8 +140,7 @@ impl Policies {
                 Ok(file) => {
                     w.last_error = None;
                     tracing::info!(corpus, file = %file.display(), "{reason}");
-                    self.reasons.insert(corpus.clone(), (reason.clone(), file.clone()));
-                    out.push(Dropped { corpus, file, reason });
+                    self.reasons.insert(corpus, (reason, file));
                 }
                 Err(e) => {
                     let msg = format!("retraining policy of `{corpus}`: {e}");
@@ -162,7 +151,6 @@ impl Policies {
                 }
             }
         }
-        out
     }
 }
 

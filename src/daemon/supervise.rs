@@ -184,20 +184,23 @@ fn describe(exit: ExitStatus) -> String {
 }
 
 /// Reaps finished runs (recording what they could not) and polices live ones. Returns the runs
-/// whose end could not be recorded (to retry).
-pub fn supervise(root: &Root, active: &mut Vec<Active>, grace: Duration) -> Vec<Unsettled> {
-    let mut failed = Vec::new();
+/// whose terminal state is now recorded, and those whose end could not be recorded (to retry).
+pub fn supervise(root: &Root, active: &mut Vec<Active>, grace: Duration) -> (Vec<String>, Vec<Unsettled>) {
+    let (mut settled, mut failed) = (Vec::new(), Vec::new());
     let mut i = 0;
     while i < active.len() {
         if let Some(how) = active[i].exited(root) {
             let a = active.remove(i);
-            failed.extend(finish(root, &a, &how));
+            match finish(root, &a, &how) {
+                None => settled.push(a.run_id),
+                Some(u) => failed.push(u),
+            }
             continue;
         }
         active[i].police(root, grace);
         i += 1;
     }
-    failed
+    (settled, failed)
 }
 
 /// After a run's process is gone: if it left its run non-terminal, record why. `None` when the

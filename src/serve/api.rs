@@ -172,21 +172,17 @@ const DRAIN_BYTES: usize = 64 << 20;
 /// How long a client may take to send its request body.
 const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// The body, up to `serve.max_body_kb` kept, parsed as JSON; a body still arriving after
+/// The body, up to `limit` bytes kept, parsed as JSON; a body still arriving after
 /// [`BODY_TIMEOUT`] is a 408, so a client that stalls holds nothing for long.
-async fn read_json<T: DeserializeOwned>(app: &App, body: Body) -> Result<T, ApiError> {
-    let limit = app.settings().max_body_bytes;
-    match tokio::time::timeout(BODY_TIMEOUT, read_body(body, limit)).await {
-        Ok(r) => {
-            let kept = r?;
-            serde_json::from_slice(&kept).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
-        }
-        Err(_) => Err(ApiError::new(
+async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
+    let kept = tokio::time::timeout(BODY_TIMEOUT, read_body(body, limit)).await.map_err(|_| {
+        ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "timeout",
             format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
-        )),
-    }
+        )
+    })??;
+    serde_json::from_slice(&kept).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
 async fn read_body(mut body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
@@ -373,7 +369,7 @@ async fn tei_corpus(State(app): State<Arc<App>>, Path(corpus): Path<String>, bod
 }
 
 async fn tei_for(app: Arc<App>, model: String, body: Body) -> Result<Response, ApiError> {
-    let req: TeiRequest = read_json(&app, body).await?;
+    let req: TeiRequest = read_json(body, app.settings().max_body_bytes).await?;
     let ask = Ask {
         model,
         query: req.query,
@@ -428,7 +424,7 @@ async fn cohere_v2(State(app): State<Arc<App>>, body: Body) -> Result<Response, 
 }
 
 async fn cohere(app: Arc<App>, body: Body, version: &str) -> Result<Response, ApiError> {
-    let req: CohereRequest = read_json(&app, body).await?;
+    let req: CohereRequest = read_json(body, app.settings().max_body_bytes).await?;
     if req.top_n == Some(0) {
         return Err(ApiError::bad_request("`top_n` must be at least 1"));
     }
@@ -488,18 +484,7 @@ struct FeedbackRequest {
 
 /// `POST /v1/feedback {id, signal, index | doc_id}`: a signal on a captured ranking.
 async fn feedback(State(app): State<Arc<App>>, body: Body) -> Result<Response, ApiError> {
-    let bytes = match tokio::time::timeout(BODY_TIMEOUT, read_body(body, MAX_FEEDBACK_BODY)).await {
-        Ok(r) => r?,
-        Err(_) => {
-            return Err(ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "timeout",
-                "the request body did not arrive in time",
-            ));
-        }
-    };
-    let req: FeedbackRequest =
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))?;
+    let req: FeedbackRequest = read_json(body, MAX_FEEDBACK_BODY).await?;
     let capture = app.capture.clone();
     let (corpus, doc) = tokio::task::spawn_blocking(move || {
         capture.signal(req.corpus.as_deref(), &req.id, &req.signal, req.index, req.doc_id.as_deref()).map(|r| (r, req))

@@ -189,16 +189,8 @@ impl Capture {
         }
         let candidates: Vec<String> = match corpus {
             Some(c) => vec![c.to_string()],
-            None => crate::store::models::corpora(&self.root)
-                .into_iter()
-                .chain(
-                    std::fs::read_dir(self.root.dir.join("corpora"))
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|e| e.ok().and_then(|e| e.file_name().to_str().map(str::to_string))),
-                )
-                .filter(|c| crate::store::paths::valid_corpus_name(c) && self.enabled(c))
-                .collect(),
+            // Feedback files live in the corpus homes.
+            None => self.root.corpus_homes().into_iter().filter(|c| self.enabled(c)).collect(),
         };
         for c in candidates {
             let fb = CorpusFeedback::new(&self.root, &c);

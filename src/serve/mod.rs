@@ -57,14 +57,6 @@ pub struct Options {
     pub capture: bool,
 }
 
-/// Another serve holds this root's `serve.lock`.
-#[derive(Debug, thiserror::Error)]
-#[error("another rerankd serve ({}) holds {}; one serve per root", pid.map_or("another process".to_string(), |p| format!("pid {p}")), lock.display())]
-pub struct AlreadyServing {
-    pub pid: Option<u32>,
-    pub lock: PathBuf,
-}
-
 /// A refused start: a setting that cannot be honoured (named, with what to do).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -125,11 +117,7 @@ pub fn run(root: &Root, o: Options) -> anyhow::Result<()> {
     let api_key = o.api_key_file.as_deref().map(read_api_key).transpose()?;
     root.ensure()?;
     let Some(mut lock) = FileLock::try_acquire(&root.serve_lock())? else {
-        return Err(AlreadyServing {
-            pid: crate::store::lock::holder_pid(&root.serve_lock()),
-            lock: root.serve_lock(),
-        }
-        .into());
+        return Err(crate::store::lock::Held::at("serve", &root.serve_lock()).into());
     };
     lock.write_pid()?;
     let cfg = DaemonConfig::load(&root.config())?.serve;

@@ -164,13 +164,18 @@ fn snapshot_of(path: &Path) -> Result<Snapshot> {
     Ok(Snapshot { offset: end as u64, events, bytes })
 }
 
+/// The file at `path`, or `None` when there is none (no feedback yet).
+fn open_existing(path: &Path) -> Result<Option<std::fs::File>> {
+    match std::fs::File::open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::io(path, "opening", e)),
+    }
+}
+
 /// Signal events in `path` after byte `from` (complete lines only), and where they end.
 pub fn signals_after(path: &Path, from: u64) -> Result<(u64, u64)> {
-    let mut f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, from)),
-        Err(e) => return Err(StoreError::io(path, "opening", e)),
-    };
+    let Some(mut f) = open_existing(path)? else { return Ok((0, from)) };
     let len = f.metadata().map_err(|e| StoreError::io(path, "reading metadata", e))?.len();
     if from >= len {
         return Ok((0, from.min(len)));
@@ -202,11 +207,7 @@ pub struct Impression {
 /// Finds query event `event_id` in a feedback file (streamed, line by line): its documents in
 /// request order (`documents`, else `shown`).
 pub fn find_event(fb: &CorpusFeedback, event_id: &str) -> Result<Option<Impression>> {
-    let f = match std::fs::File::open(&fb.feedback) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(StoreError::io(&fb.feedback, "opening", e)),
-    };
+    let Some(f) = open_existing(&fb.feedback)? else { return Ok(None) };
     for line in std::io::BufReader::new(f).split(b'\n') {
         let line = line.map_err(|e| StoreError::io(&fb.feedback, "reading", e))?;
         let Ok(v) = serde_json::from_slice::<Value>(&line) else { continue };
@@ -280,11 +281,7 @@ pub struct IdConflict(pub String);
 impl DocumentIndex {
     /// Reads what was appended since the last call (complete lines only). The caller holds the lock.
     fn catch_up(&mut self, path: &Path) -> Result<()> {
-        let mut f = match std::fs::File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(StoreError::io(path, "opening", e)),
-        };
+        let Some(mut f) = open_existing(path)? else { return Ok(()) };
         let len = f.metadata().map_err(|e| StoreError::io(path, "reading metadata", e))?.len();
         if len < self.read_to {
             // Rewritten by hand: start over.
@@ -355,11 +352,7 @@ pub struct Online {
 /// Per adapter (a run id, or `base`): impressions and signals, counted from feedback.jsonl in one
 /// streamed pass. Query events without an `adapter` (written by applications) are not counted.
 pub fn online(path: &Path) -> Result<BTreeMap<String, Online>> {
-    let f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
-        Err(e) => return Err(StoreError::io(path, "opening", e)),
-    };
+    let Some(f) = open_existing(path)? else { return Ok(BTreeMap::new()) };
     let mut adapter_of: HashMap<String, String> = HashMap::new();
     let mut out: BTreeMap<String, Online> = BTreeMap::new();
     for line in std::io::BufReader::new(f).split(b'\n') {

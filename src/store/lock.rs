@@ -53,6 +53,22 @@ impl FileLock {
     }
 }
 
+/// Another process holds a lock that admits one holder per root (the daemon's, serve's).
+#[derive(Debug, thiserror::Error)]
+#[error("another rerankd {what} ({}) holds {}; one {what} per root", pid.map_or("another process".to_string(), |p| format!("pid {p}")), lock.display())]
+pub struct Held {
+    pub what: &'static str,
+    pub pid: Option<u32>,
+    pub lock: PathBuf,
+}
+
+impl Held {
+    /// The refusal for `lock`, naming its holder's pid when the file records one.
+    pub fn at(what: &'static str, lock: &Path) -> Self {
+        Self { what, pid: holder_pid(lock), lock: lock.to_path_buf() }
+    }
+}
+
 /// Whether some process holds the lock at `path` now (probing takes and drops it).
 pub fn is_held(path: &Path) -> Result<bool> {
     if !path.exists() {

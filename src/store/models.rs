@@ -22,6 +22,11 @@ pub struct Manifest {
     pub model: String,
     pub instruction: Option<String>,
     pub max_length: Option<usize>,
+    #[serde(default)]
+    pub primary_metric: Option<String>,
+    /// The candidate's dev metrics, as evaluated.
+    #[serde(default)]
+    pub metrics: Value,
 }
 
 impl Manifest {

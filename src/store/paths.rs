@@ -132,6 +132,15 @@ impl Root {
     pub fn corpus_home(&self, corpus: &str) -> PathBuf {
         self.dir.join("corpora").join(corpus)
     }
+    /// The corpora with a home under `corpora/` (valid names only).
+    pub fn corpus_homes(&self) -> Vec<String> {
+        std::fs::read_dir(self.dir.join("corpora"))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().to_str().map(str::to_string))
+            .filter(|c| valid_corpus_name(c))
+            .collect()
+    }
 }
 
 fn default_root() -> PathBuf {
