@@ -4,12 +4,14 @@
 //! - [`model`]: Qwen3 + LoRA + fused differentiable ops + prompt + scoring (pure candle).
 //! - [`train`]: optimizer, schedule, clipping, accumulation, the training loop.
 //! - [`job`]: the job file, validated into an effective job.
+//! - [`report`]: report.svg, the picture of a run.
 //! - [`serve`]: the resident HTTP rerank service with hot reload.
 //! - [`store`]: the run store; the only code that touches files under the state root.
 
 pub mod daemon;
 pub mod job;
 pub mod model;
+pub mod report;
 pub mod runner;
 pub mod serve;
 pub mod store;

@@ -65,6 +65,7 @@ fn every_command_speaks_json_with_the_flag() {
         vec!["stop".into(), "c1".into()],
         vec!["promote".into(), run.clone()],
         vec!["doctor".into()],
+        vec!["report".into(), run.clone(), "--out".into(), dir.join("r.svg").display().to_string()],
         vec!["install-systemd".into(), "--dest".into(), dir.join("u.service").display().to_string()],
         vec!["install-launchd".into(), "--dest".into(), dir.join("a.plist").display().to_string()],
         vec![
@@ -141,8 +142,90 @@ fn watch_json_streams_the_events_and_exits_with_the_run() {
     let out = root.cli_cmd(["watch", &long, "--json"]).output().unwrap();
     assert_eq!(out.status.code(), Some(5));
     assert_eq!(json_lines("watch cancelled", &out.stdout).last().unwrap()["state"], "cancelled");
+    // Every run that ended has its picture, whatever the end.
+    for id in [&ok, &failed, &long] {
+        let svg = root.dir.join("runs").join(id).join("report.svg");
+        wait_for(&format!("{id}'s report.svg"), std::time::Duration::from_secs(10), || svg.is_file().then_some(()));
+    }
     // In a pipe without --json: the plain lines, same exit code.
     let out = root.cli_cmd(["watch", &ok]).output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("completed"));
+    // On a terminal (a pty from util-linux's `script`): the progress bar's path, same exit codes.
+    if std::process::Command::new("script").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        for (id, code) in [(&ok, 0), (&failed, 1), (&long, 5)] {
+            let cmd = format!("{BIN} --root {} watch {id}", root.dir.display());
+            let out = std::process::Command::new("script").args(["-qec", &cmd, "/dev/null"]).output().unwrap();
+            assert_eq!(out.status.code(), Some(code), "{}", String::from_utf8_lossy(&out.stdout));
+        }
+    } else {
+        eprintln!("SKIPPED: watch on a terminal (no `script` from util-linux here)");
+    }
+}
+
+/// The `points` of every polyline drawn 2 px wide (the data series and their legend samples),
+/// with its stroke colour.
+fn series_lines(doc: &roxmltree::Document) -> Vec<(String, usize)> {
+    doc.descendants()
+        .filter(|n| n.has_tag_name("polyline") && n.attribute("stroke-width") == Some("2"))
+        .map(|n| {
+            (n.attribute("stroke").unwrap().to_string(), n.attribute("points").unwrap().split_whitespace().count())
+        })
+        .collect()
+}
+
+#[test]
+fn a_finished_run_has_a_report_with_every_series() {
+    let root = Root::new("");
+    let d = DaemonGuard(root.daemon());
+    let mut job = root.job("c1", 3);
+    job["promote"] = "always".into();
+    // A budget that caps the micro-batch, so the report has a cap to show.
+    job["memory_budget_mb"] = 256.into();
+    job["train"]["batch_size"] = 8.into();
+    job["train"]["max_length"] = 4096.into();
+    let id = root.submit("r.json", &job);
+    wait_state(&root, &id, &["completed"], std::time::Duration::from_secs(120));
+    let path = root.dir.join("runs").join(&id).join("report.svg");
+    wait_for("report.svg", std::time::Duration::from_secs(10), || path.is_file().then_some(()));
+    drop(d);
+    let svg = std::fs::read_to_string(&path).unwrap();
+    let doc = roxmltree::Document::parse(&svg).expect("report.svg parses as XML");
+    assert!(doc.root_element().has_tag_name("svg"));
+    let texts: Vec<&str> = doc.descendants().filter(|n| n.has_tag_name("text")).filter_map(|n| n.text()).collect();
+    let has = |s: &str| texts.iter().any(|t| t.contains(s));
+    for want in [
+        id.as_str(),
+        "Training loss",
+        "raw",
+        "smoothed",
+        "Learning rate",
+        "Gradient norm",
+        "Step time",
+        "Peak memory",
+        "Dev ndcg@10 per epoch",
+        "baseline",
+        "candidate (epoch",
+        "promoted:",
+        "train.batch_size 8 ->",
+        "optimizer step",
+        "milliseconds per step",
+        "MB",
+    ] {
+        assert!(has(want), "report.svg has no text `{want}`: {texts:?}");
+    }
+    let events = root.events(&id);
+    let steps = events.iter().filter(|e| e["type"] == "step").count();
+    let epochs = events.iter().filter(|e| e["type"] == "eval" && e["which"] == "epoch").count();
+    assert_eq!(epochs, 3);
+    let lines = series_lines(&doc);
+    // loss raw, loss smoothed, learning rate, gradient norm, step time, peak memory: one point a step.
+    let full = lines.iter().filter(|(_, n)| *n == steps).count();
+    assert_eq!(full, 6, "{steps} steps; series drawn: {lines:?}");
+    assert!(lines.iter().any(|(_, n)| *n == epochs), "the per-epoch metric line: {lines:?}");
+    // `rerankd report` redraws the same picture.
+    let again = root.dir.parent().unwrap().join("again.svg");
+    let out = root.cli_cmd(["report", &id, "--out", again.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&again).unwrap(), svg);
 }

@@ -71,12 +71,12 @@ pub fn sweep(root: &Root) -> anyhow::Result<ExitCode> {
     super::say(
         format!(
             "settled {} orphaned run(s); {} queued run(s) wait for a daemon; {} run(s) still alive; {} stale temp file(s) removed",
-            s.settled,
+            s.settled.len(),
             s.queued.len(),
             s.adopted.len(),
             s.temps_removed
         ),
-        serde_json::json!({"settled": s.settled, "queued": s.queued.len(), "alive": s.adopted.len(), "temps_removed": s.temps_removed}),
+        serde_json::json!({"settled": s.settled.len(), "queued": s.queued.len(), "alive": s.adopted.len(), "temps_removed": s.temps_removed}),
     );
     Ok(ExitCode::SUCCESS)
 }

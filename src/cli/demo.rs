@@ -62,6 +62,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         println!("error: {e}");
     }
     println!("events: {}", files.metrics().display());
+    println!("report: {}", files.report().display());
     for e in rerankd::store::metrics::read_events(&files.metrics())? {
         match e["type"].as_str() {
             Some("eval") => println!("eval {:<9} {}", e["which"].as_str().unwrap_or(""), e["metrics"]),

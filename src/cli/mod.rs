@@ -130,6 +130,14 @@ pub enum Command {
         #[arg(long, conflicts_with = "run")]
         corpus: Option<String>,
     },
+    /// (Re)draw a run's report.svg: loss, learning rate, gradient norm, step time, memory,
+    /// the dev metric per epoch against the baseline, the promotion decision and the caps.
+    Report {
+        run: String,
+        /// Write the SVG here instead of runs/<id>/report.svg.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Request cancellation of a run.
     Cancel { run: String },
     /// Cancel a corpus's active and queued runs.
@@ -178,6 +186,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(a) => runs::status(&root, a),
         Command::Runs(a) => runs::list(&root, a),
         Command::Watch { run, corpus } => watch::run(&root, run.as_deref(), corpus.as_deref()),
+        Command::Report { run, out } => runs::report(&root, &run, out.as_deref()),
         Command::Cancel { run } => runs::cancel(&root, &run),
         Command::Stop { corpus } => runs::stop(&root, &corpus),
         Command::Sweep => daemon::sweep(&root),

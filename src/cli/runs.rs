@@ -1,4 +1,4 @@
-//! `status`, `runs`, `cancel`, `stop`: reading and poking the run store.
+//! `status`, `runs`, `report`, `cancel`, `stop`: reading and poking the run store.
 
 use std::process::ExitCode;
 
@@ -83,6 +83,17 @@ fn print_online(root: &Root, corpus: &str, json: bool) -> anyhow::Result<()> {
 pub fn list(root: &Root, _a: RunsArgs) -> anyhow::Result<ExitCode> {
     super::check_root(root)?;
     print(&all_runs(root), super::json());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `rerankd report RUN [--out FILE]`: (re)draws the run's report.svg, at any state.
+pub fn report(root: &Root, run: &str, out: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    let files = match super::find_run(root, run) {
+        Ok((files, _)) => files,
+        Err(code) => return Ok(code),
+    };
+    let path = rerankd::report::draw(&files, out)?;
+    super::say(path.display(), serde_json::json!({"run_id": run, "report": path}));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,11 +1,14 @@
-//! `rerankd watch RUN`: follow a run's metrics.jsonl: one line per step with loss, learning rate,
-//! progress and ETA, evaluation and promotion results; exits when the run reaches a terminal
-//! state (0 completed, 1 failed, 5 cancelled).
+//! `rerankd watch RUN`: follow a run's metrics.jsonl; exits when the run reaches a terminal state
+//! (0 completed, 1 failed, 5 cancelled). On a terminal, an in-place progress bar (indicatif) with
+//! step/total, loss, lr, peak memory, ETA and the latest evaluation, with the other events printed
+//! above it; in a pipe, one plain line per step and per event; with `--json`, the events as they
+//! are.
 
-use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::io::{BufRead, BufReader, IsTerminal, Seek, SeekFrom};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rerankd::store::{Root, RunState, Status};
 use serde_json::Value;
 
@@ -47,8 +50,11 @@ pub fn run(root: &Root, run: Option<&str>, corpus: Option<&str>) -> anyhow::Resu
         Err(code) => return Ok(code),
     };
     let mut pos = 0u64;
-    let mut total: Option<u64> = None;
-    let mut step_ms: Vec<f64> = Vec::new();
+    let primary = rerankd::store::atomic::read_json::<Value>(&files.job())
+        .ok()
+        .and_then(|j| j["eval"]["primary_metric"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "ndcg@10".into());
+    let mut view = View::new(primary, std::io::stdout().is_terminal());
     loop {
         // Read before the log: the terminal event is written before status.json, so a terminal
         // status seen here means its event (if any) is in the log read below.
@@ -68,7 +74,7 @@ pub fn run(root: &Root, run: Option<&str>, corpus: Option<&str>) -> anyhow::Resu
                     println!("{e}");
                     terminal_code(&e)
                 } else {
-                    show(&e, &mut total, &mut step_ms)
+                    view.show(&e)
                 };
                 if let Some(code) = code {
                     return Ok(ExitCode::from(code));
@@ -80,6 +86,7 @@ pub fn run(root: &Root, run: Option<&str>, corpus: Option<&str>) -> anyhow::Resu
         // event was read (a log from an older build, or a state recorded while the log could not
         // be written) ends here too, so watch never waits for an event that will not come.
         if let Some(st) = ended {
+            view.finish();
             let reason = st.reason.as_deref().or(st.error.as_deref()).unwrap_or("");
             super::say(
                 format!("{} ({reason}; from status.json)", st.state.as_str()),
@@ -88,6 +95,16 @@ pub fn run(root: &Root, run: Option<&str>, corpus: Option<&str>) -> anyhow::Resu
             return Ok(ExitCode::from(exit_code(st.state)));
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A duration in few characters: 42s, 3m12s, 2h05m.
+fn compact(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
     }
 }
 
@@ -109,53 +126,139 @@ fn terminal_code(e: &Value) -> Option<u8> {
         .map(exit_code)
 }
 
-/// Prints one event; returns an exit code when the run is over.
-fn show(e: &Value, total: &mut Option<u64>, step_ms: &mut Vec<f64>) -> Option<u8> {
-    let ts = e["ts"].as_str().unwrap_or("").get(11..19).unwrap_or("");
-    match e["type"].as_str()? {
-        "log" => {
-            if let Some(t) = e["total_steps"].as_u64() {
-                *total = Some(t);
-            }
-            println!("{ts} {}", e["message"].as_str().unwrap_or(""));
-        }
-        "step" => {
-            let step = e["step"].as_u64().unwrap_or(0) + 1;
-            step_ms.push(e["step_time_ms"].as_f64().unwrap_or(0.0));
-            let (bar, eta) = match *total {
-                Some(t) if t > 0 => {
-                    let mut recent = step_ms[step_ms.len().saturating_sub(20)..].to_vec();
-                    recent.sort_by(f64::total_cmp);
-                    let eta_s = recent[recent.len() / 2] * t.saturating_sub(step) as f64 / 1e3;
-                    let filled = (20 * step / t) as usize;
-                    (
-                        format!("[{}{}] {step}/{t}", "#".repeat(filled), ".".repeat(20 - filled.min(20))),
-                        format!("ETA {eta_s:.0}s"),
-                    )
-                }
-                _ => (format!("step {step}"), String::new()),
-            };
-            println!(
-                "{ts} {bar} epoch {} loss {:.4} lr {:.2e} grad {:.3} {:.0} ms {eta}",
-                e["epoch"],
-                e["loss"].as_f64().unwrap_or(f64::NAN),
-                e["lr"].as_f64().unwrap_or(0.0),
-                e["grad_norm"].as_f64().unwrap_or(0.0),
-                e["step_time_ms"].as_f64().unwrap_or(0.0)
+/// What watch shows of a run: plain lines, or on a terminal a progress bar with the other events
+/// printed above it.
+struct View {
+    primary: String,
+    total: Option<u64>,
+    step_ms: Vec<f64>,
+    bar: Option<ProgressBar>,
+    /// The latest evaluation of the primary metric, for the bar.
+    last_eval: Option<String>,
+}
+
+impl View {
+    fn new(primary: String, terminal: bool) -> Self {
+        let bar = terminal.then(|| {
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stdout());
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} [{bar:30.cyan/blue}] {pos}/{len} {msg}")
+                    .expect("a fixed template")
+                    .progress_chars("=> "),
             );
-        }
-        "eval" => println!("{ts} eval {} {}", e["which"].as_str().unwrap_or(""), e["metrics"]),
-        "promote" => println!("{ts} promoted: {} ({})", e["promoted"], e["reason"].as_str().unwrap_or("")),
-        "error" => println!("{ts} error: {}", e["message"].as_str().unwrap_or("")),
-        "state" => {
-            let state = e["state"].as_str().unwrap_or("");
-            match e["reason"].as_str() {
-                Some(r) => println!("{ts} {state} ({r})"),
-                None => println!("{ts} {state}"),
-            }
-            return RunState::parse(state).filter(|s| s.is_terminal()).map(exit_code);
-        }
-        _ => {}
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Self { primary, total: None, step_ms: Vec::new(), bar, last_eval: None }
     }
-    None
+
+    fn line(&self, text: String) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => println!("{text}"),
+        }
+    }
+
+    /// Takes the bar off the terminal, leaving the lines printed above it.
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+
+    /// Seconds left, from the median of the last 20 step times.
+    fn eta_s(&self, step: u64) -> Option<f64> {
+        let t = self.total.filter(|&t| t > 0)?;
+        let mut recent = self.step_ms[self.step_ms.len().saturating_sub(20)..].to_vec();
+        recent.sort_by(f64::total_cmp);
+        Some(recent.get(recent.len() / 2)? * t.saturating_sub(step) as f64 / 1e3)
+    }
+
+    /// Shows one event; returns an exit code when the run is over.
+    fn show(&mut self, e: &Value) -> Option<u8> {
+        let ts = e["ts"].as_str().unwrap_or("").get(11..19).unwrap_or("");
+        match e["type"].as_str()? {
+            "log" => {
+                if let Some(t) = e["total_steps"].as_u64() {
+                    self.total = Some(t);
+                    if let Some(bar) = &self.bar {
+                        bar.set_length(t);
+                    }
+                }
+                self.line(format!("{ts} {}", e["message"].as_str().unwrap_or("")));
+            }
+            "step" => {
+                let step = e["step"].as_u64().unwrap_or(0) + 1;
+                self.step_ms.push(e["step_time_ms"].as_f64().unwrap_or(0.0));
+                let eta = self.eta_s(step);
+                let loss = e["loss"].as_f64().unwrap_or(f64::NAN);
+                let lr = e["lr"].as_f64().unwrap_or(0.0);
+                if let Some(bar) = &self.bar {
+                    bar.set_position(step);
+                    let mut msg = format!("ep {} · loss {loss:.4} · lr {lr:.1e}", e["epoch"].as_u64().unwrap_or(0) + 1);
+                    if let Some(mb) = e["peak_mem_mb"].as_u64() {
+                        msg += &format!(" · {mb} MB");
+                    }
+                    if let Some(s) = eta {
+                        msg += &format!(" · ETA {}", compact(s));
+                    }
+                    if let Some(ev) = &self.last_eval {
+                        msg += &format!(" · {ev}");
+                    }
+                    bar.set_message(msg);
+                    return None;
+                }
+                let progress = match self.total {
+                    Some(t) if t > 0 => {
+                        let filled = (20 * step / t) as usize;
+                        format!("[{}{}] {step}/{t}", "#".repeat(filled.min(20)), ".".repeat(20 - filled.min(20)))
+                    }
+                    _ => format!("step {step}"),
+                };
+                let eta = eta.map(|s| format!("ETA {s:.0}s")).unwrap_or_default();
+                println!(
+                    "{ts} {progress} epoch {} loss {loss:.4} lr {lr:.2e} grad {:.3} {:.0} ms {eta}",
+                    e["epoch"],
+                    e["grad_norm"].as_f64().unwrap_or(0.0),
+                    e["step_time_ms"].as_f64().unwrap_or(0.0)
+                );
+            }
+            "eval" => {
+                let which = e["which"].as_str().unwrap_or("");
+                if let Some(m) = e["metrics"][&self.primary].as_f64() {
+                    let at = match e["epoch"].as_u64() {
+                        Some(ep) => format!("ep {}", ep + 1),
+                        None => which.to_string(),
+                    };
+                    self.last_eval = Some(format!("{} {m:.4} ({at})", self.primary));
+                }
+                self.line(format!("{ts} eval {which} {}", e["metrics"]));
+            }
+            "promote" => {
+                self.line(format!("{ts} promoted: {} ({})", e["promoted"], e["reason"].as_str().unwrap_or("")))
+            }
+            "cap" => self.line(format!(
+                "{ts} cap: {} {} -> {} ({})",
+                e["field"].as_str().unwrap_or(""),
+                e["from"],
+                e["to"],
+                e["why"].as_str().unwrap_or("")
+            )),
+            "error" => self.line(format!("{ts} error: {}", e["message"].as_str().unwrap_or(""))),
+            "state" => {
+                let state = e["state"].as_str().unwrap_or("");
+                let code = RunState::parse(state).filter(|s| s.is_terminal()).map(exit_code);
+                if code.is_some() {
+                    self.finish();
+                }
+                match e["reason"].as_str() {
+                    Some(r) => self.line(format!("{ts} {state} ({r})")),
+                    None => self.line(format!("{ts} {state}")),
+                }
+                return code;
+            }
+            _ => {}
+        }
+        None
+    }
 }

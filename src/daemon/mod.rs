@@ -86,9 +86,9 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
     let _watcher = watch_spool(root, tx);
 
     let swept = sweep::sweep(root)?;
-    if swept.settled + swept.temps_removed + swept.adopted.len() > 0 {
+    if swept.settled.len() + swept.temps_removed + swept.adopted.len() > 0 {
         tracing::warn!(
-            settled = swept.settled,
+            settled = swept.settled.len(),
             adopted = swept.adopted.len(),
             temps_removed = swept.temps_removed,
             "boot sweep"
@@ -113,6 +113,10 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
     for st in swept.queued {
         let budget_mb = d.budget_of(&st.run_id);
         d.queue.push_back(Queued { run_id: st.run_id, corpus: st.corpus, budget_mb });
+    }
+    // Runs the sweep settled ended like any other: their report and hook.
+    for id in &swept.settled {
+        d.finished(id);
     }
     d.intake_pass(true);
     let mut last_scan = Instant::now();
@@ -371,8 +375,17 @@ impl Daemon {
         self.hooks.poll(&self.root);
     }
 
-    /// A run's terminal state is recorded: start its on_finish hook.
+    /// A run's terminal state is recorded: draw its report.svg (before the hook, which may
+    /// want it), then start its on_finish hook.
     fn finished(&mut self, run_id: &str) {
+        let files = RunFiles::new(&self.root.run_dir(run_id));
+        // A picture is never worth the daemon: a failure (or a panic in the plotting crate) is
+        // logged and the run stays as recorded.
+        match std::panic::catch_unwind(|| crate::report::draw(&files, None)) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(run_id, error = %e, "drawing report.svg"),
+            Err(_) => tracing::error!(run_id, "drawing report.svg panicked"),
+        }
         self.hooks.start(&self.root, run_id, self.cfg.on_finish.as_deref(), self.cfg.on_finish_timeout);
     }
 

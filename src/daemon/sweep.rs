@@ -33,7 +33,7 @@ pub struct Swept {
     pub queued: Vec<Status>,
     pub adopted: Vec<Adopted>,
     /// Runs settled as orphaned (or completed from their log).
-    pub settled: usize,
+    pub settled: Vec<String>,
     pub temps_removed: usize,
 }
 
@@ -50,7 +50,7 @@ pub fn sweep(root: &Root) -> anyhow::Result<Swept> {
             // from settle_dead below, and a live one records its own end.
             RunState::Queued if terminal_state(&read_events(&files.metrics())?).is_some() => {
                 settle(&files, &mut st, RunState::Cancelled, None, None)?;
-                out.settled += 1;
+                out.settled.push(st.run_id.clone());
             }
             RunState::Queued => out.queued.push(st),
             RunState::Running => {
@@ -59,7 +59,7 @@ pub fn sweep(root: &Root) -> anyhow::Result<Swept> {
                     continue;
                 }
                 settle_dead(root, &files, &mut st, RunState::Cancelled, Some(ORPHANED.into()), None)?;
-                out.settled += 1;
+                out.settled.push(st.run_id.clone());
             }
             _ => {}
         }

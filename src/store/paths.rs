@@ -185,6 +185,9 @@ impl RunFiles {
     pub fn adapter(&self) -> PathBuf {
         self.dir.join("adapter")
     }
+    pub fn report(&self) -> PathBuf {
+        self.dir.join("report.svg")
+    }
     /// The cancel sentinel's reason, if it exists. Whatever stands at that path (a FIFO, a link
     /// to `/dev/zero`, a directory) means "cancel"; only a regular file is read, without following
     /// links, without blocking, and at most [`MAX_CANCEL_BYTES`] of it.
