@@ -65,6 +65,23 @@ pub struct Train {
     pub seed: u64,
     pub max_grad_norm: f64,
     pub weight_decay: f64,
+    /// Negatives mined by the baseline before training; absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hard_negatives: Option<HardNegatives>,
+}
+
+/// `train.hard_negatives`: the baseline (the promoted adapter, else the base model) scores
+/// candidate documents for each training query; the highest-scored ones that are not positives,
+/// after skipping the first `skip_top`, become up to `top_k` negatives, after the explicit ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HardNegatives {
+    pub top_k: u64,
+    pub skip_top: u64,
+    /// Candidates per query: every document when the corpus has at most this many, else the
+    /// query's judged documents plus a seeded sample.
+    pub pool: u64,
+    /// The most (query, candidate) pairs scored in all; the pool shrinks to fit.
+    pub max_pairs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,11 +98,40 @@ pub struct Eval {
     pub dev_fraction: f64,
     pub list_size: u64,
     pub epsilon: f64,
+    /// Below this many dev queries nothing is promoted automatically.
+    #[serde(default = "default_min_dev_queries")]
+    pub min_dev_queries: u64,
+    /// The bootstrap interval's level.
+    #[serde(default = "default_confidence")]
+    pub confidence: f64,
+    /// Bootstrap (and sampled randomization) resamples.
+    #[serde(default = "default_resamples")]
+    pub resamples: u64,
+    /// At most this many queries of earlier promotions' held-out lists are evaluated (a seeded
+    /// sample when there are more).
+    #[serde(default = "default_heldout_max_queries")]
+    pub heldout_max_queries: u64,
+}
+
+fn default_min_dev_queries() -> u64 {
+    10
+}
+fn default_confidence() -> f64 {
+    0.95
+}
+fn default_resamples() -> u64 {
+    10_000
+}
+fn default_heldout_max_queries() -> u64 {
+    200
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Promote {
+    /// The candidate's dev improvement's bootstrap interval lies above `eval.epsilon`, and it is
+    /// not significantly worse on earlier promotions' held-out lists.
+    IfSignificant,
     IfImproves,
     Always,
     Never,
@@ -261,8 +307,13 @@ pub fn parse_job(text: &str, corpus_home: impl Fn(&str) -> PathBuf, default_budg
     let eval = parse_eval(o.get("eval"))?;
     let promote = o.choice(
         "promote",
-        Promote::IfImproves,
-        &[("if_improves", Promote::IfImproves), ("always", Promote::Always), ("never", Promote::Never)],
+        Promote::IfSignificant,
+        &[
+            ("if_significant", Promote::IfSignificant),
+            ("if_improves", Promote::IfImproves),
+            ("always", Promote::Always),
+            ("never", Promote::Never),
+        ],
     )?;
     let device = o.choice(
         "device",
@@ -385,9 +436,26 @@ fn parse_train(v: Option<&Value>) -> Result<Train, JobError> {
         seed: o.int("seed", 0, 0, u64::MAX)?,
         max_grad_norm: o.num("max_grad_norm", 1.0, 0.0, 1e6, false)?,
         weight_decay: o.num("weight_decay", 0.0, 0.0, 1.0, true)?,
+        hard_negatives: match o.get("hard_negatives") {
+            None => None,
+            Some(v) => Some(parse_hard_negatives(v)?),
+        },
     };
     o.finish()?;
     Ok(t)
+}
+
+fn parse_hard_negatives(v: &Value) -> Result<HardNegatives, JobError> {
+    let mut o = Obj::new(v, "train.hard_negatives")?;
+    o.choice("from", (), &[("baseline", ())])?;
+    let h = HardNegatives {
+        top_k: o.int("top_k", 20, 1, 1000)?,
+        skip_top: o.int("skip_top", 2, 0, 1000)?,
+        pool: o.int("pool", 100, 2, 100_000)?,
+        max_pairs: o.int("max_pairs", 20_000, 1, 10_000_000)?,
+    };
+    o.finish()?;
+    Ok(h)
 }
 
 fn parse_lora(v: Option<&Value>) -> Result<Lora, JobError> {
@@ -432,6 +500,10 @@ fn parse_eval(v: Option<&Value>) -> Result<Eval, JobError> {
         dev_fraction: o.num("dev_fraction", 0.1, 0.0, 0.9, false)?,
         list_size: o.int("list_size", 20, 2, 1000)?,
         epsilon: o.num("epsilon", 0.0, 0.0, 1.0, false)?,
+        min_dev_queries: o.int("min_dev_queries", default_min_dev_queries(), 0, 100_000)?,
+        confidence: o.num("confidence", default_confidence(), 0.5, 1.0, true)?,
+        resamples: o.int("resamples", default_resamples(), 100, 1_000_000)?,
+        heldout_max_queries: o.int("heldout_max_queries", default_heldout_max_queries(), 0, 100_000)?,
     };
     o.finish()?;
     Ok(e)

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::job::{Job, Promote};
+use crate::job::Job;
 use crate::model::checkpoint::{CheckpointDir, SafetensorsWeights};
 use crate::model::lora::LoraConfig;
 use crate::model::{LoraSet, Reranker};
@@ -24,11 +24,13 @@ use crate::testhooks;
 use crate::train::Cancelled;
 use crate::train::data::TrainPair;
 use crate::train::dataset::{
-    DevList, Documents, Judged, QueryRows, TextPair, dev_lists, group_by_query, read_triplets, split_dev, train_pairs,
+    DevList, Documents, Judged, QueryRows, Source, dev_lists, group_by_query, normalise, read_triplets, split_dev,
+    train_pairs,
 };
 use crate::train::eval::{EvalResult, evaluate};
 use crate::train::memory::{self, Estimate};
-use crate::train::mining;
+use crate::train::promotion::{self, Evidence, Paired, Settings};
+use crate::train::{hard_negatives, mining};
 use crate::train::trainer::{Reporter, TrainConfig, train};
 
 /// The run's view of its files while it runs.
@@ -159,16 +161,19 @@ pub fn run(root: &Root, run_dir: &Path, nice: Option<i32>) -> anyhow::Result<i32
     result.map(|_| 0)
 }
 
-/// What the baseline is: the corpus's promoted adapter, the base model, or unknown (it could not
-/// be evaluated; `if_improves` then does not promote).
-enum Baseline {
-    Known {
-        what: String,
-        metrics: BTreeMap<String, f64>,
-    },
-    Unknown(String),
-    /// No dev split, and why.
-    NotEvaluated(String),
+/// The baseline: the corpus's promoted adapter or the base model, loaded once (for hard-negative
+/// mining and evaluation), or why it could not be (nothing is then promoted automatically).
+struct BaselineModel {
+    what: String,
+    adapter: Result<Option<LoraSet>, String>,
+}
+
+/// What the baseline scored: on dev (None without a dev split or a usable baseline) and on the
+/// held-out lists of earlier promotions.
+struct Baseline {
+    what: String,
+    dev: Result<EvalResult, String>,
+    heldout: Option<EvalResult>,
 }
 
 fn execute(ctx: &mut RunContext, root: &Root) -> anyhow::Result<Value> {
@@ -183,43 +188,85 @@ fn execute(ctx: &mut RunContext, root: &Root) -> anyhow::Result<Value> {
         r.instruction = i.clone();
     }
     let max_len = job.train.max_length as usize;
-    let data = materialise(ctx, root, &job)?;
+    let mut data = materialise(ctx, root, &job)?;
     ctx.check_cancel()?;
-    let pairs: Vec<TrainPair> = data
-        .train_pairs
+    let base = baseline_model(ctx, root, &job, &r)?;
+    if let Some(h) = &job.train.hard_negatives {
+        mine_hard_negatives(ctx, &job, &r, &base, &mut data, h)?;
+    }
+    let train_q: Vec<&QueryRows> = data.queries.iter().zip(&data.dev).filter(|(_, d)| !**d).map(|(q, _)| q).collect();
+    let (text_pairs, sources) = train_pairs(&train_q, job.train.negative_ratio as usize);
+    write_triplets(ctx, &data)?;
+    let used: Vec<String> = sources.iter().map(|(s, n)| format!("{n} {}", json!(s).as_str().unwrap_or(""))).collect();
+    ctx.event(
+        "log",
+        json!({"level": "info", "message": format!("{} training pairs; negatives by source: {}", text_pairs.len(),
+            if used.is_empty() { "none".to_string() } else { used.join(", ") }), "negatives": sources}),
+    )?;
+    let pairs: Vec<TrainPair> = text_pairs
         .iter()
         .map(|p| Ok(TrainPair { ids: r.encode(&p.query, &p.doc, max_len)?, label: p.label }))
         .collect::<anyhow::Result<_>>()?;
     ctx.check_cancel()?;
-    let baseline = evaluate_baseline(ctx, root, &job, &r, &data)?;
+    let heldout = heldout_lists(ctx, root, &job, &data)?;
+    let baseline = evaluate_baseline(ctx, &job, &r, &base, &data, &heldout)?;
     ctx.check_cancel()?;
     let trained = train_and_select(ctx, &job, &r, &pairs, &data.dev_lists)?;
-    let primary = &job.eval.primary_metric;
-    let cand_metric = trained.best.as_ref().and_then(|(_, res)| res.metrics.get(primary).copied());
-    let base_metric = match &baseline {
-        Baseline::Known { metrics, .. } => metrics.get(primary).copied(),
+    let cand_heldout = match (&trained.best, heldout.is_empty()) {
+        (Some(_), false) => {
+            let res = evaluate(&r, Some(&trained.candidate), &heldout, max_len, &mut || ctx.cancel_requested())?;
+            ctx.log.append("eval", json!({"split": "heldout", "which": "candidate", "queries": res.queries,
+                "metrics": res.metrics}))?;
+            Some(res)
+        }
         _ => None,
     };
-    write_outputs(ctx, &job, &r, &trained, &baseline, &data)?;
+    let primary = &job.eval.primary_metric;
+    let cand_metric = trained.best.as_ref().and_then(|(_, res)| res.metrics.get(primary).copied());
+    let base_metric = baseline.dev.as_ref().ok().and_then(|res| res.metrics.get(primary).copied());
+    let evidence = Evidence {
+        primary,
+        dev: match (&trained.best, &baseline.dev) {
+            (Some((_, c)), Ok(b)) => Ok(Paired { candidate: c.per_query(primary), baseline: b.per_query(primary) }),
+            (None, Ok(_)) => Err("no candidate evaluation".into()),
+            (_, Err(why)) => Err(why.clone()),
+        },
+        heldout: match (&cand_heldout, &baseline.heldout) {
+            (Some(c), Some(b)) => Some(Paired { candidate: c.per_query(primary), baseline: b.per_query(primary) }),
+            _ => None,
+        },
+    };
+    let settings = Settings {
+        epsilon: job.eval.epsilon,
+        min_dev_queries: job.eval.min_dev_queries as usize,
+        confidence: job.eval.confidence,
+        resamples: job.eval.resamples as usize,
+        seed: job.train.seed,
+        dev_fraction: job.eval.dev_fraction,
+    };
+    let decision = promotion::decide(job.promote, &evidence, &settings);
+    write_outputs(ctx, &job, &r, &trained, &baseline, &data, &decision, cand_heldout.as_ref())?;
     ctx.check_cancel()?;
 
     let eps = job.eval.epsilon;
-    let (promote, reason) = decide(job.promote, cand_metric, base_metric, eps, primary, &baseline);
+    let promote = decision.promoted;
     let mut path = Value::Null;
     if promote {
-        let details = json!({"primary": primary, "candidate": cand_metric, "baseline": base_metric, "reason": reason});
+        let details = json!({"primary": primary, "candidate": cand_metric, "baseline": base_metric,
+            "reason": decision.reason, "dev": decision.dev});
         let dest = models::promote(root, &job.corpus, &ctx.status.run_id, &ctx.files.adapter(), "auto", details)?;
         path = dest.display().to_string().into();
     }
     ctx.log.append(
         "promote",
         json!({"promoted": promote, "primary": primary, "candidate": cand_metric,
-        "baseline": base_metric, "epsilon": eps, "path": path, "reason": reason}),
+        "baseline": base_metric, "epsilon": eps, "path": path, "reason": decision.reason, "rule": decision.rule,
+        "policy": job.promote, "dev_queries": data.dev_lists.len(), "dev": decision.dev, "heldout": decision.heldout}),
     )?;
     testhooks::crash_point("run.after_promote_event");
     Ok(json!({"steps": trained.steps, "last_loss": trained.last_loss, "pairs": pairs.len(),
         "dev_queries": data.dev_lists.len(), "primary_metric": primary, "candidate": cand_metric,
-        "baseline": base_metric, "promoted": promote}))
+        "baseline": base_metric, "promoted": promote, "reason": decision.reason}))
 }
 
 /// The memory governor, before anything big is loaded: estimates one micro-step from the
@@ -252,34 +299,144 @@ fn lora_config(job: &Job) -> LoraConfig {
     LoraConfig::new(job.lora.r as usize, job.lora.alpha, job.lora.dropout, &job.lora.target_modules)
 }
 
-/// Scores the dev lists with the corpus's promoted adapter, or the base model when none is
-/// promoted.
-fn evaluate_baseline(
-    ctx: &mut RunContext,
-    root: &Root,
-    job: &Job,
-    r: &Reranker,
-    data: &Materialised,
-) -> anyhow::Result<Baseline> {
-    let lists = &data.dev_lists;
-    if let Some(why) = &data.no_dev {
-        return Ok(Baseline::NotEvaluated(why.clone()));
-    }
+/// The corpus's promoted adapter (if it belongs to this job's base model and loads), else the
+/// base model.
+fn baseline_model(ctx: &mut RunContext, root: &Root, job: &Job, r: &Reranker) -> anyhow::Result<BaselineModel> {
     let (what, adapter) = match models::current(root, &job.corpus) {
         None => ("base model".to_string(), Ok(None)),
         Some((id, dir)) => (format!("promoted adapter of {id}"), load_baseline_adapter(&dir, job, r).map(Some)),
     };
-    let adapter = match adapter {
-        Ok(a) => a,
+    if let Err(why) = &adapter {
+        ctx.warn(&format!("baseline unknown: {why}"), Value::Null)?;
+    }
+    Ok(BaselineModel { what, adapter })
+}
+
+/// `train.hard_negatives`: the baseline ranks candidates for every training query.
+fn mine_hard_negatives(
+    ctx: &mut RunContext,
+    job: &Job,
+    r: &Reranker,
+    base: &BaselineModel,
+    data: &mut Materialised,
+    cfg: &crate::job::HardNegatives,
+) -> anyhow::Result<()> {
+    let adapter = match &base.adapter {
+        Ok(a) => a.as_ref(),
         Err(why) => {
-            ctx.warn(&format!("baseline unknown: {why}"), Value::Null)?;
-            return Ok(Baseline::Unknown(why));
+            ctx.warn(&format!("hard negatives skipped: the baseline is unknown ({why})"), Value::Null)?;
+            return Ok(());
+        }
+    };
+    let mut train: Vec<QueryRows> = Vec::new();
+    let mut at = Vec::new();
+    for (i, (q, &d)) in data.queries.iter().zip(&data.dev).enumerate() {
+        if !d {
+            train.push(q.clone());
+            at.push(i);
+        }
+    }
+    let pool = hard_negatives::pool_size(cfg, train.len(), data.pool.len());
+    ctx.info(&format!(
+        "hard negatives: the {} scores up to {} pairs ({} training queries x {pool} candidates of {} documents)",
+        base.what,
+        train.len() * pool,
+        train.len(),
+        data.pool.len()
+    ))?;
+    let t0 = std::time::Instant::now();
+    let max_len = job.train.max_length as usize;
+    let m = hard_negatives::mine(r, adapter, &mut train, &data.pool, cfg, max_len, job.train.seed, &mut || {
+        ctx.cancel_requested()
+    })?;
+    for (q, i) in train.into_iter().zip(at) {
+        data.queries[i] = q;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    ctx.event(
+        "log",
+        json!({"level": "info", "message": format!("hard negatives: {} mined for {} queries from {} pairs scored in {secs:.1} s",
+            m.added, m.queries, m.pairs_scored), "hard_negatives": m, "seconds": secs}),
+    )?;
+    Ok(())
+}
+
+/// The held-out lists of the corpus's earlier promotions: the newest list of each query, without
+/// the queries this run trains on, at most `eval.heldout_max_queries` (a seeded sample).
+fn heldout_lists(ctx: &mut RunContext, root: &Root, job: &Job, data: &Materialised) -> anyhow::Result<Vec<DevList>> {
+    let files = models::heldout_files(root, &job.corpus);
+    if files.is_empty() {
+        return Ok(Vec::new());
+    }
+    let trained: std::collections::HashSet<String> =
+        data.queries.iter().zip(&data.dev).filter(|(_, d)| !**d).map(|(q, _)| normalise(&q.query)).collect();
+    let mut by_query: BTreeMap<String, DevList> = BTreeMap::new();
+    let mut skipped = 0;
+    for (_, path) in &files {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let l: DevList =
+                serde_json::from_str(line).with_context(|| format!("{}: a line is not a dev list", path.display()))?;
+            by_query.insert(normalise(&l.query), l);
+        }
+    }
+    by_query.retain(|q, _| {
+        let keep = !trained.contains(q);
+        skipped += usize::from(!keep);
+        keep
+    });
+    let mut lists: Vec<DevList> = by_query.into_values().collect();
+    let cap = job.eval.heldout_max_queries as usize;
+    if lists.len() > cap {
+        use rand::SeedableRng;
+        use rand::seq::SliceRandom;
+        lists.shuffle(&mut rand::rngs::StdRng::seed_from_u64(job.train.seed ^ 0x4e1d));
+        lists.truncate(cap);
+    }
+    ctx.info(&format!(
+        "held-out lists: {} queries from {} earlier promotion(s) ({skipped} left out: this run trains on them)",
+        lists.len(),
+        files.len()
+    ))?;
+    Ok(lists)
+}
+
+/// Scores the dev lists (and the held-out lists) with the baseline.
+fn evaluate_baseline(
+    ctx: &mut RunContext,
+    job: &Job,
+    r: &Reranker,
+    base: &BaselineModel,
+    data: &Materialised,
+    heldout: &[DevList],
+) -> anyhow::Result<Baseline> {
+    let what = base.what.clone();
+    let adapter = match &base.adapter {
+        Ok(a) => a.as_ref(),
+        Err(why) => {
+            let dev = Err(format!("baseline unknown ({why}); not promoting without a comparison"));
+            return Ok(Baseline { what, dev, heldout: None });
         }
     };
     let max_len = job.train.max_length as usize;
-    let res = evaluate(r, adapter.as_ref(), lists, max_len, &mut || ctx.cancel_requested())?;
-    ctx.log.append("eval", json!({"split": "dev", "which": "baseline", "metrics": res.metrics, "adapter": what}))?;
-    Ok(Baseline::Known { what, metrics: res.metrics })
+    let dev = match &data.no_dev {
+        Some(why) => Err(format!("no evaluation ({why})")),
+        None => {
+            let res = evaluate(r, adapter, &data.dev_lists, max_len, &mut || ctx.cancel_requested())?;
+            ctx.log
+                .append("eval", json!({"split": "dev", "which": "baseline", "metrics": res.metrics, "adapter": what}))?;
+            Ok(res)
+        }
+    };
+    let heldout = if heldout.is_empty() {
+        None
+    } else {
+        let res = evaluate(r, adapter, heldout, max_len, &mut || ctx.cancel_requested())?;
+        ctx.log.append("eval", json!({"split": "heldout", "which": "baseline", "queries": res.queries,
+            "metrics": res.metrics, "adapter": what}))?;
+        Some(res)
+    };
+    Ok(Baseline { what, dev, heldout })
 }
 
 /// The outcome of training: the best epoch on dev (the candidate) and every epoch's metrics.
@@ -342,7 +499,8 @@ fn train_and_select(
     Ok(Trained { steps, last_loss, best, candidate, epochs })
 }
 
-/// The candidate adapter with its manifest, and `eval.json`.
+/// The candidate adapter with its manifest, `eval.json`, and the dev lists in full.
+#[allow(clippy::too_many_arguments)]
 fn write_outputs(
     ctx: &mut RunContext,
     job: &Job,
@@ -350,6 +508,8 @@ fn write_outputs(
     t: &Trained,
     baseline: &Baseline,
     data: &Materialised,
+    decision: &promotion::Decision,
+    cand_heldout: Option<&EvalResult>,
 ) -> anyhow::Result<()> {
     let cand = t.best.as_ref().map(|(_, res)| res);
     let best_epoch = t.best.as_ref().map(|(e, _)| *e);
@@ -358,43 +518,33 @@ fn write_outputs(
         "metrics": cand.map(|c| &c.metrics), "best_epoch": best_epoch});
     t.candidate.save(&ctx.files.adapter(), Some(&job.model))?;
     write_json(&ctx.files.adapter().join("manifest.json"), &manifest)?;
-    let (base_what, base_metrics) = match baseline {
-        Baseline::Known { what, metrics } => (what.clone(), Some(metrics)),
-        Baseline::Unknown(why) => (format!("unknown: {why}"), None),
-        Baseline::NotEvaluated(why) => (format!("not evaluated: {why}"), None),
+    let base_what = match &baseline.dev {
+        Ok(_) => baseline.what.clone(),
+        Err(why) => format!("{}: {why}", baseline.what),
     };
+    let heldout = baseline.heldout.as_ref().map(|b| {
+        json!({"queries": b.queries, "baseline": b.metrics, "candidate": cand_heldout.map(|c| &c.metrics),
+               "comparison": decision.heldout})
+    });
     let eval_doc = json!({"primary_metric": job.eval.primary_metric, "dev_queries": data.dev_lists.len(),
-        "list_size": job.eval.list_size, "baseline": {"what": base_what, "metrics": base_metrics},
+        "list_size": job.eval.list_size,
+        "baseline": {"what": base_what, "metrics": baseline.dev.as_ref().ok().map(|b| &b.metrics)},
         "candidate": {"best_epoch": best_epoch, "metrics": cand.map(|c| &c.metrics)},
+        "promotion": {"policy": job.promote, "rule": decision.rule, "promoted": decision.promoted,
+                      "reason": decision.reason, "dev": decision.dev},
+        "heldout": heldout,
         "epochs": t.epochs, "lists": cand.map(|c| &c.lists), "skipped": data.skipped,
         "feedback": data.feedback});
     write_json(&ctx.files.eval(), &eval_doc)?;
-    Ok(())
-}
-
-fn decide(
-    policy: Promote,
-    cand: Option<f64>,
-    base: Option<f64>,
-    eps: f64,
-    primary: &str,
-    baseline: &Baseline,
-) -> (bool, String) {
-    match policy {
-        Promote::Never => (false, "policy `never`".into()),
-        Promote::Always => (true, "policy `always`".into()),
-        Promote::IfImproves => match (cand, base, baseline) {
-            (Some(c), Some(b), _) if c > b + eps => (true, format!("{primary} {c:.4} > baseline {b:.4} + {eps}")),
-            (Some(c), Some(b), _) => (false, format!("{primary} {c:.4} is not above baseline {b:.4} + {eps}")),
-            (_, _, Baseline::Unknown(why)) => {
-                (false, format!("baseline unknown ({why}); not promoting without a comparison"))
-            }
-            (_, _, Baseline::NotEvaluated(why)) => {
-                (false, format!("no evaluation ({why}); `if_improves` cannot promote"))
-            }
-            _ => (false, "no candidate evaluation; `if_improves` cannot promote".into()),
-        },
+    if !data.dev_lists.is_empty() {
+        let mut out = String::new();
+        for l in &data.dev_lists {
+            out.push_str(&serde_json::to_string(l)?);
+            out.push('\n');
+        }
+        crate::store::write_atomic(&ctx.files.dev_lists(), out.as_bytes())?;
     }
+    Ok(())
 }
 
 /// The promoted adapter, if it belongs to this job's base model and loads.
@@ -410,8 +560,12 @@ fn load_baseline_adapter(dir: &Path, job: &Job, r: &Reranker) -> Result<LoraSet,
 }
 
 struct Materialised {
-    train_pairs: Vec<TextPair>,
+    /// Every query with its judged documents, and whether it is in the dev split.
+    queries: Vec<QueryRows>,
+    dev: Vec<bool>,
     dev_lists: Vec<DevList>,
+    /// The documents negatives and dev lists are drawn from: the corpus, else every text judged.
+    pool: Vec<(Option<String>, String)>,
     skipped: BTreeMap<String, usize>,
     /// Why there is no dev split, when there is none.
     no_dev: Option<String>,
@@ -419,8 +573,8 @@ struct Materialised {
     feedback: Option<Value>,
 }
 
-/// Reads the job's data (triplets, or feedback mined against the documents), splits it by query,
-/// and records the rows used, each with its split, in `triplets.jsonl`.
+/// Reads the job's data (triplets, or feedback mined against the documents) and splits it by
+/// query.
 fn materialise(ctx: &mut RunContext, root: &Root, job: &Job) -> anyhow::Result<Materialised> {
     let d = &job.data;
     let docs = match &d.documents {
@@ -455,14 +609,19 @@ fn materialise(ctx: &mut RunContext, root: &Root, job: &Job) -> anyhow::Result<M
             if not_utf8 > 0 {
                 skipped.insert("not UTF-8".into(), not_utf8);
             }
-            let j = |id: &String, label: u8| Judged { id: Some(id.clone()), text: docs.text[id].clone(), label };
+            let j = |id: &String, label: u8, source: Source| Judged {
+                id: Some(id.clone()),
+                text: docs.text[id].clone(),
+                label,
+                source,
+            };
             mined
                 .triplets
                 .iter()
                 .map(|t| QueryRows {
                     query: t.query.clone(),
-                    positives: vec![j(&t.positive, 1)],
-                    negatives: t.negatives.iter().map(|n| j(n, 0)).collect(),
+                    positives: vec![j(&t.positive, 1, Source::Signal)],
+                    negatives: t.negatives.iter().map(|(n, s)| j(n, 0, *s)).collect(),
                 })
                 .collect()
         }
@@ -474,35 +633,25 @@ fn materialise(ctx: &mut RunContext, root: &Root, job: &Job) -> anyhow::Result<M
     let queries = group_by_query(rows);
     anyhow::ensure!(!queries.is_empty(), "no usable training data (no query with a positive)");
     let dev = split_dev(&queries, job.eval.dev_fraction, job.train.seed);
-    let mut out = String::new();
-    for (q, &is_dev) in queries.iter().zip(&dev) {
-        let side = |v: &Vec<Judged>| {
-            v.iter().map(|j| json!({"id": j.id, "text": j.text, "label": j.label})).collect::<Vec<_>>()
-        };
-        let row = json!({"query": q.query, "positives": side(&q.positives), "negatives": side(&q.negatives),
-                         "split": if is_dev { "dev" } else { "train" }});
-        out.push_str(&row.to_string());
-        out.push('\n');
-    }
-    crate::store::write_atomic(&ctx.files.triplets(), out.as_bytes())?;
-    let train_q: Vec<&QueryRows> = queries.iter().zip(&dev).filter(|(_, d)| !**d).map(|(q, _)| q).collect();
-    let dev_q: Vec<&QueryRows> = queries.iter().zip(&dev).filter(|(_, d)| **d).map(|(q, _)| q).collect();
-    let train_pairs = train_pairs(&train_q, job.train.negative_ratio as usize);
     let pool: Vec<(Option<String>, String)> = match &docs {
         Some(docs) => docs.ids.iter().map(|id| (Some(id.clone()), docs.text[id].clone())).collect(),
-        None => queries
-            .iter()
-            .flat_map(|q| q.positives.iter().chain(&q.negatives))
-            .map(|j| (j.id.clone(), j.text.clone()))
-            .collect(),
+        None => {
+            let mut seen = std::collections::HashSet::new();
+            queries
+                .iter()
+                .flat_map(|q| q.positives.iter().chain(&q.negatives))
+                .filter(|j| seen.insert(j.text.clone()))
+                .map(|j| (j.id.clone(), j.text.clone()))
+                .collect()
+        }
     };
+    let dev_q: Vec<&QueryRows> = queries.iter().zip(&dev).filter(|(_, d)| **d).map(|(q, _)| q).collect();
     let dev_lists = dev_lists(&dev_q, &pool, job.eval.list_size as usize, job.train.seed);
     ctx.info(&format!(
-        "materialised {} queries ({} train, {} dev), {} training pairs",
+        "materialised {} queries ({} train, {} dev)",
         queries.len(),
-        train_q.len(),
+        queries.len() - dev_q.len(),
         dev_q.len(),
-        train_pairs.len()
     ))?;
     let no_dev = dev_q.is_empty().then(|| {
         if job.eval.dev_fraction <= 0.0 {
@@ -514,5 +663,23 @@ fn materialise(ctx: &mut RunContext, root: &Root, job: &Job) -> anyhow::Result<M
     if let Some(why) = &no_dev {
         ctx.info(&format!("no dev split ({why}): evaluation skipped"))?;
     }
-    Ok(Materialised { train_pairs, dev_lists, skipped, no_dev, feedback: snapshot })
+    Ok(Materialised { queries, dev, dev_lists, pool, skipped, no_dev, feedback: snapshot })
+}
+
+/// Records the rows used, each with its split and every document's source, in `triplets.jsonl`.
+fn write_triplets(ctx: &mut RunContext, data: &Materialised) -> anyhow::Result<()> {
+    let mut out = String::new();
+    for (q, &is_dev) in data.queries.iter().zip(&data.dev) {
+        let side = |v: &Vec<Judged>| {
+            v.iter()
+                .map(|j| json!({"id": j.id, "text": j.text, "label": j.label, "source": j.source}))
+                .collect::<Vec<_>>()
+        };
+        let row = json!({"query": q.query, "positives": side(&q.positives), "negatives": side(&q.negatives),
+                         "split": if is_dev { "dev" } else { "train" }});
+        out.push_str(&row.to_string());
+        out.push('\n');
+    }
+    crate::store::write_atomic(&ctx.files.triplets(), out.as_bytes())?;
+    Ok(())
 }

@@ -1,6 +1,8 @@
 //! Promoted adapters: `models/<corpus>/adapters/<run_id>/` (copies, never rewritten),
 //! `models/<corpus>/current` (a symlink swapped atomically by rename, so readers never see a
-//! half-written adapter), and `models/<corpus>/promotions.jsonl` (every change, append-only).
+//! half-written adapter), `models/<corpus>/promotions.jsonl` (every change, append-only), and
+//! `models/<corpus>/heldout/<run_id>.jsonl`: the dev lists of every promoted run, frozen at its
+//! promotion, which later runs also evaluate on (so a new adapter cannot quietly forget).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,6 +15,40 @@ use super::{Result, Root, StoreError};
 
 fn adapters_dir(root: &Root, corpus: &str) -> PathBuf {
     root.models(corpus).join("adapters")
+}
+
+fn heldout_dir(root: &Root, corpus: &str) -> PathBuf {
+    root.models(corpus).join("heldout")
+}
+
+/// Freezes a run's dev lists (its `dev_lists.jsonl`, if it has one) as held-out lists.
+fn freeze_heldout(root: &Root, corpus: &str, run_id: &str) -> Result<()> {
+    let src = super::paths::RunFiles::new(&root.run_dir(run_id)).dev_lists();
+    let bytes = match std::fs::read(&src) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StoreError::io(&src, "reading", e)),
+    };
+    let dir = heldout_dir(root, corpus);
+    std::fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, "creating", e))?;
+    super::atomic::write_atomic(&dir.join(format!("{run_id}.jsonl")), &bytes)
+}
+
+/// The held-out lists of the corpus's promotions, oldest promotion first: (run id, file). Only
+/// runs the promotion log names count (a file left by a crash before the log entry does not).
+pub fn heldout_files(root: &Root, corpus: &str) -> Vec<(String, PathBuf)> {
+    let history = promotions(root, corpus);
+    let mut seen = Vec::new();
+    for e in &history {
+        if let Some(id) = e["run_id"].as_str()
+            && e["how"] != "rollback"
+            && !seen.iter().any(|s| s == id)
+        {
+            seen.push(id.to_string());
+        }
+    }
+    let dir = heldout_dir(root, corpus);
+    seen.into_iter().map(|id| (dir.join(format!("{id}.jsonl")), id)).filter(|(p, _)| p.is_file()).map(|(p, id)| (id, p)).collect()
 }
 
 /// How an adapter must be scored, from its `manifest.json` (written by the run beside the
@@ -143,6 +179,7 @@ pub fn served(history: &[Value]) -> Vec<String> {
 pub fn promote(root: &Root, corpus: &str, run_id: &str, adapter: &Path, how: &str, details: Value) -> Result<PathBuf> {
     let previous = current(root, corpus).map(|(id, _)| id);
     let dest = install(root, corpus, run_id, adapter)?;
+    freeze_heldout(root, corpus, run_id)?;
     let mut entry = json!({"run_id": run_id, "previous": previous, "how": how, "path": dest});
     if let (Value::Object(e), Value::Object(d)) = (&mut entry, details) {
         e.extend(d);

@@ -185,6 +185,10 @@ impl RunFiles {
     pub fn adapter(&self) -> PathBuf {
         self.dir.join("adapter")
     }
+    /// The run's dev lists in full (texts and labels): frozen as held-out lists if promoted.
+    pub fn dev_lists(&self) -> PathBuf {
+        self.dir.join("dev_lists.jsonl")
+    }
     pub fn report(&self) -> PathBuf {
         self.dir.join("report.svg")
     }

@@ -116,12 +116,38 @@ fn walk(base: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> anyhow::Re
     Ok(())
 }
 
-/// One judged document for a query: its text, id (when known) and graded label 0..=3.
+/// Where a judged document came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// Written in a triplets file.
+    Given,
+    /// A feedback signal on it (a click, a thumbs-down, a star rating).
+    Signal,
+    /// Shown above the clicked document and not chosen.
+    ShownAbove,
+    /// Shown with the query and not chosen.
+    Shown,
+    /// Ranked high by the baseline although not a positive (`train.hard_negatives`).
+    Hard,
+    /// A random corpus document.
+    Random,
+}
+
+impl Source {
+    /// Judged by a person (or written as such): hard negatives go after these.
+    pub fn explicit(self) -> bool {
+        matches!(self, Self::Given | Self::Signal | Self::ShownAbove)
+    }
+}
+
+/// One judged document for a query: its text, id (when known), graded label 0..=3 and source.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Judged {
     pub id: Option<String>,
     pub text: String,
     pub label: u8,
+    pub source: Source,
 }
 
 /// Everything judged for one query, positives first.
@@ -161,18 +187,22 @@ pub fn read_triplets(path: &Path, docs: Option<&Documents>) -> anyhow::Result<Ve
 
 fn judged(v: &Value, default_label: u8, docs: Option<&Documents>) -> anyhow::Result<Judged> {
     let resolve = |s: &str| match docs.and_then(|d| d.text.get(s)) {
-        Some(t) => Judged { id: Some(s.to_string()), text: t.clone(), label: default_label },
-        None => Judged { id: None, text: s.to_string(), label: default_label },
+        Some(t) => Judged { id: Some(s.to_string()), text: t.clone(), label: default_label, source: Source::Given },
+        None => Judged { id: None, text: s.to_string(), label: default_label, source: Source::Given },
     };
     match v {
         Value::String(s) => Ok(resolve(s)),
         Value::Object(o) => {
             let mut j = match (o.get("id").and_then(Value::as_str), o.get("text").and_then(Value::as_str)) {
                 (Some(id), _) => match docs.and_then(|d| d.text.get(id)) {
-                    Some(t) => Judged { id: Some(id.to_string()), text: t.clone(), label: default_label },
+                    Some(t) => {
+                        Judged { id: Some(id.to_string()), text: t.clone(), label: default_label, source: Source::Given }
+                    }
                     None => bail!("document id `{id}` is not in the documents"),
                 },
-                (None, Some(t)) => Judged { id: None, text: t.to_string(), label: default_label },
+                (None, Some(t)) => {
+                    Judged { id: None, text: t.to_string(), label: default_label, source: Source::Given }
+                }
                 (None, None) => bail!("needs `text` or `id`"),
             };
             if let Some(l) = o.get("label") {
@@ -193,12 +223,12 @@ pub fn group_by_query(rows: Vec<QueryRows>) -> Vec<QueryRows> {
         match by.get_mut(&key) {
             Some(g) => {
                 for p in r.positives {
-                    if !g.positives.contains(&p) {
+                    if !g.positives.iter().any(|x| x.text == p.text) {
                         g.positives.push(p);
                     }
                 }
                 for n in r.negatives {
-                    if !g.negatives.contains(&n) && !g.positives.iter().any(|p| p.text == n.text) {
+                    if !g.negatives.iter().chain(&g.positives).any(|x| x.text == n.text) {
                         g.negatives.push(n);
                     }
                 }
@@ -260,23 +290,38 @@ pub struct TextPair {
     pub label: f32,
 }
 
-/// 1 positive + up to `negative_ratio` negatives per (query, positive).
-pub fn train_pairs(queries: &[&QueryRows], negative_ratio: usize) -> Vec<TextPair> {
+/// 1 positive + up to `negative_ratio` negatives (the first ones) per (query, positive), and
+/// how many of the negatives used came from each source.
+pub fn train_pairs(queries: &[&QueryRows], negative_ratio: usize) -> (Vec<TextPair>, BTreeMap<Source, usize>) {
     let mut out = Vec::new();
+    let mut sources = BTreeMap::new();
     for q in queries {
         for p in &q.positives {
             out.push(TextPair { query: q.query.clone(), doc: p.text.clone(), label: 1.0 });
             for n in q.negatives.iter().take(negative_ratio) {
                 out.push(TextPair { query: q.query.clone(), doc: n.text.clone(), label: 0.0 });
+                *sources.entry(n.source).or_default() += 1;
             }
         }
     }
-    out
+    (out, sources)
+}
+
+/// Inserts `hard` negatives (texts not already judged for the query) after the explicit ones.
+pub fn insert_hard(q: &mut QueryRows, hard: Vec<Judged>) -> usize {
+    let at = q.negatives.iter().position(|n| !n.source.explicit()).unwrap_or(q.negatives.len());
+    let new: Vec<Judged> = hard
+        .into_iter()
+        .filter(|h| !q.positives.iter().chain(&q.negatives).any(|x| x.text == h.text))
+        .collect();
+    let n = new.len();
+    q.negatives.splice(at..at, new);
+    n
 }
 
 /// One dev query's candidate list: its judged documents plus random corpus documents (label 0),
 /// up to `list_size`.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DevList {
     pub query: String,
     pub docs: Vec<String>,
@@ -385,8 +430,8 @@ mod tests {
     fn dev_lists_fill_with_random_docs_and_keep_labels() {
         let rows = QueryRows {
             query: "q".into(),
-            positives: vec![Judged { id: None, text: "good".into(), label: 2 }],
-            negatives: vec![Judged { id: None, text: "bad".into(), label: 0 }],
+            positives: vec![Judged { id: None, text: "good".into(), label: 2, source: Source::Given }],
+            negatives: vec![Judged { id: None, text: "bad".into(), label: 0, source: Source::Given }],
         };
         let pool: Vec<(Option<String>, String)> =
             (0..50).map(|i| (Some(format!("d{i}")), format!("doc {i}"))).collect();

@@ -21,6 +21,8 @@ pub struct ScoredList {
     pub texts: Vec<String>,
     pub labels: Vec<u8>,
     pub scores: Vec<f32>,
+    /// This query's own metric values (the result's metrics are their means).
+    pub metrics: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -30,6 +32,15 @@ pub struct EvalResult {
     pub queries: usize,
     pub lists: Vec<ScoredList>,
 }
+
+impl EvalResult {
+    /// `metric`'s value on each query, in list order: what significance tests pair up.
+    pub fn per_query(&self, metric: &str) -> Vec<f64> {
+        self.lists.iter().map(|l| l.metrics.get(metric).copied().unwrap_or(0.0)).collect()
+    }
+}
+
+const METRIC_NAMES: [&str; 4] = ["ndcg@10", "mrr@10", "recall@10", "map"];
 
 /// Scores and measures `lists`; a [`super::Cancelled`] error if `cancelled()` gives a reason
 /// between lists.
@@ -49,9 +60,11 @@ pub fn evaluate(
         let pairs: Vec<(&str, &str)> = l.docs.iter().map(|d| (l.query.as_str(), d.as_str())).collect();
         let scores: Vec<f32> = r.score_pairs(&pairs, max_length, SCORE_BATCH, lora)?.iter().map(|s| s.score).collect();
         let m = rank_and_measure(&scores, &l.labels, 10);
-        for (s, v) in sums.iter_mut().zip([m.ndcg, m.mrr, m.recall, m.ap]) {
+        let values = [m.ndcg, m.mrr, m.recall, m.ap];
+        for (s, v) in sums.iter_mut().zip(values) {
             *s += v;
         }
+        let metrics = METRIC_NAMES.iter().zip(values).map(|(k, v)| (k.to_string(), v)).collect();
         let ids = l
             .ids
             .iter()
@@ -59,10 +72,9 @@ pub fn evaluate(
             .map(|(id, text)| id.clone().unwrap_or_else(|| crate::store::feedback::content_id(text)))
             .collect();
         let texts = l.docs.iter().map(|d| d.chars().take(80).collect()).collect();
-        scored.push(ScoredList { query: l.query.clone(), ids, texts, labels: l.labels.clone(), scores });
+        scored.push(ScoredList { query: l.query.clone(), ids, texts, labels: l.labels.clone(), scores, metrics });
     }
     let n = lists.len().max(1) as f64;
-    let metrics =
-        ["ndcg@10", "mrr@10", "recall@10", "map"].iter().zip(sums).map(|(k, s)| (k.to_string(), s / n)).collect();
+    let metrics = METRIC_NAMES.iter().zip(sums).map(|(k, s)| (k.to_string(), s / n)).collect();
     Ok(EvalResult { metrics, queries: lists.len(), lists: scored })
 }

@@ -12,13 +12,15 @@ use rand::SeedableRng;
 use rand::seq::IndexedRandom;
 use serde_json::Value;
 
+use super::dataset::Source;
 use crate::store::feedback::{NEGATIVE, POSITIVE};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Triplet {
     pub query: String,
     pub positive: String,
-    pub negatives: Vec<String>,
+    /// In order of preference, each with where it came from.
+    pub negatives: Vec<(String, Source)>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -112,30 +114,30 @@ pub fn mine(feedback: &str, doc_ids: &[String], negatives: usize, seed: u64) -> 
     for id in order {
         let ev = &events[&id];
         for pos in &ev.positives {
-            let mut negs: Vec<String> = Vec::new();
-            let push = |d: &String, negs: &mut Vec<String>| {
+            let mut negs: Vec<(String, Source)> = Vec::new();
+            let push = |d: &String, source: Source, negs: &mut Vec<(String, Source)>| {
                 if negs.len() < negatives
                     && !ev.positives.contains(d)
-                    && !negs.contains(d)
+                    && !negs.iter().any(|(n, _)| n == d)
                     && known.contains(d.as_str())
                 {
-                    negs.push(d.clone());
+                    negs.push((d.clone(), source));
                 }
             };
             for d in &ev.negatives {
-                push(d, &mut negs);
+                push(d, Source::Signal, &mut negs);
             }
             let pos_rank = ev.shown.iter().position(|d| d == pos).unwrap_or(ev.shown.len());
             for d in &ev.shown[..pos_rank] {
-                push(d, &mut negs);
+                push(d, Source::ShownAbove, &mut negs);
             }
             for d in &ev.shown {
-                push(d, &mut negs);
+                push(d, Source::Shown, &mut negs);
             }
             let mut tries = 0;
             while negs.len() < negatives && tries < negatives * 10 && !doc_ids.is_empty() {
                 if let Some(d) = doc_ids.choose(&mut rng) {
-                    push(d, &mut negs);
+                    push(d, Source::Random, &mut negs);
                 }
                 tries += 1;
             }
@@ -166,7 +168,11 @@ mod tests {
         let m = mine(&fb, &docs(10), 2, 0);
         assert_eq!(
             m.triplets,
-            vec![Triplet { query: "q".into(), positive: "d3".into(), negatives: vec!["d1".into(), "d2".into()] }]
+            vec![Triplet {
+                query: "q".into(),
+                positive: "d3".into(),
+                negatives: vec![("d1".into(), Source::ShownAbove), ("d2".into(), Source::ShownAbove)]
+            }]
         );
     }
 
@@ -181,9 +187,11 @@ mod tests {
         assert_eq!(m.triplets.len(), 1, "thumbs-down makes no triplet of its own");
         let t = &m.triplets[0];
         assert_eq!(t.positive, "d1", "thumbsup without doc_id: the top shown doc");
-        assert_eq!(t.negatives[0], "d3");
-        assert!(!t.negatives.contains(&t.positive));
+        assert_eq!(t.negatives[0], ("d3".to_string(), Source::Signal));
+        assert!(!t.negatives.iter().any(|(n, _)| *n == t.positive));
         assert_eq!(t.negatives.len(), 3, "filled from shown, then random docs");
+        assert_eq!(t.negatives[1], ("d2".to_string(), Source::Shown));
+        assert_eq!(t.negatives[2].1, Source::Random);
     }
 
     #[test]
@@ -195,7 +203,7 @@ mod tests {
         ]);
         let m = mine(&fb, &docs(3), 5, 0);
         for t in &m.triplets {
-            assert!(!t.negatives.contains(&t.positive));
+            assert!(!t.negatives.iter().any(|(n, _)| *n == t.positive));
         }
     }
 

@@ -4,10 +4,13 @@
 pub mod data;
 pub mod dataset;
 pub mod eval;
+pub mod hard_negatives;
 pub mod memory;
 pub mod metrics;
 pub mod mining;
 pub mod optim;
+pub mod promotion;
+pub mod significance;
 pub mod trainer;
 
 /// Cancellation, the one shape it takes: an error carrying the reason, raised at a boundary
