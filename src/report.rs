@@ -202,21 +202,47 @@ fn draw_header(area: &DrawingArea<SVGBackend, Shift>, d: &RunData) -> anyhow::Re
     let title = format!("rerankd run {}  ·  corpus {}  ·  {}", d.run_id, d.corpus, d.state);
     area.draw(&Text::new(title, (20, 12), (FONT, 26).into_font().style(FontStyle::Bold)))?;
     let (decision, color) = match &d.promotion {
+        // Reasons say "promoted: ..." / "not promoted: ..." themselves (older runs did not).
+        Some((true, why)) if why.starts_with("promoted") => (why.clone(), RGBColor(0, 120, 0)),
+        Some((false, why)) if why.starts_with("not promoted") => (why.clone(), RGBColor(170, 60, 0)),
         Some((true, why)) => (format!("promoted: {why}"), RGBColor(0, 120, 0)),
         Some((false, why)) => (format!("not promoted: {why}"), RGBColor(170, 60, 0)),
         None => ("no promotion decision (the run ended before one)".to_string(), RGBColor(90, 90, 90)),
     };
-    area.draw(&Text::new(decision, (20, 52), (FONT, 18).into_font().color(&color)))?;
+    // A long decision (held-out comparisons) takes two lines.
+    let mut y = 52;
+    for line in wrap(&decision, 150, 2) {
+        area.draw(&Text::new(line, (20, y), (FONT, 18).into_font().color(&color)))?;
+        y += 24;
+    }
     let caps =
         if d.caps.is_empty() { "memory caps: none".to_string() } else { format!("memory caps: {}", d.caps.join("; ")) };
-    area.draw(&Text::new(clip(&caps, 160), (20, 82), (FONT, 16).into_font()))?;
+    area.draw(&Text::new(clip(&caps, 160), (20, y + 6), (FONT, 16).into_font()))?;
     let summary = match (&d.ended, d.steps.last()) {
         (Some(why), _) => format!("{} steps · ended: {why}", d.steps.len()),
         (None, Some(_)) => format!("{} steps", d.steps.len()),
         (None, None) => "no training steps recorded".to_string(),
     };
-    area.draw(&Text::new(clip(&summary, 160), (20, 110), (FONT, 16).into_font().color(&RGBColor(70, 70, 70))))?;
+    let grey = RGBColor(70, 70, 70);
+    area.draw(&Text::new(clip(&summary, 160), (20, y + 32), (FONT, 16).into_font().color(&grey)))?;
     Ok(())
+}
+
+/// `s` in at most `lines` lines of about `width` characters, broken at spaces; the last clipped.
+fn wrap(s: &str, width: usize, lines: usize) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    for w in s.split(' ') {
+        if !cur.is_empty() && cur.chars().count() + 1 + w.chars().count() > width && out.len() + 1 < lines {
+            out.push(std::mem::take(&mut cur));
+        }
+        if !cur.is_empty() {
+            cur.push(' ');
+        }
+        cur.push_str(w);
+    }
+    out.push(clip(&cur, width + 10));
+    out
 }
 
 fn clip(s: &str, n: usize) -> String {

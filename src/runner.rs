@@ -30,8 +30,8 @@ use crate::train::dataset::{
 use crate::train::eval::{EvalResult, evaluate};
 use crate::train::memory::{self, Estimate};
 use crate::train::promotion::{self, Evidence, Paired, Settings};
-use crate::train::{hard_negatives, mining};
 use crate::train::trainer::{Reporter, TrainConfig, train};
+use crate::train::{hard_negatives, mining};
 
 /// The run's view of its files while it runs.
 pub struct RunContext {
@@ -215,8 +215,11 @@ fn execute(ctx: &mut RunContext, root: &Root) -> anyhow::Result<Value> {
     let cand_heldout = match (&trained.best, heldout.is_empty()) {
         (Some(_), false) => {
             let res = evaluate(&r, Some(&trained.candidate), &heldout, max_len, &mut || ctx.cancel_requested())?;
-            ctx.log.append("eval", json!({"split": "heldout", "which": "candidate", "queries": res.queries,
-                "metrics": res.metrics}))?;
+            ctx.log.append(
+                "eval",
+                json!({"split": "heldout", "which": "candidate", "queries": res.queries,
+                "metrics": res.metrics}),
+            )?;
             Some(res)
         }
         _ => None,
@@ -423,8 +426,10 @@ fn evaluate_baseline(
         Some(why) => Err(format!("no evaluation ({why})")),
         None => {
             let res = evaluate(r, adapter, &data.dev_lists, max_len, &mut || ctx.cancel_requested())?;
-            ctx.log
-                .append("eval", json!({"split": "dev", "which": "baseline", "metrics": res.metrics, "adapter": what}))?;
+            ctx.log.append(
+                "eval",
+                json!({"split": "dev", "which": "baseline", "metrics": res.metrics, "adapter": what}),
+            )?;
             Ok(res)
         }
     };
@@ -432,8 +437,11 @@ fn evaluate_baseline(
         None
     } else {
         let res = evaluate(r, adapter, heldout, max_len, &mut || ctx.cancel_requested())?;
-        ctx.log.append("eval", json!({"split": "heldout", "which": "baseline", "queries": res.queries,
-            "metrics": res.metrics, "adapter": what}))?;
+        ctx.log.append(
+            "eval",
+            json!({"split": "heldout", "which": "baseline", "queries": res.queries,
+            "metrics": res.metrics, "adapter": what}),
+        )?;
         Some(res)
     };
     Ok(Baseline { what, dev, heldout })

@@ -48,7 +48,11 @@ pub fn heldout_files(root: &Root, corpus: &str) -> Vec<(String, PathBuf)> {
         }
     }
     let dir = heldout_dir(root, corpus);
-    seen.into_iter().map(|id| (dir.join(format!("{id}.jsonl")), id)).filter(|(p, _)| p.is_file()).map(|(p, id)| (id, p)).collect()
+    seen.into_iter()
+        .map(|id| (dir.join(format!("{id}.jsonl")), id))
+        .filter(|(p, _)| p.is_file())
+        .map(|(p, id)| (id, p))
+        .collect()
 }
 
 /// How an adapter must be scored, from its `manifest.json` (written by the run beside the

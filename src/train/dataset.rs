@@ -195,9 +195,12 @@ fn judged(v: &Value, default_label: u8, docs: Option<&Documents>) -> anyhow::Res
         Value::Object(o) => {
             let mut j = match (o.get("id").and_then(Value::as_str), o.get("text").and_then(Value::as_str)) {
                 (Some(id), _) => match docs.and_then(|d| d.text.get(id)) {
-                    Some(t) => {
-                        Judged { id: Some(id.to_string()), text: t.clone(), label: default_label, source: Source::Given }
-                    }
+                    Some(t) => Judged {
+                        id: Some(id.to_string()),
+                        text: t.clone(),
+                        label: default_label,
+                        source: Source::Given,
+                    },
                     None => bail!("document id `{id}` is not in the documents"),
                 },
                 (None, Some(t)) => {
@@ -310,10 +313,8 @@ pub fn train_pairs(queries: &[&QueryRows], negative_ratio: usize) -> (Vec<TextPa
 /// Inserts `hard` negatives (texts not already judged for the query) after the explicit ones.
 pub fn insert_hard(q: &mut QueryRows, hard: Vec<Judged>) -> usize {
     let at = q.negatives.iter().position(|n| !n.source.explicit()).unwrap_or(q.negatives.len());
-    let new: Vec<Judged> = hard
-        .into_iter()
-        .filter(|h| !q.positives.iter().chain(&q.negatives).any(|x| x.text == h.text))
-        .collect();
+    let new: Vec<Judged> =
+        hard.into_iter().filter(|h| !q.positives.iter().chain(&q.negatives).any(|x| x.text == h.text)).collect();
     let n = new.len();
     q.negatives.splice(at..at, new);
     n

@@ -52,10 +52,10 @@ pub struct Decision {
     pub heldout: Option<Comparison>,
 }
 
-/// "+0.031 ndcg@10, 95% CI [-0.012, +0.074] over 15 queries (p = 0.21)".
+/// "+0.031 ndcg@10, 95% CI [-0.012, +0.074] over 15 queries (p = 0.2100)".
 pub fn describe(c: &Comparison, metric: &str) -> String {
     format!(
-        "{:+.3} {metric}, {:.0}% CI [{:+.3}, {:+.3}] over {} queries (p = {})",
+        "{:+.3} {metric}, {:.0}% CI [{:+.3}, {:+.3}] over {} queries ({})",
         c.difference,
         c.level * 100.0,
         c.ci[0],
@@ -66,7 +66,7 @@ pub fn describe(c: &Comparison, metric: &str) -> String {
 }
 
 fn p_text(p: f64) -> String {
-    if p < 1e-4 { "< 0.0001".into() } else { format!("{p:.4}") }
+    if p < 1e-4 { "p < 0.0001".into() } else { format!("p = {p:.4}") }
 }
 
 pub fn decide(policy: Promote, ev: &Evidence, s: &Settings) -> Decision {
@@ -116,7 +116,13 @@ pub fn decide(policy: Promote, ev: &Evidence, s: &Settings) -> Decision {
         Ok(w) => (true, w),
         Err(w) => (false, w),
     };
-    Decision { promoted, rule, reason: format!("{}: {why}", if promoted { "promoted" } else { "not promoted" }), dev, heldout }
+    Decision {
+        promoted,
+        rule,
+        reason: format!("{}: {why}", if promoted { "promoted" } else { "not promoted" }),
+        dev,
+        heldout,
+    }
 }
 
 /// The conditions every metric-based rule needs: dev values, and enough dev queries.

@@ -57,9 +57,8 @@ pub fn bootstrap_ci(diffs: &[f64], resamples: usize, level: f64, seed: u64) -> [
         return [0.0, 0.0];
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut means: Vec<f64> = (0..resamples)
-        .map(|_| (0..n).map(|_| diffs[rng.random_range(0..n)]).sum::<f64>() / n as f64)
-        .collect();
+    let mut means: Vec<f64> =
+        (0..resamples).map(|_| (0..n).map(|_| diffs[rng.random_range(0..n)]).sum::<f64>() / n as f64).collect();
     means.sort_by(f64::total_cmp);
     let at = |q: f64| means[((q * (resamples - 1) as f64) + 0.5).floor() as usize];
     [at((1.0 - level) / 2.0), at((1.0 + level) / 2.0)]
