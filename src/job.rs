@@ -65,6 +65,9 @@ pub struct Train {
     pub seed: u64,
     pub max_grad_norm: f64,
     pub weight_decay: f64,
+    /// Seconds between checkpoints (0: after every optimizer step).
+    #[serde(default = "default_checkpoint_every_s")]
+    pub checkpoint_every_s: u64,
     /// Negatives mined by the baseline before training; absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hard_negatives: Option<HardNegatives>,
@@ -113,6 +116,9 @@ pub struct Eval {
     pub heldout_max_queries: u64,
 }
 
+fn default_checkpoint_every_s() -> u64 {
+    300
+}
 fn default_min_dev_queries() -> u64 {
     10
 }
@@ -436,6 +442,7 @@ fn parse_train(v: Option<&Value>) -> Result<Train, JobError> {
         seed: o.int("seed", 0, 0, u64::MAX)?,
         max_grad_norm: o.num("max_grad_norm", 1.0, 0.0, 1e6, false)?,
         weight_decay: o.num("weight_decay", 0.0, 0.0, 1.0, true)?,
+        checkpoint_every_s: o.int("checkpoint_every_s", default_checkpoint_every_s(), 0, 7 * 86_400)?,
         hard_negatives: match o.get("hard_negatives") {
             None => None,
             Some(v) => Some(parse_hard_negatives(v)?),

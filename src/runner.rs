@@ -16,6 +16,7 @@ use crate::model::checkpoint::{CheckpointDir, SafetensorsWeights};
 use crate::model::lora::LoraConfig;
 use crate::model::{LoraSet, Reranker};
 use crate::store::atomic::{read_json, write_json};
+use crate::store::checkpoint;
 use crate::store::feedback::CorpusFeedback;
 use crate::store::models;
 use crate::store::paths::RunFiles;
@@ -29,9 +30,26 @@ use crate::train::dataset::{
 };
 use crate::train::eval::{EvalResult, evaluate};
 use crate::train::memory::{self, Estimate};
+use crate::train::optim::AdamW;
 use crate::train::promotion::{self, Evidence, Paired, Settings};
-use crate::train::trainer::{Reporter, TrainConfig, train};
+use crate::train::trainer::{Cursor, Reporter, Resume, TrainConfig, train};
 use crate::train::{hard_negatives, mining};
+
+const PAUSED: &str = "paused by `rerankd pause`";
+const TERMINATED: &str = "terminated by a signal (SIGTERM/SIGINT)";
+
+/// How a run that stopped on request ends: for good (cancelled), paused, or back in the queue
+/// (interrupted: the daemon shut down or the process was told to stop), to resume from its
+/// checkpoint.
+fn stop_kind(files: &RunFiles, terminated: bool) -> RunState {
+    match files.cancel_requested() {
+        Some(r) if r != crate::daemon::SHUTDOWN_REASON => RunState::Cancelled,
+        Some(_) => RunState::Queued,
+        None if files.pause().exists() => RunState::Paused,
+        None if terminated => RunState::Queued,
+        None => RunState::Cancelled,
+    }
+}
 
 /// The run's view of its files while it runs.
 pub struct RunContext {
@@ -79,9 +97,10 @@ impl Reporter for RunContext {
         if self.ignore_cancel {
             return None;
         }
-        self.files.cancel_requested().or_else(|| {
-            self.terminated.load(Ordering::Relaxed).then(|| "terminated by a signal (SIGTERM/SIGINT)".to_string())
-        })
+        self.files
+            .cancel_requested()
+            .or_else(|| self.files.pause().exists().then(|| PAUSED.to_string()))
+            .or_else(|| self.terminated.load(Ordering::Relaxed).then(|| TERMINATED.to_string()))
     }
 
     fn peak_mem_mb(&mut self) -> u64 {
@@ -135,20 +154,46 @@ pub fn run(root: &Root, run_dir: &Path, nice: Option<i32>) -> anyhow::Result<i32
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
     lock.write_pid()?;
+    let shrink = std::mem::take(&mut ctx.status.shrink_memory);
     ctx.set_state(RunState::Running, None, None)?;
     testhooks::crash_point("run.after_running");
     let _ballast: Vec<u8> = testhooks::alloc_mb().map(|mb| vec![1u8; mb << 20]).unwrap_or_default();
-    let outcome = execute(&mut ctx, root);
+    let outcome = execute(&mut ctx, root, shrink);
     let result = match outcome {
         Ok(summary) => {
             ctx.status.summary = Some(summary);
-            ctx.set_state(RunState::Completed, None, None)
+            let r = ctx.set_state(RunState::Completed, None, None);
+            checkpoint::remove(&ctx.files);
+            r
+        }
+        Err(e)
+            if e.downcast_ref::<Cancelled>().is_some() && {
+                let kind = stop_kind(&ctx.files, ctx.terminated.load(Ordering::Relaxed));
+                matches!(kind, RunState::Queued | RunState::Paused)
+            } =>
+        {
+            let Some(Cancelled(reason)) = e.downcast_ref::<Cancelled>() else { unreachable!() };
+            let kind = stop_kind(&ctx.files, ctx.terminated.load(Ordering::Relaxed));
+            let at = match checkpoint::latest(&ctx.files) {
+                Some((_, s)) => format!("at step {}; resumes from its checkpoint", s["cursor"]["step"]),
+                None => "before its first checkpoint; starts over".to_string(),
+            };
+            let why =
+                if kind == RunState::Paused { format!("paused {at}") } else { format!("interrupted ({reason}) {at}") };
+            let r = ctx.set_state(kind, Some(why), None);
+            // The request is answered: a resumed run must not stop on it again.
+            let _ = std::fs::remove_file(ctx.files.pause());
+            if ctx.files.cancel_requested().as_deref() == Some(crate::daemon::SHUTDOWN_REASON) {
+                let _ = std::fs::remove_file(ctx.files.cancel());
+            }
+            r
         }
         Err(e) => {
             let ended = match e.downcast_ref::<Cancelled>() {
                 Some(Cancelled(reason)) => (RunState::Cancelled, Some(reason.clone()), None),
                 None => (RunState::Failed, None, Some(format!("{e:#}"))),
             };
+            checkpoint::remove(&ctx.files);
             // A run that promoted itself and then failed must not stay current.
             let why = format!("{} did not complete", ctx.status.run_id);
             if let Err(u) = models::undo(root, &ctx.status.corpus, &ctx.status.run_id, &why) {
@@ -170,48 +215,71 @@ struct BaselineModel {
 
 /// What the baseline scored: on dev (None without a dev split or a usable baseline) and on the
 /// held-out lists of earlier promotions.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct Baseline {
     what: String,
     dev: Result<EvalResult, String>,
     heldout: Option<EvalResult>,
 }
 
-fn execute(ctx: &mut RunContext, root: &Root) -> anyhow::Result<Value> {
+fn execute(ctx: &mut RunContext, root: &Root, shrink: bool) -> anyhow::Result<Value> {
     ctx.check_cancel()?;
     let job: Job = read_json(&ctx.files.job())?;
     let device = job.device.open()?;
     let ck = CheckpointDir::resolve(&job.model)?; // its errors name the model already
-    let job = govern(ctx, job, &ck)?;
+    let saved = checkpoint::latest(&ctx.files)
+        .map(|(dir, state)| serde_json::from_value::<Saved>(state).map(|s| (dir, s)))
+        .transpose()
+        .context("reading the run's checkpoint")?;
+    let job = match &saved {
+        Some((_, s)) => replan(ctx, job, &s.plan, shrink)?,
+        None => govern(ctx, job, &ck)?,
+    };
     ctx.info(&format!("loading model {} on {:?}", job.model, device.location()))?;
     let mut r = Reranker::open(&ck, &device).with_context(|| format!("loading model `{}`", job.model))?;
     if let Some(i) = &job.instruction {
         r.instruction = i.clone();
     }
     let max_len = job.train.max_length as usize;
-    let mut data = materialise(ctx, root, &job)?;
-    ctx.check_cancel()?;
-    let base = baseline_model(ctx, root, &job, &r)?;
-    if let Some(h) = &job.train.hard_negatives {
-        mine_hard_negatives(ctx, &job, &r, &base, &mut data, h)?;
-    }
+    let (data, baseline, heldout, resume) = match saved {
+        Some((dir, s)) => {
+            let data = restore_data(&ctx.files, &s)?;
+            let heldout = read_lines::<DevList>(&ctx.files.heldout_lists())?;
+            let baseline = s.baseline.clone();
+            (data, baseline, heldout, Some((dir, s)))
+        }
+        None => {
+            let mut data = materialise(ctx, root, &job)?;
+            ctx.check_cancel()?;
+            let base = baseline_model(ctx, root, &job, &r)?;
+            if let Some(h) = &job.train.hard_negatives {
+                mine_hard_negatives(ctx, &job, &r, &base, &mut data, h)?;
+            }
+            write_triplets(ctx, &data)?;
+            write_lines(&ctx.files.dev_lists(), &data.dev_lists)?;
+            let heldout = heldout_lists(ctx, root, &job, &data)?;
+            write_lines(&ctx.files.heldout_lists(), &heldout)?;
+            let baseline = evaluate_baseline(ctx, &job, &r, &base, &data, &heldout)?;
+            (data, baseline, heldout, None)
+        }
+    };
     let train_q: Vec<&QueryRows> = data.queries.iter().zip(&data.dev).filter(|(_, d)| !**d).map(|(q, _)| q).collect();
     let (text_pairs, sources) = train_pairs(&train_q, job.train.negative_ratio as usize);
-    write_triplets(ctx, &data)?;
-    let used: Vec<String> = sources.iter().map(|(s, n)| format!("{n} {}", json!(s).as_str().unwrap_or(""))).collect();
-    ctx.event(
-        "log",
-        json!({"level": "info", "message": format!("{} training pairs; negatives by source: {}", text_pairs.len(),
-            if used.is_empty() { "none".to_string() } else { used.join(", ") }), "negatives": sources}),
-    )?;
+    if resume.is_none() {
+        let used: Vec<String> =
+            sources.iter().map(|(s, n)| format!("{n} {}", json!(s).as_str().unwrap_or(""))).collect();
+        ctx.event(
+            "log",
+            json!({"level": "info", "message": format!("{} training pairs; negatives by source: {}", text_pairs.len(),
+                if used.is_empty() { "none".to_string() } else { used.join(", ") }), "negatives": sources}),
+        )?;
+    }
     let pairs: Vec<TrainPair> = text_pairs
         .iter()
         .map(|p| Ok(TrainPair { ids: r.encode(&p.query, &p.doc, max_len)?, label: p.label }))
         .collect::<anyhow::Result<_>>()?;
     ctx.check_cancel()?;
-    let heldout = heldout_lists(ctx, root, &job, &data)?;
-    let baseline = evaluate_baseline(ctx, &job, &r, &base, &data, &heldout)?;
-    ctx.check_cancel()?;
-    let trained = train_and_select(ctx, &job, &r, &pairs, &data.dev_lists)?;
+    let trained = train_and_select(ctx, &job, &r, &pairs, &data, &baseline, resume)?;
     let cand_heldout = match (&trained.best, heldout.is_empty()) {
         (Some(_), false) => {
             let res = evaluate(&r, Some(&trained.candidate), &heldout, max_len, &mut || ctx.cancel_requested())?;
@@ -457,20 +525,50 @@ struct Trained {
     epochs: Vec<Value>,
 }
 
+/// The best epoch so far and every epoch's metrics: what evaluation after each epoch keeps.
+#[derive(Default)]
+struct Selection {
+    best: Option<(usize, EvalResult, LoraSet)>,
+    epochs: Vec<Value>,
+}
+
 /// Trains, evaluating every epoch on dev and keeping the best epoch's adapter (by the locked
-/// primary metric).
+/// primary metric). Checkpoints at its start, every `train.checkpoint_every_s` and at a
+/// cooperative stop; `resume` continues from a checkpoint.
 fn train_and_select(
     ctx: &mut RunContext,
     job: &Job,
     r: &Reranker,
     pairs: &[TrainPair],
-    lists: &[DevList],
+    data: &Materialised,
+    baseline: &Baseline,
+    resume: Option<(std::path::PathBuf, Saved)>,
 ) -> anyhow::Result<Trained> {
-    let lora = LoraSet::init(&lora_config(job), &r.model.cfg, job.train.seed, r.model.device())?;
+    let device = r.model.device();
+    let effective =
+        resume.as_ref().map(|(_, s)| s.plan.effective).unwrap_or(job.train.batch_size * job.train.grad_accum);
+    let (lora, sel, from) = match &resume {
+        None => (LoraSet::init(&lora_config(job), &r.model.cfg, job.train.seed, device)?, Selection::default(), None),
+        Some((dir, s)) => {
+            let lora = LoraSet::load(&dir.join("lora"), &r.model.cfg, device)?;
+            let best = match &s.best {
+                Some((e, res)) => Some((*e, res.clone(), LoraSet::load(&dir.join("best"), &r.model.cfg, device)?)),
+                None => None,
+            };
+            let mut opt = candle_core::safetensors::load(dir.join("optimizer.safetensors"), device)?;
+            let n = lora.vars().len();
+            let mut take = |k: &str| -> anyhow::Result<Vec<candle_core::Tensor>> {
+                (0..n).map(|i| opt.remove(&format!("{k}.{i}")).context("optimizer state incomplete")).collect()
+            };
+            let (m, v) = (take("m")?, take("v")?);
+            let from = Resume { cursor: s.cursor, m, v, t: s.optimizer_t };
+            (lora, Selection { best, epochs: s.epochs.clone() }, Some(from))
+        }
+    };
     let cfg = TrainConfig {
         epochs: job.train.epochs as usize,
+        effective: effective as usize,
         micro_batch: job.train.batch_size as usize,
-        grad_accum: job.train.grad_accum as usize,
         lr: job.train.lr,
         warmup_ratio: job.train.warmup_ratio,
         seed: job.train.seed,
@@ -479,23 +577,76 @@ fn train_and_select(
         dropout: job.lora.dropout,
     };
     let (primary, max_len) = (&job.eval.primary_metric, job.train.max_length as usize);
-    let mut best: Option<(usize, EvalResult, LoraSet)> = None;
-    let mut epochs: Vec<Value> = Vec::new();
+    let lists = &data.dev_lists;
+    let sel = std::cell::RefCell::new(sel);
     let mut after_epoch = |epoch: usize, rep: &mut dyn Reporter| -> anyhow::Result<()> {
         if lists.is_empty() {
             return Ok(());
         }
         let res = evaluate(r, Some(&lora), lists, max_len, &mut || rep.cancel_requested())?;
         rep.event("eval", json!({"split": "dev", "which": "epoch", "epoch": epoch, "metrics": res.metrics}))?;
-        epochs.push(json!({"epoch": epoch, "metrics": res.metrics}));
+        let mut sel = sel.borrow_mut();
+        sel.epochs.push(json!({"epoch": epoch, "metrics": res.metrics}));
         let m = |r: &EvalResult| r.metrics.get(primary).copied().unwrap_or(f64::NEG_INFINITY);
-        if best.as_ref().is_none_or(|(_, b, _)| m(&res) > m(b)) {
-            best = Some((epoch, res, lora.snapshot()?));
+        if sel.best.as_ref().is_none_or(|(_, b, _)| m(&res) > m(b)) {
+            sel.best = Some((epoch, res, lora.snapshot()?));
         }
         Ok(())
     };
-    let done = train(r, &lora, pairs, &cfg, ctx, &mut after_epoch)?;
+    let files = ctx.files.clone();
+    let attempt = ctx.status.attempt;
+    let every = std::time::Duration::from_secs(job.train.checkpoint_every_s);
+    let mut last = std::time::Instant::now();
+    let mut save = |cur: &Cursor, opt: &AdamW, now: bool, rep: &mut dyn Reporter| -> anyhow::Result<()> {
+        if !now && last.elapsed() < every {
+            return Ok(());
+        }
+        let t0 = std::time::Instant::now();
+        let p = checkpoint::begin(&files)?;
+        lora.save(&p.dir.join("lora"), None)?;
+        let sel = sel.borrow();
+        if let Some((_, _, b)) = &sel.best {
+            b.save(&p.dir.join("best"), None)?;
+        }
+        let (m, v, t) = opt.state();
+        let mut moments = std::collections::HashMap::new();
+        for (i, (m, v)) in m.iter().zip(v).enumerate() {
+            moments.insert(format!("m.{i}"), m.clone());
+            moments.insert(format!("v.{i}"), v.clone());
+        }
+        candle_core::safetensors::save(&moments, p.dir.join("optimizer.safetensors"))?;
+        let state = Saved {
+            version: 1,
+            attempt,
+            cursor: *cur,
+            optimizer_t: t,
+            plan: Plan { micro: job.train.batch_size, effective, max_length: job.train.max_length },
+            baseline: baseline.clone(),
+            materialised: Restored {
+                skipped: data.skipped.clone(),
+                no_dev: data.no_dev.clone(),
+                feedback: data.feedback.clone(),
+            },
+            epochs: sel.epochs.clone(),
+            best: sel.best.as_ref().map(|(e, res, _)| (*e, res.clone())),
+        };
+        let size = p.commit(&serde_json::to_value(&state)?, cur.step as u64)?;
+        rep.event(
+            "checkpoint",
+            json!({"step": cur.step, "epoch": cur.epoch, "size_bytes": size, "attempt": attempt,
+                   "ms": t0.elapsed().as_secs_f64() * 1e3}),
+        )?;
+        last = std::time::Instant::now();
+        Ok(())
+    };
+    let fresh = from.is_none();
+    if fresh {
+        // The first checkpoint holds the baseline's evaluation: a resumed run never repeats it.
+        save(&Cursor::default(), &AdamW::new(lora.vars().into_iter().cloned().collect(), 0.0)?, true, ctx)?;
+    }
+    let done = train(r, &lora, pairs, &cfg, ctx, &mut after_epoch, from, &mut save)?;
     let (steps, last_loss) = (done.steps, done.last_loss);
+    let Selection { best, epochs } = sel.into_inner();
     let (best, candidate) = match best {
         Some((e, res, l)) => (Some((e, res)), l),
         None => (None, lora),
@@ -505,6 +656,66 @@ fn train_and_select(
             .append("eval", json!({"split": "dev", "which": "candidate", "epoch": epoch, "metrics": res.metrics}))?;
     }
     Ok(Trained { steps, last_loss, best, candidate, epochs })
+}
+
+/// The memory plan a checkpoint was made under (the micro-batch may shrink on resume; the
+/// effective batch never changes).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Plan {
+    micro: u64,
+    effective: u64,
+    max_length: u64,
+}
+
+/// What materialising found that a resumed run cannot recompute from its files.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Restored {
+    skipped: BTreeMap<String, usize>,
+    no_dev: Option<String>,
+    feedback: Option<Value>,
+}
+
+/// A checkpoint's `state.json`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Saved {
+    version: u32,
+    /// The attempt that wrote it: a run interrupted again before writing a newer one made no
+    /// progress.
+    attempt: u32,
+    cursor: Cursor,
+    optimizer_t: i32,
+    plan: Plan,
+    baseline: Baseline,
+    materialised: Restored,
+    epochs: Vec<Value>,
+    best: Option<(usize, EvalResult)>,
+}
+
+/// A resumed run trains under its checkpoint's plan, not a new one (a new plan would change the
+/// steps); after a death nobody explained, under a micro-batch of at most 3/4 of it.
+fn replan(ctx: &mut RunContext, mut job: Job, plan: &Plan, shrink: bool) -> anyhow::Result<Job> {
+    let mut micro = plan.micro;
+    if shrink {
+        let to = (plan.micro * 3 / 4).max(1);
+        let why = if to < plan.micro {
+            "the previous attempt died without recording why (killed, or the machine went down): resumed with \
+             at most 3/4 of its micro-batch, the same effective batch"
+                .to_string()
+        } else {
+            "the previous attempt died without recording why, but one row per micro-batch cannot shrink".to_string()
+        };
+        ctx.log.append("cap", json!({"field": "train.batch_size", "from": plan.micro, "to": to, "why": why}))?;
+        micro = to;
+    }
+    job.train.batch_size = micro;
+    job.train.grad_accum = plan.effective.div_ceil(micro);
+    job.train.max_length = plan.max_length;
+    // The effective batch is the plan's, whatever batch_size x grad_accum rounds to.
+    ctx.info(&format!(
+        "resuming under the checkpoint's plan: micro-batch {micro}, effective batch {}, max_length {}",
+        plan.effective, plan.max_length
+    ))?;
+    Ok(job)
 }
 
 /// The candidate adapter with its manifest, `eval.json`, and the dev lists in full.
@@ -544,14 +755,6 @@ fn write_outputs(
         "epochs": t.epochs, "lists": cand.map(|c| &c.lists), "skipped": data.skipped,
         "feedback": data.feedback});
     write_json(&ctx.files.eval(), &eval_doc)?;
-    if !data.dev_lists.is_empty() {
-        let mut out = String::new();
-        for l in &data.dev_lists {
-            out.push_str(&serde_json::to_string(l)?);
-            out.push('\n');
-        }
-        crate::store::write_atomic(&ctx.files.dev_lists(), out.as_bytes())?;
-    }
     Ok(())
 }
 
@@ -689,5 +892,57 @@ fn write_triplets(ctx: &mut RunContext, data: &Materialised) -> anyhow::Result<(
         out.push('\n');
     }
     crate::store::write_atomic(&ctx.files.triplets(), out.as_bytes())?;
+    Ok(())
+}
+
+/// A resumed run's data, read back from what its first attempt wrote: every query with its
+/// judged documents (sources included) and split, and the dev lists.
+fn restore_data(files: &RunFiles, s: &Saved) -> anyhow::Result<Materialised> {
+    #[derive(serde::Deserialize)]
+    struct Row {
+        query: String,
+        positives: Vec<Judged>,
+        negatives: Vec<Judged>,
+        split: String,
+    }
+    let (mut queries, mut dev) = (Vec::new(), Vec::new());
+    for row in read_lines::<Row>(&files.triplets())? {
+        dev.push(row.split == "dev");
+        queries.push(QueryRows { query: row.query, positives: row.positives, negatives: row.negatives });
+    }
+    let m = &s.materialised;
+    Ok(Materialised {
+        queries,
+        dev,
+        dev_lists: read_lines(&files.dev_lists())?,
+        pool: Vec::new(),
+        skipped: m.skipped.clone(),
+        no_dev: m.no_dev.clone(),
+        feedback: m.feedback.clone(),
+    })
+}
+
+/// A JSONL file of `T`, every line (an absent file is empty).
+fn read_lines<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<Vec<T>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", path.display())),
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}: line {}", path.display(), i + 1)))
+        .collect()
+}
+
+/// Writes `items` as JSONL, atomically.
+fn write_lines<T: serde::Serialize>(path: &Path, items: &[T]) -> anyhow::Result<()> {
+    let mut out = String::new();
+    for x in items {
+        out.push_str(&serde_json::to_string(x)?);
+        out.push('\n');
+    }
+    crate::store::write_atomic(path, out.as_bytes())?;
     Ok(())
 }

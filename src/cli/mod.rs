@@ -138,6 +138,15 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Pause a run: it checkpoints and stops as `paused`, keeping its corpus, until `resume`.
+    Pause {
+        run: String,
+        /// Seconds to wait for the run to say it paused.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
+    /// Queue a paused run again; it continues from its checkpoint.
+    Resume { run: String },
     /// Request cancellation of a run.
     Cancel { run: String },
     /// Cancel a corpus's active and queued runs.
@@ -187,6 +196,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Runs(a) => runs::list(&root, a),
         Command::Watch { run, corpus } => watch::run(&root, run.as_deref(), corpus.as_deref()),
         Command::Report { run, out } => runs::report(&root, &run, out.as_deref()),
+        Command::Pause { run, wait } => runs::pause(&root, &run, wait),
+        Command::Resume { run } => runs::resume(&root, &run),
         Command::Cancel { run } => runs::cancel(&root, &run),
         Command::Stop { corpus } => runs::stop(&root, &corpus),
         Command::Sweep => daemon::sweep(&root),

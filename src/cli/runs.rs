@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 use rerankd::store::paths::RunFiles;
-use rerankd::store::{Root, Status};
+use rerankd::store::{Root, RunState, Status};
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
@@ -111,9 +111,83 @@ pub fn cancel(root: &Root, run: &str) -> anyhow::Result<ExitCode> {
     }
     // A failure to write the sentinel is the command's failure, never a silent "requested".
     files.request_cancel(rerankd::store::paths::DEFAULT_CANCEL_REASON)?;
+    if st.state == RunState::Paused {
+        // No process holds a paused run: the daemon cancels it on its next look.
+        poke_daemon(root);
+    }
     super::say(
         format!("cancel requested for {run}"),
         serde_json::json!({"run_id": run, "cancel": "requested", "state": st.state.as_str()}),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Wakes a running daemon to look at the runs now (SIGHUP: rescan) rather than on its timer.
+fn poke_daemon(root: &Root) {
+    if rerankd::store::lock::is_held(&root.daemon_lock()).unwrap_or(false)
+        && let Some(pid) = rerankd::store::lock::holder_pid(&root.daemon_lock())
+    {
+        let _ = rerankd::sys::signal(pid, libc::SIGHUP);
+    }
+}
+
+/// `rerankd pause RUN`: a running run checkpoints and stops as `paused`; a queued one is paused
+/// before it starts. Waits (up to `wait` seconds) for the run to say so.
+pub fn pause(root: &Root, run: &str, wait: u64) -> anyhow::Result<ExitCode> {
+    let (files, st) = match super::find_run(root, run) {
+        Ok(found) => found,
+        Err(code) => return Ok(code),
+    };
+    if st.state.is_terminal() || st.state == RunState::Paused {
+        super::say(
+            format!("{run} is {}: nothing to pause", st.state.as_str()),
+            serde_json::json!({"run_id": run, "pause": "not needed", "state": st.state.as_str()}),
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    std::fs::write(files.pause(), b"paused by rerankd pause\n")
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", files.pause().display()))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
+    let mut now = st;
+    while now.state != RunState::Paused && !now.state.is_terminal() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        now = Status::read(&files.status()).unwrap_or(now);
+    }
+    let state = now.state.as_str();
+    let text = match now.state {
+        RunState::Paused => format!("{run} paused ({})", now.reason.as_deref().unwrap_or("")),
+        _ => format!("pause requested for {run} ({state}; it pauses at its next step)"),
+    };
+    super::say(text, serde_json::json!({"run_id": run, "pause": "requested", "state": state, "reason": now.reason}));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `rerankd resume RUN`: a paused run is queued again; it continues from its checkpoint.
+pub fn resume(root: &Root, run: &str) -> anyhow::Result<ExitCode> {
+    let (files, mut st) = match super::find_run(root, run) {
+        Ok(found) => found,
+        Err(code) => return Ok(code),
+    };
+    if st.state != RunState::Paused {
+        // A pause not yet taken is withdrawn; anything else has nothing to resume.
+        let withdrawn = std::fs::remove_file(files.pause()).is_ok();
+        let what = if withdrawn { "pause request withdrawn" } else { "not paused" };
+        super::say(
+            format!("{run} is {}: {what}", st.state.as_str()),
+            serde_json::json!({"run_id": run, "resume": what, "state": st.state.as_str()}),
+        );
+        return Ok(if withdrawn || !st.state.is_terminal() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(super::EXIT_REFUSED)
+        });
+    }
+    let _ = std::fs::remove_file(files.pause());
+    rerankd::store::settle(&files, &mut st, RunState::Queued, Some("resumed by rerankd resume".into()), None)?;
+    poke_daemon(root);
+    super::say(
+        format!("{run} queued again; it continues from its checkpoint"),
+        serde_json::json!({"run_id": run, "resume": "queued", "state": "queued"}),
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -126,6 +200,9 @@ pub fn stop(root: &Root, corpus: &str) -> anyhow::Result<ExitCode> {
         all_runs(root).into_iter().filter(|s| s.corpus == corpus && !s.state.is_terminal()).collect();
     for s in &live {
         RunFiles::new(&root.run_dir(&s.run_id)).request_cancel(&format!("corpus {corpus} stopped by user"))?;
+        if s.state == RunState::Paused {
+            poke_daemon(root);
+        }
         super::say(
             format!("cancel requested for {} ({})", s.run_id, s.state.as_str()),
             serde_json::json!({"run_id": s.run_id, "cancel": "requested", "state": s.state.as_str()}),

@@ -62,6 +62,10 @@ struct Daemon {
     active: Vec<Active>,
     /// Ends of runs that could not be recorded yet (a full disk); their corpora stay busy.
     unsettled: Vec<Unsettled>,
+    /// Paused runs: (run id, corpus). Each keeps its corpus until resumed or cancelled.
+    paused: Vec<(String, String)>,
+    /// Shutting down: interrupted runs stay queued for the next daemon.
+    stopping: bool,
     intake: Intake,
     policies: policy::Policies,
     hooks: hooks::Hooks,
@@ -101,6 +105,8 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
         queue: VecDeque::new(),
         active: Vec::new(),
         unsettled: Vec::new(),
+        paused: swept.paused.iter().map(|st| (st.run_id.clone(), st.corpus.clone())).collect(),
+        stopping: false,
         intake,
         policies: Default::default(),
         hooks: Default::default(),
@@ -150,6 +156,9 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
         if rescan || due {
             d.intake_pass(rescan || d.intake.claims_due());
             last_scan = Instant::now();
+        }
+        if rescan {
+            d.reconcile_runs();
         }
         d.supervise();
         d.cancel_queued();
@@ -226,7 +235,50 @@ impl Daemon {
     fn busy_corpora(&self) -> Vec<String> {
         let active = self.active.iter().map(|a| &a.corpus);
         let queued = self.queue.iter().map(|q| &q.corpus);
-        active.chain(queued).chain(self.unsettled.iter().map(|u| &u.corpus)).cloned().collect()
+        let paused = self.paused.iter().map(|p| &p.1);
+        active.chain(queued).chain(paused).chain(self.unsettled.iter().map(|u| &u.corpus)).cloned().collect()
+    }
+
+    /// What other processes did to runs while the daemon was not looking: a paused run resumed
+    /// (`rerankd resume` queues it) or cancelled. Read on every rescan (the timer, a spool
+    /// change, SIGHUP), not on every tick.
+    fn reconcile_runs(&mut self) {
+        let known = |id: &str, d: &Self| {
+            d.queue.iter().any(|q| q.run_id == id)
+                || d.active.iter().any(|a| a.run_id == id)
+                || d.unsettled.iter().any(|u| u.run_id == id)
+        };
+        let mut ended = Vec::new();
+        let mut paused = Vec::new();
+        for mut st in crate::store::all_runs(&self.root) {
+            match st.state {
+                RunState::Queued if !known(&st.run_id, self) => {
+                    tracing::info!(run_id = %st.run_id, "run queued again (resumed)");
+                    let budget_mb = self.budget_of(&st.run_id);
+                    self.queue.push_back(Queued { run_id: st.run_id, corpus: st.corpus, budget_mb });
+                }
+                RunState::Paused => {
+                    let files = RunFiles::new(&self.root.run_dir(&st.run_id));
+                    match files.cancel_requested() {
+                        Some(reason) => {
+                            match crate::store::settle(&files, &mut st, RunState::Cancelled, Some(reason), None) {
+                                Ok(_) => {
+                                    crate::store::checkpoint::remove(&files);
+                                    ended.push(st.run_id);
+                                }
+                                Err(e) => tracing::error!(run_id = %st.run_id, error = %e, "cancelling a paused run"),
+                            }
+                        }
+                        None => paused.push((st.run_id, st.corpus)),
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.paused = paused;
+        for id in ended {
+            self.finished(&id);
+        }
     }
 
     /// Re-creates a layout someone deleted, settles leftover claims when due (`claims`), and
@@ -271,7 +323,8 @@ impl Daemon {
             let reason = format!("superseded by {}", a.run_id);
             let active = self.active.iter().filter(|x| x.corpus == a.job.corpus).map(|x| &x.run_id);
             let queued = self.queue.iter().filter(|q| q.corpus == a.job.corpus).map(|q| &q.run_id);
-            for id in active.chain(queued) {
+            let paused = self.paused.iter().filter(|p| p.1 == a.job.corpus).map(|p| &p.0);
+            for id in active.chain(queued).chain(paused) {
                 if let Err(e) = RunFiles::new(&self.root.run_dir(id)).request_cancel(&reason) {
                     tracing::error!(run_id = %id, error = %e, "writing the cancel sentinel");
                 }
@@ -281,17 +334,29 @@ impl Daemon {
         self.queue.push_back(Queued { run_id: a.run_id, corpus: a.job.corpus, budget_mb });
     }
 
-    /// Queued runs with a cancel sentinel are cancelled without ever starting.
+    /// Queued runs with a cancel sentinel are cancelled without ever starting (and those with a
+    /// pause request paused).
     fn cancel_queued(&mut self) {
         let root = self.root.clone();
         let mut ended = Vec::new();
+        let mut paused = Vec::new();
         self.queue.retain(|q| {
             let files = RunFiles::new(&root.run_dir(&q.run_id));
-            let Some(reason) = files.cancel_requested() else { return true };
+            let (state, reason) = match files.cancel_requested() {
+                Some(reason) => (RunState::Cancelled, reason),
+                None if files.pause().exists() => (RunState::Paused, "paused while queued".to_string()),
+                None => return true,
+            };
             match Status::read(&files.status()) {
-                Ok(mut st) => match crate::store::settle(&files, &mut st, RunState::Cancelled, Some(reason), None) {
+                Ok(mut st) => match crate::store::settle(&files, &mut st, state, Some(reason), None) {
+                    Ok(_) if state == RunState::Paused => {
+                        let _ = std::fs::remove_file(files.pause());
+                        tracing::info!(run_id = %q.run_id, "queued run paused");
+                        paused.push((q.run_id.clone(), q.corpus.clone()));
+                    }
                     Ok(_) => {
                         tracing::info!(run_id = %q.run_id, "queued run cancelled");
+                        crate::store::checkpoint::remove(&files);
                         ended.push(q.run_id.clone());
                     }
                     Err(e) => {
@@ -303,6 +368,7 @@ impl Daemon {
             }
             false
         });
+        self.paused.extend(paused);
         for id in ended {
             self.finished(&id);
         }
@@ -316,6 +382,7 @@ impl Daemon {
             // for a run that could otherwise start: not once per waiting run and tick.
             let busy = self.active.iter().any(|a| &a.corpus == corpus)
                 || self.unsettled.iter().any(|u| &u.corpus == corpus)
+                || self.paused.iter().any(|p| &p.1 == corpus)
                 || self.queue.iter().take(i).any(|q| &q.corpus == corpus)
                 || crate::store::lock::is_held(&self.root.corpus_lock(corpus)).unwrap_or_else(|e| {
                     tracing::error!(corpus = %corpus, error = %e, "cannot probe the corpus lock; the run waits");
@@ -335,9 +402,17 @@ impl Daemon {
                 Err(e) => {
                     tracing::error!(run_id = %q.run_id, error = %e, "could not start the run");
                     let error = Some(format!("could not start: {e:#}"));
-                    let u =
-                        Unsettled { run_id: q.run_id, corpus: q.corpus, state: RunState::Failed, reason: None, error };
-                    self.unsettled.extend(supervise::retry(&self.root, u));
+                    let u = Unsettled {
+                        run_id: q.run_id,
+                        corpus: q.corpus,
+                        state: RunState::Failed,
+                        reason: None,
+                        error,
+                        resume: supervise::Resume::No,
+                    };
+                    if let Err(u) = supervise::retry(&self.root, u) {
+                        self.unsettled.push(u);
+                    }
                 }
             }
         }
@@ -359,17 +434,23 @@ impl Daemon {
     }
 
     fn supervise(&mut self) {
-        let (mut settled, failed) = supervise::supervise(&self.root, &mut self.active, self.cfg.cancel_grace);
+        let mut reaped = supervise::supervise(&self.root, &mut self.active, self.cfg.cancel_grace);
         for u in std::mem::take(&mut self.unsettled) {
-            let id = u.run_id.clone();
-            match supervise::retry(&self.root, u) {
-                Some(u) => self.unsettled.push(u),
-                None => settled.push(id),
+            let (id, corpus) = (u.run_id.clone(), u.corpus.clone());
+            reaped.file(id, corpus, supervise::retry(&self.root, u));
+        }
+        self.unsettled.extend(reaped.unsettled);
+        // Interrupted runs go back in line (a shutting-down daemon leaves them for the next one).
+        if !self.stopping {
+            for (run_id, corpus) in reaped.requeued {
+                tracing::info!(run_id = %run_id, "run interrupted; queued again to resume from its checkpoint");
+                let budget_mb = self.budget_of(&run_id);
+                self.queue.push_back(Queued { run_id, corpus, budget_mb });
             }
         }
-        self.unsettled.extend(failed);
+        self.paused.extend(reaped.paused);
         // Runs whose terminal state is now recorded: their on_finish hooks.
-        for id in settled {
+        for id in reaped.settled {
             self.finished(&id);
         }
         self.hooks.poll(&self.root);
@@ -392,6 +473,7 @@ impl Daemon {
     /// Cancels every active run as "daemon shutdown", waits (bounded) for them to record it,
     /// kills what is left and records it. Queued runs stay queued for the next start.
     fn shutdown(&mut self) {
+        self.stopping = true;
         self.hooks.stop_all(&self.root);
         for a in &self.active {
             if let Err(e) = RunFiles::new(&self.root.run_dir(&a.run_id)).request_cancel(SHUTDOWN_REASON) {
@@ -404,6 +486,7 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(50));
         }
         for a in &mut self.active {
+            a.shutdown_kill = true;
             a.signal(&self.root, libc::SIGKILL);
         }
         let deadline = Instant::now() + Duration::from_secs(5);

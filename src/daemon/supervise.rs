@@ -49,6 +49,8 @@ pub struct Active {
     pub hard_limit_mb: u64,
     /// Why the daemon killed it, if it did (recorded as the run's error).
     pub killed_for: Option<String>,
+    /// The daemon killed it while shutting down (it did not stop in time): resumable.
+    pub shutdown_kill: bool,
 }
 
 /// A run's end that could not be recorded yet; retried every tick.
@@ -58,6 +60,19 @@ pub struct Unsettled {
     pub state: RunState,
     pub reason: Option<String>,
     pub error: Option<String>,
+    /// Whether the run may resume from a checkpoint instead.
+    pub resume: Resume,
+}
+
+/// Whether a run whose process died may go back to the queue to resume from its checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// No: it was cancelled, or killed for a reason that would recur.
+    No,
+    /// Yes; the daemon knows why it died (its own shutdown).
+    Explained,
+    /// Yes, under a smaller memory plan: it died without anyone recording why.
+    Unexplained,
 }
 
 impl Active {
@@ -70,6 +85,7 @@ impl Active {
             term_sent: None,
             hard_limit_mb: hard_limit_mb(budget_mb),
             killed_for: None,
+            shutdown_kill: false,
         }
     }
 
@@ -183,61 +199,90 @@ fn describe(exit: ExitStatus) -> String {
     }
 }
 
-/// Reaps finished runs (recording what they could not) and polices live ones. Returns the runs
-/// whose terminal state is now recorded, and those whose end could not be recorded (to retry).
-pub fn supervise(root: &Root, active: &mut Vec<Active>, grace: Duration) -> (Vec<String>, Vec<Unsettled>) {
-    let (mut settled, mut failed) = (Vec::new(), Vec::new());
+/// What supervision found this tick.
+#[derive(Default)]
+pub struct Reaped {
+    /// Runs whose terminal state is now recorded.
+    pub settled: Vec<String>,
+    /// Runs back in the queue (interrupted, to resume from their checkpoint): (run id, corpus).
+    pub requeued: Vec<(String, String)>,
+    /// Runs that paused: (run id, corpus).
+    pub paused: Vec<(String, String)>,
+    /// Ends that could not be recorded yet (retried every tick).
+    pub unsettled: Vec<Unsettled>,
+}
+
+impl Reaped {
+    /// Files a run by the state it is now in.
+    pub fn file(&mut self, run_id: String, corpus: String, state: Result<RunState, Unsettled>) {
+        match state {
+            Ok(RunState::Queued) => self.requeued.push((run_id, corpus)),
+            Ok(RunState::Paused) => self.paused.push((run_id, corpus)),
+            Ok(_) => self.settled.push(run_id),
+            Err(u) => self.unsettled.push(u),
+        }
+    }
+}
+
+/// Reaps finished runs (recording what they could not) and polices live ones.
+pub fn supervise(root: &Root, active: &mut Vec<Active>, grace: Duration) -> Reaped {
+    let mut out = Reaped::default();
     let mut i = 0;
     while i < active.len() {
         if let Some(how) = active[i].exited(root) {
             let a = active.remove(i);
-            match finish(root, &a, &how) {
-                None => settled.push(a.run_id),
-                Some(u) => failed.push(u),
-            }
+            let state = finish(root, &a, &how);
+            out.file(a.run_id, a.corpus, state);
             continue;
         }
         active[i].police(root, grace);
         i += 1;
     }
-    (settled, failed)
+    out
 }
 
-/// After a run's process is gone: if it left its run non-terminal, record why. `None` when the
-/// run is settled; the pending record otherwise.
-pub fn finish(root: &Root, a: &Active, how: &str) -> Option<Unsettled> {
+/// After a run's process is gone: if it left its run running, record why, or queue it again to
+/// resume from its checkpoint. Returns the state the run is in now, or the pending record.
+pub fn finish(root: &Root, a: &Active, how: &str) -> Result<RunState, Unsettled> {
     let files = RunFiles::new(&root.run_dir(&a.run_id));
-    let (state, reason, error) = match (&a.killed_for, files.cancel_requested()) {
-        (Some(why), _) => (RunState::Failed, None, Some(why.clone())),
-        (None, Some(reason)) => (RunState::Cancelled, Some(reason), None),
-        (None, None) => (RunState::Failed, None, Some(format!("run process died without a result ({how})"))),
+    let shutdown = Some(super::SHUTDOWN_REASON.to_string());
+    let (state, reason, error, resume) = match (&a.killed_for, files.cancel_requested()) {
+        (Some(why), _) => (RunState::Failed, None, Some(why.clone()), Resume::No),
+        (None, Some(reason)) if Some(&reason) != shutdown.as_ref() => {
+            (RunState::Cancelled, Some(reason), None, Resume::No)
+        }
+        (None, Some(_)) => (RunState::Cancelled, shutdown, None, Resume::Explained),
+        (None, None) if a.shutdown_kill => (RunState::Cancelled, shutdown, None, Resume::Explained),
+        (None, None) => {
+            (RunState::Failed, None, Some(format!("run process died without a result ({how})")), Resume::Unexplained)
+        }
     };
-    let u = Unsettled { run_id: a.run_id.clone(), corpus: a.corpus.clone(), state, reason, error };
+    let u = Unsettled { run_id: a.run_id.clone(), corpus: a.corpus.clone(), state, reason, error, resume };
     retry(root, u)
 }
 
 /// Tries to record an unsettled end; gives it back if that failed again.
-pub fn retry(root: &Root, u: Unsettled) -> Option<Unsettled> {
+pub fn retry(root: &Root, u: Unsettled) -> Result<RunState, Unsettled> {
     let files = RunFiles::new(&root.run_dir(&u.run_id));
     let mut st = match Status::read(&files.status()) {
         Ok(st) => st,
         Err(e) => {
             tracing::error!(run_id = %u.run_id, error = %e, "reading a finished run's status; will retry");
-            return Some(u);
+            return Err(u);
         }
     };
-    if st.state.is_terminal() {
-        tracing::info!(run_id = %u.run_id, state = st.state.as_str(), "run finished");
-        return None;
+    if st.state != RunState::Running {
+        tracing::info!(run_id = %u.run_id, state = st.state.as_str(), "run process ended");
+        return Ok(st.state);
     }
-    match settle_dead(root, &files, &mut st, u.state, u.reason.clone(), u.error.clone()) {
+    match settle_dead(root, &files, &mut st, u.state, u.reason.clone(), u.error.clone(), u.resume) {
         Ok(()) => {
             tracing::warn!(run_id = %u.run_id, state = st.state.as_str(), "run ended without recording it; recorded for it");
-            None
+            Ok(st.state)
         }
         Err(e) => {
             tracing::error!(run_id = %u.run_id, error = %e, "recording the end of a run failed; will retry");
-            Some(u)
+            Err(u)
         }
     }
 }

@@ -11,9 +11,12 @@
 //! - `queued` runs are returned in their original order.
 
 use crate::store::atomic::remove_stale_temps;
+use crate::store::checkpoint;
 use crate::store::lock::is_held;
 use crate::store::metrics::{read_events, terminal_state};
 use crate::store::paths::RunFiles;
+
+use super::supervise::Resume;
 use crate::store::{FileLock, Root, RunState, Status, all_runs, models, settle};
 
 pub const ORPHANED: &str = "orphaned: found running at boot with no live owner";
@@ -32,6 +35,8 @@ pub struct Swept {
     /// Queued runs, oldest first.
     pub queued: Vec<Status>,
     pub adopted: Vec<Adopted>,
+    /// Paused runs: they keep their corpus.
+    pub paused: Vec<Status>,
     /// Runs settled as orphaned (or completed from their log).
     pub settled: Vec<String>,
     pub temps_removed: usize,
@@ -53,13 +58,25 @@ pub fn sweep(root: &Root) -> anyhow::Result<Swept> {
                 out.settled.push(st.run_id.clone());
             }
             RunState::Queued => out.queued.push(st),
+            RunState::Paused => out.paused.push(st),
             RunState::Running => {
                 if let Some(pid) = st.pid.filter(|p| run_is_alive(root, &st.corpus, *p)) {
                     out.adopted.push(Adopted { run_id: st.run_id.clone(), corpus: st.corpus.clone(), pid });
                     continue;
                 }
-                settle_dead(root, &files, &mut st, RunState::Cancelled, Some(ORPHANED.into()), None)?;
-                out.settled.push(st.run_id.clone());
+                settle_dead(
+                    root,
+                    &files,
+                    &mut st,
+                    RunState::Cancelled,
+                    Some(ORPHANED.into()),
+                    None,
+                    Resume::Unexplained,
+                )?;
+                match st.state {
+                    RunState::Queued => out.queued.push(st),
+                    _ => out.settled.push(st.run_id.clone()),
+                }
             }
             _ => {}
         }
@@ -81,8 +98,12 @@ pub fn run_is_alive(root: &Root, corpus: &str, pid: u32) -> bool {
     crate::sys::pid_alive(pid) && is_held(&root.corpus_lock(corpus)).unwrap_or(true)
 }
 
-/// Records the end of a run whose process is gone, and undoes its promotion if it had made
-/// itself current without completing (review F8). The one path the daemon and the sweep use.
+/// Records the end of a run whose process is gone without recording it. A run that may resume
+/// (`resume` is not `No`) and has a checkpoint goes back to `queued` instead, to continue from it,
+/// if that checkpoint was written in the attempt that just died; if not, the run was interrupted
+/// twice without progress and fails (a run that froze the machine would freeze it again). After
+/// an unexplained death the next attempt runs under a smaller memory plan. A run that does not
+/// end completed gives back a promotion it made.
 pub fn settle_dead(
     root: &Root,
     files: &RunFiles,
@@ -90,8 +111,32 @@ pub fn settle_dead(
     state: RunState,
     reason: Option<String>,
     error: Option<String>,
+    resume: Resume,
 ) -> crate::store::Result<()> {
-    settle(files, st, state, reason, error)?;
+    let ckpt = (resume != Resume::No).then(|| checkpoint::latest(files)).flatten();
+    if let Some((_, ck)) = ckpt {
+        let step = ck["cursor"]["step"].as_u64().unwrap_or(0);
+        let written_in = ck["attempt"].as_u64().unwrap_or(0) as u32;
+        let how = error.clone().or(reason.clone()).unwrap_or_default();
+        if written_in == st.attempt {
+            st.shrink_memory = resume == Resume::Unexplained;
+            let plan = if st.shrink_memory { " under a smaller memory plan" } else { "" };
+            let why = format!("interrupted at step {step} ({how}); resumes from its checkpoint{plan}");
+            settle(files, st, RunState::Queued, Some(why), None)?;
+            return Ok(());
+        }
+        let why = format!(
+            "interrupted twice at step {step} without progress (attempt {}; its last checkpoint is from attempt \
+             {written_in}); not resumed. Last: {how}",
+            st.attempt
+        );
+        settle(files, st, RunState::Failed, None, Some(why))?;
+    } else {
+        settle(files, st, state, reason, error)?;
+    }
+    if st.state.is_terminal() {
+        checkpoint::remove(files);
+    }
     if st.state != RunState::Completed
         && let Ok(Some(_lock)) = FileLock::try_acquire(&root.corpus_lock(&st.corpus))
         && models::undo(root, &st.corpus, &st.run_id, &format!("{} ended {}", st.run_id, st.state.as_str()))?

@@ -39,6 +39,12 @@ impl Dropout {
         Self { p, rng: rand::rngs::StdRng::seed_from_u64(seed) }
     }
 
+    /// The masks of optimizer step `step`, derived from (seed, step) alone: a resumed run draws
+    /// the same masks without saving any generator state.
+    pub fn for_step(p: f64, seed: u64, step: u64) -> Self {
+        Self::new(p, seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17))
+    }
+
     /// A fresh mask for `x` (kept entries scaled by 1/(1-p)), or None when p is 0.
     fn mask(&mut self, x: &Tensor) -> Result<Option<Tensor>> {
         if self.p <= 0.0 {

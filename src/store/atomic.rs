@@ -18,6 +18,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     sync_dir(dir)
 }
 
+/// Points `dir/name` at `target` (relative to `dir`) by renaming a new symlink over it: readers
+/// see the old target or the new one, never neither.
+pub fn swap_symlink(dir: &Path, name: &str, target: &Path) -> Result<()> {
+    let tmp = dir.join(temp_name(name));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).map_err(|e| StoreError::io(&tmp, "creating symlink", e))?;
+    std::fs::rename(&tmp, dir.join(name)).map_err(|e| StoreError::io(dir, "swapping a symlink", e))?;
+    sync_dir(dir)
+}
+
 /// fsync a directory so a rename or create in it survives a crash.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     let d = std::fs::File::open(dir).map_err(|e| StoreError::io(dir, "opening directory", e))?;

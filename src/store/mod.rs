@@ -2,6 +2,7 @@
 //! Paths, atomic writes, the metrics log, status transitions, the cancel sentinel and locks.
 
 pub mod atomic;
+pub mod checkpoint;
 pub mod feedback;
 pub mod lock;
 pub mod metrics;

@@ -121,13 +121,7 @@ fn install(root: &Root, corpus: &str, run_id: &str, src: &Path) -> Result<PathBu
 
 /// Points `current` at `adapters/<run_id>` by renaming a fresh symlink over it.
 fn point_current(root: &Root, corpus: &str, run_id: &str) -> Result<()> {
-    let dir = root.models(corpus);
-    let tmp = dir.join(super::atomic::temp_name("current"));
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(Path::new("adapters").join(run_id), &tmp)
-        .map_err(|e| StoreError::io(&tmp, "creating symlink", e))?;
-    std::fs::rename(&tmp, dir.join("current")).map_err(|e| StoreError::io(&dir, "swapping current", e))?;
-    sync_dir(&dir)
+    super::atomic::swap_symlink(&root.models(corpus), "current", &Path::new("adapters").join(run_id))
 }
 
 fn log(root: &Root, corpus: &str, mut entry: Value) -> Result<()> {

@@ -156,6 +156,7 @@ fn default_root() -> PathBuf {
 }
 
 /// The files of one run directory.
+#[derive(Debug, Clone)]
 pub struct RunFiles {
     pub dir: PathBuf,
 }
@@ -184,6 +185,14 @@ impl RunFiles {
     }
     pub fn adapter(&self) -> PathBuf {
         self.dir.join("adapter")
+    }
+    /// `rerankd pause` asks a run to checkpoint and stop as `paused` by creating this file.
+    pub fn pause(&self) -> PathBuf {
+        self.dir.join("pause")
+    }
+    /// The held-out lists of earlier promotions this run evaluates on, fixed at its start.
+    pub fn heldout_lists(&self) -> PathBuf {
+        self.dir.join("heldout_lists.jsonl")
     }
     /// The run's dev lists in full (texts and labels): frozen as held-out lists if promoted.
     pub fn dev_lists(&self) -> PathBuf {

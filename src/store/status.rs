@@ -17,6 +17,9 @@ use super::{Result, Root};
 pub enum RunState {
     Queued,
     Running,
+    /// Stopped by `rerankd pause` with a checkpoint; `rerankd resume` queues it again. Holds
+    /// its corpus like an active run.
+    Paused,
     Completed,
     Failed,
     Cancelled,
@@ -36,6 +39,7 @@ impl RunState {
         match self {
             Self::Queued => "queued",
             Self::Running => "running",
+            Self::Paused => "paused",
             Self::Completed => "completed",
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
@@ -59,6 +63,10 @@ pub struct Status {
     /// The spool file this run came from (its claimed name), so intake is idempotent.
     #[serde(default)]
     pub source: Option<String>,
+    /// The last attempt died without recording why (killed, machine down): the next one runs
+    /// under a smaller memory plan.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shrink_memory: bool,
 }
 
 impl Status {
@@ -76,6 +84,7 @@ impl Status {
             attempt: 0,
             summary: None,
             source,
+            shrink_memory: false,
         }
     }
 
@@ -140,7 +149,7 @@ pub fn record(
     if let Some(e) = &error {
         log.append("error", serde_json::json!({"message": e}))?;
     }
-    let mut ev = serde_json::json!({"state": state.as_str(), "reason": reason});
+    let mut ev = serde_json::json!({"state": state.as_str(), "reason": reason, "attempt": next.attempt});
     if let Some(e) = &error {
         ev["error"] = e.clone().into();
     }

@@ -117,7 +117,7 @@ fn walk(base: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> anyhow::Re
 }
 
 /// Where a judged document came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Source {
     /// Written in a triplets file.
@@ -142,7 +142,7 @@ impl Source {
 }
 
 /// One judged document for a query: its text, id (when known), graded label 0..=3 and source.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Judged {
     pub id: Option<String>,
     pub text: String,

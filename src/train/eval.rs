@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::dataset::DevList;
 use super::metrics::rank_and_measure;
@@ -12,7 +12,7 @@ use crate::model::{LoraSet, Reranker};
 /// Batch size of evaluation and of `rerankd score`: equal, so both compute the same numbers.
 pub const SCORE_BATCH: usize = 16;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScoredList {
     pub query: String,
     /// Each document's id: its own, or for a text without one a content id (`sha256:...`).
@@ -25,7 +25,7 @@ pub struct ScoredList {
     pub metrics: BTreeMap<String, f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalResult {
     /// ndcg@10, mrr@10, recall@10, map: means over the dev queries.
     pub metrics: BTreeMap<String, f64>,

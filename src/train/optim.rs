@@ -87,6 +87,25 @@ impl AdamW {
         Ok(Self { vars, m, v, t: 0, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay })
     }
 
+    /// The moments and step count, for a checkpoint: (m, v, t).
+    pub fn state(&self) -> (&[Tensor], &[Tensor], i32) {
+        (&self.m, &self.v, self.t)
+    }
+
+    /// Restores what [`AdamW::state`] gave.
+    pub fn restore(&mut self, m: Vec<Tensor>, v: Vec<Tensor>, t: i32) -> Result<()> {
+        if m.len() != self.vars.len() || v.len() != self.vars.len() {
+            candle_core::bail!("optimizer state has {} moments for {} tensors", m.len(), self.vars.len());
+        }
+        for (i, var) in self.vars.iter().enumerate() {
+            if m[i].shape() != var.shape() || v[i].shape() != var.shape() {
+                candle_core::bail!("optimizer state shape mismatch at tensor {i}");
+            }
+        }
+        (self.m, self.v, self.t) = (m, v, t);
+        Ok(())
+    }
+
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         self.t += 1;
         let bc1 = 1.0 - self.beta1.powi(self.t);

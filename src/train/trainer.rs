@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde_json::{Value, json};
 
-use super::data::{TrainPair, epoch_batches};
+use super::data::{TrainPair, epoch_groups};
 use super::optim::{Accumulator, AdamW, Schedule, clip_grad_norm};
 use crate::model::qwen3::Dropout;
 use crate::model::{LoraSet, Reranker};
@@ -27,8 +27,10 @@ pub trait Reporter {
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
     pub epochs: usize,
+    /// Pairs per optimizer step (the effective batch).
+    pub effective: usize,
+    /// Pairs per forward/backward pass (memory); an optimizer step sums ceil(effective / micro).
     pub micro_batch: usize,
-    pub grad_accum: usize,
     pub lr: f64,
     pub warmup_ratio: f64,
     pub seed: u64,
@@ -37,6 +39,31 @@ pub struct TrainConfig {
     pub dropout: f64,
 }
 
+/// Where training stands: what a checkpoint records and a resumed run starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Cursor {
+    /// Optimizer steps done.
+    pub step: usize,
+    pub epoch: usize,
+    /// Index, within `epoch`, of the next optimizer step.
+    pub group: usize,
+    /// `epoch`'s steps are done but its evaluation is not.
+    pub eval_pending: bool,
+    pub last_loss: Option<f32>,
+}
+
+/// A checkpoint's training state: the cursor and the optimizer's moments.
+pub struct Resume {
+    pub cursor: Cursor,
+    pub m: Vec<candle_core::Tensor>,
+    pub v: Vec<candle_core::Tensor>,
+    pub t: i32,
+}
+
+/// Called after every optimizer step (`forced` false: the callee decides whether one is due) and
+/// at a cooperative stop (`forced` true), with the state as of the last completed step.
+pub type Checkpoint<'a> = dyn FnMut(&Cursor, &AdamW, bool, &mut dyn Reporter) -> anyhow::Result<()> + 'a;
+
 /// What a completed training loop did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
@@ -44,8 +71,10 @@ pub struct Outcome {
     pub last_loss: f32,
 }
 
-/// Trains `lora` in place on `pairs`. `after_epoch(epoch)` runs after every epoch (evaluation,
-/// keeping the best epoch). A cancel request ends it with a [`super::Cancelled`] error.
+/// Trains `lora` in place on `pairs`, from `resume` when given. `after_epoch(epoch)` runs after
+/// every epoch (evaluation, keeping the best epoch). A cancel request ends it with a
+/// [`super::Cancelled`] error, after `checkpoint` was given the state of the last step.
+#[allow(clippy::too_many_arguments)]
 pub fn train(
     r: &Reranker,
     lora: &LoraSet,
@@ -53,60 +82,103 @@ pub fn train(
     cfg: &TrainConfig,
     rep: &mut dyn Reporter,
     after_epoch: &mut dyn FnMut(usize, &mut dyn Reporter) -> anyhow::Result<()>,
+    resume: Option<Resume>,
+    checkpoint: &mut Checkpoint,
 ) -> anyhow::Result<Outcome> {
     anyhow::ensure!(!pairs.is_empty(), "no training pairs");
-    let micro = cfg.micro_batch.max(1);
-    // epoch_batches cuts windows of a multiple of `micro`, so an epoch has ceil(n / micro) batches.
-    let per_epoch = pairs.len().div_ceil(micro).div_ceil(cfg.grad_accum.max(1));
+    let per_epoch = pairs.len().div_ceil(cfg.effective.max(1));
     let total = per_epoch * cfg.epochs;
     let sched =
         Schedule { lr: cfg.lr, warmup_steps: (total as f64 * cfg.warmup_ratio).round() as usize, total_steps: total };
-    rep.event(
-        "log",
-        json!({"level": "info", "message": format!("training: {total} optimizer steps over {} epochs", cfg.epochs),
-               "total_steps": total, "pairs": pairs.len()}),
-    )?;
     let mut opt = AdamW::new(lora.vars().into_iter().cloned().collect(), cfg.weight_decay)?;
-    let mut dropout = Dropout::new(cfg.dropout, cfg.seed ^ 0x5eed);
-    let mut step = 0;
-    let mut last_loss = f32::NAN;
-    for epoch in 0..cfg.epochs {
-        super::check_cancel(rep)?;
-        let batches = epoch_batches(pairs, micro, cfg.seed.wrapping_add(epoch as u64));
-        for group in batches.chunks(cfg.grad_accum.max(1)) {
-            let t0 = Instant::now();
-            let n_pairs: usize = group.iter().map(Vec::len).sum();
-            let mut acc = Accumulator::default();
-            let (mut loss, mut tokens) = (0f32, 0usize);
-            for mb in group {
-                super::check_cancel(rep)?;
-                crate::testhooks::step_sleep();
-                let seqs: Vec<&[u32]> = mb.iter().map(|&i| pairs[i].ids.as_slice()).collect();
-                let labels: Vec<f32> = mb.iter().map(|&i| pairs[i].label).collect();
-                let batch = r.batch(&seqs)?;
-                tokens += batch.tokens;
-                let weights = vec![1.0 / n_pairs as f32; mb.len()];
-                let (l, grads) = r.model.micro_step(&batch, &labels, &weights, lora, Some(&mut dropout))?;
-                loss += l;
-                acc.add(grads)?;
-            }
-            let mut grads = acc.take().expect("a group has at least one micro-batch");
-            let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
-            anyhow::ensure!(loss.is_finite() && grad_norm.is_finite(), "loss or gradient is not finite at step {step}");
-            let lr = sched.lr_at(step);
-            opt.step(&grads, lr)?;
-            last_loss = loss;
-            let peak = rep.peak_mem_mb();
+    let mut cur = Cursor::default();
+    match resume {
+        Some(res) => {
+            opt.restore(res.m, res.v, res.t)?;
+            cur = res.cursor;
             rep.event(
-                "step",
-                json!({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                       "step_time_ms": t0.elapsed().as_secs_f64() * 1e3, "pairs": n_pairs, "tokens": tokens,
-                       "peak_mem_mb": peak}),
+                "log",
+                json!({"level": "info", "message": format!("training resumed at step {} of {total} (epoch {}, step {} of {per_epoch} in it)",
+                    cur.step, cur.epoch + 1, cur.group), "total_steps": total, "pairs": pairs.len()}),
             )?;
-            step += 1;
+        }
+        None => rep.event(
+            "log",
+            json!({"level": "info", "message": format!("training: {total} optimizer steps over {} epochs", cfg.epochs),
+                   "total_steps": total, "pairs": pairs.len()}),
+        )?,
+    }
+    match run_epochs(r, lora, pairs, cfg, rep, after_epoch, &mut opt, &mut cur, &sched, checkpoint) {
+        Err(e) if e.downcast_ref::<super::Cancelled>().is_some() => {
+            checkpoint(&cur, &opt, true, rep)?;
+            Err(e)
+        }
+        Err(e) => Err(e),
+        Ok(()) => Ok(Outcome { steps: cur.step, last_loss: cur.last_loss.unwrap_or(f32::NAN) }),
+    }
+}
+
+/// The loop proper; `cur` is always the state after the last completed step.
+#[allow(clippy::too_many_arguments)]
+fn run_epochs(
+    r: &Reranker,
+    lora: &LoraSet,
+    pairs: &[TrainPair],
+    cfg: &TrainConfig,
+    rep: &mut dyn Reporter,
+    after_epoch: &mut dyn FnMut(usize, &mut dyn Reporter) -> anyhow::Result<()>,
+    opt: &mut AdamW,
+    cur: &mut Cursor,
+    sched: &Schedule,
+    checkpoint: &mut Checkpoint,
+) -> anyhow::Result<()> {
+    for epoch in cur.epoch..cfg.epochs {
+        super::check_cancel(rep)?;
+        if !cur.eval_pending {
+            let groups = epoch_groups(pairs, cfg.effective, cfg.micro_batch, cfg.seed.wrapping_add(epoch as u64));
+            for group in &groups[cur.group.min(groups.len())..] {
+                let t0 = Instant::now();
+                let step = cur.step;
+                let n_pairs: usize = group.iter().map(Vec::len).sum();
+                let mut acc = Accumulator::default();
+                let (mut loss, mut tokens) = (0f32, 0usize);
+                let mut dropout = Dropout::for_step(cfg.dropout, cfg.seed ^ 0x5eed, step as u64);
+                for mb in group {
+                    super::check_cancel(rep)?;
+                    crate::testhooks::step_sleep();
+                    let seqs: Vec<&[u32]> = mb.iter().map(|&i| pairs[i].ids.as_slice()).collect();
+                    let labels: Vec<f32> = mb.iter().map(|&i| pairs[i].label).collect();
+                    let batch = r.batch(&seqs)?;
+                    tokens += batch.tokens;
+                    let weights = vec![1.0 / n_pairs as f32; mb.len()];
+                    let (l, grads) = r.model.micro_step(&batch, &labels, &weights, lora, Some(&mut dropout))?;
+                    loss += l;
+                    acc.add(grads)?;
+                }
+                let mut grads = acc.take().expect("a group has at least one micro-batch");
+                let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+                anyhow::ensure!(
+                    loss.is_finite() && grad_norm.is_finite(),
+                    "loss or gradient is not finite at step {step}"
+                );
+                let lr = sched.lr_at(step);
+                opt.step(&grads, lr)?;
+                *cur =
+                    Cursor { step: step + 1, epoch, group: cur.group + 1, eval_pending: false, last_loss: Some(loss) };
+                let peak = rep.peak_mem_mb();
+                rep.event(
+                    "step",
+                    json!({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                           "step_time_ms": t0.elapsed().as_secs_f64() * 1e3, "pairs": n_pairs, "tokens": tokens,
+                           "peak_mem_mb": peak}),
+                )?;
+                checkpoint(cur, opt, false, rep)?;
+            }
+            cur.eval_pending = true;
         }
         after_epoch(epoch, rep)?;
+        *cur = Cursor { epoch: epoch + 1, group: 0, eval_pending: false, ..*cur };
         super::check_cancel(rep)?;
     }
-    Ok(Outcome { steps: step, last_loss })
+    Ok(())
 }

@@ -1,0 +1,135 @@
+//! A run's checkpoint: `runs/<id>/checkpoint` is a symlink to a complete directory
+//! `ckpt-<step>-<n>/` (the LoRA tensors, the optimizer's moments, the best epoch's adapter and
+//! `state.json`: cursor, attempt, evaluations so far). A checkpoint is built in a temporary
+//! directory, every file fsynced, renamed to its final name, and only then does the symlink swap
+//! to it; older ones are removed after. A checkpoint torn by a crash is never pointed at, so
+//! it is never loaded: the previous one is. Only the latest is kept.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::atomic::{read_json, remove_stale_temps, swap_symlink, sync_dir, temp_name, write_atomic};
+use super::paths::RunFiles;
+use super::{Result, StoreError};
+
+const LINK: &str = "checkpoint";
+const STATE: &str = "state.json";
+
+/// The latest complete checkpoint of a run: its directory and `state.json`.
+pub fn latest(files: &RunFiles) -> Option<(PathBuf, Value)> {
+    let link = files.dir.join(LINK);
+    let target = std::fs::read_link(&link).ok()?;
+    let dir = files.dir.join(target);
+    let state: Value = read_json(&dir.join(STATE)).ok()?;
+    Some((dir, state))
+}
+
+/// A checkpoint being written: files go into [`Pending::dir`]; [`Pending::commit`] makes it the
+/// latest.
+pub struct Pending {
+    run_dir: PathBuf,
+    pub dir: PathBuf,
+}
+
+/// Starts a checkpoint in a fresh temporary directory of the run.
+pub fn begin(files: &RunFiles) -> Result<Pending> {
+    let dir = files.dir.join(temp_name("ckpt"));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| StoreError::io(&dir, "clearing", e))?;
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, "creating", e))?;
+    Ok(Pending { run_dir: files.dir.clone(), dir })
+}
+
+impl Pending {
+    /// Writes `state` last, syncs everything, and swaps the run's `checkpoint` link to it.
+    /// Returns the checkpoint's size in bytes.
+    pub fn commit(self, state: &Value, step: u64) -> Result<u64> {
+        let mut bytes = serde_json::to_vec_pretty(state)
+            .map_err(|e| StoreError::Corrupt { path: self.dir.clone(), message: e.to_string() })?;
+        bytes.push(b'\n');
+        write_atomic(&self.dir.join(STATE), &bytes)?;
+        let size = sync_tree(&self.dir)?;
+        let name = format!("ckpt-{step}-{}", unique());
+        let dest = self.run_dir.join(&name);
+        std::fs::rename(&self.dir, &dest).map_err(|e| StoreError::io(&dest, "renaming into place", e))?;
+        sync_dir(&self.run_dir)?;
+        crate::testhooks::crash_point("checkpoint.before_swap");
+        swap_symlink(&self.run_dir, LINK, Path::new(&name))?;
+        // Older checkpoints (and a crashed writer's leftovers) go once the new one is in place.
+        for e in std::fs::read_dir(&self.run_dir).into_iter().flatten().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("ckpt-") && n != name {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        remove_stale_temps(&self.run_dir);
+        Ok(size)
+    }
+}
+
+/// Removes a run's checkpoints (the run has ended; they are no longer needed).
+pub fn remove(files: &RunFiles) {
+    let _ = std::fs::remove_file(files.dir.join(LINK));
+    for e in std::fs::read_dir(&files.dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with("ckpt-") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+fn unique() -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    format!("{}{:09}", t.as_secs(), t.subsec_nanos())
+}
+
+/// fsyncs every file and directory under `dir`; returns the bytes in files.
+fn sync_tree(dir: &Path) -> Result<u64> {
+    let mut size = 0;
+    for e in std::fs::read_dir(dir).map_err(|e| StoreError::io(dir, "listing", e))?.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            size += sync_tree(&p)?;
+        } else {
+            let f = std::fs::File::open(&p).map_err(|e| StoreError::io(&p, "opening", e))?;
+            f.sync_all().map_err(|e| StoreError::io(&p, "syncing", e))?;
+            size += f.metadata().map(|m| m.len()).unwrap_or(0);
+        }
+    }
+    sync_dir(dir)?;
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_committed_checkpoint_is_loaded_and_only_the_latest_is_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let files = RunFiles::new(d.path());
+        assert!(latest(&files).is_none());
+        let p = begin(&files).unwrap();
+        std::fs::write(p.dir.join("a"), b"one").unwrap();
+        p.commit(&serde_json::json!({"step": 1}), 1).unwrap();
+        // A second one, torn before its commit: never seen.
+        let p = begin(&files).unwrap();
+        std::fs::write(p.dir.join("a"), b"two").unwrap();
+        let (dir, state) = latest(&files).unwrap();
+        assert_eq!(state["step"], 1);
+        assert_eq!(std::fs::read(dir.join("a")).unwrap(), b"one");
+        p.commit(&serde_json::json!({"step": 2}), 2).unwrap();
+        let (dir, state) = latest(&files).unwrap();
+        assert_eq!(state["step"], 2);
+        assert_eq!(std::fs::read(dir.join("a")).unwrap(), b"two");
+        let ckpts = std::fs::read_dir(d.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("ckpt-"))
+            .count();
+        assert_eq!(ckpts, 1);
+        remove(&files);
+        assert!(latest(&files).is_none());
+    }
+}
