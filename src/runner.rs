@@ -602,24 +602,12 @@ fn train_and_select(
             return Ok(());
         }
         let t0 = std::time::Instant::now();
-        let p = checkpoint::begin(&files)?;
-        lora.save(&p.dir.join("lora"), None)?;
         let sel = sel.borrow();
-        if let Some((_, _, b)) = &sel.best {
-            b.save(&p.dir.join("best"), None)?;
-        }
-        let (m, v, t) = opt.state();
-        let mut moments = std::collections::HashMap::new();
-        for (i, (m, v)) in m.iter().zip(v).enumerate() {
-            moments.insert(format!("m.{i}"), m.clone());
-            moments.insert(format!("v.{i}"), v.clone());
-        }
-        candle_core::safetensors::save(&moments, p.dir.join("optimizer.safetensors"))?;
         let state = Saved {
             version: 1,
             attempt,
             cursor: *cur,
-            optimizer_t: t,
+            optimizer_t: opt.state().2,
             plan: Plan { micro: job.train.batch_size, effective, max_length: job.train.max_length },
             baseline: baseline.clone(),
             materialised: Restored {
@@ -630,7 +618,8 @@ fn train_and_select(
             epochs: sel.epochs.clone(),
             best: sel.best.as_ref().map(|(e, res, _)| (*e, res.clone())),
         };
-        let size = p.commit(&serde_json::to_value(&state)?, cur.step as u64)?;
+        let best = sel.best.as_ref().map(|(_, _, b)| b);
+        let size = write_checkpoint(&files, &lora, best, opt, &serde_json::to_value(&state)?, cur.step as u64)?;
         rep.event(
             "checkpoint",
             json!({"step": cur.step, "epoch": cur.epoch, "size_bytes": size, "attempt": attempt,
@@ -656,6 +645,31 @@ fn train_and_select(
             .append("eval", json!({"split": "dev", "which": "candidate", "epoch": epoch, "metrics": res.metrics}))?;
     }
     Ok(Trained { steps, last_loss, best, candidate, epochs })
+}
+
+/// Writes one checkpoint of a run: the LoRA tensors, the best epoch's adapter, the optimizer's
+/// moments, then `state` (the commit); returns its size in bytes.
+pub fn write_checkpoint(
+    files: &RunFiles,
+    lora: &LoraSet,
+    best: Option<&LoraSet>,
+    opt: &AdamW,
+    state: &Value,
+    step: u64,
+) -> anyhow::Result<u64> {
+    let p = checkpoint::begin(files)?;
+    lora.save(&p.dir.join("lora"), None)?;
+    if let Some(b) = best {
+        b.save(&p.dir.join("best"), None)?;
+    }
+    let (m, v, _) = opt.state();
+    let mut moments = std::collections::HashMap::new();
+    for (i, (m, v)) in m.iter().zip(v).enumerate() {
+        moments.insert(format!("m.{i}"), m.clone());
+        moments.insert(format!("v.{i}"), v.clone());
+    }
+    candle_core::safetensors::save(&moments, p.dir.join("optimizer.safetensors"))?;
+    Ok(p.commit(state, step)?)
 }
 
 /// The memory plan a checkpoint was made under (the micro-batch may shrink on resume; the

@@ -4,7 +4,8 @@
 //!
 //! - `RERANKD_TEST_CRASH_AT=<point>`: the process kills itself with SIGKILL when it reaches the
 //!   named crash point (a real, uncatchable death at an exact step: intake, recording a state,
-//!   promotion). The points are the string literals passed to [`crash_point`].
+//!   promotion). The points are the string literals passed to [`crash_point`]; `<point>#<n>`
+//!   dies at the n-th time the process reaches it (the third checkpoint, say).
 //! - `RERANKD_TEST_IGNORE_CANCEL`: a run neither checks its cancel sentinel nor obeys SIGTERM, so
 //!   tests can prove the daemon's escalation.
 //! - `RERANKD_TEST_ALLOC_MB=<n>`: a run allocates and touches n MB and keeps them, so tests can
@@ -20,9 +21,17 @@ pub const ALLOC_MB_ENV: &str = "RERANKD_TEST_ALLOC_MB";
 pub const STEP_SLEEP_MS_ENV: &str = "RERANKD_TEST_STEP_SLEEP_MS";
 pub const SCORE_SLEEP_MS_ENV: &str = "RERANKD_TEST_SCORE_SLEEP_MS";
 
-/// Dies at once (SIGKILL to itself) if `RERANKD_TEST_CRASH_AT` names this point.
+/// Dies at once (SIGKILL to itself) if `RERANKD_TEST_CRASH_AT` names this point (and, with
+/// `#n`, this is the n-th time it is reached).
 pub fn crash_point(point: &str) {
-    if std::env::var_os(CRASH_AT_ENV).is_some_and(|v| v == point) {
+    static HITS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let Some(v) = std::env::var_os(CRASH_AT_ENV) else { return };
+    let v = v.to_string_lossy();
+    let (name, nth) = match v.split_once('#') {
+        Some((n, k)) => (n, k.parse::<usize>().unwrap_or(1)),
+        None => (v.as_ref(), 1),
+    };
+    if name == point && HITS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == nth {
         let _ = crate::sys::signal(std::process::id(), libc::SIGKILL);
         // SIGKILL to oneself is delivered before kill(2) returns; this is never reached.
         std::process::abort();

@@ -82,9 +82,18 @@ fn kill_9_of_daemon_and_child_then_restart_settles_the_orphan() {
     // A job dropped while no daemon runs must not be lost.
     root.drop_job("b.json", &root.job("c1", 1));
     let d2 = root.daemon();
-    let st = wait_state(&root, &a, &["cancelled"], Duration::from_secs(10));
-    assert!(st["reason"].as_str().unwrap().starts_with("orphaned"), "{st}");
-    assert!(root.events(&a).iter().any(|e| e["type"] == "state" && e["state"] == "cancelled"));
+    // It has a checkpoint (made at its start): the sweep queues it again to resume from it,
+    // under a smaller memory plan since nobody recorded why it died.
+    wait_for("the orphan to run again", Duration::from_secs(30), || {
+        (root.status(&a)["attempt"] == 2 && root.status(&a)["state"] == "running").then_some(())
+    });
+    let requeued =
+        root.events(&a).into_iter().find(|e| e["type"] == "state" && e["state"] == "queued" && e["attempt"] == 1);
+    let why = requeued.expect("a queued state event")["reason"].as_str().unwrap().to_string();
+    assert!(
+        why.contains("orphaned") && why.contains("resumes from its checkpoint under a smaller memory plan"),
+        "{why}"
+    );
     // Every line of the log parses (the sweep's reopen cut any torn line), seq is gapless.
     let text = std::fs::read_to_string(root.dir.join("runs").join(&a).join("metrics.jsonl")).unwrap();
     let seqs: Vec<u64> = text
@@ -92,13 +101,15 @@ fn kill_9_of_daemon_and_child_then_restart_settles_the_orphan() {
         .map(|l| serde_json::from_str::<Value>(l).expect("every line parses")["seq"].as_u64().unwrap())
         .collect();
     assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
+    assert!(root.cli_cmd(["cancel", &a]).output().unwrap().status.success());
+    wait_state(&root, &a, &["cancelled"], Duration::from_secs(20));
     let b = run_id_of(&root, "b.json");
     wait_state(&root, &b, &["completed"], Duration::from_secs(90));
     stop(d2);
 }
 
 #[test]
-fn sigterm_cancels_the_run_as_daemon_shutdown_and_exits_0() {
+fn sigterm_stops_the_daemon_and_its_run_waits_queued_to_resume() {
     let root = Root::new("");
     let mut d = root.daemon();
     let a = root.submit("a.json", &root.job("c1", 1000));
@@ -109,8 +120,13 @@ fn sigterm_cancels_the_run_as_daemon_shutdown_and_exits_0() {
     assert!(code.success(), "{code:?}");
     assert!(t0.elapsed() < Duration::from_secs(20));
     let st = root.status(&a);
-    assert_eq!(st["state"], "cancelled");
-    assert_eq!(st["reason"], "daemon shutdown");
+    assert_eq!(st["state"], "queued", "{st}");
+    let why = st["reason"].as_str().unwrap();
+    assert!(
+        why.starts_with("interrupted (daemon shutdown) at step ") && why.ends_with("resumes from its checkpoint"),
+        "{st}"
+    );
+    assert!(!root.dir.join("runs").join(&a).join("cancel").exists(), "the shutdown's request is answered");
 }
 
 #[test]
@@ -258,15 +274,24 @@ fn latency_report() {
 }
 
 #[test]
-fn a_child_killed_while_the_daemon_lives_is_recorded_failed_and_the_queue_moves_on() {
+fn a_child_killed_twice_without_progress_is_recorded_failed_and_the_queue_moves_on() {
     let root = Root::new("");
     let d = root.daemon();
     let a = root.submit("a.json", &root.job("c1", 1000));
     let b = root.submit("b.json", &root.job("c1", 1));
     wait_steps(&root, &a, 2);
+    // Killed once: it resumes from its first checkpoint (the next is 300 s away).
+    kill_pid(pid_of(&root, &a), libc::SIGKILL);
+    wait_for("attempt 2", Duration::from_secs(30), || {
+        (root.status(&a)["attempt"] == 2 && root.status(&a)["state"] == "running").then_some(())
+    });
+    let n = root.events(&a).iter().filter(|e| e["type"] == "step").count();
+    wait_steps(&root, &a, n + 1);
+    // Killed again without a new checkpoint: not resumed.
     kill_pid(pid_of(&root, &a), libc::SIGKILL);
     let st = wait_state(&root, &a, &["failed"], Duration::from_secs(10));
-    assert!(st["error"].as_str().unwrap().contains("signal 9"), "{st}");
+    let error = st["error"].as_str().unwrap();
+    assert!(error.contains("interrupted twice at step 0 without progress") && error.contains("signal 9"), "{st}");
     assert!(root.events(&a).iter().any(|e| e["type"] == "error"));
     wait_state(&root, &b, &["completed"], Duration::from_secs(90));
     stop(d);
@@ -318,6 +343,8 @@ fn after_a_crash_claimed_files_are_reprocessed_and_queued_runs_keep_their_order(
     signal(&d, libc::SIGKILL);
     let _ = d.wait();
     kill_until_gone(child);
+    // Cancelled while no daemon runs: the sweep settles it as asked instead of resuming it.
+    assert!(root.cli_cmd(["cancel", &long]).output().unwrap().status.success());
     // A file claimed (renamed into spool/.claimed/) by a daemon that died before judging it.
     std::fs::create_dir_all(root.dir.join("spool/.claimed")).unwrap();
     std::fs::write(root.dir.join("spool/.claimed/123-1-1__claimed.json"), root.job("c1", 1).to_string()).unwrap();
@@ -330,7 +357,7 @@ fn after_a_crash_claimed_files_are_reprocessed_and_queued_runs_keep_their_order(
     let start =
         |id: &str| root.events(id).iter().find(|e| e["type"] == "state" && e["state"] == "running").map(ts_of).unwrap();
     assert!(start(&q1) < start(&q2) && start(&q2) < start(&claimed), "original order kept");
-    assert!(root.status(&long)["reason"].as_str().unwrap().starts_with("orphaned"));
+    assert_eq!(root.status(&long)["state"], "cancelled");
     stop(d2);
 }
 
@@ -363,15 +390,24 @@ fn submit_prints_the_receipt_and_install_launchd_writes_a_plist() {
 }
 
 #[test]
-fn sigterm_to_a_child_ends_its_run_recorded_at_the_next_boundary() {
+fn sigterm_to_a_child_checkpoints_at_the_next_boundary_and_the_run_resumes() {
     let root = Root::new("");
     let d = root.daemon();
     let a = root.submit("a.json", &root.job("c1", 1000));
     wait_steps(&root, &a, 1);
     kill_pid(pid_of(&root, &a), libc::SIGTERM);
-    let st = wait_state(&root, &a, &["cancelled", "failed"], Duration::from_secs(10));
-    assert_eq!(st["state"], "cancelled", "{st}");
-    assert!(st["reason"].as_str().unwrap().contains("SIGTERM"), "{st}");
+    wait_for("attempt 2", Duration::from_secs(30), || {
+        (root.status(&a)["attempt"] == 2 && root.status(&a)["state"] == "running").then_some(())
+    });
+    let queued =
+        root.events(&a).into_iter().find(|e| e["type"] == "state" && e["state"] == "queued" && e["attempt"] == 1);
+    let why = queued.expect("a queued state event")["reason"].as_str().unwrap().to_string();
+    assert!(why.contains("SIGTERM") && why.contains("resumes from its checkpoint"), "{why}");
+    assert!(
+        root.events(&a)
+            .iter()
+            .any(|e| e["message"].as_str().is_some_and(|m| m.starts_with("training resumed at step")))
+    );
     stop(d);
 }
 

@@ -64,15 +64,12 @@ pub fn sweep(root: &Root) -> anyhow::Result<Swept> {
                     out.adopted.push(Adopted { run_id: st.run_id.clone(), corpus: st.corpus.clone(), pid });
                     continue;
                 }
-                settle_dead(
-                    root,
-                    &files,
-                    &mut st,
-                    RunState::Cancelled,
-                    Some(ORPHANED.into()),
-                    None,
-                    Resume::Unexplained,
-                )?;
+                // A cancel asked for while no daemon ran is answered; otherwise it may resume.
+                let (reason, resume) = match files.cancel_requested() {
+                    Some(r) if r != super::SHUTDOWN_REASON => (r, Resume::No),
+                    _ => (ORPHANED.to_string(), Resume::Unexplained),
+                };
+                settle_dead(root, &files, &mut st, RunState::Cancelled, Some(reason), None, resume)?;
                 match st.state {
                     RunState::Queued => out.queued.push(st),
                     _ => out.settled.push(st.run_id.clone()),

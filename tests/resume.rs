@@ -1,0 +1,248 @@
+//! Checkpoints and resume with the real daemon, real signals and the fixture model: a run paused
+//! and resumed, interrupted by daemon shutdowns, killed with SIGKILL (daemon and run) or torn
+//! mid-checkpoint ends with exactly the adapter, metrics and decision of the same job run
+//! without interruption; a run interrupted twice without progress fails; an unexplained death
+//! shrinks the memory plan.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const LONG: Duration = Duration::from_secs(180);
+
+/// The job of every test here: 4 epochs of the fixture triplets, a checkpoint after every step.
+fn job(root: &Root, micro: u64, accum: u64) -> Value {
+    let mut j = root.job("c1", 4);
+    j["train"]["batch_size"] = micro.into();
+    j["train"]["grad_accum"] = accum.into();
+    j["train"]["checkpoint_every_s"] = 0.into();
+    j["memory_budget_mb"] = 4096.into();
+    j
+}
+
+/// What must come out equal: the adapter's bytes, the candidate's metrics, the decision.
+#[derive(Debug, PartialEq)]
+struct Outcome {
+    /// sha256 of the adapter's safetensors file.
+    adapter: String,
+    candidate: Value,
+    decision: Value,
+    steps: Value,
+}
+
+fn outcome(root: &Root, id: &str) -> Outcome {
+    let dir = root.dir.join("runs").join(id);
+    let eval: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("eval.json")).unwrap()).unwrap();
+    let st = root.status(id);
+    assert_eq!(st["state"], "completed", "{st}");
+    assert!(!dir.join("checkpoint").exists(), "a completed run keeps no checkpoint");
+    Outcome {
+        adapter: {
+            use sha2::Digest;
+            let bytes = std::fs::read(dir.join("adapter/adapter_model.safetensors")).unwrap();
+            sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
+        },
+        candidate: eval["candidate"].clone(),
+        decision: eval["promotion"].clone(),
+        steps: st["summary"]["steps"].clone(),
+    }
+}
+
+/// The same job, uninterrupted, in a root of its own.
+fn reference(micro: u64, accum: u64) -> Outcome {
+    let root = Root::new("");
+    let _d = DaemonGuard(root.daemon());
+    let id = root.submit("ref.json", &job(&root, micro, accum));
+    wait_state(&root, &id, &["completed", "failed", "cancelled"], LONG);
+    outcome(&root, &id)
+}
+
+fn steps(root: &Root, id: &str) -> usize {
+    root.events(id).iter().filter(|e| e["type"] == "step").count()
+}
+
+fn state_events(root: &Root, id: &str) -> Vec<Value> {
+    root.events(id).into_iter().filter(|e| e["type"] == "state").collect()
+}
+
+/// The log is one gap-free sequence across attempts.
+fn assert_gap_free(root: &Root, id: &str) {
+    let seqs: Vec<u64> = root.events(id).iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
+}
+
+#[test]
+fn pause_resume_and_two_shutdowns_in_a_row_end_bitwise_equal() {
+    let want = reference(4, 1);
+    let root = Root::new("");
+    let sleepy = [("RERANKD_TEST_STEP_SLEEP_MS", "40")];
+    let mut d = root.daemon_env(&sleepy);
+    let id = root.submit("j.json", &job(&root, 4, 1));
+    wait_steps(&root, &id, 4);
+    // Pause: checkpoints, stops, keeps its corpus.
+    let out = root.cli_cmd(["pause", &id, "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let st = root.status(&id);
+    assert_eq!(st["state"], "paused", "{st}");
+    assert!(st["reason"].as_str().unwrap().starts_with("paused at step "), "{st}");
+    let other = root.submit("other.json", &root.job("c1", 1));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(root.status(&other)["state"], "queued", "the paused run keeps its corpus");
+    let out = root.cli_cmd(["cancel", &other]).output().unwrap();
+    assert!(out.status.success());
+    let out = root.cli_cmd(["resume", &id]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_state(&root, &id, &["running"], LONG);
+    // Two daemon shutdowns in a row, each after some progress: the run checkpoints and waits
+    // in the queue for the next daemon.
+    for _ in 0..2 {
+        let before = steps(&root, &id);
+        wait_steps(&root, &id, before + 3);
+        signal(&d, libc::SIGTERM);
+        assert_eq!(wait_exit(&mut d, Duration::from_secs(30)), Some(0));
+        let st = root.status(&id);
+        assert_eq!(st["state"], "queued", "{st}");
+        let why = st["reason"].as_str().unwrap();
+        assert!(why.contains("interrupted (daemon shutdown) at step") && why.contains("resumes"), "{st}");
+        d = root.daemon_env(&sleepy);
+        wait_state(&root, &id, &["running", "completed"], LONG);
+    }
+    wait_state(&root, &id, &["completed", "failed", "cancelled"], LONG);
+    stop(d);
+    assert_eq!(outcome(&root, &id), want, "interrupted run vs the same job uninterrupted");
+    assert_gap_free(&root, &id);
+    let attempts: Vec<u64> = state_events(&root, &id).iter().filter_map(|e| e["attempt"].as_u64()).collect();
+    assert_eq!(attempts.iter().max(), Some(&4), "{attempts:?}");
+    let ev = root.events(&id);
+    assert_eq!(ev.iter().filter(|e| e["type"] == "eval" && e["which"] == "baseline").count(), 1, "baseline once");
+    assert_eq!(
+        ev.iter().filter(|e| e["message"].as_str().is_some_and(|m| m.starts_with("training resumed at step"))).count(),
+        3
+    );
+    let ck = ev.iter().find(|e| e["type"] == "checkpoint").unwrap();
+    assert!(ck["size_bytes"].as_u64().unwrap() > 0 && ck["step"].is_u64(), "{ck}");
+}
+
+#[test]
+fn sigkill_of_daemon_and_run_resumes_from_the_checkpoint() {
+    // One row per micro-batch: the smaller plan after an unexplained death cannot shrink it,
+    // so the result must be bitwise that of the uninterrupted run.
+    let want = reference(1, 4);
+    let root = Root::new("");
+    let sleepy = [("RERANKD_TEST_STEP_SLEEP_MS", "30")];
+    let d = root.daemon_env(&sleepy);
+    let id = root.submit("j.json", &job(&root, 1, 4));
+    wait_steps(&root, &id, 5);
+    let run_pid = pid_of(&root, &id);
+    kill_pid(d.id(), libc::SIGKILL);
+    kill_pid(run_pid, libc::SIGKILL);
+    let mut d = d;
+    let _ = d.wait();
+    kill_until_gone(run_pid);
+    assert_eq!(root.status(&id)["state"], "running", "nobody recorded the deaths");
+    let d = DaemonGuard(root.daemon_env(&sleepy));
+    wait_state(&root, &id, &["completed", "failed", "cancelled"], LONG);
+    drop(d);
+    assert_eq!(outcome(&root, &id), want);
+    assert_gap_free(&root, &id);
+    let requeued = state_events(&root, &id).into_iter().find(|e| e["state"] == "queued" && e["attempt"] == 1).unwrap();
+    assert!(requeued["reason"].as_str().unwrap().contains("under a smaller memory plan"), "{requeued}");
+    let cap = root.events(&id).into_iter().find(|e| e["type"] == "cap").expect("a cap event for the smaller plan");
+    assert!(cap["why"].as_str().unwrap().contains("cannot shrink"), "{cap}");
+}
+
+#[test]
+fn an_unexplained_death_shrinks_the_micro_batch_and_keeps_the_steps() {
+    let ref_root = Root::new("");
+    let want_id = {
+        let _d = DaemonGuard(ref_root.daemon());
+        let id = ref_root.submit("ref.json", &job(&ref_root, 4, 1));
+        wait_state(&ref_root, &id, &["completed", "failed", "cancelled"], LONG);
+        id
+    };
+    let want = outcome(&ref_root, &want_id);
+    let want_path = ref_root.dir.join("runs").join(&want_id).join("adapter/adapter_model.safetensors");
+    let root = Root::new("");
+    let d = DaemonGuard(root.daemon_env(&[("RERANKD_TEST_STEP_SLEEP_MS", "30")]));
+    let id = root.submit("j.json", &job(&root, 4, 1));
+    wait_steps(&root, &id, 5);
+    kill_pid(pid_of(&root, &id), libc::SIGKILL);
+    wait_state(&root, &id, &["completed", "failed", "cancelled"], LONG);
+    drop(d);
+    let got = outcome(&root, &id);
+    let cap = root.events(&id).into_iter().find(|e| e["type"] == "cap").expect("a cap event");
+    assert_eq!(
+        (cap["field"].as_str(), cap["from"].as_u64(), cap["to"].as_u64()),
+        (Some("train.batch_size"), Some(4), Some(3))
+    );
+    // The same optimizer steps on the same pairs; only the micro-batch split (the order in
+    // which gradients are summed) differs, so the numbers agree to rounding, not bitwise.
+    assert_eq!(got.steps, want.steps);
+    let load = |p: std::path::PathBuf| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
+    let (a, b) = (load(root.dir.join("runs").join(&id).join("adapter/adapter_model.safetensors")), load(want_path));
+    let mut max = 0f32;
+    for (k, t) in &a {
+        let d = (t - &b[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        max = max.max(d);
+    }
+    eprintln!("max |adapter difference| after a resume under a 3/4 micro-batch: {max:e}");
+    assert!(max > 0.0 && max < 1e-2, "{max}");
+}
+
+#[test]
+fn a_torn_checkpoint_is_never_used() {
+    let want = reference(1, 4);
+    let root = Root::new("");
+    // Every run process dies (SIGKILL) in its 4th checkpoint, after the files and before the
+    // link swap: each attempt resumes from the 3rd, the last complete one.
+    let d = DaemonGuard(root.daemon_env(&[("RERANKD_TEST_CRASH_AT", "checkpoint.before_swap#4")]));
+    let id = root.submit("j.json", &job(&root, 1, 4));
+    wait_state(&root, &id, &["completed", "failed", "cancelled"], LONG);
+    drop(d);
+    assert_eq!(outcome(&root, &id), want);
+    // Each attempt logged three checkpoints and died in the fourth; the next resumed at the
+    // third's step, never at the torn one's.
+    let ev = root.events(&id);
+    let mut last_ck: Option<u64> = None;
+    let mut resumes = 0;
+    for e in &ev {
+        if e["type"] == "checkpoint" {
+            last_ck = e["step"].as_u64();
+        }
+        if let Some(m) = e["message"].as_str()
+            && let Some(rest) = m.strip_prefix("training resumed at step ")
+        {
+            let at: u64 = rest.split_whitespace().next().unwrap().parse().unwrap();
+            assert_eq!(Some(at), last_ck, "resumed from the last complete checkpoint");
+            resumes += 1;
+        }
+    }
+    assert!(resumes >= 2, "{resumes}");
+}
+
+#[test]
+fn interrupted_twice_without_progress_fails() {
+    let root = Root::new("");
+    let d = DaemonGuard(root.daemon_env(&[("RERANKD_TEST_STEP_SLEEP_MS", "50")]));
+    let mut j = job(&root, 4, 1);
+    j["train"]["checkpoint_every_s"] = 3600.into(); // only the first checkpoint, at step 0
+    let id = root.submit("j.json", &j);
+    wait_steps(&root, &id, 3);
+    kill_pid(pid_of(&root, &id), libc::SIGKILL);
+    wait_for("attempt 2", LONG, || {
+        (root.status(&id)["attempt"] == 2 && root.status(&id)["state"] == "running").then_some(())
+    });
+    let before = steps(&root, &id);
+    wait_steps(&root, &id, before + 2);
+    kill_pid(pid_of(&root, &id), libc::SIGKILL);
+    let st = wait_state(&root, &id, &["completed", "failed", "cancelled"], LONG);
+    drop(d);
+    assert_eq!(st["state"], "failed", "{st}");
+    assert!(st["error"].as_str().unwrap().contains("interrupted twice at step 0 without progress"), "{st}");
+    let cap = root.events(&id).into_iter().find(|e| e["type"] == "cap").expect("the second attempt's smaller plan");
+    assert_eq!(cap["to"], 3, "{cap}");
+    assert!(!root.dir.join("runs").join(&id).join("checkpoint").exists());
+}
