@@ -180,6 +180,10 @@ pub fn run(root: &Root, run_dir: &Path, nice: Option<i32>) -> anyhow::Result<i32
             };
             let why =
                 if kind == RunState::Paused { format!("paused {at}") } else { format!("interrupted ({reason}) {at}") };
+            let undo_why = format!("{} stopped before completing", ctx.status.run_id);
+            if let Err(u) = models::undo(root, &ctx.status.corpus, &ctx.status.run_id, &undo_why) {
+                eprintln!("rerankd run: undoing the promotion: {u}");
+            }
             let r = ctx.set_state(kind, Some(why), None);
             // The request is answered: a resumed run must not stop on it again.
             let _ = std::fs::remove_file(ctx.files.pause());

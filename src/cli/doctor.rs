@@ -80,9 +80,10 @@ pub fn run(root: &Root) -> anyhow::Result<ExitCode> {
     let runs = rerankd::store::all_runs(root);
     let count = |s: RunState| runs.iter().filter(|r| r.state == s).count();
     r.info(&format!(
-        "runs: {} queued, {} running, {} completed, {} failed, {} cancelled",
+        "runs: {} queued, {} running, {} paused, {} completed, {} failed, {} cancelled",
         count(RunState::Queued),
         count(RunState::Running),
+        count(RunState::Paused),
         count(RunState::Completed),
         count(RunState::Failed),
         count(RunState::Cancelled)

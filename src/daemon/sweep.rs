@@ -120,20 +120,22 @@ pub fn settle_dead(
             let plan = if st.shrink_memory { " under a smaller memory plan" } else { "" };
             let why = format!("interrupted at step {step} ({how}); resumes from its checkpoint{plan}");
             settle(files, st, RunState::Queued, Some(why), None)?;
-            return Ok(());
+        } else {
+            let why = format!(
+                "interrupted twice at step {step} without progress (attempt {}; its last checkpoint is from attempt \
+                 {written_in}); not resumed. Last: {how}",
+                st.attempt
+            );
+            settle(files, st, RunState::Failed, None, Some(why))?;
         }
-        let why = format!(
-            "interrupted twice at step {step} without progress (attempt {}; its last checkpoint is from attempt \
-             {written_in}); not resumed. Last: {how}",
-            st.attempt
-        );
-        settle(files, st, RunState::Failed, None, Some(why))?;
     } else {
         settle(files, st, state, reason, error)?;
     }
     if st.state.is_terminal() {
         checkpoint::remove(files);
     }
+    // A promotion made by an attempt that did not complete is given back, also when the run
+    // resumes: the next attempt promotes again if it gets that far.
     if st.state != RunState::Completed
         && let Ok(Some(_lock)) = FileLock::try_acquire(&root.corpus_lock(&st.corpus))
         && models::undo(root, &st.corpus, &st.run_id, &format!("{} ended {}", st.run_id, st.state.as_str()))?

@@ -263,11 +263,15 @@ pub fn check_invariants(root: &Root, settled: bool) -> Result<(), String> {
                 return Err(format!("{id}: running without a live process (pid {pid})"));
             }
         }
-        let ts = |s: &str| ev.iter().find(|e| e["type"] == "state" && e["state"] == s).map(ts_of);
-        if let Some(start) = ts("running") {
-            let end = ev.iter().rev().find(|e| e["type"] == "state").map(ts_of).unwrap();
-            let corpus = st["corpus"].as_str().unwrap().to_string();
-            spans.entry(corpus).or_default().push((start, end, id.clone()));
+        // Each attempt is a span: from a `running` event to the next state event (a resumed
+        // run has several).
+        let state_ev: Vec<&Value> = ev.iter().filter(|e| e["type"] == "state").collect();
+        for (i, e) in state_ev.iter().enumerate() {
+            if e["state"] == "running" {
+                let end = state_ev.get(i + 1).map(|n| ts_of(n)).unwrap_or_else(|| "9999".into());
+                let corpus = st["corpus"].as_str().unwrap().to_string();
+                spans.entry(corpus).or_default().push((ts_of(e), end, id.clone()));
+            }
         }
     }
     for (c, mut v) in spans {
