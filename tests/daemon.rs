@@ -403,11 +403,12 @@ fn sigterm_to_a_child_checkpoints_at_the_next_boundary_and_the_run_resumes() {
         root.events(&a).into_iter().find(|e| e["type"] == "state" && e["state"] == "queued" && e["attempt"] == 1);
     let why = queued.expect("a queued state event")["reason"].as_str().unwrap().to_string();
     assert!(why.contains("SIGTERM") && why.contains("resumes from its checkpoint"), "{why}");
-    assert!(
+    wait_for("the resumed attempt to train", Duration::from_secs(30), || {
         root.events(&a)
             .iter()
             .any(|e| e["message"].as_str().is_some_and(|m| m.starts_with("training resumed at step")))
-    );
+            .then_some(())
+    });
     stop(d);
 }
 
