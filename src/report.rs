@@ -87,6 +87,9 @@ impl RunData {
         match e["type"].as_str().unwrap_or("") {
             "step" => {
                 if let (Some(step), Some(loss)) = (f("step"), f("loss")) {
+                    // A run resumed from an earlier checkpoint redoes steps: the later attempt's
+                    // record of a step replaces the earlier one.
+                    self.steps.retain(|s| s.step < step + 1.0);
                     self.steps.push(Step {
                         step: step + 1.0,
                         loss,
@@ -420,6 +423,21 @@ mod tests {
         assert!(p.len() <= MAX_POINTS + 1, "{}", p.len());
         assert_eq!(p.first().unwrap().0, 1.0);
         assert_eq!(p.last().unwrap().0, 5000.0);
+    }
+
+    #[test]
+    fn steps_redone_after_a_resume_replace_the_earlier_ones() {
+        let mut d = RunData::default();
+        for i in 0..10 {
+            d.add(&json!({"type": "step", "step": i, "loss": 1.0}));
+        }
+        for i in 6..12 {
+            d.add(&json!({"type": "step", "step": i, "loss": 2.0}));
+        }
+        let xs: Vec<f64> = d.steps.iter().map(|s| s.step).collect();
+        assert_eq!(xs, (1..=12).map(f64::from).collect::<Vec<_>>());
+        assert_eq!(d.steps[5].loss, 1.0);
+        assert_eq!(d.steps[6].loss, 2.0);
     }
 
     #[test]
