@@ -66,6 +66,7 @@ fn every_command_speaks_json_with_the_flag() {
         vec!["promote".into(), run.clone()],
         vec!["doctor".into()],
         vec!["report".into(), run.clone(), "--out".into(), dir.join("r.svg").display().to_string()],
+        vec!["pause".into(), run.clone()],
         vec!["install-systemd".into(), "--dest".into(), dir.join("u.service").display().to_string()],
         vec!["install-launchd".into(), "--dest".into(), dir.join("a.plist").display().to_string()],
         vec![
@@ -107,6 +108,10 @@ fn every_command_speaks_json_with_the_flag() {
         let e = json_lines(&what, &out.stderr);
         assert!(e[0]["error"].is_string(), "{what}: {:?}", e);
     }
+    // `resume` of a run that is not paused is a refusal, as JSON on stderr.
+    let out = root.cli_cmd(["--json", "resume", &run]).output().unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    assert!(json_lines("resume", &out.stderr)[0]["error"].as_str().unwrap().contains("not paused"));
     drop(d);
     let out = root.cli_cmd(["sweep", "--json"]).output().unwrap();
     assert!(json_lines("sweep", &out.stdout)[0]["settled"].is_number());

@@ -246,3 +246,24 @@ fn interrupted_twice_without_progress_fails() {
     assert_eq!(cap["to"], 3, "{cap}");
     assert!(!root.dir.join("runs").join(&id).join("checkpoint").exists());
 }
+
+#[test]
+fn a_queued_run_pauses_before_it_starts_and_resume_starts_it() {
+    let root = Root::new("");
+    let d = DaemonGuard(root.daemon_env(&[("RERANKD_TEST_STEP_SLEEP_MS", "30")]));
+    let first = root.submit("first.json", &job(&root, 4, 1));
+    let second = root.submit("second.json", &root.job("c1", 1));
+    wait_steps(&root, &first, 1);
+    let out = root.cli_cmd(["pause", &second, "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let st = wait_state(&root, &second, &["paused"], LONG);
+    assert!(st["started_at"].is_null(), "paused before it started: {st}");
+    wait_state(&root, &first, &["completed"], LONG);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(root.status(&second)["state"], "paused", "a paused run stays paused");
+    let out = root.cli_cmd(["resume", &second]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_state(&root, &second, &["completed"], LONG);
+    drop(d);
+    assert_gap_free(&root, &second);
+}

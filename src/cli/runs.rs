@@ -170,17 +170,15 @@ pub fn resume(root: &Root, run: &str) -> anyhow::Result<ExitCode> {
     };
     if st.state != RunState::Paused {
         // A pause not yet taken is withdrawn; anything else has nothing to resume.
-        let withdrawn = std::fs::remove_file(files.pause()).is_ok();
-        let what = if withdrawn { "pause request withdrawn" } else { "not paused" };
-        super::say(
-            format!("{run} is {}: {what}", st.state.as_str()),
-            serde_json::json!({"run_id": run, "resume": what, "state": st.state.as_str()}),
-        );
-        return Ok(if withdrawn || !st.state.is_terminal() {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(super::EXIT_REFUSED)
-        });
+        if std::fs::remove_file(files.pause()).is_ok() {
+            super::say(
+                format!("{run} is {}: pause request withdrawn", st.state.as_str()),
+                serde_json::json!({"run_id": run, "resume": "pause request withdrawn", "state": st.state.as_str()}),
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        super::complain(format!("{run} is {}, not paused: nothing to resume", st.state.as_str()));
+        return Ok(ExitCode::from(super::EXIT_REFUSED));
     }
     let _ = std::fs::remove_file(files.pause());
     rerankd::store::settle(&files, &mut st, RunState::Queued, Some("resumed by rerankd resume".into()), None)?;
