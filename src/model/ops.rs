@@ -153,11 +153,17 @@ pub struct RopeTables {
 
 impl RopeTables {
     pub fn new(head_dim: usize, len: usize, theta: f64, device: &candle_core::Device) -> Result<Self> {
+        Self::range(head_dim, 0, len, theta, device)
+    }
+
+    /// Tables for positions `start..start + len`: row `p` holds position `start + p`, with the
+    /// very angles [`RopeTables::new`] computes for it (tokens after a cached prefix).
+    pub fn range(head_dim: usize, start: usize, len: usize, theta: f64, device: &candle_core::Device) -> Result<Self> {
         let half = head_dim / 2;
         let inv: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
-        for p in 0..len {
+        for p in start..start + len {
             for f in &inv {
                 let a = p as f64 * f;
                 cos.push(a.cos() as f32);
@@ -436,6 +442,22 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     } else {
         causal_softmax_composed(&q.matmul(&k.t()?)?, scale)?.matmul(v)
     }
+}
+
+/// Attention of `q: [b, hk, rep * s, hd]` (the `s` tokens after a prefix of `offset` tokens,
+/// heads sharing a KV head stacked along rows) over `k`, `v: [b, hk, offset + s, hd]` (the prefix's
+/// keys and values, then the tokens' own): query row `r` is position `offset + r % s` and sees
+/// keys `0..=offset + r % s`. Scoring only (no backward).
+pub fn attention_after(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, offset: usize) -> Result<Tensor> {
+    let (_b, _hk, rows, _hd) = q.dims4()?;
+    let keys = k.dim(2)?;
+    let s = keys - offset;
+    let mask: Vec<f32> = (0..rows)
+        .flat_map(|r| (0..keys).map(move |j| if j <= offset + r % s { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (rows, keys), q.device())?;
+    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
+    candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
 }
 
 /// `silu(gate) * up` on `gu [n, 2 inter]` (gate first, as the fused projection lays it out).

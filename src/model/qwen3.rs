@@ -94,6 +94,12 @@ impl Batch {
     }
 }
 
+/// The keys and values of a token prefix at every layer (`[1, hk, len, hd]` each).
+pub struct PrefixCache {
+    pub len: usize,
+    kv: Vec<(Tensor, Tensor)>,
+}
+
 pub struct Qwen3 {
     pub cfg: Qwen3Config,
     embed_tokens: Tensor, // [vocab, hidden], checkpoint dtype
@@ -172,6 +178,38 @@ impl Qwen3 {
         Ok(h.matmul(&self.head.t()?)?) // [b, 2]
     }
 
+    /// The keys and values of every layer for one token sequence (a prefix shared by several
+    /// prompts), computed once: [`Qwen3::yes_no_logits_after`] runs only what follows it.
+    pub fn prefix_cache(&self, ids: &[u32], ad: &mut Adapters) -> Result<PrefixCache> {
+        let t = ids.len();
+        let ids = Tensor::new(ids, &self.device)?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?.to_dtype(DType::F32)?; // [t, d]
+        let rope = RopeTables::new(self.cfg.head_dim, t, self.cfg.rope_theta, &self.device)?;
+        let mut kv = Vec::with_capacity(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward_kv(i, layer, &x, 1, t, &rope, None, Some(&mut kv), ad)?;
+        }
+        Ok(PrefixCache { len: t, kv })
+    }
+
+    /// `[batch, 2]` logits `[no, yes]` of prompts that are `prefix` followed by each row of
+    /// `batch` (right-padded continuations; `last` indexes the continuation). The same numbers
+    /// as [`Qwen3::yes_no_logits`] on the whole prompts, to rounding.
+    pub fn yes_no_logits_after(&self, prefix: &PrefixCache, batch: &Batch, ad: &mut Adapters) -> Result<Tensor> {
+        let (ids, last) = (&batch.ids, &batch.last);
+        let (b, t) = ids.dims2()?;
+        let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.to_dtype(DType::F32)?;
+        let rope = RopeTables::range(self.cfg.head_dim, prefix.len, t, self.cfg.rope_theta, &self.device)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let past = (&prefix.kv[i].0, &prefix.kv[i].1);
+            x = self.layer_forward_kv(i, layer, &x, b, t, &rope, Some(past), None, ad)?;
+        }
+        let rows: Vec<u32> = last.iter().enumerate().map(|(r, &l)| (r * t + l) as u32).collect();
+        let h = x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?;
+        let h = rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)?;
+        Ok(h.matmul(&self.head.t()?)?)
+    }
+
     /// Projection `t` of layer `i` over `x` with frozen weight `w`, plus its LoRA if it has one.
     fn proj(&self, i: usize, t: Target, x: &Tensor, w: &Tensor, ad: &mut Adapters) -> Result<Tensor> {
         let Some(p) = ad.lora.and_then(|l| l.get(i, t)) else { return Ok(frozen_linear(x, w)?) };
@@ -199,6 +237,24 @@ impl Qwen3 {
         rope: &RopeTables,
         ad: &mut Adapters,
     ) -> Result<Tensor> {
+        self.layer_forward_kv(i, l, x, b, t, rope, None, None, ad)
+    }
+
+    /// One layer. `past`: the keys and values of a cached prefix (`[1, hk, p, hd]`) that these
+    /// `t` tokens follow; `keep`: where to store this layer's keys and values (for a cache).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward_kv(
+        &self,
+        i: usize,
+        l: &Layer,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        rope: &RopeTables,
+        past: Option<(&Tensor, &Tensor)>,
+        keep: Option<&mut Vec<(Tensor, Tensor)>>,
+        ad: &mut Adapters,
+    ) -> Result<Tensor> {
         let c = &self.cfg;
         let (h, hk, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let (qd, rep) = (h * hd, h / hk);
@@ -215,7 +271,19 @@ impl Qwen3 {
         let k = norm_rope(&k.reshape((b, t, hk, hd))?, &l.k_norm, eps, rope)?; // [b, hk, t, hd]
         let v = v.reshape((b, t, hk, hd))?.transpose(1, 2)?.contiguous()?; // [b, hk, t, hd]
 
-        let o = attention(&q, &k, &v, 1.0 / (hd as f64).sqrt())?; // [b, hk, rep*t, hd]
+        if let Some(keep) = keep {
+            keep.push((k.clone(), v.clone()));
+        }
+        let scale = 1.0 / (hd as f64).sqrt();
+        let o = match past {
+            None => attention(&q, &k, &v, scale)?, // [b, hk, rep*t, hd]
+            Some((pk, pv)) => {
+                let p = pk.dim(2)?;
+                let k = Tensor::cat(&[&pk.broadcast_as((b, hk, p, hd))?, &k], 2)?.contiguous()?;
+                let v = Tensor::cat(&[&pv.broadcast_as((b, hk, p, hd))?, &v], 2)?.contiguous()?;
+                crate::model::ops::attention_after(&q.contiguous()?, &k, &v, scale, p)?
+            }
+        };
         let o = o.reshape((b, h, t, hd))?.transpose(1, 2)?.contiguous()?.reshape((b * t, qd))?;
         let o = self.proj(i, Target::O, &o, &l.o_proj, ad)?;
         let x = (x + o)?;

@@ -18,6 +18,10 @@ pub struct PairLogits {
     pub score: f32,
 }
 
+/// Below this many shared tokens a query's pairs are scored whole: the saving would not pay
+/// for the separate pass.
+pub const MIN_SHARED_PREFIX: usize = 16;
+
 pub struct Reranker {
     pub model: Qwen3,
     pub prompt: PromptBuilder,
@@ -66,7 +70,35 @@ impl Reranker {
         Ok(l.into_iter().map(|r| PairLogits { no_logit: r[0], yes_logit: r[1], score: sigmoid(r[1] - r[0]) }).collect())
     }
 
+    /// Scores prompts that all begin with `prefix`: its keys and values are computed once, and
+    /// each batch runs only the tokens after it. `rest[i]` must not be empty.
+    pub fn score_after_prefix(
+        &self,
+        prefix: &[u32],
+        rest: &[&[u32]],
+        batch_size: usize,
+        lora: Option<&LoraSet>,
+    ) -> Result<Vec<PairLogits>> {
+        let mut ad = Adapters { lora, dropout: None, train: false };
+        let cache = self.model.prefix_cache(prefix, &mut ad)?;
+        let mut order: Vec<usize> = (0..rest.len()).collect();
+        order.sort_by_key(|&i| rest[i].len());
+        let mut out = vec![None; rest.len()];
+        for chunk in order.chunks(batch_size.max(1)) {
+            let seqs: Vec<&[u32]> = chunk.iter().map(|&i| rest[i]).collect();
+            let batch = self.batch(&seqs)?;
+            let l: Vec<Vec<f32>> = self.model.yes_no_logits_after(&cache, &batch, &mut ad)?.detach().to_vec2()?;
+            for (&i, r) in chunk.iter().zip(l) {
+                out[i] = Some(PairLogits { no_logit: r[0], yes_logit: r[1], score: sigmoid(r[1] - r[0]) });
+            }
+        }
+        Ok(out.into_iter().map(|s| s.expect("every prompt scored")).collect())
+    }
+
     /// Scores (query, doc) pairs in batches of `batch_size` (grouped by length to pad little).
+    /// Pairs of the same query share their prompt's beginning (template, instruction, query):
+    /// when at least [`MIN_SHARED_PREFIX`] tokens are shared, that prefix is computed once per
+    /// query ([`Reranker::score_after_prefix`]).
     pub fn score_pairs(
         &self,
         query_docs: &[(&str, &str)],
@@ -76,9 +108,35 @@ impl Reranker {
     ) -> Result<Vec<PairLogits>> {
         let ids: Vec<Vec<u32>> =
             query_docs.iter().map(|(q, d)| self.encode(q, d, max_length)).collect::<Result<_>>()?;
-        let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_by_key(|&i| ids[i].len());
         let mut out = vec![None; ids.len()];
+        // Pairs by query, in first-seen order.
+        let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (i, (q, _)) in query_docs.iter().enumerate() {
+            match groups.iter_mut().find(|(g, _)| g == q) {
+                Some((_, v)) => v.push(i),
+                None => groups.push((q, vec![i])),
+            }
+        }
+        let mut rest: Vec<usize> = Vec::new();
+        for (_, members) in &groups {
+            let first = &ids[members[0]];
+            // The longest prefix every member shares, leaving each at least one token of its own.
+            let mut p = members.iter().map(|&i| ids[i].len() - 1).min().unwrap_or(0);
+            for &i in &members[1..] {
+                p = p.min(first.iter().zip(&ids[i]).take_while(|(a, b)| a == b).count());
+            }
+            if members.len() < 2 || p < MIN_SHARED_PREFIX {
+                rest.extend(members);
+                continue;
+            }
+            let tails: Vec<&[u32]> = members.iter().map(|&i| &ids[i][p..]).collect();
+            for (&i, s) in members.iter().zip(self.score_after_prefix(&first[..p], &tails, batch_size, lora)?) {
+                out[i] = Some(s);
+            }
+        }
+        let ids_rest: Vec<usize> = rest;
+        let mut order: Vec<usize> = ids_rest;
+        order.sort_by_key(|&i| ids[i].len());
         for chunk in order.chunks(batch_size.max(1)) {
             let seqs: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
             for (&i, s) in chunk.iter().zip(self.score_ids(&seqs, lora)?) {
