@@ -1,5 +1,7 @@
 //! `rerankd bench`: LoRA training micro-steps and scoring forwards on random weights of a config,
-//! timed after one warm-up; one JSON line with medians, achieved GFLOP/s and peak RSS.
+//! timed after one warm-up; one JSON line with medians, pairs/s, achieved GFLOP/s and peak RSS.
+//! With `--docs N`: one query's N documents scored whole and with the shared prefix computed
+//! once, alternating, with both pairs/s.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,7 +30,22 @@ pub struct BenchArgs {
     pub lora_r: usize,
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
+    /// Scoring mode: one query with this many documents (0: the training/scoring bench).
+    #[arg(long, default_value_t = 0)]
+    pub docs: usize,
+    /// Tokens of each document (scoring mode).
+    #[arg(long, default_value_t = 200)]
+    pub doc_len: usize,
+    /// Tokens of the query (scoring mode); the prompt template adds 60 more to the shared prefix.
+    #[arg(long, default_value_t = 16)]
+    pub query_len: usize,
+    /// Rows per scoring forward (scoring mode; evaluation and `score` use 16).
+    #[arg(long, default_value_t = 16)]
+    pub score_batch: usize,
 }
+
+/// Tokens of the prompt template and default instruction before the query.
+const TEMPLATE_TOKENS: usize = 60;
 
 pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     let cfg = Qwen3Config::from_file(&a.config)?;
@@ -38,6 +55,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     let lcfg = LoraConfig::new(a.lora_r, 2.0 * a.lora_r as f64, 0.0, &[Target::Q, Target::K, Target::V, Target::O]);
     let lora = LoraSet::init(&lcfg, &cfg, 0, &device)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    if a.docs > 0 {
+        return score_mode(&a, &cfg, &model, &lora, &mut rng, &device);
+    }
     let seqs: Vec<Vec<u32>> =
         (0..a.batch).map(|_| (0..a.length).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect()).collect();
     let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
@@ -72,11 +92,13 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let step = median(&mut step_ms);
+    let score_pairs_per_s = (a.batch as f64 / (median(&mut score_ms) / 1e3) * 1000.0).round() / 1000.0;
     let flops = train_flops(&cfg, a.batch, a.length, a.lora_r);
     let line = serde_json::json!({
         "step_ms_median": round1(step),
         "train_fwd_ms_median": round1(median(&mut fwd_ms)),
         "score_ms_median": round1(median(&mut score_ms)),
+        "score_pairs_per_s": score_pairs_per_s,
         "peak_rss_mb": rerankd::sys::peak_memory_mb(),
         "gflops": round1(flops / (step / 1e3) / 1e9),
         "batch": a.batch,
@@ -85,6 +107,59 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         "steps": a.steps,
         "device": format!("{:?}", device.location()),
         "threads": rayon::current_num_threads(),
+    });
+    if super::json() {
+        println!("{line}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&line)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One query's documents, scored whole (batches of `score_batch`) and after a shared prefix,
+/// alternating; medians and pairs/s of both.
+fn score_mode(
+    a: &BenchArgs,
+    cfg: &Qwen3Config,
+    model: &Qwen3,
+    lora: &LoraSet,
+    rng: &mut rand::rngs::StdRng,
+    device: &candle_core::Device,
+) -> anyhow::Result<ExitCode> {
+    let mut tok = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect() };
+    let prefix = tok(TEMPLATE_TOKENS + a.query_len);
+    let docs: Vec<Vec<u32>> = (0..a.docs).map(|_| tok(a.doc_len)).collect();
+    let whole: Vec<Vec<u32>> = docs.iter().map(|d| [prefix.as_slice(), d.as_slice()].concat()).collect();
+    let (mut whole_ms, mut shared_ms) = (Vec::new(), Vec::new());
+    for i in 0..=a.steps {
+        let t0 = Instant::now();
+        for chunk in whole.chunks(a.score_batch.max(1)) {
+            let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+            let mut ad = Adapters { lora: Some(lora), dropout: None, train: false };
+            let _ = model.yes_no_logits(&Batch::new(&refs, 151643, device)?, &mut ad)?.to_vec2::<f32>()?;
+        }
+        let t1 = Instant::now();
+        let mut ad = Adapters { lora: Some(lora), dropout: None, train: false };
+        let cache = model.prefix_cache(&prefix, &mut ad)?;
+        for chunk in docs.chunks(a.score_batch.max(1)) {
+            let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+            let _ =
+                model.yes_no_logits_after(&cache, &Batch::new(&refs, 151643, device)?, &mut ad)?.to_vec2::<f32>()?;
+        }
+        if i > 0 {
+            whole_ms.push((t1 - t0).as_secs_f64() * 1e3);
+            shared_ms.push(t1.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let (w, s) = (median(&mut whole_ms), median(&mut shared_ms));
+    let line = serde_json::json!({
+        "docs": a.docs, "doc_len": a.doc_len, "prefix_len": prefix.len(), "score_batch": a.score_batch,
+        "whole_ms_median": round1(w), "shared_prefix_ms_median": round1(s),
+        "whole_pairs_per_s": (a.docs as f64 / (w / 1e3) * 1000.0).round() / 1000.0,
+        "shared_prefix_pairs_per_s": (a.docs as f64 / (s / 1e3) * 1000.0).round() / 1000.0,
+        "speedup": (w / s * 1000.0).round() / 1000.0,
+        "lora_r": a.lora_r, "steps": a.steps, "peak_rss_mb": rerankd::sys::peak_memory_mb(),
+        "device": format!("{:?}", device.location()), "threads": rayon::current_num_threads(),
     });
     if super::json() {
         println!("{line}");
