@@ -120,15 +120,11 @@ impl Reranker {
         let mut rest: Vec<usize> = Vec::new();
         for (_, members) in &groups {
             let first = &ids[members[0]];
-            // The longest prefix every member shares, leaving each at least one token of its own.
-            let mut p = members.iter().map(|&i| ids[i].len() - 1).min().unwrap_or(0);
-            for &i in &members[1..] {
-                p = p.min(first.iter().zip(&ids[i]).take_while(|(a, b)| a == b).count());
-            }
-            if members.len() < 2 || p < MIN_SHARED_PREFIX {
+            let seqs: Vec<&[u32]> = members.iter().map(|&i| ids[i].as_slice()).collect();
+            let Some(p) = shared_prefix(&seqs) else {
                 rest.extend(members);
                 continue;
-            }
+            };
             let tails: Vec<&[u32]> = members.iter().map(|&i| &ids[i][p..]).collect();
             for (&i, s) in members.iter().zip(self.score_after_prefix(&first[..p], &tails, batch_size, lora)?) {
                 out[i] = Some(s);
@@ -145,6 +141,17 @@ impl Reranker {
         }
         Ok(out.into_iter().map(|s| s.expect("every pair scored")).collect())
     }
+}
+
+/// The longest token prefix all of `seqs` share, leaving each at least one token of its own,
+/// when there are two or more and it is at least [`MIN_SHARED_PREFIX`] long: worth computing once.
+pub fn shared_prefix(seqs: &[&[u32]]) -> Option<usize> {
+    let (first, others) = seqs.split_first()?;
+    let mut p = seqs.iter().map(|s| s.len().saturating_sub(1)).min()?;
+    for s in others {
+        p = p.min(first.iter().zip(s.iter()).take_while(|(a, b)| a == b).count());
+    }
+    (seqs.len() >= 2 && p >= MIN_SHARED_PREFIX).then_some(p)
 }
 
 pub fn sigmoid(x: f32) -> f32 {

@@ -206,12 +206,47 @@ fn score_loop(shared: &Shared) {
 
 fn score_group(group: &[Work], limits: Limits, telemetry: &Telemetry) -> Result<Vec<Vec<PairLogits>>, String> {
     let scorer = &group[0].scorer;
+    let mut out: Vec<Vec<Option<PairLogits>>> = group.iter().map(|w| vec![None; w.seqs.len()]).collect();
+    // A request's documents share their prompt's beginning (template, instruction, query): that
+    // prefix is computed once, and only each document's tokens run, in batches of their own.
+    let mut whole = Vec::new();
+    for (w, work) in group.iter().enumerate() {
+        let seqs: Vec<&[u32]> = work.seqs.iter().map(Vec::as_slice).collect();
+        let Some(p) = crate::model::reranker::shared_prefix(&seqs) else {
+            whole.push(w);
+            continue;
+        };
+        let reranker = &scorer.base.reranker;
+        let tails: Vec<&[u32]> = seqs.iter().map(|s| &s[p..]).collect();
+        // Each row also attends to the prefix: count it in the token budget.
+        let lengths: Vec<usize> = tails.iter().map(|t| p + t.len()).collect();
+        let mut order: Vec<usize> = (0..tails.len()).collect();
+        order.sort_by_key(|&i| lengths[i]);
+        let mut ad = crate::model::qwen3::Adapters { lora: scorer.lora.as_ref(), dropout: None, train: false };
+        let cache = reranker.model.prefix_cache(&seqs[0][..p], &mut ad).map_err(|e| e.to_string())?;
+        for range in chunks(&lengths, &order, limits.batch_size, limits.batch_tokens) {
+            let rows = &order[range];
+            crate::testhooks::score_sleep();
+            let batch_seqs: Vec<&[u32]> = rows.iter().map(|&i| tails[i]).collect();
+            let batch = reranker.batch(&batch_seqs).map_err(|e| e.to_string())?;
+            let logits: Vec<Vec<f32>> = reranker
+                .model
+                .yes_no_logits_after(&cache, &batch, &mut ad)
+                .and_then(|l| Ok(l.detach().to_vec2()?))
+                .map_err(|e| e.to_string())?;
+            telemetry.batch_size.observe(rows.len() as f64);
+            telemetry.pairs_scored.inc_by(rows.len() as u64);
+            for (&i, r) in rows.iter().zip(logits) {
+                let score = crate::model::reranker::sigmoid(r[1] - r[0]);
+                out[w][i] = Some(PairLogits { no_logit: r[0], yes_logit: r[1], score });
+            }
+        }
+    }
     let pairs: Vec<(usize, usize)> =
-        group.iter().enumerate().flat_map(|(w, work)| (0..work.seqs.len()).map(move |p| (w, p))).collect();
+        whole.iter().flat_map(|&w| (0..group[w].seqs.len()).map(move |p| (w, p))).collect();
     let lengths: Vec<usize> = pairs.iter().map(|&(w, p)| group[w].seqs[p].len()).collect();
     let mut order: Vec<usize> = (0..pairs.len()).collect();
     order.sort_by_key(|&i| lengths[i]);
-    let mut out: Vec<Vec<Option<PairLogits>>> = group.iter().map(|w| vec![None; w.seqs.len()]).collect();
     for range in chunks(&lengths, &order, limits.batch_size, limits.batch_tokens) {
         let rows = &order[range];
         crate::testhooks::score_sleep();
