@@ -166,44 +166,44 @@ pub fn run(root: &Root, run_dir: &Path, nice: Option<i32>) -> anyhow::Result<i32
             checkpoint::remove(&ctx.files);
             r
         }
-        Err(e)
-            if e.downcast_ref::<Cancelled>().is_some() && {
-                let kind = stop_kind(&ctx.files, ctx.terminated.load(Ordering::Relaxed));
-                matches!(kind, RunState::Queued | RunState::Paused)
-            } =>
-        {
-            let Some(Cancelled(reason)) = e.downcast_ref::<Cancelled>() else { unreachable!() };
-            let kind = stop_kind(&ctx.files, ctx.terminated.load(Ordering::Relaxed));
-            let at = match checkpoint::latest(&ctx.files) {
-                Some((_, s)) => format!("at step {}; resumes from its checkpoint", s["cursor"]["step"]),
-                None => "before its first checkpoint; starts over".to_string(),
-            };
-            let why =
-                if kind == RunState::Paused { format!("paused {at}") } else { format!("interrupted ({reason}) {at}") };
-            let undo_why = format!("{} stopped before completing", ctx.status.run_id);
-            if let Err(u) = models::undo(root, &ctx.status.corpus, &ctx.status.run_id, &undo_why) {
-                eprintln!("rerankd run: undoing the promotion: {u}");
-            }
-            let r = ctx.set_state(kind, Some(why), None);
-            // The request is answered: a resumed run must not stop on it again.
-            let _ = std::fs::remove_file(ctx.files.pause());
-            if ctx.files.cancel_requested().as_deref() == Some(crate::daemon::SHUTDOWN_REASON) {
-                let _ = std::fs::remove_file(ctx.files.cancel());
-            }
-            r
-        }
         Err(e) => {
-            let ended = match e.downcast_ref::<Cancelled>() {
-                Some(Cancelled(reason)) => (RunState::Cancelled, Some(reason.clone()), None),
-                None => (RunState::Failed, None, Some(format!("{e:#}"))),
-            };
-            checkpoint::remove(&ctx.files);
-            // A run that promoted itself and then failed must not stay current.
+            // A run that promoted itself and then did not complete must not stay current (an
+            // attempt that resumes promotes again if it gets that far).
             let why = format!("{} did not complete", ctx.status.run_id);
             if let Err(u) = models::undo(root, &ctx.status.corpus, &ctx.status.run_id, &why) {
                 eprintln!("rerankd run: undoing the promotion: {u}");
             }
-            ctx.set_state(ended.0, ended.1, ended.2)
+            let stopped = e.downcast_ref::<Cancelled>().map(|Cancelled(reason)| {
+                (reason.clone(), stop_kind(&ctx.files, ctx.terminated.load(Ordering::Relaxed)))
+            });
+            match stopped {
+                Some((reason, kind @ (RunState::Queued | RunState::Paused))) => {
+                    let at = match checkpoint::latest(&ctx.files) {
+                        Some((_, s)) => format!("at step {}; resumes from its checkpoint", s["cursor"]["step"]),
+                        None => "before its first checkpoint; starts over".to_string(),
+                    };
+                    let why = if kind == RunState::Paused {
+                        format!("paused {at}")
+                    } else {
+                        format!("interrupted ({reason}) {at}")
+                    };
+                    let r = ctx.set_state(kind, Some(why), None);
+                    // The request is answered: a resumed run must not stop on it again.
+                    let _ = std::fs::remove_file(ctx.files.pause());
+                    if ctx.files.cancel_requested().as_deref() == Some(crate::daemon::SHUTDOWN_REASON) {
+                        let _ = std::fs::remove_file(ctx.files.cancel());
+                    }
+                    r
+                }
+                Some((reason, _)) => {
+                    checkpoint::remove(&ctx.files);
+                    ctx.set_state(RunState::Cancelled, Some(reason), None)
+                }
+                None => {
+                    checkpoint::remove(&ctx.files);
+                    ctx.set_state(RunState::Failed, None, Some(format!("{e:#}")))
+                }
+            }
         }
     };
     drop(lock); // after the last write

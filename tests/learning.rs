@@ -158,23 +158,16 @@ fn demo_corpus(root: &Root, corpus: &str) -> std::path::PathBuf {
 fn better_on_new_feedback_but_significantly_worse_on_held_out_lists_is_not_promoted() {
     let root = Root::new("");
     let home = demo_corpus(&root, "demo");
-    // New feedback that wants the opposite of the old: the ads, never the guides.
-    let topics = [
-        "espresso",
-        "tides",
-        "glaciers",
-        "volcanoes",
-        "bees",
-        "vaccines",
-        "inflation",
-        "sourdough",
-        "photosynthesis",
-        "black-holes",
-        "rust-ownership",
-        "tcp-handshake",
-    ];
+    // New feedback that wants the opposite of the old: the ads, never the guides. The topics
+    // are the demo corpus's (`<topic>/guide`, `<topic>/ad`, `<topic>/forum`).
+    let docs = std::fs::read_to_string(home.join("documents.jsonl")).unwrap();
+    let topics: Vec<String> = docs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok()?["id"].as_str()?.strip_suffix("/guide").map(String::from))
+        .collect();
+    assert_eq!(topics.len(), 12);
     let mut fb = Vec::new();
-    for t in topics {
+    for t in &topics {
         for p in ["cheap {t} deals", "buy {t} online", "{t} discount offer", "{t} sale today", "best {t} price"] {
             let id = format!("b{}", fb.len());
             let shown = [format!("{t}/guide"), format!("{t}/forum"), format!("{t}/ad")];

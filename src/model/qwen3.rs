@@ -170,7 +170,7 @@ impl Qwen3 {
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.to_dtype(DType::F32)?; // [b*t, d]
         let rope = RopeTables::new(self.cfg.head_dim, t, self.cfg.rope_theta, &self.device)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(i, layer, &x, b, t, &rope, ad)?;
+            x = self.layer_forward(i, layer, &x, b, t, &rope, None, None, ad)?;
         }
         let rows: Vec<u32> = last.iter().enumerate().map(|(r, &l)| (r * t + l) as u32).collect();
         let h = x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?; // [b, d]
@@ -187,7 +187,7 @@ impl Qwen3 {
         let rope = RopeTables::new(self.cfg.head_dim, t, self.cfg.rope_theta, &self.device)?;
         let mut kv = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward_kv(i, layer, &x, 1, t, &rope, None, Some(&mut kv), ad)?;
+            x = self.layer_forward(i, layer, &x, 1, t, &rope, None, Some(&mut kv), ad)?;
         }
         Ok(PrefixCache { len: t, kv })
     }
@@ -202,7 +202,7 @@ impl Qwen3 {
         let rope = RopeTables::range(self.cfg.head_dim, prefix.len, t, self.cfg.rope_theta, &self.device)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let past = (&prefix.kv[i].0, &prefix.kv[i].1);
-            x = self.layer_forward_kv(i, layer, &x, b, t, &rope, Some(past), None, ad)?;
+            x = self.layer_forward(i, layer, &x, b, t, &rope, Some(past), None, ad)?;
         }
         let rows: Vec<u32> = last.iter().enumerate().map(|(r, &l)| (r * t + l) as u32).collect();
         let h = x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?;
@@ -226,24 +226,10 @@ impl Qwen3 {
         Ok(lora_linear(x, w, &a, &b, scale, mask)?)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn layer_forward(
-        &self,
-        i: usize,
-        l: &Layer,
-        x: &Tensor,
-        b: usize,
-        t: usize,
-        rope: &RopeTables,
-        ad: &mut Adapters,
-    ) -> Result<Tensor> {
-        self.layer_forward_kv(i, l, x, b, t, rope, None, None, ad)
-    }
-
     /// One layer. `past`: the keys and values of a cached prefix (`[1, hk, p, hd]`) that these
     /// `t` tokens follow; `keep`: where to store this layer's keys and values (for a cache).
     #[allow(clippy::too_many_arguments)]
-    fn layer_forward_kv(
+    fn layer_forward(
         &self,
         i: usize,
         l: &Layer,

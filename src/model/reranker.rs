@@ -8,7 +8,7 @@ use super::checkpoint::{CheckpointDir, SafetensorsWeights};
 use super::lora::LoraSet;
 use super::prompt::PromptBuilder;
 pub use super::qwen3::Batch;
-use super::qwen3::{Adapters, Qwen3};
+use super::qwen3::{Adapters, PrefixCache, Qwen3};
 
 /// The yes/no logits of one pair and its score, sigmoid(yes - no).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -66,8 +66,25 @@ impl Reranker {
     /// Scores tokenized prompts in one forward pass.
     pub fn score_ids(&self, seqs: &[&[u32]], lora: Option<&LoraSet>) -> Result<Vec<PairLogits>> {
         let batch = self.batch(seqs)?;
-        let l: Vec<Vec<f32>> = self.logits(&batch, lora)?.detach().to_vec2()?;
-        Ok(l.into_iter().map(|r| PairLogits { no_logit: r[0], yes_logit: r[1], score: sigmoid(r[1] - r[0]) }).collect())
+        pair_logits(&self.logits(&batch, lora)?)
+    }
+
+    /// The keys and values of `prefix` at every layer, for [`Reranker::score_after`].
+    pub fn prefix_cache(&self, prefix: &[u32], lora: Option<&LoraSet>) -> Result<PrefixCache> {
+        self.model.prefix_cache(prefix, &mut Adapters { lora, dropout: None, train: false })
+    }
+
+    /// Scores prompts that are `cache`'s prefix followed by each of `tails`, in one forward pass
+    /// over the tails' tokens only.
+    pub fn score_after(
+        &self,
+        cache: &PrefixCache,
+        tails: &[&[u32]],
+        lora: Option<&LoraSet>,
+    ) -> Result<Vec<PairLogits>> {
+        let batch = self.batch(tails)?;
+        let mut ad = Adapters { lora, dropout: None, train: false };
+        pair_logits(&self.model.yes_no_logits_after(cache, &batch, &mut ad)?)
     }
 
     /// Scores prompts that all begin with `prefix`: its keys and values are computed once, and
@@ -79,17 +96,14 @@ impl Reranker {
         batch_size: usize,
         lora: Option<&LoraSet>,
     ) -> Result<Vec<PairLogits>> {
-        let mut ad = Adapters { lora, dropout: None, train: false };
-        let cache = self.model.prefix_cache(prefix, &mut ad)?;
+        let cache = self.prefix_cache(prefix, lora)?;
         let mut order: Vec<usize> = (0..rest.len()).collect();
         order.sort_by_key(|&i| rest[i].len());
         let mut out = vec![None; rest.len()];
         for chunk in order.chunks(batch_size.max(1)) {
             let seqs: Vec<&[u32]> = chunk.iter().map(|&i| rest[i]).collect();
-            let batch = self.batch(&seqs)?;
-            let l: Vec<Vec<f32>> = self.model.yes_no_logits_after(&cache, &batch, &mut ad)?.detach().to_vec2()?;
-            for (&i, r) in chunk.iter().zip(l) {
-                out[i] = Some(PairLogits { no_logit: r[0], yes_logit: r[1], score: sigmoid(r[1] - r[0]) });
+            for (&i, s) in chunk.iter().zip(self.score_after(&cache, &seqs, lora)?) {
+                out[i] = Some(s);
             }
         }
         Ok(out.into_iter().map(|s| s.expect("every prompt scored")).collect())
@@ -152,6 +166,12 @@ pub fn shared_prefix(seqs: &[&[u32]]) -> Option<usize> {
         p = p.min(first.iter().zip(s.iter()).take_while(|(a, b)| a == b).count());
     }
     (seqs.len() >= 2 && p >= MIN_SHARED_PREFIX).then_some(p)
+}
+
+/// `[batch, 2]` logits `[no, yes]` as one [`PairLogits`] a row.
+fn pair_logits(logits: &Tensor) -> Result<Vec<PairLogits>> {
+    let l: Vec<Vec<f32>> = logits.detach().to_vec2()?;
+    Ok(l.into_iter().map(|r| PairLogits { no_logit: r[0], yes_logit: r[1], score: sigmoid(r[1] - r[0]) }).collect())
 }
 
 pub fn sigmoid(x: f32) -> f32 {

@@ -217,28 +217,22 @@ fn score_group(group: &[Work], limits: Limits, telemetry: &Telemetry) -> Result<
             continue;
         };
         let reranker = &scorer.base.reranker;
+        let lora = scorer.lora.as_ref();
         let tails: Vec<&[u32]> = seqs.iter().map(|s| &s[p..]).collect();
         // Each row also attends to the prefix: count it in the token budget.
         let lengths: Vec<usize> = tails.iter().map(|t| p + t.len()).collect();
         let mut order: Vec<usize> = (0..tails.len()).collect();
         order.sort_by_key(|&i| lengths[i]);
-        let mut ad = crate::model::qwen3::Adapters { lora: scorer.lora.as_ref(), dropout: None, train: false };
-        let cache = reranker.model.prefix_cache(&seqs[0][..p], &mut ad).map_err(|e| e.to_string())?;
+        let cache = reranker.prefix_cache(&seqs[0][..p], lora).map_err(|e| e.to_string())?;
         for range in chunks(&lengths, &order, limits.batch_size, limits.batch_tokens) {
             let rows = &order[range];
             crate::testhooks::score_sleep();
-            let batch_seqs: Vec<&[u32]> = rows.iter().map(|&i| tails[i]).collect();
-            let batch = reranker.batch(&batch_seqs).map_err(|e| e.to_string())?;
-            let logits: Vec<Vec<f32>> = reranker
-                .model
-                .yes_no_logits_after(&cache, &batch, &mut ad)
-                .and_then(|l| Ok(l.detach().to_vec2()?))
-                .map_err(|e| e.to_string())?;
+            let batch: Vec<&[u32]> = rows.iter().map(|&i| tails[i]).collect();
+            let scores = reranker.score_after(&cache, &batch, lora).map_err(|e| e.to_string())?;
             telemetry.batch_size.observe(rows.len() as f64);
             telemetry.pairs_scored.inc_by(rows.len() as u64);
-            for (&i, r) in rows.iter().zip(logits) {
-                let score = crate::model::reranker::sigmoid(r[1] - r[0]);
-                out[w][i] = Some(PairLogits { no_logit: r[0], yes_logit: r[1], score });
+            for (&i, s) in rows.iter().zip(scores) {
+                out[w][i] = Some(s);
             }
         }
     }

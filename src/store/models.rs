@@ -49,9 +49,10 @@ pub fn heldout_files(root: &Root, corpus: &str) -> Vec<(String, PathBuf)> {
     }
     let dir = heldout_dir(root, corpus);
     seen.into_iter()
-        .map(|id| (dir.join(format!("{id}.jsonl")), id))
-        .filter(|(p, _)| p.is_file())
-        .map(|(p, id)| (id, p))
+        .filter_map(|id| {
+            let path = dir.join(format!("{id}.jsonl"));
+            path.is_file().then_some((id, path))
+        })
         .collect()
 }
 
