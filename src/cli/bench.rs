@@ -42,6 +42,15 @@ pub struct BenchArgs {
     /// Rows per scoring forward (scoring mode; evaluation and `score` use 16).
     #[arg(long, default_value_t = 16)]
     pub score_batch: usize,
+    /// Time only training micro-steps or only scoring forwards (default: both).
+    #[arg(long, value_enum)]
+    pub only: Option<Only>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Only {
+    Train,
+    Score,
 }
 
 /// Tokens of the prompt template and default instruction before the query.
@@ -67,6 +76,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
 
     let (mut step_ms, mut fwd_ms) = (Vec::new(), Vec::new());
     for i in 0..=a.steps {
+        if a.only == Some(Only::Score) {
+            break;
+        }
         let t0 = Instant::now();
         // The same work as `Qwen3::micro_step`, with the forward timed on its own.
         let mut ad = Adapters { lora: Some(&lora), dropout: None, train: true };
@@ -83,6 +95,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     let mut score_ms = Vec::new();
     for i in 0..=a.steps {
+        if a.only == Some(Only::Train) {
+            break;
+        }
         let t0 = Instant::now();
         let mut ad = Adapters { lora: Some(&lora), dropout: None, train: false };
         let l = model.yes_no_logits(&batch, &mut ad)?;

@@ -3,10 +3,12 @@
 //! It knows how to load a checkpoint directory, build the reranker prompt, score pairs, and take
 //! gradients into LoRA tensors; it knows nothing of runs, spools or daemons.
 
+pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod export;
+pub mod kernels;
 pub mod lora;
 pub mod ops;
 pub mod prompt;

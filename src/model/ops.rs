@@ -16,6 +16,8 @@ use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Storag
 use rayon::prelude::*;
 use std::sync::Arc;
 
+use super::attention::{TILE, TiledAttention};
+
 /// `x @ w^T` for a weight that is never trained: backward yields d/dx only.
 struct FrozenMatmul {
     w: Tensor,
@@ -237,37 +239,6 @@ pub fn rope_composed(x: &Tensor, tables: &RopeTables) -> Result<Tensor> {
     Tensor::cat(&[o1, o2], D::Minus1)
 }
 
-/// Causal softmax of `scale * s` over the last dim of `s: [batch, groups, rows, seq]`, where row `i`
-/// is query position `i % seq` (query heads sharing a KV head are stacked along `rows`).
-struct CausalSoftmax {
-    scale: f32,
-}
-
-impl CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "causal-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = cpu_f32(s, l, "causal_softmax")?;
-        let t = l.shape().dims4()?.3;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(t).zip(x.par_chunks(t)).enumerate().for_each(|(row, (o, x))| {
-            let q = row % t;
-            let max = x[..=q].iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) * self.scale;
-            let mut sum = 0f32;
-            for j in 0..=q {
-                let e = (x[j] * self.scale - max).exp();
-                o[j] = e;
-                sum += e;
-            }
-            let inv = 1.0 / sum;
-            o[..=q].iter_mut().for_each(|v| *v *= inv);
-        });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-}
-
 /// The same causal softmax as a composition of differentiable ops.
 pub fn causal_softmax_composed(s: &Tensor, scale: f64) -> Result<Tensor> {
     let (_b, _g, rows, t) = s.dims4()?;
@@ -363,82 +334,12 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64, m
     if runs_fused(x) { x.contiguous()?.apply_op3(a, b, op) } else { frozen_linear(x, w)? + op.delta(x, a, b)? }
 }
 
-/// Causal attention `softmax(scale q k^T) v` on `q [b, g, rows, hd]`, `k, v [b, g, seq, hd]`
-/// (row `i` at position `i % seq`); the backward recomputes the probabilities.
-struct Attention {
-    scale: f64,
-}
-
-impl Attention {
-    fn probs(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
-        q.matmul(&k.t()?)?.contiguous()?.apply_op1_no_bwd(&CausalSoftmax { scale: self.scale as f32 })
-    }
-}
-
-impl candle_core::CustomOp3 for Attention {
-    fn name(&self) -> &'static str {
-        "causal-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        q: &CpuStorage,
-        ql: &Layout,
-        k: &CpuStorage,
-        kl: &Layout,
-        v: &CpuStorage,
-        vl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (cpu_tensor(q, ql, "attn")?, cpu_tensor(k, kl, "attn")?, cpu_tensor(v, vl, "attn")?);
-        cpu_result(&self.probs(&q, &k)?.matmul(&v)?)
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let p = self.probs(q, k)?; // [b, g, rows, seq]
-        let dv = p.t()?.matmul(g)?;
-        let dp = g.matmul(&v.t()?)?.contiguous()?;
-        let ds = dp.apply_op2_no_bwd(&p, &SoftmaxBwd { scale: self.scale as f32 })?;
-        let dq = ds.matmul(k)?;
-        let dk = ds.t()?.matmul(q)?;
-        Ok((Some(dq), Some(dk), Some(dv)))
-    }
-}
-
-/// `scale * p * (dp - sum(dp * p))` row by row: the softmax backward in one pass (CPU).
-struct SoftmaxBwd {
-    scale: f32,
-}
-
-impl candle_core::CustomOp2 for SoftmaxBwd {
-    fn name(&self) -> &'static str {
-        "softmax-bwd"
-    }
-
-    fn cpu_fwd(&self, dp: &CpuStorage, dl: &Layout, p: &CpuStorage, pl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (dp, p) = (cpu_f32(dp, dl, "softmax_bwd")?, cpu_f32(p, pl, "softmax_bwd")?);
-        let t = *dl.shape().dims().last().unwrap_or(&1);
-        let mut out = vec![0f32; dp.len()];
-        out.par_chunks_mut(t).zip(dp.par_chunks(t).zip(p.par_chunks(t))).for_each(|(o, (dp, p))| {
-            let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
-            for j in 0..t {
-                o[j] = self.scale * p[j] * (dp[j] - dot);
-            }
-        });
-        Ok((CpuStorage::F32(out), dl.shape().clone()))
-    }
-}
-
-/// Causal attention; see [`Attention`]. Other devices use the differentiable composition.
+/// Causal attention `softmax(scale q k^T) v` on `q [b, g, rep * t, hd]`, `k, v [b, g, t, hd]`
+/// (row `ρ t + i` at position `i`): on the CPU the tiled op of [`super::attention`], which never
+/// holds a `[rows, t]` tensor; other devices use the differentiable composition.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     if runs_fused(q) {
-        q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Attention { scale })
+        q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, TiledAttention::new(scale as f32, 0, TILE))
     } else {
         causal_softmax_composed(&q.matmul(&k.t()?)?, scale)?.matmul(v)
     }
@@ -449,6 +350,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
 /// keys and values, then the tokens' own): query row `r` is position `offset + r % s` and sees
 /// keys `0..=offset + r % s`. Scoring only (no backward).
 pub fn attention_after(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, offset: usize) -> Result<Tensor> {
+    if runs_fused(q) {
+        let op = TiledAttention::new(scale as f32, offset, TILE);
+        return q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
+    }
     let (_b, _hk, rows, _hd) = q.dims4()?;
     let keys = k.dim(2)?;
     let s = keys - offset;
@@ -635,6 +540,46 @@ mod tests {
                 causal_softmax_composed(&s, 0.5).unwrap().matmul(&t[2]).unwrap()
             },
         );
+    }
+
+    /// The composed reference for `q [b, g, rep * t, hd]` after `offset` prefix keys.
+    fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, offset: usize) -> Tensor {
+        let (rows, keys) = (q.dim(2).unwrap(), k.dim(2).unwrap());
+        let t = keys - offset;
+        let mask: Vec<f32> = (0..rows)
+            .flat_map(|r| (0..keys).map(move |j| if j <= offset + r % t { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (rows, keys), q.device()).unwrap();
+        let s = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap().broadcast_add(&mask).unwrap();
+        candle_nn::ops::softmax(&s, D::Minus1).unwrap().matmul(v).unwrap()
+    }
+
+    /// The tiled attention against the composition, values and all three gradients, at lengths
+    /// that end inside a tile, on a tile border and one past it, with 1 and 2 heads per KV head.
+    #[test]
+    fn tiled_attention_matches_composition_across_tile_borders() {
+        for (tile, t, rep) in [(4, 11, 2), (4, 8, 1), (4, 9, 2), (5, 3, 2), (TILE, 150, 2), (TILE, 128, 1)] {
+            let (b, g, hd) = (2, 2, 8);
+            check(
+                &[&[b, g, rep * t, hd], &[b, g, t, hd], &[b, g, t, hd]],
+                |x| x[0].apply_op3(&x[1], &x[2], TiledAttention::new(0.4, 0, tile)).unwrap(),
+                |x| attention_reference(&x[0], &x[1], &x[2], 0.4, 0),
+            );
+        }
+    }
+
+    /// After a prefix of `offset` keys, as scoring after a cached prefix runs it.
+    #[test]
+    fn tiled_attention_after_a_prefix_matches_composition() {
+        for (tile, offset, t) in [(4, 7, 10), (4, 8, 1), (TILE, 70, 90)] {
+            let (q, k, v) =
+                (rand(&[3, 2, 2 * t, 8], 1), rand(&[3, 2, offset + t, 8], 2), rand(&[3, 2, offset + t, 8], 3));
+            let a = q.apply_op3_no_bwd(&k, &v, &TiledAttention::new(0.3, offset, tile)).unwrap();
+            let want = attention_reference(&q, &k, &v, 0.3, offset);
+            assert!(max_diff(&a, &want) < 1e-5, "offset {offset}: differs by {}", max_diff(&a, &want));
+            let b = attention_after(&q, &k, &v, 0.3, offset).unwrap();
+            assert!(max_diff(&b, &want) < 1e-5);
+        }
     }
 
     #[test]

@@ -1,0 +1,280 @@
+//! Tiled causal attention on the CPU, forward and backward (the flash-attention algorithm).
+//!
+//! Queries are cut into tiles of `tile` rows and keys into tiles of `tile` columns. The forward
+//! walks each query tile's key tiles up to the diagonal only (the masked upper triangle is never
+//! computed), keeping a running row maximum and sum (online softmax) and rescaling the output
+//! accumulator as the maximum grows; it keeps the rows' log-sum-exp for the backward. The
+//! backward recomputes each tile's probabilities from that log-sum-exp and accumulates the query,
+//! key and value gradients tile by tile. Nothing of size `[heads, length, length]` exists at any
+//! time: the largest transient is two `tile x tile` blocks per thread.
+//!
+//! Layout (as [`crate::model::qwen3`] builds it, grouped-query attention without K/V copies):
+//! `q: [b, g, rep * t, hd]` (the `rep` query heads sharing a KV head stacked along rows, row
+//! `ρ * t + i` is head ρ at position `offset + i`), `k, v: [b, g, offset + t, hd]`. Key `j` is
+//! visible to the query at position `p` when `j <= p`.
+
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+use super::kernels::{Mat, exp_shifted_sum, sgemm, vectorized};
+
+/// Query rows and key columns per tile.
+pub const TILE: usize = 64;
+
+/// The shape of one attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    /// batch x KV heads
+    pub groups: usize,
+    /// query heads per KV head
+    pub rep: usize,
+    /// query positions per head
+    pub t: usize,
+    /// keys per group: `offset + t`
+    pub keys: usize,
+    pub hd: usize,
+    /// position of the first query (tokens of a cached prefix before it)
+    pub offset: usize,
+}
+
+impl Dims {
+    /// From `q: [b, g, rep * t, hd]` and `k: [b, g, offset + t, hd]`.
+    pub fn of(q: &Shape, k: &Shape, offset: usize) -> Result<Self> {
+        let (b, g, rows, hd) = q.dims4()?;
+        let (kb, kg, keys, khd) = k.dims4()?;
+        if (kb, kg, khd) != (b, g, hd) || keys <= offset {
+            bail!("attention: q {q:?} and k {k:?} do not fit together (offset {offset})");
+        }
+        let t = keys - offset;
+        if rows % t != 0 {
+            bail!("attention: {rows} query rows are not a multiple of {t} positions");
+        }
+        Ok(Self { groups: b * g, rep: rows / t, t, keys, hd, offset })
+    }
+}
+
+/// Keys visible to query row `r` of a tile starting at `i0`, within a key tile `[j0, j0 + bc)`.
+fn visible(d: &Dims, i0: usize, r: usize, j0: usize, bc: usize) -> usize {
+    (d.offset + i0 + r + 1).saturating_sub(j0).min(bc)
+}
+
+/// Output `[groups * rep * t, hd]` (q's layout) and each query row's log-sum-exp of its scaled
+/// scores.
+pub fn forward(q: &[f32], k: &[f32], v: &[f32], d: &Dims, scale: f32, tile: usize) -> (Vec<f32>, Vec<f32>) {
+    let (t, hd) = (d.t, d.hd);
+    let mut out = vec![0f32; d.groups * d.rep * t * hd];
+    let mut lse = vec![0f32; d.groups * d.rep * t];
+    out.par_chunks_mut(t * hd).zip(lse.par_chunks_mut(t)).enumerate().for_each(|(head, (oh, lh))| {
+        let g = head / d.rep;
+        let qh = &q[head * t * hd..(head + 1) * t * hd];
+        let (kg, vg) = (&k[g * d.keys * hd..(g + 1) * d.keys * hd], &v[g * d.keys * hd..(g + 1) * d.keys * hd]);
+        let mut s = vec![0f32; tile * tile];
+        let (mut m, mut l) = (vec![0f32; tile], vec![0f32; tile]);
+        for i0 in (0..t).step_by(tile) {
+            let br = tile.min(t - i0);
+            let acc = &mut oh[i0 * hd..(i0 + br) * hd];
+            m.fill(f32::NEG_INFINITY);
+            l.fill(0.0);
+            let kend = d.offset + i0 + br;
+            for j0 in (0..kend).step_by(tile) {
+                let bc = tile.min(kend - j0);
+                sgemm(
+                    br,
+                    bc,
+                    hd,
+                    &mut s,
+                    tile,
+                    Mat::rows(&qh[i0 * hd..], hd),
+                    Mat::rows_t(&kg[j0 * hd..], hd),
+                    scale,
+                    false,
+                );
+                for r in 0..br {
+                    let row = &mut s[r * tile..r * tile + bc];
+                    let vis = visible(d, i0, r, j0, bc);
+                    row[vis..].fill(0.0);
+                    if vis == 0 {
+                        continue;
+                    }
+                    let m_new = row[..vis].iter().fold(m[r], |a, &b| a.max(b));
+                    let corr = if m[r] == f32::NEG_INFINITY { 0.0 } else { (m[r] - m_new).exp() };
+                    l[r] = l[r] * corr + exp_shifted_sum(&mut row[..vis], m_new);
+                    if corr != 1.0 {
+                        acc[r * hd..(r + 1) * hd].iter_mut().for_each(|a| *a *= corr);
+                    }
+                    m[r] = m_new;
+                }
+                sgemm(br, hd, bc, acc, hd, Mat::rows(&s, tile), Mat::rows(&vg[j0 * hd..], hd), 1.0, true);
+            }
+            for r in 0..br {
+                let inv = 1.0 / l[r];
+                acc[r * hd..(r + 1) * hd].iter_mut().for_each(|a| *a *= inv);
+                lh[i0 + r] = m[r] + l[r].ln();
+            }
+        }
+    });
+    (out, lse)
+}
+
+vectorized! {
+    /// `ds = scale * p * (dp - delta)` in place over `dp`.
+    fn softmax_grad(dp: &mut [f32], p: &[f32], delta: f32, scale: f32) -> () {
+        for (x, &p) in dp.iter_mut().zip(p) {
+            *x = scale * p * (*x - delta);
+        }
+    }
+}
+
+/// Gradients `(dq, dk, dv)` in the layouts of `q`, `k`, `v`, given the forward's output `o`, its
+/// log-sum-exp and the output gradient `dout`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    d: &Dims,
+    scale: f32,
+    tile: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (t, hd, rep) = (d.t, d.hd, d.rep);
+    let mut dq = vec![0f32; q.len()];
+    let mut dk = vec![0f32; k.len()];
+    let mut dv = vec![0f32; v.len()];
+    // One task per KV group: it owns its keys' gradients and its query heads' rows, so the
+    // accumulations need no synchronization.
+    dq.par_chunks_mut(rep * t * hd)
+        .zip(dk.par_chunks_mut(d.keys * hd).zip(dv.par_chunks_mut(d.keys * hd)))
+        .enumerate()
+        .for_each(|(g, (dqg, (dkg, dvg)))| {
+            let (kg, vg) = (&k[g * d.keys * hd..(g + 1) * d.keys * hd], &v[g * d.keys * hd..(g + 1) * d.keys * hd]);
+            let mut s = vec![0f32; tile * tile];
+            let mut dp = vec![0f32; tile * tile];
+            let mut delta = vec![0f32; tile];
+            for rho in 0..rep {
+                let head = g * rep + rho;
+                let span = head * t * hd..(head + 1) * t * hd;
+                let (qh, oh, doh) = (&q[span.clone()], &o[span.clone()], &dout[span]);
+                let lh = &lse[head * t..(head + 1) * t];
+                let dqh = &mut dqg[rho * t * hd..(rho + 1) * t * hd];
+                for i0 in (0..t).step_by(tile) {
+                    let br = tile.min(t - i0);
+                    for (r, dr) in delta[..br].iter_mut().enumerate() {
+                        let row = (i0 + r) * hd..(i0 + r + 1) * hd;
+                        *dr = oh[row.clone()].iter().zip(&doh[row]).map(|(a, b)| a * b).sum();
+                    }
+                    let kend = d.offset + i0 + br;
+                    for j0 in (0..kend).step_by(tile) {
+                        let bc = tile.min(kend - j0);
+                        let (qi, doi) = (Mat::rows(&qh[i0 * hd..], hd), Mat::rows(&doh[i0 * hd..], hd));
+                        sgemm(br, bc, hd, &mut s, tile, qi, Mat::rows_t(&kg[j0 * hd..], hd), scale, false);
+                        for r in 0..br {
+                            let row = &mut s[r * tile..r * tile + bc];
+                            let vis = visible(d, i0, r, j0, bc);
+                            exp_shifted_sum(&mut row[..vis], lh[i0 + r]);
+                            row[vis..].fill(0.0);
+                        }
+                        // dV_j += P^T dO_i
+                        sgemm(bc, hd, br, &mut dvg[j0 * hd..], hd, Mat::rows_t(&s, tile), doi, 1.0, true);
+                        // dP = dO_i V_j^T, then dS = scale P (dP - delta)
+                        sgemm(br, bc, hd, &mut dp, tile, doi, Mat::rows_t(&vg[j0 * hd..], hd), 1.0, false);
+                        for (r, &dr) in delta[..br].iter().enumerate() {
+                            let span = r * tile..r * tile + bc;
+                            softmax_grad(&mut dp[span.clone()], &s[span], dr, scale);
+                        }
+                        // dQ_i += dS K_j ; dK_j += dS^T Q_i
+                        sgemm(
+                            br,
+                            hd,
+                            bc,
+                            &mut dqh[i0 * hd..],
+                            hd,
+                            Mat::rows(&dp, tile),
+                            Mat::rows(&kg[j0 * hd..], hd),
+                            1.0,
+                            true,
+                        );
+                        sgemm(bc, hd, br, &mut dkg[j0 * hd..], hd, Mat::rows_t(&dp, tile), qi, 1.0, true);
+                    }
+                }
+            }
+        });
+    (dq, dk, dv)
+}
+
+/// The contiguous f32 data of a CPU tensor (copied only if it is not contiguous).
+fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
+        None => bail!("attention: inputs must be contiguous"),
+    }
+}
+
+/// The candle op: [`forward`] on the CPU, [`backward`] for its gradients.
+pub struct TiledAttention {
+    pub scale: f32,
+    pub offset: usize,
+    pub tile: usize,
+    /// The rows' log-sum-exp from the forward, for the backward.
+    lse: Mutex<Vec<f32>>,
+}
+
+impl TiledAttention {
+    pub fn new(scale: f32, offset: usize, tile: usize) -> Self {
+        Self { scale, offset, tile: tile.max(1), lse: Mutex::new(Vec::new()) }
+    }
+}
+
+impl candle_core::CustomOp3 for TiledAttention {
+    fn name(&self) -> &'static str {
+        "tiled-causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = Dims::of(ql.shape(), kl.shape(), self.offset)?;
+        if vl.shape() != kl.shape() {
+            bail!("attention: v {:?} differs from k {:?}", vl.shape(), kl.shape());
+        }
+        let (o, lse) = forward(cpu_slice(q, ql)?, cpu_slice(k, kl)?, cpu_slice(v, vl)?, &d, self.scale, self.tile);
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
+        Ok((CpuStorage::F32(o), ql.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = Dims::of(q.shape(), k.shape(), self.offset)?;
+        let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if lse.len() != d.groups * d.rep * d.t {
+            bail!("attention: backward without its forward's log-sum-exp");
+        }
+        let (q_, k_, v_, o_, g_) = (host_f32(q)?, host_f32(k)?, host_f32(v)?, host_f32(res)?, host_f32(g)?);
+        let (dq, dk, dv) = backward(&q_, &k_, &v_, &o_, &lse, &g_, &d, self.scale, self.tile);
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
