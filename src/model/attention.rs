@@ -1,12 +1,12 @@
 //! Tiled causal attention on the CPU, forward and backward (the flash-attention algorithm).
 //!
-//! Queries are cut into tiles of `tile` rows and keys into tiles of `tile` columns. The forward
+//! Queries are cut into tiles of `tiles.q` rows and keys into tiles of `tiles.k` columns. The forward
 //! walks each query tile's key tiles up to the diagonal only (the masked upper triangle is never
 //! computed), keeping a running row maximum and sum (online softmax) and rescaling the output
 //! accumulator as the maximum grows; it keeps the rows' log-sum-exp for the backward. The
 //! backward recomputes each tile's probabilities from that log-sum-exp and accumulates the query,
 //! key and value gradients tile by tile. Nothing of size `[heads, length, length]` exists at any
-//! time: the largest transient is two `tile x tile` blocks per thread.
+//! time: the largest transient is two `tiles.q x tiles.k` blocks per thread.
 //!
 //! Layout (as [`crate::model::qwen3`] builds it, grouped-query attention without K/V copies):
 //! `q: [b, g, rep * t, hd]` (the `rep` query heads sharing a KV head stacked along rows, row
@@ -17,10 +17,18 @@ use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
-use super::kernels::{Mat, exp_shifted_sum, sgemm, vectorized};
+use super::kernels::{Mat, exp_shifted_sum, max_of, sgemm, vectorized};
 
 /// Query rows and key columns per tile.
-pub const TILE: usize = 64;
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tiles {
+    pub q: usize,
+    pub k: usize,
+}
+
+/// Measured on the Qwen3-0.6B shape at 1024 and 2048 tokens (`examples`-free: see README,
+/// Performance): wide key tiles make each product large enough to run near the matmul's speed.
+pub const TILES: Tiles = Tiles { q: 128, k: 512 };
 
 /// The shape of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +69,7 @@ fn visible(d: &Dims, i0: usize, r: usize, j0: usize, bc: usize) -> usize {
 
 /// Output `[groups * rep * t, hd]` (q's layout) and each query row's log-sum-exp of its scaled
 /// scores.
-pub fn forward(q: &[f32], k: &[f32], v: &[f32], d: &Dims, scale: f32, tile: usize) -> (Vec<f32>, Vec<f32>) {
+pub fn forward(q: &[f32], k: &[f32], v: &[f32], d: &Dims, scale: f32, tiles: Tiles) -> (Vec<f32>, Vec<f32>) {
     let (t, hd) = (d.t, d.hd);
     let mut out = vec![0f32; d.groups * d.rep * t * hd];
     let mut lse = vec![0f32; d.groups * d.rep * t];
@@ -69,35 +77,36 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], d: &Dims, scale: f32, tile: usiz
         let g = head / d.rep;
         let qh = &q[head * t * hd..(head + 1) * t * hd];
         let (kg, vg) = (&k[g * d.keys * hd..(g + 1) * d.keys * hd], &v[g * d.keys * hd..(g + 1) * d.keys * hd]);
-        let mut s = vec![0f32; tile * tile];
-        let (mut m, mut l) = (vec![0f32; tile], vec![0f32; tile]);
-        for i0 in (0..t).step_by(tile) {
-            let br = tile.min(t - i0);
+        let (tq, tk) = (tiles.q, tiles.k);
+        let mut s = vec![0f32; tq * tk];
+        let (mut m, mut l) = (vec![0f32; tq], vec![0f32; tq]);
+        for i0 in (0..t).step_by(tq) {
+            let br = tq.min(t - i0);
             let acc = &mut oh[i0 * hd..(i0 + br) * hd];
             m.fill(f32::NEG_INFINITY);
             l.fill(0.0);
             let kend = d.offset + i0 + br;
-            for j0 in (0..kend).step_by(tile) {
-                let bc = tile.min(kend - j0);
+            for j0 in (0..kend).step_by(tk) {
+                let bc = tk.min(kend - j0);
                 sgemm(
                     br,
                     bc,
                     hd,
                     &mut s,
-                    tile,
+                    tk,
                     Mat::rows(&qh[i0 * hd..], hd),
                     Mat::rows_t(&kg[j0 * hd..], hd),
                     scale,
                     false,
                 );
                 for r in 0..br {
-                    let row = &mut s[r * tile..r * tile + bc];
+                    let row = &mut s[r * tk..r * tk + bc];
                     let vis = visible(d, i0, r, j0, bc);
                     row[vis..].fill(0.0);
                     if vis == 0 {
                         continue;
                     }
-                    let m_new = row[..vis].iter().fold(m[r], |a, &b| a.max(b));
+                    let m_new = max_of(&row[..vis], m[r]);
                     let corr = if m[r] == f32::NEG_INFINITY { 0.0 } else { (m[r] - m_new).exp() };
                     l[r] = l[r] * corr + exp_shifted_sum(&mut row[..vis], m_new);
                     if corr != 1.0 {
@@ -105,7 +114,7 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], d: &Dims, scale: f32, tile: usiz
                     }
                     m[r] = m_new;
                 }
-                sgemm(br, hd, bc, acc, hd, Mat::rows(&s, tile), Mat::rows(&vg[j0 * hd..], hd), 1.0, true);
+                sgemm(br, hd, bc, acc, hd, Mat::rows(&s, tk), Mat::rows(&vg[j0 * hd..], hd), 1.0, true);
             }
             for r in 0..br {
                 let inv = 1.0 / l[r];
@@ -138,7 +147,7 @@ pub fn backward(
     dout: &[f32],
     d: &Dims,
     scale: f32,
-    tile: usize,
+    tiles: Tiles,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (t, hd, rep) = (d.t, d.hd, d.rep);
     let mut dq = vec![0f32; q.len()];
@@ -151,38 +160,39 @@ pub fn backward(
         .enumerate()
         .for_each(|(g, (dqg, (dkg, dvg)))| {
             let (kg, vg) = (&k[g * d.keys * hd..(g + 1) * d.keys * hd], &v[g * d.keys * hd..(g + 1) * d.keys * hd]);
-            let mut s = vec![0f32; tile * tile];
-            let mut dp = vec![0f32; tile * tile];
-            let mut delta = vec![0f32; tile];
+            let (tq, tk) = (tiles.q, tiles.k);
+            let mut s = vec![0f32; tq * tk];
+            let mut dp = vec![0f32; tq * tk];
+            let mut delta = vec![0f32; tq];
             for rho in 0..rep {
                 let head = g * rep + rho;
                 let span = head * t * hd..(head + 1) * t * hd;
                 let (qh, oh, doh) = (&q[span.clone()], &o[span.clone()], &dout[span]);
                 let lh = &lse[head * t..(head + 1) * t];
                 let dqh = &mut dqg[rho * t * hd..(rho + 1) * t * hd];
-                for i0 in (0..t).step_by(tile) {
-                    let br = tile.min(t - i0);
+                for i0 in (0..t).step_by(tq) {
+                    let br = tq.min(t - i0);
                     for (r, dr) in delta[..br].iter_mut().enumerate() {
                         let row = (i0 + r) * hd..(i0 + r + 1) * hd;
                         *dr = oh[row.clone()].iter().zip(&doh[row]).map(|(a, b)| a * b).sum();
                     }
                     let kend = d.offset + i0 + br;
-                    for j0 in (0..kend).step_by(tile) {
-                        let bc = tile.min(kend - j0);
+                    for j0 in (0..kend).step_by(tk) {
+                        let bc = tk.min(kend - j0);
                         let (qi, doi) = (Mat::rows(&qh[i0 * hd..], hd), Mat::rows(&doh[i0 * hd..], hd));
-                        sgemm(br, bc, hd, &mut s, tile, qi, Mat::rows_t(&kg[j0 * hd..], hd), scale, false);
+                        sgemm(br, bc, hd, &mut s, tk, qi, Mat::rows_t(&kg[j0 * hd..], hd), scale, false);
                         for r in 0..br {
-                            let row = &mut s[r * tile..r * tile + bc];
+                            let row = &mut s[r * tk..r * tk + bc];
                             let vis = visible(d, i0, r, j0, bc);
                             exp_shifted_sum(&mut row[..vis], lh[i0 + r]);
                             row[vis..].fill(0.0);
                         }
                         // dV_j += P^T dO_i
-                        sgemm(bc, hd, br, &mut dvg[j0 * hd..], hd, Mat::rows_t(&s, tile), doi, 1.0, true);
+                        sgemm(bc, hd, br, &mut dvg[j0 * hd..], hd, Mat::rows_t(&s, tk), doi, 1.0, true);
                         // dP = dO_i V_j^T, then dS = scale P (dP - delta)
-                        sgemm(br, bc, hd, &mut dp, tile, doi, Mat::rows_t(&vg[j0 * hd..], hd), 1.0, false);
+                        sgemm(br, bc, hd, &mut dp, tk, doi, Mat::rows_t(&vg[j0 * hd..], hd), 1.0, false);
                         for (r, &dr) in delta[..br].iter().enumerate() {
-                            let span = r * tile..r * tile + bc;
+                            let span = r * tk..r * tk + bc;
                             softmax_grad(&mut dp[span.clone()], &s[span], dr, scale);
                         }
                         // dQ_i += dS K_j ; dK_j += dS^T Q_i
@@ -192,12 +202,12 @@ pub fn backward(
                             bc,
                             &mut dqh[i0 * hd..],
                             hd,
-                            Mat::rows(&dp, tile),
+                            Mat::rows(&dp, tk),
                             Mat::rows(&kg[j0 * hd..], hd),
                             1.0,
                             true,
                         );
-                        sgemm(bc, hd, br, &mut dkg[j0 * hd..], hd, Mat::rows_t(&dp, tile), qi, 1.0, true);
+                        sgemm(bc, hd, br, &mut dkg[j0 * hd..], hd, Mat::rows_t(&dp, tk), qi, 1.0, true);
                     }
                 }
             }
@@ -221,14 +231,15 @@ fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
 pub struct TiledAttention {
     pub scale: f32,
     pub offset: usize,
-    pub tile: usize,
+    pub tiles: Tiles,
     /// The rows' log-sum-exp from the forward, for the backward.
     lse: Mutex<Vec<f32>>,
 }
 
 impl TiledAttention {
-    pub fn new(scale: f32, offset: usize, tile: usize) -> Self {
-        Self { scale, offset, tile: tile.max(1), lse: Mutex::new(Vec::new()) }
+    pub fn new(scale: f32, offset: usize, tiles: Tiles) -> Self {
+        let tiles = Tiles { q: tiles.q.max(1), k: tiles.k.max(1) };
+        Self { scale, offset, tiles, lse: Mutex::new(Vec::new()) }
     }
 }
 
@@ -250,7 +261,7 @@ impl candle_core::CustomOp3 for TiledAttention {
         if vl.shape() != kl.shape() {
             bail!("attention: v {:?} differs from k {:?}", vl.shape(), kl.shape());
         }
-        let (o, lse) = forward(cpu_slice(q, ql)?, cpu_slice(k, kl)?, cpu_slice(v, vl)?, &d, self.scale, self.tile);
+        let (o, lse) = forward(cpu_slice(q, ql)?, cpu_slice(k, kl)?, cpu_slice(v, vl)?, &d, self.scale, self.tiles);
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
         Ok((CpuStorage::F32(o), ql.shape().clone()))
     }
@@ -269,7 +280,7 @@ impl candle_core::CustomOp3 for TiledAttention {
             bail!("attention: backward without its forward's log-sum-exp");
         }
         let (q_, k_, v_, o_, g_) = (host_f32(q)?, host_f32(k)?, host_f32(v)?, host_f32(res)?, host_f32(g)?);
-        let (dq, dk, dv) = backward(&q_, &k_, &v_, &o_, &lse, &g_, &d, self.scale, self.tile);
+        let (dq, dk, dv) = backward(&q_, &k_, &v_, &o_, &lse, &g_, &d, self.scale, self.tiles);
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), dev)?),

@@ -92,12 +92,18 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 /// in f32 anyway), saturating above.
 #[inline(always)]
 pub fn exp_approx(x: f32) -> f32 {
+    // Adding 1.5 * 2^23 rounds x log2(e) to the nearest integer n and leaves n in the low bits
+    // of the sum: no float-to-int cast, whose saturating semantics would not vectorize.
+    const SHIFTER: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + 0.5).floor();
+    let t = x * LOG2E + SHIFTER;
+    let n = t - SHIFTER;
     let r = x - n * LN2_HI - n * LN2_LO;
     // Taylor to r^6/720 on |r| <= ln2/2: truncation below 1.2e-7.
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n: n + 127 in the exponent field.
+    let pow2n = f32::from_bits(t.to_bits().wrapping_sub(SHIFTER.to_bits()).wrapping_add(127) << 23);
+    p * pow2n
 }
 
 /// Runs `$body` (an expression over the arguments) compiled for AVX-512 when the CPU has it,
@@ -149,6 +155,20 @@ vectorized! {
     }
 }
 
+vectorized! {
+    /// The largest of `init` and the elements of `x`.
+    pub fn max_of(x: &[f32], init: f32) -> f32 {
+        let mut acc = [init; 16];
+        let mut chunks = x.chunks_exact(16);
+        for c in &mut chunks {
+            for i in 0..16 {
+                acc[i] = acc[i].max(c[i]);
+            }
+        }
+        chunks.remainder().iter().chain(&acc).fold(init, |m, &v| m.max(v))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,6 +196,14 @@ mod tests {
             assert!((a - b).abs() <= 3e-7 * b.abs(), "{a} vs {b}");
         }
         assert!((sum - want.iter().sum::<f32>()).abs() < 1e-4 * sum);
+    }
+
+    #[test]
+    fn max_of_finds_the_largest() {
+        let x: Vec<f32> = (0..37).map(|i| ((i * 17) % 37) as f32 - 20.0).collect();
+        assert_eq!(max_of(&x, f32::NEG_INFINITY), 16.0);
+        assert_eq!(max_of(&x, 30.0), 30.0);
+        assert_eq!(max_of(&[], -1.0), -1.0);
     }
 
     #[test]

@@ -16,7 +16,8 @@ use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Storag
 use rayon::prelude::*;
 use std::sync::Arc;
 
-use super::attention::{TILE, TiledAttention};
+use super::attention::{TILES, TiledAttention};
+use super::kernels::{exp_approx, vectorized};
 
 /// `x @ w^T` for a weight that is never trained: backward yields d/dx only.
 struct FrozenMatmul {
@@ -339,7 +340,7 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64, m
 /// holds a `[rows, t]` tensor; other devices use the differentiable composition.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     if runs_fused(q) {
-        q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, TiledAttention::new(scale as f32, 0, TILE))
+        q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, TiledAttention::new(scale as f32, 0, TILES))
     } else {
         causal_softmax_composed(&q.matmul(&k.t()?)?, scale)?.matmul(v)
     }
@@ -351,7 +352,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
 /// keys `0..=offset + r % s`. Scoring only (no backward).
 pub fn attention_after(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, offset: usize) -> Result<Tensor> {
     if runs_fused(q) {
-        let op = TiledAttention::new(scale as f32, offset, TILE);
+        let op = TiledAttention::new(scale as f32, offset, TILES);
         return q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
     }
     let (_b, _hk, rows, _hd) = q.dims4()?;
@@ -363,6 +364,27 @@ pub fn attention_after(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, offset: u
     let mask = Tensor::from_vec(mask, (rows, keys), q.device())?;
     let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
     candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
+}
+
+vectorized! {
+    /// `o = silu(g) * u`, element by element.
+    fn swiglu_row(g: &[f32], u: &[f32], o: &mut [f32]) -> () {
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + exp_approx(-g)) * u;
+        }
+    }
+}
+
+vectorized! {
+    /// The gradients of `silu(g) * u` with respect to `g` and `u`, for output gradient `gy`.
+    fn swiglu_grad_row(g: &[f32], u: &[f32], gy: &[f32], dg: &mut [f32], du: &mut [f32]) -> () {
+        for ((((dg, du), &g), &u), &gy) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(gy) {
+            let sig = 1.0 / (1.0 + exp_approx(-g));
+            // silu'(g) = sig (1 + g (1 - sig))
+            *dg = gy * u * sig * (1.0 + g * (1.0 - sig));
+            *du = gy * g * sig;
+        }
+    }
 }
 
 /// `silu(gate) * up` on `gu [n, 2 inter]` (gate first, as the fused projection lays it out).
@@ -380,9 +402,7 @@ impl CustomOp1 for SwiGlu {
         let mut out = vec![0f32; n * i];
         out.par_chunks_mut(i).zip(x.par_chunks(two_i)).for_each(|(o, x)| {
             let (g, u) = x.split_at(i);
-            for j in 0..i {
-                o[j] = g[j] / (1.0 + (-g[j]).exp()) * u[j];
-            }
+            swiglu_row(g, u, o);
         });
         Ok((CpuStorage::F32(out), Shape::from((n, i))))
     }
@@ -408,12 +428,7 @@ impl candle_core::CustomOp2 for SwiGluBwd {
         out.par_chunks_mut(two_i).zip(gu.par_chunks(two_i).zip(gy.par_chunks(i))).for_each(|(o, (x, gy))| {
             let (g, u) = x.split_at(i);
             let (dg, du) = o.split_at_mut(i);
-            for j in 0..i {
-                let sig = 1.0 / (1.0 + (-g[j]).exp());
-                // silu'(g) = sig (1 + g (1 - sig))
-                dg[j] = gy[j] * u[j] * sig * (1.0 + g[j] * (1.0 - sig));
-                du[j] = gy[j] * g[j] * sig;
-            }
+            swiglu_grad_row(g, u, gy, dg, du);
         });
         Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
@@ -468,6 +483,7 @@ pub fn norm_rope(x: &Tensor, w: &Tensor, eps: f64, tables: &RopeTables) -> Resul
 
 #[cfg(test)]
 mod tests {
+    use super::super::attention::Tiles;
     use super::*;
     use candle_core::{Device, Var};
 
@@ -558,11 +574,20 @@ mod tests {
     /// that end inside a tile, on a tile border and one past it, with 1 and 2 heads per KV head.
     #[test]
     fn tiled_attention_matches_composition_across_tile_borders() {
-        for (tile, t, rep) in [(4, 11, 2), (4, 8, 1), (4, 9, 2), (5, 3, 2), (TILE, 150, 2), (TILE, 128, 1)] {
+        let small = |q, k| Tiles { q, k };
+        for (tiles, t, rep) in [
+            (small(4, 4), 11, 2),
+            (small(4, 4), 8, 1),
+            (small(3, 5), 9, 2),
+            (small(5, 3), 13, 2),
+            (small(5, 5), 3, 2),
+            (TILES, 150, 2),
+            (TILES, 600, 1),
+        ] {
             let (b, g, hd) = (2, 2, 8);
             check(
                 &[&[b, g, rep * t, hd], &[b, g, t, hd], &[b, g, t, hd]],
-                |x| x[0].apply_op3(&x[1], &x[2], TiledAttention::new(0.4, 0, tile)).unwrap(),
+                |x| x[0].apply_op3(&x[1], &x[2], TiledAttention::new(0.4, 0, tiles)).unwrap(),
                 |x| attention_reference(&x[0], &x[1], &x[2], 0.4, 0),
             );
         }
@@ -571,10 +596,10 @@ mod tests {
     /// After a prefix of `offset` keys, as scoring after a cached prefix runs it.
     #[test]
     fn tiled_attention_after_a_prefix_matches_composition() {
-        for (tile, offset, t) in [(4, 7, 10), (4, 8, 1), (TILE, 70, 90)] {
+        for (tiles, offset, t) in [(Tiles { q: 4, k: 3 }, 7, 10), (Tiles { q: 4, k: 4 }, 8, 1), (TILES, 70, 90)] {
             let (q, k, v) =
                 (rand(&[3, 2, 2 * t, 8], 1), rand(&[3, 2, offset + t, 8], 2), rand(&[3, 2, offset + t, 8], 3));
-            let a = q.apply_op3_no_bwd(&k, &v, &TiledAttention::new(0.3, offset, tile)).unwrap();
+            let a = q.apply_op3_no_bwd(&k, &v, &TiledAttention::new(0.3, offset, tiles)).unwrap();
             let want = attention_reference(&q, &k, &v, 0.3, offset);
             assert!(max_diff(&a, &want) < 1e-5, "offset {offset}: differs by {}", max_diff(&a, &want));
             let b = attention_after(&q, &k, &v, 0.3, offset).unwrap();
