@@ -237,7 +237,7 @@ fn execute(ctx: &mut RunContext, root: &Root, shrink: bool) -> anyhow::Result<Va
         .context("reading the run's checkpoint")?;
     let job = match &saved {
         Some((_, s)) => replan(ctx, job, &s.plan, shrink)?,
-        None => govern(ctx, job, &ck)?,
+        None => govern(ctx, job, &ck, device.is_cpu())?,
     };
     ctx.info(&format!("loading model {} on {:?}", job.model, device.location()))?;
     let mut r = Reranker::open(&ck, &device).with_context(|| format!("loading model `{}`", job.model))?;
@@ -347,12 +347,13 @@ fn execute(ctx: &mut RunContext, root: &Root, shrink: bool) -> anyhow::Result<Va
 /// The memory governor, before anything big is loaded: estimates one micro-step from the
 /// checkpoint's config and picks the largest micro-batch (then max_length) under the budget,
 /// keeping the effective batch. Every change is a `cap` event; the returned job carries them.
-fn govern(ctx: &mut RunContext, mut job: Job, ck: &CheckpointDir) -> anyhow::Result<Job> {
+/// `tiled`: attention runs tiled, with nothing quadratic in the length (the CPU).
+fn govern(ctx: &mut RunContext, mut job: Job, ck: &CheckpointDir, tiled: bool) -> anyhow::Result<Job> {
     let cfg = ck.read_config()?;
     let embed_bytes = SafetensorsWeights::open(&ck.weights, &candle_core::Device::Cpu)?
         .dtype_bytes("model.embed_tokens.weight")
         .unwrap_or(4) as u64;
-    let est = Estimate::for_model(&cfg, lora_config(&job).param_count(&cfg), embed_bytes);
+    let est = Estimate::for_model(&cfg, lora_config(&job).param_count(&cfg), embed_bytes, tiled);
     let budget = job.memory_budget_mb;
     let t = &job.train;
     let p = memory::plan(&est, budget, t.batch_size as usize, t.grad_accum as usize, t.max_length as usize)
