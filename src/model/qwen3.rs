@@ -169,12 +169,13 @@ impl Qwen3 {
         // Right padding + causal attention: real tokens never see the padding, so no pad mask.
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.to_dtype(DType::F32)?; // [b*t, d]
         let rope = RopeTables::new(self.cfg.head_dim, t, self.cfg.rope_theta, &self.device)?;
+        let n = self.layers.len();
         for (i, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(i, layer, &x, b, t, &rope, None, None, ad)?;
+            // The last layer computes only the rows the head reads.
+            let only = (i + 1 == n).then_some(last.as_slice());
+            x = self.layer_forward(i, layer, &x, b, t, &rope, None, None, only, ad)?;
         }
-        let rows: Vec<u32> = last.iter().enumerate().map(|(r, &l)| (r * t + l) as u32).collect();
-        let h = x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?; // [b, d]
-        let h = rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)?;
+        let h = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?; // [b, d]
         Ok(h.matmul(&self.head.t()?)?) // [b, 2]
     }
 
@@ -187,7 +188,7 @@ impl Qwen3 {
         let rope = RopeTables::new(self.cfg.head_dim, t, self.cfg.rope_theta, &self.device)?;
         let mut kv = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(i, layer, &x, 1, t, &rope, None, Some(&mut kv), ad)?;
+            x = self.layer_forward(i, layer, &x, 1, t, &rope, None, Some(&mut kv), None, ad)?;
         }
         Ok(PrefixCache { len: t, kv })
     }
@@ -200,13 +201,13 @@ impl Qwen3 {
         let (b, t) = ids.dims2()?;
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.to_dtype(DType::F32)?;
         let rope = RopeTables::range(self.cfg.head_dim, prefix.len, t, self.cfg.rope_theta, &self.device)?;
+        let n = self.layers.len();
         for (i, layer) in self.layers.iter().enumerate() {
             let past = (&prefix.kv[i].0, &prefix.kv[i].1);
-            x = self.layer_forward(i, layer, &x, b, t, &rope, Some(past), None, ad)?;
+            let only = (i + 1 == n).then_some(last.as_slice());
+            x = self.layer_forward(i, layer, &x, b, t, &rope, Some(past), None, only, ad)?;
         }
-        let rows: Vec<u32> = last.iter().enumerate().map(|(r, &l)| (r * t + l) as u32).collect();
-        let h = x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?;
-        let h = rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)?;
+        let h = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
         Ok(h.matmul(&self.head.t()?)?)
     }
 
@@ -227,7 +228,9 @@ impl Qwen3 {
     }
 
     /// One layer. `past`: the keys and values of a cached prefix (`[1, hk, p, hd]`) that these
-    /// `t` tokens follow; `keep`: where to store this layer's keys and values (for a cache).
+    /// `t` tokens follow; `keep`: where to store this layer's keys and values (for a cache);
+    /// `only`: compute the output of one row per sequence only, row `only[r]` of sequence `r`
+    /// (the last layer: the head reads nothing else), returning `[b, d]`.
     #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
@@ -239,6 +242,7 @@ impl Qwen3 {
         rope: &RopeTables,
         past: Option<(&Tensor, &Tensor)>,
         keep: Option<&mut Vec<(Tensor, Tensor)>>,
+        only: Option<&[usize]>,
         ad: &mut Adapters,
     ) -> Result<Tensor> {
         let c = &self.cfg;
@@ -247,9 +251,12 @@ impl Qwen3 {
         let eps = c.rms_norm_eps;
 
         let hn = rms_norm(x, &l.input_layernorm, eps)?; // [b*t, d]
-        let q = self.proj(i, Target::Q, &hn, &l.q_proj, ad)?; // [b*t, q]
         let k = self.proj(i, Target::K, &hn, &l.k_proj, ad)?; // [b*t, kv]
         let v = self.proj(i, Target::V, &hn, &l.v_proj, ad)?;
+        if let Some(only) = only {
+            return self.last_rows_forward(i, l, x, &hn, &k, &v, b, t, rope, past, only, ad);
+        }
+        let q = self.proj(i, Target::Q, &hn, &l.q_proj, ad)?; // [b*t, q]
 
         let q = norm_rope(&q.reshape((b, t, h, hd))?, &l.q_norm, eps, rope)?; // [b, h, t, hd]
         // Heads sharing a KV head are consecutive: stack them along rows, no K/V copies.
@@ -272,9 +279,13 @@ impl Qwen3 {
         };
         let o = o.reshape((b, h, t, hd))?.transpose(1, 2)?.contiguous()?.reshape((b * t, qd))?;
         let o = self.proj(i, Target::O, &o, &l.o_proj, ad)?;
-        let x = (x + o)?;
+        self.mlp(i, l, &(x + o)?, ad)
+    }
 
-        let hn = rms_norm(&x, &l.post_attention_layernorm, eps)?;
+    /// The residual MLP half of layer `i` on `x [n, d]`.
+    fn mlp(&self, i: usize, l: &Layer, x: &Tensor, ad: &mut Adapters) -> Result<Tensor> {
+        let c = &self.cfg;
+        let hn = rms_norm(x, &l.post_attention_layernorm, c.rms_norm_eps)?;
         let inter = c.intermediate_size;
         let lora_mlp = ad.lora.is_some_and(|lo| lo.get(i, Target::Gate).is_some() || lo.get(i, Target::Up).is_some());
         let a = if lora_mlp {
@@ -286,6 +297,74 @@ impl Qwen3 {
         };
         let m = self.proj(i, Target::Down, &a, &l.down_proj, ad)?;
         Ok((x + m)?)
+    }
+
+    /// Layer `i` for one query row per sequence (`only[r]` of sequence `r`, after `past` when
+    /// there is a prefix), given the whole sequences' normed input `hn` and projected keys `k`
+    /// and values `v`: attention of those rows over every visible key, then `o_proj` and the MLP
+    /// on `b` rows instead of `b * t`. Composed candle ops, on every device: its tensors are
+    /// `[b, heads, keys]` at most.
+    #[allow(clippy::too_many_arguments)]
+    fn last_rows_forward(
+        &self,
+        i: usize,
+        l: &Layer,
+        x: &Tensor,
+        hn: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        b: usize,
+        t: usize,
+        rope: &RopeTables,
+        past: Option<(&Tensor, &Tensor)>,
+        only: &[usize],
+        ad: &mut Adapters,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (h, hk, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (qd, rep, half) = (h * hd, h / hk, hd / 2);
+        let eps = c.rms_norm_eps;
+        let dev = &self.device;
+        let rows: Vec<u32> = only.iter().enumerate().map(|(r, &p)| (r * t + p) as u32).collect();
+        let rows = Tensor::new(rows.as_slice(), dev)?;
+        let pos = Tensor::new(only.iter().map(|&p| p as u32).collect::<Vec<_>>().as_slice(), dev)?;
+
+        // q of the selected rows, normed and rotated to their positions: [b, h, hd]
+        let q = self.proj(i, Target::Q, &hn.index_select(&rows, 0)?, &l.q_proj, ad)?;
+        let q = rms_norm(&q.reshape((b, h, hd))?, &l.q_norm, eps)?;
+        let (cos, sin) = (rope.cos.index_select(&pos, 0)?.unsqueeze(1)?, rope.sin.index_select(&pos, 0)?.unsqueeze(1)?);
+        let (q1, q2) = (q.narrow(2, 0, half)?, q.narrow(2, half, half)?);
+        let q = Tensor::cat(
+            &[
+                (q1.broadcast_mul(&cos)? - q2.broadcast_mul(&sin)?)?,
+                (q2.broadcast_mul(&cos)? + q1.broadcast_mul(&sin)?)?,
+            ],
+            2,
+        )?;
+
+        let mut k = norm_rope(&k.reshape((b, t, hk, hd))?, &l.k_norm, eps, rope)?; // [b, hk, t, hd]
+        let mut v = v.reshape((b, t, hk, hd))?.transpose(1, 2)?.contiguous()?;
+        let p = match past {
+            Some((pk, pv)) => {
+                let p = pk.dim(2)?;
+                k = Tensor::cat(&[&pk.broadcast_as((b, hk, p, hd))?, &k], 2)?;
+                v = Tensor::cat(&[&pv.broadcast_as((b, hk, p, hd))?, &v], 2)?;
+                p
+            }
+            None => 0,
+        };
+        let keys = p + t;
+        // Row r sees keys 0..=p + only[r].
+        let mask: Vec<f32> = only
+            .iter()
+            .flat_map(|&o| (0..keys).map(move |j| if j <= p + o { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, 1, 1, keys), dev)?;
+        let q = q.reshape((b, hk, rep, hd))?.contiguous()?;
+        let scores = (q.matmul(&k.contiguous()?.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(&mask)?; // [b, hk, rep, keys]
+        let o = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v.contiguous()?)?.reshape((b, qd))?;
+        let o = self.proj(i, Target::O, &o, &l.o_proj, ad)?;
+        self.mlp(i, l, &(x.index_select(&rows, 0)? + o)?, ad)
     }
 
     /// Forward + backward of one micro-batch. Returns the loss value (weighted as asked) and the
