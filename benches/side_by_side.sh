@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# rerankd bench beside the PyTorch peer (transformers + peft, ../shared/bench), alternating the two
+# rerankd bench beside the PyTorch peer (transformers + peft, benches/peer: a copy of ../shared/bench), alternating the two
 # tools shape by shape, round by round, on one machine in one run; prints every JSON line, then a
 # table of medians and ratios. Random weights of the Qwen3-0.6B shape, LoRA r16 on q/k/v/o, f32.
 #
-#   benches/side_by_side.sh [ROUNDS] [SHAPE...]      SHAPE: train:BxL or score:BxL (default: all)
+#   benches/side_by_side.sh [ROUNDS] [SHAPE...]
+#   SHAPE: train:BxL, score:BxL, or docs:NxL (one query of 16 tokens with N documents of L tokens:
+#   rerankd with the shared prompt prefix computed once, the peer scoring the N whole prompts of
+#   60 + 16 + L tokens in one batch). Default: all of the issue's shapes.
 #   PEER_PY=/path/to/python (default: the venv ../shared/bench/setup_peer.sh makes)
 #   RERANKD=target/release/rerankd   CONFIG=tests/fixtures/qwen3-0.6b.config.json   STEPS=3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-1}; shift || true
 shapes=("$@")
-[ ${#shapes[@]} -gt 0 ] || shapes=(train:1x256 train:4x256 train:1x1024 score:8x256 score:1x1024)
-peer_dir=${PEER_DIR:-../shared/bench}
-py=${PEER_PY:-$HOME/.cache/rerankd-peer-torch/bin/python}
+[ ${#shapes[@]} -gt 0 ] || shapes=(train:1x256 train:4x256 train:1x1024 train:1x2048 score:8x256 score:1x1024 docs:20x200)
+peer_dir=${PEER_DIR:-benches/peer}
+py=${PEER_PY:-$(benches/peer/setup_peer.sh)}
 bin=${RERANKD:-target/release/rerankd}
 config=${CONFIG:-tests/fixtures/qwen3-0.6b.config.json}
 steps=${STEPS:-3}
@@ -22,9 +25,14 @@ out=$(mktemp)
 for ((r = 1; r <= rounds; r++)); do
   for s in "${shapes[@]}"; do
     mode=${s%%:*}; bl=${s#*:}; b=${bl%x*}; l=${bl#*x}
-    ours=$(RAYON_NUM_THREADS=$threads "$bin" bench --config "$config" --batch "$b" --length "$l" --steps "$steps" --only "$mode" --json)
+    if [ "$mode" = docs ]; then
+      ours=$(RAYON_NUM_THREADS=$threads "$bin" bench --config "$config" --docs "$b" --doc-len "$l" --query-len 16 --score-batch "$b" --steps "$steps" --json)
+      l=$((60 + 16 + l)); flag="--score"
+    else
+      ours=$(RAYON_NUM_THREADS=$threads "$bin" bench --config "$config" --batch "$b" --length "$l" --steps "$steps" --only "$mode" --json)
+      flag=""; [ "$mode" = score ] && flag="--score"
+    fi
     echo "{\"tool\":\"rerankd\",\"shape\":\"$s\",\"round\":$r,\"out\":$ours}" | tee -a "$out"
-    flag=""; [ "$mode" = score ] && flag="--score"
     peer=$("$py" "$peer_dir/peer_torch_lora.py" $flag --batch "$b" --seq "$l" --steps "$steps" --threads "$threads" 2>/dev/null | tail -1)
     echo "{\"tool\":\"torch\",\"shape\":\"$s\",\"round\":$r,\"out\":$peer}" | tee -a "$out"
   done
@@ -35,16 +43,21 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 def pick(r):
     o = r["out"]
     if r["tool"] == "rerankd":
-        ms = o["step_ms_median"] if r["shape"].startswith("train") else o["score_ms_median"]
+        kind = r["shape"].split(":")[0]
+        ms = {"train": o.get("step_ms_median"), "score": o.get("score_ms_median"), "docs": o.get("shared_prefix_ms_median")}[kind]
         return ms / 1e3, o["peak_rss_mb"]
     return o.get("step_s_median", o.get("batch_s_median")), o["peak_rss_mb"]
-print("\n| shape | rerankd s | torch s | time ratio | rerankd MB | torch MB | memory ratio |")
-print("|---|---|---|---|---|---|---|")
+def pairs(s):
+    kind, bl = s.split(":")
+    return None if kind == "train" else int(bl.split("x")[0])
+print("\n| shape | rerankd s | torch s | time ratio | pairs/s ratio | rerankd MB | torch MB | memory ratio |")
+print("|---|---|---|---|---|---|---|---|")
 for s in dict.fromkeys(r["shape"] for r in rows):
     ours = [pick(r) for r in rows if r["shape"] == s and r["tool"] == "rerankd"]
     peer = [pick(r) for r in rows if r["shape"] == s and r["tool"] == "torch"]
     ot, pt = statistics.median(t for t, _ in ours), statistics.median(t for t, _ in peer)
     om, pm = max(m for _, m in ours), max(m for _, m in peer)
-    print(f"| {s} | {ot:.2f} | {pt:.2f} | {ot/pt:.2f} | {om} | {pm} | {om/pm:.2f} |")
+    pr = f"{pt/ot:.2f}" if pairs(s) else ""
+    print(f"| {s} | {ot:.2f} | {pt:.2f} | {ot/pt:.2f} | {pr} | {om} | {pm} | {om/pm:.2f} |")
 PY
 rm -f "$out"

@@ -1,5 +1,8 @@
 //! The engine against Hugging Face transformers + peft on the tiny Qwen3 fixture
 //! (tests/fixtures/tiny-qwen3, see its README): tokens, logits, scores, loss and every LoRA gradient.
+//!
+//! `RERANKD_TEST_DEVICE=cuda` (or `metal`) runs them on that device, in a build with its feature
+//! (`benches/gpu.sh`); the default is the CPU.
 
 use std::path::PathBuf;
 
@@ -40,8 +43,17 @@ fn reference() -> (Value, Vec<Pair>) {
     (v, pairs)
 }
 
+/// The device under test: the CPU unless `RERANKD_TEST_DEVICE` names another.
+fn device() -> Device {
+    match std::env::var("RERANKD_TEST_DEVICE").as_deref() {
+        Ok("cuda") => Device::new_cuda(0).expect("RERANKD_TEST_DEVICE=cuda: no CUDA device in this build"),
+        Ok("metal") => Device::new_metal(0).expect("RERANKD_TEST_DEVICE=metal: no Metal device in this build"),
+        _ => Device::Cpu,
+    }
+}
+
 fn model() -> Reranker {
-    let mut r = Reranker::load(fixture().to_str().unwrap(), &Device::Cpu).unwrap();
+    let mut r = Reranker::load(fixture().to_str().unwrap(), &device()).unwrap();
     let (v, _) = reference();
     r.instruction = v["instruction"].as_str().unwrap().into();
     r
@@ -49,7 +61,7 @@ fn model() -> Reranker {
 
 fn fixture_lora(r: &Reranker) -> LoraSet {
     let cfg = LoraConfig::new(4, 8.0, 0.0, &Target::ALL);
-    LoraSet::load_tensors(&cfg, &fixture().join("lora_init.safetensors"), &r.model.cfg, &Device::Cpu).unwrap()
+    LoraSet::load_tensors(&cfg, &fixture().join("lora_init.safetensors"), &r.model.cfg, &device()).unwrap()
 }
 
 fn assert_close(got: &PairLogits, want: &[f32; 3], what: &str) {
@@ -99,7 +111,7 @@ fn lora_scores_match_one_by_one_and_batched() {
 #[test]
 fn peft_adapter_directory_loads_and_scores_the_same() {
     let r = model();
-    let lora = LoraSet::load(&fixture().join("peft_adapter"), &r.model.cfg, &Device::Cpu).unwrap();
+    let lora = LoraSet::load(&fixture().join("peft_adapter"), &r.model.cfg, &device()).unwrap();
     assert_eq!(lora.cfg.r, 4);
     assert_eq!(lora.cfg.targets.len(), 7);
     check_scores(&r, Some(&lora), |p| p.lora);
