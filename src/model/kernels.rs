@@ -45,6 +45,39 @@ pub fn sgemm(
     scale: f32,
     accumulate: bool,
 ) {
+    gemm_on(m, n, k, dst, ld_dst, lhs, rhs, scale, accumulate, gemm::Parallelism::None)
+}
+
+/// [`sgemm`] on rayon's threads, for one large product.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_parallel(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    ld_dst: usize,
+    lhs: Mat,
+    rhs: Mat,
+    scale: f32,
+    accumulate: bool,
+) {
+    let threads = gemm::Parallelism::Rayon(rayon::current_num_threads());
+    gemm_on(m, n, k, dst, ld_dst, lhs, rhs, scale, accumulate, threads)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_on(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    ld_dst: usize,
+    lhs: Mat,
+    rhs: Mat,
+    scale: f32,
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -79,7 +112,7 @@ pub fn sgemm(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         )
     }
 }

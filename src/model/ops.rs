@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 use super::attention::{TILES, TiledAttention};
-use super::kernels::{exp_approx, vectorized};
+use super::kernels::{Mat, exp_approx, sgemm, sgemm_parallel, vectorized};
 
 /// `x @ w^T` for a weight that is never trained: backward yields d/dx only.
 struct FrozenMatmul {
@@ -302,8 +302,32 @@ impl candle_core::CustomOp3 for LoraLinear {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, a, b) = (cpu_tensor(x, xl, "lora")?, cpu_tensor(a, al, "lora")?, cpu_tensor(b, bl, "lora")?);
-        cpu_result(&(x.matmul(&self.w.t()?)? + self.delta(&x, &a, &b)?)?)
+        // Straight into one output buffer: x w^T, then += (scale (x ⊙ mask) a^T) b^T, with no
+        // copies of the inputs and no separate sum.
+        let (n, din) = xl.shape().dims2()?;
+        let ((r, ain), (dout, br)) = (al.shape().dims2()?, bl.shape().dims2()?);
+        let (ws, wl) = self.w.storage_and_layout();
+        let Storage::Cpu(w) = &*ws else { bail!("lora: weight is not on the CPU") };
+        let w = cpu_f32(w, wl, "lora")?;
+        if ain != din || br != r || w.len() != dout * din {
+            bail!("lora: x {:?}, a {:?}, b {:?}, w {:?} do not fit", xl.shape(), al.shape(), bl.shape(), wl.shape());
+        }
+        let (x, a, b) = (cpu_f32(x, xl, "lora")?, cpu_f32(a, al, "lora")?, cpu_f32(b, bl, "lora")?);
+        let mut out = vec![0f32; n * dout];
+        sgemm_parallel(n, dout, din, &mut out, dout, Mat::rows(x, din), Mat::rows_t(w, din), 1.0, false);
+        let masked: Vec<f32>;
+        let xm = match &self.mask {
+            Some(m) => {
+                let m = m.flatten_all()?.to_vec1::<f32>()?;
+                masked = x.iter().zip(&m).map(|(x, m)| x * m).collect();
+                &masked
+            }
+            None => x,
+        };
+        let mut t = vec![0f32; n * r];
+        sgemm(n, r, din, &mut t, r, Mat::rows(xm, din), Mat::rows_t(a, din), self.scale as f32, false);
+        sgemm_parallel(n, dout, r, &mut out, dout, Mat::rows(&t, r), Mat::rows_t(b, r), 1.0, true);
+        Ok((CpuStorage::F32(out), Shape::from((n, dout))))
     }
 
     fn bwd(
