@@ -335,3 +335,47 @@ fn a_shared_prefix_scores_as_the_whole_prompt() {
         eprintln!("shared prefix of {prefix} tokens, lora {}: max |score difference| {max:e}", lo.is_some());
     }
 }
+
+/// A query's prompt prefix built on the template and instruction of another query's cache (and
+/// the same query again, taken whole) scores exactly as the whole prompts; so does `score_pairs`
+/// over several queries, which reuses each query's template part for the next.
+#[test]
+fn a_prefix_reusing_another_querys_template_scores_as_the_whole_prompt() {
+    let r = Reranker::load(fixture().to_str().unwrap(), &Device::Cpu).unwrap();
+    let lora = LoraSet::load(&fixture().join("peft_adapter"), &r.model.cfg, &Device::Cpu).unwrap();
+    let docs: Vec<String> =
+        (0..5).map(|i| format!("Document {i}: {}", "the moon pulls the sea. ".repeat(1 + i))).collect();
+    let queries = ["how do tides work", "what makes the sea rise", "how do tides work"];
+    let max_length = 160;
+    let prompts = |q: &str| -> Vec<Vec<u32>> { docs.iter().map(|d| r.encode(q, d, max_length).unwrap()).collect() };
+    for lo in [None, Some(&lora)] {
+        let mut earlier: Option<rerankd::model::qwen3::PrefixCache> = None;
+        for (n, q) in queries.iter().enumerate() {
+            let ids = prompts(q);
+            let seqs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+            let p = rerankd::model::reranker::shared_prefix(&seqs).unwrap();
+            let cache = r.prefix_cache_reusing(earlier.as_ref(), &ids[0][..p], lo).unwrap();
+            match n {
+                0 => assert_eq!(cache.reused, 0),
+                1 => assert!(
+                    cache.reused >= rerankd::model::reranker::MIN_SHARED_PREFIX && cache.reused < p,
+                    "the template is reused, the query computed: {} of {p}",
+                    cache.reused
+                ),
+                _ => assert!(cache.reused > 0 && cache.reused <= p),
+            }
+            let tails: Vec<&[u32]> = seqs.iter().map(|s| &s[p..]).collect();
+            for (s, whole) in r.score_after(&cache, &tails, lo).unwrap().iter().zip(&seqs) {
+                let want = r.score_ids(&[whole], lo).unwrap()[0];
+                assert!((s.score - want.score).abs() < 1e-5, "query {n}: {} vs {}", s.score, want.score);
+            }
+            earlier = Some(cache);
+        }
+        let pairs: Vec<(&str, &str)> =
+            queries.iter().flat_map(|q| docs.iter().map(move |d| (*q, d.as_str()))).collect();
+        for ((q, d), s) in pairs.iter().zip(r.score_pairs(&pairs, max_length, 4, lo).unwrap()) {
+            let want = r.score_ids(&[&r.encode(q, d, max_length).unwrap()], lo).unwrap()[0];
+            assert!((s.score - want.score).abs() < 1e-5, "score_pairs {q}: {} vs {}", s.score, want.score);
+        }
+    }
+}

@@ -211,6 +211,14 @@ fn both_api_shapes_answer_as_documented_and_equal_rerankd_score() {
     ] {
         assert!(metrics.contains(name), "{name} missing from /metrics:\n{metrics}");
     }
+    // The same query was sent to `docs` more than once: later requests took its prompt prefix
+    // (template, instruction, query) from the earlier one's keys and values.
+    let reused: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("rerankd_prefix_tokens_reused_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no prefix_tokens_reused counter in /metrics:\n{metrics}"));
+    assert!(reused > 0.0, "no prompt prefix was reused across requests");
     let info: Value = serde_json::from_str(&std::fs::read_to_string(root.dir.join("serve.json")).unwrap()).unwrap();
     assert_eq!(info["adapters"]["docs"], RUN);
     assert!(info["rss_mb"].as_u64().unwrap() > 0);

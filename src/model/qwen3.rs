@@ -95,9 +95,31 @@ impl Batch {
 }
 
 /// The keys and values of a token prefix at every layer (`[1, hk, len, hd]` each).
+#[derive(Clone)]
 pub struct PrefixCache {
-    pub len: usize,
+    /// The prefix's tokens.
+    pub tokens: Vec<u32>,
+    /// How many of its leading tokens were taken from an earlier cache rather than computed.
+    pub reused: usize,
     kv: Vec<(Tensor, Tensor)>,
+}
+
+impl PrefixCache {
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// The cache of its first `n` tokens. Exact: a position's keys and values depend only on
+    /// the tokens up to it.
+    pub fn truncated(&self, n: usize) -> Result<PrefixCache> {
+        let n = n.min(self.len());
+        let kv = self.kv.iter().map(|(k, v)| Ok((k.narrow(2, 0, n)?, v.narrow(2, 0, n)?))).collect::<Result<_>>()?;
+        Ok(PrefixCache { tokens: self.tokens[..n].to_vec(), reused: self.reused.min(n), kv })
+    }
 }
 
 pub struct Qwen3 {
@@ -183,14 +205,37 @@ impl Qwen3 {
     /// prompts), computed once: [`Qwen3::yes_no_logits_after`] runs only what follows it.
     pub fn prefix_cache(&self, ids: &[u32], ad: &mut Adapters) -> Result<PrefixCache> {
         let t = ids.len();
-        let ids = Tensor::new(ids, &self.device)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?.to_dtype(DType::F32)?; // [t, d]
+        let ids_t = Tensor::new(ids, &self.device)?;
+        let mut x = self.embed_tokens.index_select(&ids_t, 0)?.to_dtype(DType::F32)?; // [t, d]
         let rope = RopeTables::new(self.cfg.head_dim, t, self.cfg.rope_theta, &self.device)?;
         let mut kv = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             x = self.layer_forward(i, layer, &x, 1, t, &rope, None, Some(&mut kv), None, ad)?;
         }
-        Ok(PrefixCache { len: t, kv })
+        Ok(PrefixCache { tokens: ids.to_vec(), reused: 0, kv })
+    }
+
+    /// The cache of `prefix` followed by `ids`, running only `ids`' tokens (after `prefix`'s
+    /// keys and values, as [`Qwen3::yes_no_logits_after`] does).
+    pub fn extend_prefix(&self, prefix: &PrefixCache, ids: &[u32], ad: &mut Adapters) -> Result<PrefixCache> {
+        let t = ids.len();
+        let x_ids = Tensor::new(ids, &self.device)?;
+        let mut x = self.embed_tokens.index_select(&x_ids, 0)?.to_dtype(DType::F32)?;
+        let rope = RopeTables::range(self.cfg.head_dim, prefix.len(), t, self.cfg.rope_theta, &self.device)?;
+        let mut new = Vec::with_capacity(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let past = (&prefix.kv[i].0, &prefix.kv[i].1);
+            x = self.layer_forward(i, layer, &x, 1, t, &rope, Some(past), Some(&mut new), None, ad)?;
+        }
+        let kv = prefix
+            .kv
+            .iter()
+            .zip(new)
+            .map(|((pk, pv), (k, v))| {
+                Ok((Tensor::cat(&[pk, &k], 2)?.contiguous()?, Tensor::cat(&[pv, &v], 2)?.contiguous()?))
+            })
+            .collect::<Result<_>>()?;
+        Ok(PrefixCache { tokens: [prefix.tokens.as_slice(), ids].concat(), reused: prefix.len(), kv })
     }
 
     /// `[batch, 2]` logits `[no, yes]` of prompts that are `prefix` followed by each row of
@@ -200,7 +245,7 @@ impl Qwen3 {
         let (ids, last) = (&batch.ids, &batch.last);
         let (b, t) = ids.dims2()?;
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.to_dtype(DType::F32)?;
-        let rope = RopeTables::range(self.cfg.head_dim, prefix.len, t, self.cfg.rope_theta, &self.device)?;
+        let rope = RopeTables::range(self.cfg.head_dim, prefix.len(), t, self.cfg.rope_theta, &self.device)?;
         let n = self.layers.len();
         for (i, layer) in self.layers.iter().enumerate() {
             let past = (&prefix.kv[i].0, &prefix.kv[i].1);

@@ -74,6 +74,29 @@ impl Reranker {
         self.model.prefix_cache(prefix, &mut Adapters { lora, dropout: None, train: false })
     }
 
+    /// The cache of `prefix`, reusing the longest beginning it shares with `earlier` (the
+    /// template and instruction every prompt starts with, or the same query again) when that is
+    /// at least [`MIN_SHARED_PREFIX`] tokens: only the rest is computed. Exact, because a
+    /// position's keys and values depend only on the tokens up to it. `earlier` must have been
+    /// computed with the same adapter.
+    pub fn prefix_cache_reusing(
+        &self,
+        earlier: Option<&PrefixCache>,
+        prefix: &[u32],
+        lora: Option<&LoraSet>,
+    ) -> Result<PrefixCache> {
+        let common = earlier.map_or(0, |e| e.tokens.iter().zip(prefix).take_while(|(a, b)| a == b).count());
+        let Some(earlier) = earlier.filter(|_| common >= MIN_SHARED_PREFIX) else {
+            return self.prefix_cache(prefix, lora);
+        };
+        let mut base = earlier.truncated(common)?;
+        if common == prefix.len() {
+            base.reused = common;
+            return Ok(base);
+        }
+        self.model.extend_prefix(&base, &prefix[common..], &mut Adapters { lora, dropout: None, train: false })
+    }
+
     /// Scores prompts that are `cache`'s prefix followed by each of `tails`, in one forward pass
     /// over the tails' tokens only.
     pub fn score_after(
@@ -87,16 +110,15 @@ impl Reranker {
         pair_logits(&self.model.yes_no_logits_after(cache, &batch, &mut ad)?)
     }
 
-    /// Scores prompts that all begin with `prefix`: its keys and values are computed once, and
-    /// each batch runs only the tokens after it. `rest[i]` must not be empty.
+    /// Scores prompts that all begin with `cache`'s prefix: each batch runs only the tokens
+    /// after it. `rest[i]` must not be empty.
     pub fn score_after_prefix(
         &self,
-        prefix: &[u32],
+        cache: &PrefixCache,
         rest: &[&[u32]],
         batch_size: usize,
         lora: Option<&LoraSet>,
     ) -> Result<Vec<PairLogits>> {
-        let cache = self.prefix_cache(prefix, lora)?;
         let mut order: Vec<usize> = (0..rest.len()).collect();
         order.sort_by_key(|&i| rest[i].len());
         let mut out = vec![None; rest.len()];
@@ -112,7 +134,8 @@ impl Reranker {
     /// Scores (query, doc) pairs in batches of `batch_size` (grouped by length to pad little).
     /// Pairs of the same query share their prompt's beginning (template, instruction, query):
     /// when at least [`MIN_SHARED_PREFIX`] tokens are shared, that prefix is computed once per
-    /// query ([`Reranker::score_after_prefix`]).
+    /// query ([`Reranker::score_after_prefix`]), and its template part once per call
+    /// ([`Reranker::prefix_cache_reusing`]).
     pub fn score_pairs(
         &self,
         query_docs: &[(&str, &str)],
@@ -132,6 +155,8 @@ impl Reranker {
             }
         }
         let mut rest: Vec<usize> = Vec::new();
+        // Each query's prefix reuses the template and instruction of the one before.
+        let mut earlier: Option<PrefixCache> = None;
         for (_, members) in &groups {
             let first = &ids[members[0]];
             let seqs: Vec<&[u32]> = members.iter().map(|&i| ids[i].as_slice()).collect();
@@ -140,9 +165,11 @@ impl Reranker {
                 continue;
             };
             let tails: Vec<&[u32]> = members.iter().map(|&i| &ids[i][p..]).collect();
-            for (&i, s) in members.iter().zip(self.score_after_prefix(&first[..p], &tails, batch_size, lora)?) {
+            let cache = self.prefix_cache_reusing(earlier.as_ref(), &first[..p], lora)?;
+            for (&i, s) in members.iter().zip(self.score_after_prefix(&cache, &tails, batch_size, lora)?) {
                 out[i] = Some(s);
             }
+            earlier = Some(cache);
         }
         let ids_rest: Vec<usize> = rest;
         let mut order: Vec<usize> = ids_rest;

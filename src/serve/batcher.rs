@@ -223,7 +223,10 @@ fn score_group(group: &[Work], limits: Limits, telemetry: &Telemetry) -> Result<
         let lengths: Vec<usize> = tails.iter().map(|t| p + t.len()).collect();
         let mut order: Vec<usize> = (0..tails.len()).collect();
         order.sort_by_key(|&i| lengths[i]);
-        let cache = reranker.prefix_cache(&seqs[0][..p], lora).map_err(|e| e.to_string())?;
+        let earlier = scorer.last_prefix.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let cache = reranker.prefix_cache_reusing(earlier.as_ref(), &seqs[0][..p], lora).map_err(|e| e.to_string())?;
+        telemetry.prefix_tokens_reused.inc_by(cache.reused as u64);
+        *scorer.last_prefix.lock().unwrap_or_else(|e| e.into_inner()) = Some(cache.clone());
         for range in chunks(&lengths, &order, limits.batch_size, limits.batch_tokens) {
             let rows = &order[range];
             crate::testhooks::score_sleep();

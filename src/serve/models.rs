@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use candle_core::Device;
 
 use crate::model::prompt::DEFAULT_INSTRUCTION;
+use crate::model::qwen3::PrefixCache;
 use crate::model::{LoraSet, Reranker};
 use crate::store::paths::valid_corpus_name;
 use crate::store::{Root, models};
@@ -35,6 +36,10 @@ pub struct Scorer {
     pub lora: Option<LoraSet>,
     pub instruction: String,
     pub max_length: usize,
+    /// The prompt prefix (template, instruction, query) of the last request with one: the next
+    /// request reuses what it shares (the template and instruction at least). One per scorer;
+    /// a reloaded adapter is a new scorer, so a cache never outlives its adapter.
+    pub last_prefix: Mutex<Option<PrefixCache>>,
 }
 
 impl Scorer {
@@ -246,6 +251,7 @@ impl Models {
             max_length: base.reranker.max_length.unwrap_or(DEFAULT_MAX_LENGTH),
             base,
             lora: None,
+            last_prefix: Mutex::new(None),
         })
     }
 
@@ -266,6 +272,7 @@ impl Models {
             lora: Some(lora),
             instruction: manifest.instruction.unwrap_or_else(|| DEFAULT_INSTRUCTION.to_string()),
             max_length: manifest.max_length.unwrap_or(DEFAULT_MAX_LENGTH),
+            last_prefix: Mutex::new(None),
         })
     }
 

@@ -30,6 +30,8 @@ pub struct Telemetry {
     pub requests: Family<RequestLabels, Counter>,
     pub errors: Family<ErrorLabels, Counter>,
     pub pairs_scored: Counter,
+    /// Prompt-prefix tokens taken from an earlier request's cache instead of computed.
+    pub prefix_tokens_reused: Counter,
     pub batch_size: Histogram,
     pub queue_pairs: Gauge,
     pub latency: Histogram,
@@ -43,6 +45,7 @@ impl Default for Telemetry {
         let requests = Family::<RequestLabels, Counter>::default();
         let errors = Family::<ErrorLabels, Counter>::default();
         let pairs_scored = Counter::default();
+        let prefix_tokens_reused = Counter::default();
         let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 8));
         let queue_pairs = Gauge::default();
         let latency = Histogram::new(exponential_buckets(0.005, 2.0, 14));
@@ -55,12 +58,28 @@ impl Default for Telemetry {
             errors.clone(),
         );
         registry.register("pairs_scored", "Query-document pairs scored", pairs_scored.clone());
+        registry.register(
+            "prefix_tokens_reused",
+            "Prompt-prefix tokens (template, instruction) reused from an earlier request's keys and values",
+            prefix_tokens_reused.clone(),
+        );
         registry.register("batch_size", "Pairs per scoring forward", batch_size.clone());
         registry.register("queue_pairs", "Pairs admitted and not yet answered", queue_pairs.clone());
         registry.register("request_duration_seconds", "Time from request to response", latency.clone());
         registry.register("adapter_reloads", "Adapter reloads after a change of current, by result", reloads.clone());
         registry.register("resident_memory_bytes", "Resident memory of the serve process", resident.clone());
-        Self { registry, requests, errors, pairs_scored, batch_size, queue_pairs, latency, reloads, resident }
+        Self {
+            registry,
+            requests,
+            errors,
+            pairs_scored,
+            prefix_tokens_reused,
+            batch_size,
+            queue_pairs,
+            latency,
+            reloads,
+            resident,
+        }
     }
 }
 
