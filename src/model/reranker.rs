@@ -124,7 +124,7 @@ impl Reranker {
         let mut out = vec![None; rest.len()];
         for chunk in order.chunks(batch_size.max(1)) {
             let seqs: Vec<&[u32]> = chunk.iter().map(|&i| rest[i]).collect();
-            for (&i, s) in chunk.iter().zip(self.score_after(&cache, &seqs, lora)?) {
+            for (&i, s) in chunk.iter().zip(self.score_after(cache, &seqs, lora)?) {
                 out[i] = Some(s);
             }
         }
