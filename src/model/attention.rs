@@ -289,3 +289,241 @@ impl candle_core::CustomOp3 for TiledAttention {
         ))
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The whole attention block of a layer as one op: per-head RMS norm and rotary embedding of q and
+// k, the tiled attention, and the moves between the projections' token-major layout and the
+// kernel's head-major one. It keeps only the raw projections (and its output, which `o_proj`
+// keeps anyway): normed, rotated and transposed copies exist only inside its forward and
+// backward, instead of five more tensors per layer held until the backward ends.
+
+/// Rotary tables for positions `0..t`: `cos`, `sin` of `[t, hd / 2]`.
+#[derive(Clone)]
+pub struct RopeHost {
+    pub cos: std::sync::Arc<[f32]>,
+    pub sin: std::sync::Arc<[f32]>,
+}
+
+/// The shape of an attention block: `b` sequences of `t` tokens, `heads` query heads over
+/// `kv_heads` key/value heads of `hd`.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockDims {
+    pub b: usize,
+    pub t: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub hd: usize,
+}
+
+impl BlockDims {
+    fn kernel(&self) -> Dims {
+        let (b, t, hd) = (self.b, self.t, self.hd);
+        Dims { groups: b * self.kv_heads, rep: self.heads / self.kv_heads, t, keys: t, hd, offset: 0 }
+    }
+}
+
+/// `[b * t, heads * hd]` -> `[b, heads, t, hd]`.
+fn to_heads(x: &[f32], t: usize, heads: usize, hd: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(t * hd).enumerate().for_each(|(bh, o)| {
+        let (bi, head) = (bh / heads, bh % heads);
+        for i in 0..t {
+            o[i * hd..(i + 1) * hd].copy_from_slice(&x[((bi * t + i) * heads + head) * hd..][..hd]);
+        }
+    });
+    out
+}
+
+/// `[b, heads, t, hd]` -> `[b * t, heads * hd]`.
+fn from_heads(x: &[f32], t: usize, heads: usize, hd: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(heads * hd).enumerate().for_each(|(row, o)| {
+        let (bi, i) = (row / t, row % t);
+        for head in 0..heads {
+            o[head * hd..(head + 1) * hd].copy_from_slice(&x[((bi * heads + head) * t + i) * hd..][..hd]);
+        }
+    });
+    out
+}
+
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    1.0 / (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32 + eps).sqrt()
+}
+
+/// Per-head RMS norm (weight `w`) and rotary embedding (rotate-half, position = token index) of
+/// token-major `x: [b * t, heads * hd]`, written head-major `[b, heads, t, hd]`.
+fn norm_rope_to_heads(x: &[f32], w: &[f32], eps: f32, rope: &RopeHost, d: (usize, usize, usize, usize)) -> Vec<f32> {
+    let (_b, t, heads, hd) = d;
+    let half = hd / 2;
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(t * hd).enumerate().for_each(|(bh, o)| {
+        let (bi, head) = (bh / heads, bh % heads);
+        for i in 0..t {
+            let src = &x[((bi * t + i) * heads + head) * hd..][..hd];
+            let r = inv_rms(src, eps);
+            let (cos, sin) = (&rope.cos[i * half..][..half], &rope.sin[i * half..][..half]);
+            let dst = &mut o[i * hd..][..hd];
+            for j in 0..half {
+                let (x1, x2) = (src[j] * r * w[j], src[j + half] * r * w[j + half]);
+                dst[j] = x1 * cos[j] - x2 * sin[j];
+                dst[j + half] = x2 * cos[j] + x1 * sin[j];
+            }
+        }
+    });
+    out
+}
+
+/// The gradient, token-major like `x`, of [`norm_rope_to_heads`] for the head-major output
+/// gradient `g`: the inverse rotation, then the RMS norm's backward
+/// `dx = r (g w) - x r^3 mean(g w x)`.
+fn norm_rope_to_heads_bwd(
+    x: &[f32],
+    w: &[f32],
+    eps: f32,
+    rope: &RopeHost,
+    g: &[f32],
+    d: (usize, usize, usize, usize),
+) -> Vec<f32> {
+    let (_b, t, heads, hd) = d;
+    let half = hd / 2;
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(heads * hd).enumerate().for_each(|(row, out)| {
+        let (bi, i) = (row / t, row % t);
+        let (cos, sin) = (&rope.cos[i * half..][..half], &rope.sin[i * half..][..half]);
+        let mut gw = vec![0f32; hd];
+        for head in 0..heads {
+            let gs = &g[((bi * heads + head) * t + i) * hd..][..hd];
+            let xs = &x[(row * heads + head) * hd..][..hd];
+            for j in 0..half {
+                gw[j] = (gs[j] * cos[j] + gs[j + half] * sin[j]) * w[j];
+                gw[j + half] = (gs[j + half] * cos[j] - gs[j] * sin[j]) * w[j + half];
+            }
+            let r = inv_rms(xs, eps);
+            let dot = gw.iter().zip(xs).map(|(a, b)| a * b).sum::<f32>() / hd as f32;
+            let c = dot * r * r * r;
+            for (o, (gw, x)) in out[head * hd..(head + 1) * hd].iter_mut().zip(gw.iter().zip(xs)) {
+                *o = r * gw - x * c;
+            }
+        }
+    });
+    dx
+}
+
+/// The candle op on `q: [b * t, heads * hd]`, `k, v: [b * t, kv_heads * hd]` (the projections'
+/// outputs), giving `[b * t, heads * hd]` (what `o_proj` takes).
+pub struct AttentionBlock {
+    pub q_norm: Vec<f32>,
+    pub k_norm: Vec<f32>,
+    pub eps: f32,
+    pub rope: RopeHost,
+    pub dims: BlockDims,
+    pub scale: f32,
+    pub tiles: Tiles,
+    lse: Mutex<Vec<f32>>,
+}
+
+impl AttentionBlock {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        q_norm: Vec<f32>,
+        k_norm: Vec<f32>,
+        eps: f32,
+        rope: RopeHost,
+        dims: BlockDims,
+        scale: f32,
+        tiles: Tiles,
+    ) -> Self {
+        let tiles = Tiles { q: tiles.q.max(1), k: tiles.k.max(1) };
+        Self { q_norm, k_norm, eps, rope, dims, scale, tiles, lse: Mutex::new(Vec::new()) }
+    }
+
+    fn q_dims(&self) -> (usize, usize, usize, usize) {
+        (self.dims.b, self.dims.t, self.dims.heads, self.dims.hd)
+    }
+
+    fn kv_dims(&self) -> (usize, usize, usize, usize) {
+        (self.dims.b, self.dims.t, self.dims.kv_heads, self.dims.hd)
+    }
+
+    fn check(&self, q: &Shape, k: &Shape, v: &Shape) -> Result<()> {
+        let BlockDims { b, t, heads, kv_heads, hd } = self.dims;
+        let rope_ok = self.rope.cos.len() >= t * (hd / 2) && self.rope.sin.len() >= t * (hd / 2);
+        let norms_ok = self.q_norm.len() == hd && self.k_norm.len() == hd;
+        if q.dims() != [b * t, heads * hd]
+            || k.dims() != [b * t, kv_heads * hd]
+            || v.dims() != k.dims()
+            || !rope_ok
+            || !norms_ok
+            || heads % kv_heads != 0
+        {
+            bail!("attention block: q {q:?}, k {k:?}, v {v:?} do not fit {:?}", self.dims);
+        }
+        Ok(())
+    }
+
+    /// q and k normed and rotated, v: all head-major.
+    fn heads(&self, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let BlockDims { t, kv_heads, hd, .. } = self.dims;
+        (
+            norm_rope_to_heads(q, &self.q_norm, self.eps, &self.rope, self.q_dims()),
+            norm_rope_to_heads(k, &self.k_norm, self.eps, &self.rope, self.kv_dims()),
+            to_heads(v, t, kv_heads, hd),
+        )
+    }
+}
+
+impl candle_core::CustomOp3 for AttentionBlock {
+    fn name(&self) -> &'static str {
+        "attention-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.check(ql.shape(), kl.shape(), vl.shape())?;
+        let (qh, kh, vh) = self.heads(cpu_slice(q, ql)?, cpu_slice(k, kl)?, cpu_slice(v, vl)?);
+        let (o, lse) = forward(&qh, &kh, &vh, &self.dims.kernel(), self.scale, self.tiles);
+        drop((qh, kh, vh));
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
+        let BlockDims { t, heads, hd, .. } = self.dims;
+        Ok((CpuStorage::F32(from_heads(&o, t, heads, hd)), ql.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.check(q.shape(), k.shape(), v.shape())?;
+        let d = self.dims.kernel();
+        let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if lse.len() != d.groups * d.rep * d.t {
+            bail!("attention block: backward without its forward's log-sum-exp");
+        }
+        let BlockDims { t, heads, kv_heads, hd, .. } = self.dims;
+        let (q_, k_, v_) = (host_f32(q)?, host_f32(k)?, host_f32(v)?);
+        let (qh, kh, vh) = self.heads(&q_, &k_, &v_);
+        let oh = to_heads(&host_f32(res)?, t, heads, hd);
+        let gh = to_heads(&host_f32(g)?, t, heads, hd);
+        let (dqh, dkh, dvh) = backward(&qh, &kh, &vh, &oh, &lse, &gh, &d, self.scale, self.tiles);
+        drop((qh, kh, vh, oh, gh));
+        let dq = norm_rope_to_heads_bwd(&q_, &self.q_norm, self.eps, &self.rope, &dqh, self.q_dims());
+        let dk = norm_rope_to_heads_bwd(&k_, &self.k_norm, self.eps, &self.rope, &dkh, self.kv_dims());
+        let dv = from_heads(&dvh, t, kv_heads, hd);
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}

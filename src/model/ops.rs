@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Storag
 use rayon::prelude::*;
 use std::sync::Arc;
 
-use super::attention::{TILES, TiledAttention};
+use super::attention::{AttentionBlock, BlockDims, RopeHost, TILES, TiledAttention, Tiles};
 use super::kernels::{Mat, exp_approx, sgemm, sgemm_parallel, vectorized};
 
 /// `x @ w^T` for a weight that is never trained: backward yields d/dx only.
@@ -150,8 +150,8 @@ pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 pub struct RopeTables {
     pub cos: Tensor,
     pub sin: Tensor,
-    cos_host: Arc<[f32]>,
-    sin_host: Arc<[f32]>,
+    pub(crate) cos_host: Arc<[f32]>,
+    pub(crate) sin_host: Arc<[f32]>,
 }
 
 impl RopeTables {
@@ -370,6 +370,70 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     }
 }
 
+/// A layer's attention from its projections: per-head RMS norm and rotary embedding of
+/// `q: [b * t, heads * hd]` and `k: [b * t, kv_heads * hd]`, causal attention over `v` (like `k`),
+/// back to the token-major `[b * t, heads * hd]` that `o_proj` takes. On the CPU one op
+/// ([`AttentionBlock`]) that keeps only `q`, `k`, `v` for its backward; elsewhere the composition.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_block(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    q_norm: &Tensor,
+    k_norm: &Tensor,
+    eps: f64,
+    rope: &RopeTables,
+    dims: BlockDims,
+    scale: f64,
+) -> Result<Tensor> {
+    attention_block_tiled(q, k, v, q_norm, k_norm, eps, rope, dims, scale, TILES)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention_block_tiled(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    q_norm: &Tensor,
+    k_norm: &Tensor,
+    eps: f64,
+    rope: &RopeTables,
+    dims: BlockDims,
+    scale: f64,
+    tiles: Tiles,
+) -> Result<Tensor> {
+    if !runs_fused(q) {
+        return attention_block_composed(q, k, v, q_norm, k_norm, eps, rope, dims, scale);
+    }
+    let host = RopeHost { cos: rope.cos_host.clone(), sin: rope.sin_host.clone() };
+    let op = AttentionBlock::new(q_norm.to_vec1()?, k_norm.to_vec1()?, eps as f32, host, dims, scale as f32, tiles);
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// [`attention_block`] as a composition of differentiable candle ops (other devices, and the
+/// reference the op is tested against).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_block_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    q_norm: &Tensor,
+    k_norm: &Tensor,
+    eps: f64,
+    rope: &RopeTables,
+    dims: BlockDims,
+    scale: f64,
+) -> Result<Tensor> {
+    let BlockDims { b, t, heads: h, kv_heads: hk, hd } = dims;
+    let heads_first = |x: Tensor| x.transpose(1, 2)?.contiguous();
+    let q = heads_first(rope_composed(&rms_norm_composed(&q.reshape((b, t, h, hd))?, q_norm, eps)?, rope)?)?;
+    let k = heads_first(rope_composed(&rms_norm_composed(&k.reshape((b, t, hk, hd))?, k_norm, eps)?, rope)?)?;
+    let v = heads_first(v.reshape((b, t, hk, hd))?)?;
+    let q = q.reshape((b, hk, (h / hk) * t, hd))?;
+    let o = causal_softmax_composed(&q.matmul(&k.t()?)?, scale)?.matmul(&v)?;
+    o.reshape((b, h, t, hd))?.transpose(1, 2)?.contiguous()?.reshape((b * t, h * hd))
+}
+
 /// Attention of `q: [b, hk, rep * s, hd]` (the `s` tokens after a prefix of `offset` tokens,
 /// heads sharing a KV head stacked along rows) over `k`, `v: [b, hk, offset + s, hd]` (the prefix's
 /// keys and values, then the tokens' own): query row `r` is position `offset + r % s` and sees
@@ -466,6 +530,167 @@ pub fn swiglu(gu: &Tensor) -> Result<Tensor> {
         let i = gu.dim(1)? / 2;
         gu.narrow(1, 0, i)?.silu()? * gu.narrow(1, i, i)?
     }
+}
+
+/// A frozen MLP with its residual, `y = x + down(silu(gate(n)) * up(n))` with `n = rms_norm(x) w`,
+/// as one op on `x [rows, d]`. Candle's graph would keep the normed input, gate|up, the SwiGLU
+/// output and the MLP output until the backward ends; this op keeps `x` (its input) and gate|up
+/// (held inside it, and dropped as soon as its backward has run), and recomputes the norm and the
+/// SwiGLU there.
+struct MlpBlock {
+    norm: Vec<f32>,
+    eps: f32,
+    /// `[2 inter, d]`: gate rows, then up rows.
+    gate_up: Tensor,
+    /// `[d, inter]`
+    down: Tensor,
+    /// gate|up `[rows, 2 inter]` from the forward, for the backward.
+    gate_up_out: std::sync::Mutex<Vec<f32>>,
+}
+
+/// A CPU tensor's contiguous f32 data, borrowed for `f`.
+fn with_host<T>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(c) => f(cpu_f32(c, l, op)?),
+        _ => bail!("{op}: tensor is not on the CPU"),
+    }
+}
+
+impl MlpBlock {
+    /// `rms_norm(x) w` row by row.
+    fn normed(&self, x: &[f32]) -> Vec<f32> {
+        let d = self.norm.len();
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, x)| {
+            let r = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / d as f32 + self.eps).sqrt();
+            for ((o, x), w) in o.iter_mut().zip(x).zip(&self.norm) {
+                *o = x * r * w;
+            }
+        });
+        out
+    }
+
+    /// silu(gate) * up for every row of gate|up.
+    fn swiglu(gu: &[f32], inter: usize) -> Vec<f32> {
+        let mut a = vec![0f32; gu.len() / 2];
+        a.par_chunks_mut(inter).zip(gu.par_chunks(2 * inter)).for_each(|(o, gu)| {
+            let (g, u) = gu.split_at(inter);
+            swiglu_row(g, u, o);
+        });
+        a
+    }
+}
+
+impl CustomOp1 for MlpBlock {
+    fn name(&self) -> &'static str {
+        "mlp-block"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(s, l, "mlp")?;
+        let (rows, d) = l.shape().dims2()?;
+        let (two_i, dg) = self.gate_up.dims2()?;
+        let inter = two_i / 2;
+        if dg != d || self.down.dims2()? != (d, inter) || self.norm.len() != d {
+            bail!(
+                "mlp: x {:?} does not fit gate|up {:?} and down {:?}",
+                l.shape(),
+                self.gate_up.shape(),
+                self.down.shape()
+            );
+        }
+        let n = self.normed(x);
+        let mut gu = vec![0f32; rows * two_i];
+        with_host(&self.gate_up, "mlp", |w| {
+            sgemm_parallel(rows, two_i, d, &mut gu, two_i, Mat::rows(&n, d), Mat::rows_t(w, d), 1.0, false);
+            Ok(())
+        })?;
+        drop(n);
+        let a = Self::swiglu(&gu, inter);
+        let mut y = x.to_vec();
+        with_host(&self.down, "mlp", |w| {
+            sgemm_parallel(rows, d, inter, &mut y, d, Mat::rows(&a, inter), Mat::rows_t(w, inter), 1.0, true);
+            Ok(())
+        })?;
+        *self.gate_up_out.lock().unwrap_or_else(|e| e.into_inner()) = gu;
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let (rows, d) = x.dims2()?;
+        let inter = self.gate_up.dim(0)? / 2;
+        let gu = std::mem::take(&mut *self.gate_up_out.lock().unwrap_or_else(|e| e.into_inner()));
+        if gu.len() != rows * 2 * inter {
+            bail!("mlp: backward without its forward (or run twice)");
+        }
+        let g = g.contiguous()?;
+        // da = g down ; dgu = swiglu'(gu) da ; dn = dgu gate_up
+        let mut da = vec![0f32; rows * inter];
+        with_host(&g, "mlp", |g| {
+            with_host(&self.down, "mlp", |w| {
+                sgemm_parallel(rows, inter, d, &mut da, inter, Mat::rows(g, d), Mat::rows(w, inter), 1.0, false);
+                Ok(())
+            })
+        })?;
+        let mut dgu = vec![0f32; rows * 2 * inter];
+        dgu.par_chunks_mut(2 * inter).zip(gu.par_chunks(2 * inter).zip(da.par_chunks(inter))).for_each(
+            |(o, (x, gy))| {
+                let (gt, up) = x.split_at(inter);
+                let (dg, du) = o.split_at_mut(inter);
+                swiglu_grad_row(gt, up, gy, dg, du);
+            },
+        );
+        drop((gu, da));
+        let mut dn = vec![0f32; rows * d];
+        with_host(&self.gate_up, "mlp", |w| {
+            sgemm_parallel(rows, d, 2 * inter, &mut dn, d, Mat::rows(&dgu, 2 * inter), Mat::rows(w, d), 1.0, false);
+            Ok(())
+        })?;
+        drop(dgu);
+        // The residual's gradient plus the norm's: g + r (dn w) - x r^3 mean(dn w x).
+        let mut dx = vec![0f32; rows * d];
+        with_host(&x.contiguous()?, "mlp", |x| {
+            with_host(&g, "mlp", |g| {
+                dx.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
+                    let (xs, gs, dns) = (&x[row * d..][..d], &g[row * d..][..d], &dn[row * d..][..d]);
+                    let r = 1.0 / (xs.iter().map(|v| v * v).sum::<f32>() / d as f32 + self.eps).sqrt();
+                    let dot = dns.iter().zip(&self.norm).zip(xs).map(|((a, w), x)| a * w * x).sum::<f32>() / d as f32;
+                    let c = dot * r * r * r;
+                    for j in 0..d {
+                        o[j] = gs[j] + r * dns[j] * self.norm[j] - xs[j] * c;
+                    }
+                });
+                Ok(())
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// `x + down(silu(gate(n)) * up(n))` with `n = rms_norm(x) norm` and frozen `gate_up`
+/// (`[2 inter, d]`, gate rows first) and `down`: on the CPU one op ([`MlpBlock`]), elsewhere the
+/// composition.
+pub fn mlp_block(x: &Tensor, norm: &Tensor, eps: f64, gate_up: &Tensor, down: &Tensor) -> Result<Tensor> {
+    if runs_fused(x) {
+        let op = MlpBlock {
+            norm: norm.to_vec1()?,
+            eps: eps as f32,
+            gate_up: gate_up.contiguous()?,
+            down: down.contiguous()?,
+            gate_up_out: Default::default(),
+        };
+        return x.contiguous()?.apply_op1(op);
+    }
+    mlp_block_composed(x, norm, eps, gate_up, down)
+}
+
+/// [`mlp_block`] as a composition of differentiable ops.
+pub fn mlp_block_composed(x: &Tensor, norm: &Tensor, eps: f64, gate_up: &Tensor, down: &Tensor) -> Result<Tensor> {
+    let gu = frozen_linear(&rms_norm_composed(x, norm, eps)?, gate_up)?;
+    let i = gu.dim(1)? / 2;
+    let a = (gu.narrow(1, 0, i)?.silu()? * gu.narrow(1, i, i)?)?;
+    x + frozen_linear(&a, down)?
 }
 
 /// Per-head RMS norm, rotary embedding and the move of heads before positions:
@@ -617,6 +842,23 @@ mod tests {
         }
     }
 
+    /// The whole block (norms, rotary, attention, layouts) against its composition, values and
+    /// the gradients of q, k and v, with small tiles so the lengths cross their borders.
+    #[test]
+    fn attention_block_matches_composition() {
+        for (b, t, h, hk, tiles) in [(2, 11, 4, 2, Tiles { q: 4, k: 3 }), (1, 9, 2, 2, Tiles { q: 5, k: 4 })] {
+            let hd = 8;
+            let dims = BlockDims { b, t, heads: h, kv_heads: hk, hd };
+            let (qn, kn) = (rand(&[hd], 21), rand(&[hd], 22));
+            let tables = RopeTables::new(hd, t, 1e4, &Device::Cpu).unwrap();
+            check(
+                &[&[b * t, h * hd], &[b * t, hk * hd], &[b * t, hk * hd]],
+                |x| attention_block_tiled(&x[0], &x[1], &x[2], &qn, &kn, 1e-6, &tables, dims, 0.35, tiles).unwrap(),
+                |x| attention_block_composed(&x[0], &x[1], &x[2], &qn, &kn, 1e-6, &tables, dims, 0.35).unwrap(),
+            );
+        }
+    }
+
     /// After a prefix of `offset` keys, as scoring after a cached prefix runs it.
     #[test]
     fn tiled_attention_after_a_prefix_matches_composition() {
@@ -629,6 +871,16 @@ mod tests {
             let b = attention_after(&q, &k, &v, 0.3, offset).unwrap();
             assert!(max_diff(&b, &want) < 1e-5);
         }
+    }
+
+    #[test]
+    fn mlp_block_matches_composition() {
+        let (norm, gate_up, down) = (rand(&[6], 31), rand(&[10, 6], 32), rand(&[6, 5], 33));
+        check(
+            &[&[7, 6]],
+            |x| mlp_block(&x[0], &norm, 1e-6, &gate_up, &down).unwrap(),
+            |x| mlp_block_composed(&x[0], &norm, 1e-6, &gate_up, &down).unwrap(),
+        );
     }
 
     #[test]

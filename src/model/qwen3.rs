@@ -8,9 +8,12 @@
 use candle_core::{D, DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 
+use super::attention::BlockDims;
 use super::checkpoint::WeightSource;
 use super::lora::{LoraSet, Target};
-use super::ops::{RopeTables, attention, frozen_linear, lora_linear, norm_rope, rms_norm, swiglu};
+use super::ops::{
+    RopeTables, attention, attention_block, frozen_linear, lora_linear, mlp_block, norm_rope, rms_norm, swiglu,
+};
 use super::{Qwen3Config, Result};
 
 /// One decoder layer. gate/up are stored fused so the MLP without LoRA is one matmul feeding the
@@ -302,6 +305,13 @@ impl Qwen3 {
             return self.last_rows_forward(i, l, x, &hn, &k, &v, b, t, rope, past, only, ad);
         }
         let q = self.proj(i, Target::Q, &hn, &l.q_proj, ad)?; // [b*t, q]
+        let scale = 1.0 / (hd as f64).sqrt();
+        if past.is_none() && keep.is_none() {
+            let dims = BlockDims { b, t, heads: h, kv_heads: hk, hd };
+            let o = attention_block(&q, &k, &v, &l.q_norm, &l.k_norm, eps, rope, dims, scale)?; // [b*t, q]
+            let o = self.proj(i, Target::O, &o, &l.o_proj, ad)?;
+            return self.mlp(i, l, &(x + o)?, ad);
+        }
 
         let q = norm_rope(&q.reshape((b, t, h, hd))?, &l.q_norm, eps, rope)?; // [b, h, t, hd]
         // Heads sharing a KV head are consecutive: stack them along rows, no K/V copies.
@@ -312,7 +322,6 @@ impl Qwen3 {
         if let Some(keep) = keep {
             keep.push((k.clone(), v.clone()));
         }
-        let scale = 1.0 / (hd as f64).sqrt();
         let o = match past {
             None => attention(&q, &k, &v, scale)?, // [b, hk, rep*t, hd]
             Some((pk, pv)) => {
@@ -330,6 +339,11 @@ impl Qwen3 {
     /// The residual MLP half of layer `i` on `x [n, d]`.
     fn mlp(&self, i: usize, l: &Layer, x: &Tensor, ad: &mut Adapters) -> Result<Tensor> {
         let c = &self.cfg;
+        let lora_any =
+            ad.lora.is_some_and(|lo| [Target::Gate, Target::Up, Target::Down].iter().any(|&t| lo.get(i, t).is_some()));
+        if !lora_any {
+            return Ok(mlp_block(x, &l.post_attention_layernorm, c.rms_norm_eps, &l.gate_up_proj, &l.down_proj)?);
+        }
         let hn = rms_norm(x, &l.post_attention_layernorm, c.rms_norm_eps)?;
         let inter = c.intermediate_size;
         let lora_mlp = ad.lora.is_some_and(|lo| lo.get(i, Target::Gate).is_some() || lo.get(i, Target::Up).is_some());
