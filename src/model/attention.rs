@@ -17,7 +17,7 @@ use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
-use super::kernels::{Mat, exp_shifted_sum, max_of, sgemm, vectorized};
+use super::kernels::{Mat, Threads, exp_shifted_sum, max_of, sgemm, vectorized};
 
 /// Query rows and key columns per tile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +98,7 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], d: &Dims, scale: f32, tiles: Til
                     Mat::rows_t(&kg[j0 * hd..], hd),
                     scale,
                     false,
+                    Threads::One,
                 );
                 for r in 0..br {
                     let row = &mut s[r * tk..r * tk + bc];
@@ -114,7 +115,7 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], d: &Dims, scale: f32, tiles: Til
                     }
                     m[r] = m_new;
                 }
-                sgemm(br, hd, bc, acc, hd, Mat::rows(&s, tk), Mat::rows(&vg[j0 * hd..], hd), 1.0, true);
+                sgemm(br, hd, bc, acc, hd, Mat::rows(&s, tk), Mat::rows(&vg[j0 * hd..], hd), 1.0, true, Threads::One);
             }
             for r in 0..br {
                 let inv = 1.0 / l[r];
@@ -180,7 +181,7 @@ pub fn backward(
                     for j0 in (0..kend).step_by(tk) {
                         let bc = tk.min(kend - j0);
                         let (qi, doi) = (Mat::rows(&qh[i0 * hd..], hd), Mat::rows(&doh[i0 * hd..], hd));
-                        sgemm(br, bc, hd, &mut s, tk, qi, Mat::rows_t(&kg[j0 * hd..], hd), scale, false);
+                        sgemm(br, bc, hd, &mut s, tk, qi, Mat::rows_t(&kg[j0 * hd..], hd), scale, false, Threads::One);
                         for r in 0..br {
                             let row = &mut s[r * tk..r * tk + bc];
                             let vis = visible(d, i0, r, j0, bc);
@@ -188,9 +189,9 @@ pub fn backward(
                             row[vis..].fill(0.0);
                         }
                         // dV_j += P^T dO_i
-                        sgemm(bc, hd, br, &mut dvg[j0 * hd..], hd, Mat::rows_t(&s, tk), doi, 1.0, true);
+                        sgemm(bc, hd, br, &mut dvg[j0 * hd..], hd, Mat::rows_t(&s, tk), doi, 1.0, true, Threads::One);
                         // dP = dO_i V_j^T, then dS = scale P (dP - delta)
-                        sgemm(br, bc, hd, &mut dp, tk, doi, Mat::rows_t(&vg[j0 * hd..], hd), 1.0, false);
+                        sgemm(br, bc, hd, &mut dp, tk, doi, Mat::rows_t(&vg[j0 * hd..], hd), 1.0, false, Threads::One);
                         for (r, &dr) in delta[..br].iter().enumerate() {
                             let span = r * tk..r * tk + bc;
                             softmax_grad(&mut dp[span.clone()], &s[span], dr, scale);
@@ -206,8 +207,9 @@ pub fn backward(
                             Mat::rows(&kg[j0 * hd..], hd),
                             1.0,
                             true,
+                            Threads::One,
                         );
-                        sgemm(bc, hd, br, &mut dkg[j0 * hd..], hd, Mat::rows_t(&dp, tk), qi, 1.0, true);
+                        sgemm(bc, hd, br, &mut dkg[j0 * hd..], hd, Mat::rows_t(&dp, tk), qi, 1.0, true, Threads::One);
                     }
                 }
             }
@@ -225,6 +227,27 @@ fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
         Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
         None => bail!("attention: inputs must be contiguous"),
     }
+}
+
+/// The log-sum-exp a forward left in `slot`, checked against the rows of `d`.
+fn saved_lse(slot: &Mutex<Vec<f32>>, d: &Dims) -> Result<Vec<f32>> {
+    let lse = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if lse.len() != d.groups * d.rep * d.t {
+        bail!("attention: backward without its forward's log-sum-exp");
+    }
+    Ok(lse)
+}
+
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+/// Three host gradients as tensors shaped like (and on the device of) `q`, `k`, `v`.
+fn grads3(dq: Vec<f32>, dk: Vec<f32>, dv: Vec<f32>, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Grads3> {
+    let dev = q.device();
+    Ok((
+        Some(Tensor::from_vec(dq, q.shape(), dev)?),
+        Some(Tensor::from_vec(dk, k.shape(), dev)?),
+        Some(Tensor::from_vec(dv, v.shape(), dev)?),
+    ))
 }
 
 /// The candle op: [`forward`] on the CPU, [`backward`] for its gradients.
@@ -266,27 +289,12 @@ impl candle_core::CustomOp3 for TiledAttention {
         Ok((CpuStorage::F32(o), ql.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, res: &Tensor, g: &Tensor) -> Result<Grads3> {
         let d = Dims::of(q.shape(), k.shape(), self.offset)?;
-        let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if lse.len() != d.groups * d.rep * d.t {
-            bail!("attention: backward without its forward's log-sum-exp");
-        }
+        let lse = saved_lse(&self.lse, &d)?;
         let (q_, k_, v_, o_, g_) = (host_f32(q)?, host_f32(k)?, host_f32(v)?, host_f32(res)?, host_f32(g)?);
         let (dq, dk, dv) = backward(&q_, &k_, &v_, &o_, &lse, &g_, &d, self.scale, self.tiles);
-        let dev = q.device();
-        Ok((
-            Some(Tensor::from_vec(dq, q.shape(), dev)?),
-            Some(Tensor::from_vec(dk, k.shape(), dev)?),
-            Some(Tensor::from_vec(dv, v.shape(), dev)?),
-        ))
+        grads3(dq, dk, dv, q, k, v)
     }
 }
 
@@ -495,20 +503,10 @@ impl candle_core::CustomOp3 for AttentionBlock {
         Ok((CpuStorage::F32(from_heads(&o, t, heads, hd)), ql.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, res: &Tensor, g: &Tensor) -> Result<Grads3> {
         self.check(q.shape(), k.shape(), v.shape())?;
         let d = self.dims.kernel();
-        let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if lse.len() != d.groups * d.rep * d.t {
-            bail!("attention block: backward without its forward's log-sum-exp");
-        }
+        let lse = saved_lse(&self.lse, &d)?;
         let BlockDims { t, heads, kv_heads, hd, .. } = self.dims;
         let (q_, k_, v_) = (host_f32(q)?, host_f32(k)?, host_f32(v)?);
         let (qh, kh, vh) = self.heads(&q_, &k_, &v_);
@@ -519,11 +517,6 @@ impl candle_core::CustomOp3 for AttentionBlock {
         let dq = norm_rope_to_heads_bwd(&q_, &self.q_norm, self.eps, &self.rope, &dqh, self.q_dims());
         let dk = norm_rope_to_heads_bwd(&k_, &self.k_norm, self.eps, &self.rope, &dkh, self.kv_dims());
         let dv = from_heads(&dvh, t, kv_heads, hd);
-        let dev = q.device();
-        Ok((
-            Some(Tensor::from_vec(dq, q.shape(), dev)?),
-            Some(Tensor::from_vec(dk, k.shape(), dev)?),
-            Some(Tensor::from_vec(dv, v.shape(), dev)?),
-        ))
+        grads3(dq, dk, dv, q, k, v)
     }
 }

@@ -28,8 +28,15 @@ impl Mat {
     }
 }
 
-/// `dst[m x n] (row-major, ld_dst per row) = (accumulate ? dst : 0) + scale * lhs[m x k] rhs[k x n]`,
-/// on the calling thread (the callers parallelize over independent tiles).
+/// Who runs a product: the calling thread (callers that parallelize over independent tiles) or
+/// all of rayon's threads (one large product).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Threads {
+    One,
+    All,
+}
+
+/// `dst[m x n] (row-major, ld_dst per row) = (accumulate ? dst : 0) + scale * lhs[m x k] rhs[k x n]`.
 ///
 /// Panics if `dst` is too short for `m` rows of `ld_dst`; `lhs` and `rhs` must be valid for the
 /// shapes and strides given (the callers build them from slices they bounds-check).
@@ -44,40 +51,12 @@ pub fn sgemm(
     rhs: Mat,
     scale: f32,
     accumulate: bool,
+    threads: Threads,
 ) {
-    gemm_on(m, n, k, dst, ld_dst, lhs, rhs, scale, accumulate, gemm::Parallelism::None)
-}
-
-/// [`sgemm`] on rayon's threads, for one large product.
-#[allow(clippy::too_many_arguments)]
-pub fn sgemm_parallel(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    ld_dst: usize,
-    lhs: Mat,
-    rhs: Mat,
-    scale: f32,
-    accumulate: bool,
-) {
-    let threads = gemm::Parallelism::Rayon(rayon::current_num_threads());
-    gemm_on(m, n, k, dst, ld_dst, lhs, rhs, scale, accumulate, threads)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn gemm_on(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    ld_dst: usize,
-    lhs: Mat,
-    rhs: Mat,
-    scale: f32,
-    accumulate: bool,
-    parallelism: gemm::Parallelism,
-) {
+    let parallelism = match threads {
+        Threads::One => gemm::Parallelism::None,
+        Threads::All => gemm::Parallelism::Rayon(rayon::current_num_threads()),
+    };
     if m == 0 || n == 0 {
         return;
     }
@@ -245,10 +224,10 @@ mod tests {
         let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         let b = [7.0, 8.0, 9.0, 10.0, 11.0, 12.0];
         let mut c = [0.0f32; 4];
-        sgemm(2, 2, 3, &mut c, 2, Mat::rows(&a, 3), Mat::rows(&b, 2), 1.0, false);
+        sgemm(2, 2, 3, &mut c, 2, Mat::rows(&a, 3), Mat::rows(&b, 2), 1.0, false, Threads::One);
         assert_eq!(c, [58.0, 64.0, 139.0, 154.0]);
         // a a^T, scaled by 0.5, added to c
-        sgemm(2, 2, 3, &mut c, 2, Mat::rows(&a, 3), Mat::rows_t(&a, 3), 0.5, true);
+        sgemm(2, 2, 3, &mut c, 2, Mat::rows(&a, 3), Mat::rows_t(&a, 3), 0.5, true, Threads::All);
         assert_eq!(c, [58.0 + 7.0, 64.0 + 16.0, 139.0 + 16.0, 154.0 + 38.5]);
     }
 }

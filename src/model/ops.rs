@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 use super::attention::{AttentionBlock, BlockDims, RopeHost, TILES, TiledAttention, Tiles};
-use super::kernels::{Mat, exp_approx, sgemm, sgemm_parallel, vectorized};
+use super::kernels::{Mat, Threads, exp_approx, sgemm, vectorized};
 
 /// `x @ w^T` for a weight that is never trained: backward yields d/dx only.
 struct FrozenMatmul {
@@ -314,7 +314,7 @@ impl candle_core::CustomOp3 for LoraLinear {
         }
         let (x, a, b) = (cpu_f32(x, xl, "lora")?, cpu_f32(a, al, "lora")?, cpu_f32(b, bl, "lora")?);
         let mut out = vec![0f32; n * dout];
-        sgemm_parallel(n, dout, din, &mut out, dout, Mat::rows(x, din), Mat::rows_t(w, din), 1.0, false);
+        sgemm(n, dout, din, &mut out, dout, Mat::rows(x, din), Mat::rows_t(w, din), 1.0, false, Threads::All);
         let masked: Vec<f32>;
         let xm = match &self.mask {
             Some(m) => {
@@ -325,8 +325,8 @@ impl candle_core::CustomOp3 for LoraLinear {
             None => x,
         };
         let mut t = vec![0f32; n * r];
-        sgemm(n, r, din, &mut t, r, Mat::rows(xm, din), Mat::rows_t(a, din), self.scale as f32, false);
-        sgemm_parallel(n, dout, r, &mut out, dout, Mat::rows(&t, r), Mat::rows_t(b, r), 1.0, true);
+        sgemm(n, r, din, &mut t, r, Mat::rows(xm, din), Mat::rows_t(a, din), self.scale as f32, false, Threads::One);
+        sgemm(n, dout, r, &mut out, dout, Mat::rows(&t, r), Mat::rows_t(b, r), 1.0, true, Threads::All);
         Ok((CpuStorage::F32(out), Shape::from((n, dout))))
     }
 
@@ -370,67 +370,48 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     }
 }
 
+/// What a layer's attention block needs besides its inputs: the q/k norm weights, the rotary
+/// tables, the shape and the score scale.
+#[derive(Clone, Copy)]
+pub struct BlockParams<'a> {
+    pub q_norm: &'a Tensor,
+    pub k_norm: &'a Tensor,
+    pub eps: f64,
+    pub rope: &'a RopeTables,
+    pub dims: BlockDims,
+    pub scale: f64,
+}
+
 /// A layer's attention from its projections: per-head RMS norm and rotary embedding of
 /// `q: [b * t, heads * hd]` and `k: [b * t, kv_heads * hd]`, causal attention over `v` (like `k`),
 /// back to the token-major `[b * t, heads * hd]` that `o_proj` takes. On the CPU one op
 /// ([`AttentionBlock`]) that keeps only `q`, `k`, `v` for its backward; elsewhere the composition.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_block(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    q_norm: &Tensor,
-    k_norm: &Tensor,
-    eps: f64,
-    rope: &RopeTables,
-    dims: BlockDims,
-    scale: f64,
-) -> Result<Tensor> {
-    attention_block_tiled(q, k, v, q_norm, k_norm, eps, rope, dims, scale, TILES)
+pub fn attention_block(q: &Tensor, k: &Tensor, v: &Tensor, p: &BlockParams) -> Result<Tensor> {
+    attention_block_tiled(q, k, v, p, TILES)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn attention_block_tiled(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    q_norm: &Tensor,
-    k_norm: &Tensor,
-    eps: f64,
-    rope: &RopeTables,
-    dims: BlockDims,
-    scale: f64,
-    tiles: Tiles,
-) -> Result<Tensor> {
+fn attention_block_tiled(q: &Tensor, k: &Tensor, v: &Tensor, p: &BlockParams, tiles: Tiles) -> Result<Tensor> {
     if !runs_fused(q) {
-        return attention_block_composed(q, k, v, q_norm, k_norm, eps, rope, dims, scale);
+        return attention_block_composed(q, k, v, p);
     }
-    let host = RopeHost { cos: rope.cos_host.clone(), sin: rope.sin_host.clone() };
-    let op = AttentionBlock::new(q_norm.to_vec1()?, k_norm.to_vec1()?, eps as f32, host, dims, scale as f32, tiles);
+    let host = RopeHost { cos: p.rope.cos_host.clone(), sin: p.rope.sin_host.clone() };
+    let (qn, kn) = (p.q_norm.to_vec1()?, p.k_norm.to_vec1()?);
+    let op = AttentionBlock::new(qn, kn, p.eps as f32, host, p.dims, p.scale as f32, tiles);
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
 /// [`attention_block`] as a composition of differentiable candle ops (other devices, and the
 /// reference the op is tested against).
-#[allow(clippy::too_many_arguments)]
-pub fn attention_block_composed(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    q_norm: &Tensor,
-    k_norm: &Tensor,
-    eps: f64,
-    rope: &RopeTables,
-    dims: BlockDims,
-    scale: f64,
-) -> Result<Tensor> {
-    let BlockDims { b, t, heads: h, kv_heads: hk, hd } = dims;
+pub fn attention_block_composed(q: &Tensor, k: &Tensor, v: &Tensor, p: &BlockParams) -> Result<Tensor> {
+    let BlockDims { b, t, heads: h, kv_heads: hk, hd } = p.dims;
     let heads_first = |x: Tensor| x.transpose(1, 2)?.contiguous();
-    let q = heads_first(rope_composed(&rms_norm_composed(&q.reshape((b, t, h, hd))?, q_norm, eps)?, rope)?)?;
-    let k = heads_first(rope_composed(&rms_norm_composed(&k.reshape((b, t, hk, hd))?, k_norm, eps)?, rope)?)?;
+    let normed = |x: &Tensor, heads: usize, w: &Tensor| -> Result<Tensor> {
+        heads_first(rope_composed(&rms_norm_composed(&x.reshape((b, t, heads, hd))?, w, p.eps)?, p.rope)?)
+    };
+    let (q, k) = (normed(q, h, p.q_norm)?, normed(k, hk, p.k_norm)?);
     let v = heads_first(v.reshape((b, t, hk, hd))?)?;
     let q = q.reshape((b, hk, (h / hk) * t, hd))?;
-    let o = causal_softmax_composed(&q.matmul(&k.t()?)?, scale)?.matmul(&v)?;
+    let o = causal_softmax_composed(&q.matmul(&k.t()?)?, p.scale)?.matmul(&v)?;
     o.reshape((b, h, t, hd))?.transpose(1, 2)?.contiguous()?.reshape((b * t, h * hd))
 }
 
@@ -603,14 +584,14 @@ impl CustomOp1 for MlpBlock {
         let n = self.normed(x);
         let mut gu = vec![0f32; rows * two_i];
         with_host(&self.gate_up, "mlp", |w| {
-            sgemm_parallel(rows, two_i, d, &mut gu, two_i, Mat::rows(&n, d), Mat::rows_t(w, d), 1.0, false);
+            sgemm(rows, two_i, d, &mut gu, two_i, Mat::rows(&n, d), Mat::rows_t(w, d), 1.0, false, Threads::All);
             Ok(())
         })?;
         drop(n);
         let a = Self::swiglu(&gu, inter);
         let mut y = x.to_vec();
         with_host(&self.down, "mlp", |w| {
-            sgemm_parallel(rows, d, inter, &mut y, d, Mat::rows(&a, inter), Mat::rows_t(w, inter), 1.0, true);
+            sgemm(rows, d, inter, &mut y, d, Mat::rows(&a, inter), Mat::rows_t(w, inter), 1.0, true, Threads::All);
             Ok(())
         })?;
         *self.gate_up_out.lock().unwrap_or_else(|e| e.into_inner()) = gu;
@@ -629,7 +610,7 @@ impl CustomOp1 for MlpBlock {
         let mut da = vec![0f32; rows * inter];
         with_host(&g, "mlp", |g| {
             with_host(&self.down, "mlp", |w| {
-                sgemm_parallel(rows, inter, d, &mut da, inter, Mat::rows(g, d), Mat::rows(w, inter), 1.0, false);
+                sgemm(rows, inter, d, &mut da, inter, Mat::rows(g, d), Mat::rows(w, inter), 1.0, false, Threads::All);
                 Ok(())
             })
         })?;
@@ -644,7 +625,18 @@ impl CustomOp1 for MlpBlock {
         drop((gu, da));
         let mut dn = vec![0f32; rows * d];
         with_host(&self.gate_up, "mlp", |w| {
-            sgemm_parallel(rows, d, 2 * inter, &mut dn, d, Mat::rows(&dgu, 2 * inter), Mat::rows(w, d), 1.0, false);
+            sgemm(
+                rows,
+                d,
+                2 * inter,
+                &mut dn,
+                d,
+                Mat::rows(&dgu, 2 * inter),
+                Mat::rows(w, d),
+                1.0,
+                false,
+                Threads::All,
+            );
             Ok(())
         })?;
         drop(dgu);
@@ -851,10 +843,11 @@ mod tests {
             let dims = BlockDims { b, t, heads: h, kv_heads: hk, hd };
             let (qn, kn) = (rand(&[hd], 21), rand(&[hd], 22));
             let tables = RopeTables::new(hd, t, 1e4, &Device::Cpu).unwrap();
+            let p = BlockParams { q_norm: &qn, k_norm: &kn, eps: 1e-6, rope: &tables, dims, scale: 0.35 };
             check(
                 &[&[b * t, h * hd], &[b * t, hk * hd], &[b * t, hk * hd]],
-                |x| attention_block_tiled(&x[0], &x[1], &x[2], &qn, &kn, 1e-6, &tables, dims, 0.35, tiles).unwrap(),
-                |x| attention_block_composed(&x[0], &x[1], &x[2], &qn, &kn, 1e-6, &tables, dims, 0.35).unwrap(),
+                |x| attention_block_tiled(&x[0], &x[1], &x[2], &p, tiles).unwrap(),
+                |x| attention_block_composed(&x[0], &x[1], &x[2], &p).unwrap(),
             );
         }
     }

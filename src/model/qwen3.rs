@@ -12,7 +12,8 @@ use super::attention::BlockDims;
 use super::checkpoint::WeightSource;
 use super::lora::{LoraSet, Target};
 use super::ops::{
-    RopeTables, attention, attention_block, frozen_linear, lora_linear, mlp_block, norm_rope, rms_norm, swiglu,
+    BlockParams, RopeTables, attention, attention_block, frozen_linear, lora_linear, mlp_block, norm_rope, rms_norm,
+    swiglu,
 };
 use super::{Qwen3Config, Result};
 
@@ -308,7 +309,8 @@ impl Qwen3 {
         let scale = 1.0 / (hd as f64).sqrt();
         if past.is_none() && keep.is_none() {
             let dims = BlockDims { b, t, heads: h, kv_heads: hk, hd };
-            let o = attention_block(&q, &k, &v, &l.q_norm, &l.k_norm, eps, rope, dims, scale)?; // [b*t, q]
+            let p = BlockParams { q_norm: &l.q_norm, k_norm: &l.k_norm, eps, rope, dims, scale };
+            let o = attention_block(&q, &k, &v, &p)?; // [b*t, q]
             let o = self.proj(i, Target::O, &o, &l.o_proj, ad)?;
             return self.mlp(i, l, &(x + o)?, ad);
         }
