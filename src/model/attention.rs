@@ -18,6 +18,7 @@ use rayon::prelude::*;
 use std::sync::Mutex;
 
 use super::kernels::{Mat, Threads, exp_shifted_sum, max_of, sgemm, vectorized};
+use super::ops::{RopeTables, cpu_f32, norm_rope_to_heads, norm_rope_to_heads_bwd};
 
 /// Query rows and key columns per tile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,13 +223,6 @@ fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
-fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<f32>()?[a..b]),
-        None => bail!("attention: inputs must be contiguous"),
-    }
-}
-
 /// The log-sum-exp a forward left in `slot`, checked against the rows of `d`.
 fn saved_lse(slot: &Mutex<Vec<f32>>, d: &Dims) -> Result<Vec<f32>> {
     let lse = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -284,7 +278,14 @@ impl candle_core::CustomOp3 for TiledAttention {
         if vl.shape() != kl.shape() {
             bail!("attention: v {:?} differs from k {:?}", vl.shape(), kl.shape());
         }
-        let (o, lse) = forward(cpu_slice(q, ql)?, cpu_slice(k, kl)?, cpu_slice(v, vl)?, &d, self.scale, self.tiles);
+        let (o, lse) = forward(
+            cpu_f32(q, ql, "attention")?,
+            cpu_f32(k, kl, "attention")?,
+            cpu_f32(v, vl, "attention")?,
+            &d,
+            self.scale,
+            self.tiles,
+        );
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
         Ok((CpuStorage::F32(o), ql.shape().clone()))
     }
@@ -304,13 +305,6 @@ impl candle_core::CustomOp3 for TiledAttention {
 // kernel's head-major one. It keeps only the raw projections (and its output, which `o_proj`
 // keeps anyway): normed, rotated and transposed copies exist only inside its forward and
 // backward, instead of five more tensors per layer held until the backward ends.
-
-/// Rotary tables for positions `0..t`: `cos`, `sin` of `[t, hd / 2]`.
-#[derive(Clone)]
-pub struct RopeHost {
-    pub cos: std::sync::Arc<[f32]>,
-    pub sin: std::sync::Arc<[f32]>,
-}
 
 /// The shape of an attention block: `b` sequences of `t` tokens, `heads` query heads over
 /// `kv_heads` key/value heads of `hd`.
@@ -354,76 +348,13 @@ fn from_heads(x: &[f32], t: usize, heads: usize, hd: usize) -> Vec<f32> {
     out
 }
 
-fn inv_rms(x: &[f32], eps: f32) -> f32 {
-    1.0 / (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32 + eps).sqrt()
-}
-
-/// Per-head RMS norm (weight `w`) and rotary embedding (rotate-half, position = token index) of
-/// token-major `x: [b * t, heads * hd]`, written head-major `[b, heads, t, hd]`.
-fn norm_rope_to_heads(x: &[f32], w: &[f32], eps: f32, rope: &RopeHost, d: (usize, usize, usize, usize)) -> Vec<f32> {
-    let (_b, t, heads, hd) = d;
-    let half = hd / 2;
-    let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(t * hd).enumerate().for_each(|(bh, o)| {
-        let (bi, head) = (bh / heads, bh % heads);
-        for i in 0..t {
-            let src = &x[((bi * t + i) * heads + head) * hd..][..hd];
-            let r = inv_rms(src, eps);
-            let (cos, sin) = (&rope.cos[i * half..][..half], &rope.sin[i * half..][..half]);
-            let dst = &mut o[i * hd..][..hd];
-            for j in 0..half {
-                let (x1, x2) = (src[j] * r * w[j], src[j + half] * r * w[j + half]);
-                dst[j] = x1 * cos[j] - x2 * sin[j];
-                dst[j + half] = x2 * cos[j] + x1 * sin[j];
-            }
-        }
-    });
-    out
-}
-
-/// The gradient, token-major like `x`, of [`norm_rope_to_heads`] for the head-major output
-/// gradient `g`: the inverse rotation, then the RMS norm's backward
-/// `dx = r (g w) - x r^3 mean(g w x)`.
-fn norm_rope_to_heads_bwd(
-    x: &[f32],
-    w: &[f32],
-    eps: f32,
-    rope: &RopeHost,
-    g: &[f32],
-    d: (usize, usize, usize, usize),
-) -> Vec<f32> {
-    let (_b, t, heads, hd) = d;
-    let half = hd / 2;
-    let mut dx = vec![0f32; x.len()];
-    dx.par_chunks_mut(heads * hd).enumerate().for_each(|(row, out)| {
-        let (bi, i) = (row / t, row % t);
-        let (cos, sin) = (&rope.cos[i * half..][..half], &rope.sin[i * half..][..half]);
-        let mut gw = vec![0f32; hd];
-        for head in 0..heads {
-            let gs = &g[((bi * heads + head) * t + i) * hd..][..hd];
-            let xs = &x[(row * heads + head) * hd..][..hd];
-            for j in 0..half {
-                gw[j] = (gs[j] * cos[j] + gs[j + half] * sin[j]) * w[j];
-                gw[j + half] = (gs[j + half] * cos[j] - gs[j] * sin[j]) * w[j + half];
-            }
-            let r = inv_rms(xs, eps);
-            let dot = gw.iter().zip(xs).map(|(a, b)| a * b).sum::<f32>() / hd as f32;
-            let c = dot * r * r * r;
-            for (o, (gw, x)) in out[head * hd..(head + 1) * hd].iter_mut().zip(gw.iter().zip(xs)) {
-                *o = r * gw - x * c;
-            }
-        }
-    });
-    dx
-}
-
 /// The candle op on `q: [b * t, heads * hd]`, `k, v: [b * t, kv_heads * hd]` (the projections'
 /// outputs), giving `[b * t, heads * hd]` (what `o_proj` takes).
 pub struct AttentionBlock {
     pub q_norm: Vec<f32>,
     pub k_norm: Vec<f32>,
     pub eps: f32,
-    pub rope: RopeHost,
+    pub rope: RopeTables,
     pub dims: BlockDims,
     pub scale: f32,
     pub tiles: Tiles,
@@ -436,7 +367,7 @@ impl AttentionBlock {
         q_norm: Vec<f32>,
         k_norm: Vec<f32>,
         eps: f32,
-        rope: RopeHost,
+        rope: RopeTables,
         dims: BlockDims,
         scale: f32,
         tiles: Tiles,
@@ -445,17 +376,18 @@ impl AttentionBlock {
         Self { q_norm, k_norm, eps, rope, dims, scale, tiles, lse: Mutex::new(Vec::new()) }
     }
 
-    fn q_dims(&self) -> (usize, usize, usize, usize) {
-        (self.dims.b, self.dims.t, self.dims.heads, self.dims.hd)
+    /// `(t, heads, hd)` of q, and of k and v.
+    fn q_dims(&self) -> (usize, usize, usize) {
+        (self.dims.t, self.dims.heads, self.dims.hd)
     }
 
-    fn kv_dims(&self) -> (usize, usize, usize, usize) {
-        (self.dims.b, self.dims.t, self.dims.kv_heads, self.dims.hd)
+    fn kv_dims(&self) -> (usize, usize, usize) {
+        (self.dims.t, self.dims.kv_heads, self.dims.hd)
     }
 
     fn check(&self, q: &Shape, k: &Shape, v: &Shape) -> Result<()> {
         let BlockDims { b, t, heads, kv_heads, hd } = self.dims;
-        let rope_ok = self.rope.cos.len() >= t * (hd / 2) && self.rope.sin.len() >= t * (hd / 2);
+        let rope_ok = self.rope.cos_host.len() >= t * (hd / 2) && self.rope.sin_host.len() >= t * (hd / 2);
         let norms_ok = self.q_norm.len() == hd && self.k_norm.len() == hd;
         if q.dims() != [b * t, heads * hd]
             || k.dims() != [b * t, kv_heads * hd]
@@ -495,7 +427,8 @@ impl candle_core::CustomOp3 for AttentionBlock {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.check(ql.shape(), kl.shape(), vl.shape())?;
-        let (qh, kh, vh) = self.heads(cpu_slice(q, ql)?, cpu_slice(k, kl)?, cpu_slice(v, vl)?);
+        let (qh, kh, vh) =
+            self.heads(cpu_f32(q, ql, "attention")?, cpu_f32(k, kl, "attention")?, cpu_f32(v, vl, "attention")?);
         let (o, lse) = forward(&qh, &kh, &vh, &self.dims.kernel(), self.scale, self.tiles);
         drop((qh, kh, vh));
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;

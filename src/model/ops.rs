@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Storag
 use rayon::prelude::*;
 use std::sync::Arc;
 
-use super::attention::{AttentionBlock, BlockDims, RopeHost, TILES, TiledAttention, Tiles};
+use super::attention::{AttentionBlock, BlockDims, TILES, TiledAttention, Tiles};
 use super::kernels::{Mat, Threads, exp_approx, sgemm, vectorized};
 
 /// `x @ w^T` for a weight that is never trained: backward yields d/dx only.
@@ -81,7 +81,7 @@ fn runs_fused(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
-fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(crate) fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
@@ -102,21 +102,39 @@ impl CustomOp1 for RmsNorm {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = cpu_f32(s, l, "rms_norm")?;
-        let w: Vec<f32> = self.w.to_vec1()?;
-        let d = w.len();
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, x)| {
-            let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
-            let r = 1.0 / (ms + self.eps).sqrt();
-            for ((o, x), w) in o.iter_mut().zip(x).zip(&w) {
-                *o = x * r * w;
-            }
-        });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        Ok((CpuStorage::F32(rms_rows(x, &self.w.to_vec1()?, self.eps)), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(rms_norm_bwd(x, &self.w, self.eps as f64, g)?))
+    }
+}
+
+/// `1 / sqrt(mean(x^2) + eps)` of one row.
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    1.0 / (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32 + eps).sqrt()
+}
+
+/// `rms_norm(x) w` row by row (rows of `w.len()`).
+fn rms_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len();
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, x)| {
+        let r = inv_rms(x, eps);
+        for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
+            *o = x * r * w;
+        }
+    });
+    out
+}
+
+/// One row of the RMS norm's input gradient, given `gw` = the output gradient times the weight:
+/// `out = r gw - x r^3 mean(gw x)` (the host form of [`rms_norm_bwd`]).
+fn rms_grad_row(x: &[f32], gw: &[f32], eps: f32, out: &mut [f32]) {
+    let r = inv_rms(x, eps);
+    let c = gw.iter().zip(x).map(|(a, b)| a * b).sum::<f32>() / x.len() as f32 * r * r * r;
+    for ((o, gw), x) in out.iter_mut().zip(gw).zip(x) {
+        *o = r * gw - x * c;
     }
 }
 
@@ -182,50 +200,6 @@ impl RopeTables {
     }
 }
 
-/// Rotary embedding (rotate-half layout) on `[batch, seq, heads, head_dim]`, position = seq index
-/// (the tables may be longer than seq).
-struct Rope {
-    cos: Arc<[f32]>,
-    sin: Arc<[f32]>,
-    /// +1 applies the rotation, -1 its inverse (the backward).
-    sign: f32,
-}
-
-impl Rope {
-    fn new(tables: &RopeTables, sign: f32) -> Self {
-        Self { cos: tables.cos_host.clone(), sin: tables.sin_host.clone(), sign }
-    }
-}
-
-impl CustomOp1 for Rope {
-    fn name(&self) -> &'static str {
-        "rope"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = cpu_f32(s, l, "rope")?;
-        let (_b, t, h, hd) = l.shape().dims4()?;
-        let half = hd / 2;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(t * h * hd).zip(x.par_chunks(t * h * hd)).for_each(|(o, x)| {
-            for p in 0..t {
-                let (cos, sin) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
-                for head in 0..h {
-                    let base = (p * h + head) * hd;
-                    let (x1, x2) = x[base..base + hd].split_at(half);
-                    let (o1, o2) = o[base..base + hd].split_at_mut(half);
-                    for i in 0..half {
-                        let s = self.sign * sin[i];
-                        o1[i] = x1[i] * cos[i] - x2[i] * s;
-                        o2[i] = x2[i] * cos[i] + x1[i] * s;
-                    }
-                }
-            }
-        });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-}
-
 /// The same rotary embedding as a composition of differentiable ops.
 pub fn rope_composed(x: &Tensor, tables: &RopeTables) -> Result<Tensor> {
     let (_b, t, _h, hd) = x.dims4()?;
@@ -240,12 +214,17 @@ pub fn rope_composed(x: &Tensor, tables: &RopeTables) -> Result<Tensor> {
     Tensor::cat(&[o1, o2], D::Minus1)
 }
 
-/// The same causal softmax as a composition of differentiable ops.
-pub fn causal_softmax_composed(s: &Tensor, scale: f64) -> Result<Tensor> {
-    let (_b, _g, rows, t) = s.dims4()?;
-    let mask: Vec<f32> =
-        (0..rows).flat_map(|r| (0..t).map(move |j| if j <= r % t { 0.0 } else { f32::NEG_INFINITY })).collect();
-    let mask = Tensor::from_vec(mask, (rows, t), s.device())?.to_dtype(s.dtype())?;
+/// Causal softmax of `scale * s` over the last dim of `s: [batch, groups, rows, keys]`, as a
+/// composition of differentiable ops: row `r` is the query at position `offset + r % (keys -
+/// offset)` (query heads sharing a KV head stacked along rows, after `offset` prefix keys) and
+/// sees keys up to its position.
+pub fn causal_softmax_composed(s: &Tensor, scale: f64, offset: usize) -> Result<Tensor> {
+    let (_b, _g, rows, keys) = s.dims4()?;
+    let t = keys - offset;
+    let mask: Vec<f32> = (0..rows)
+        .flat_map(|r| (0..keys).map(move |j| if j <= offset + r % t { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (rows, keys), s.device())?.to_dtype(s.dtype())?;
     let s = (s * scale)?.broadcast_add(&mask)?;
     candle_nn::ops::softmax(&s, D::Minus1)
 }
@@ -254,17 +233,6 @@ pub fn causal_softmax_composed(s: &Tensor, scale: f64) -> Result<Tensor> {
 // Fused blocks that keep only their inputs for the backward pass and recompute the rest there.
 // candle's graph retains every intermediate of a composition until the backward is done; these
 // keep the memory of a training step to its inputs (see README "Performance").
-
-/// A CPU tensor holding a copy of an f32 storage (contiguous layouts only).
-fn cpu_tensor(s: &CpuStorage, l: &Layout, op: &str) -> Result<Tensor> {
-    Tensor::from_slice(cpu_f32(s, l, op)?, l.shape(), &candle_core::Device::Cpu)
-}
-
-/// Moves a computed CPU tensor back into a storage for a custom op's result.
-fn cpu_result(t: &Tensor) -> Result<(CpuStorage, Shape)> {
-    let v = t.flatten_all()?.to_vec1::<f32>()?;
-    Ok((CpuStorage::F32(v), t.shape().clone()))
-}
 
 /// `y = x w^T + scale ((x ⊙ mask) a^T) b^T`: a projection with its LoRA adapter.
 struct LoraLinear {
@@ -366,7 +334,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     if runs_fused(q) {
         q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, TiledAttention::new(scale as f32, 0, TILES))
     } else {
-        causal_softmax_composed(&q.matmul(&k.t()?)?, scale)?.matmul(v)
+        causal_softmax_composed(&q.matmul(&k.t()?)?, scale, 0)?.matmul(v)
     }
 }
 
@@ -394,9 +362,8 @@ fn attention_block_tiled(q: &Tensor, k: &Tensor, v: &Tensor, p: &BlockParams, ti
     if !runs_fused(q) {
         return attention_block_composed(q, k, v, p);
     }
-    let host = RopeHost { cos: p.rope.cos_host.clone(), sin: p.rope.sin_host.clone() };
     let (qn, kn) = (p.q_norm.to_vec1()?, p.k_norm.to_vec1()?);
-    let op = AttentionBlock::new(qn, kn, p.eps as f32, host, p.dims, p.scale as f32, tiles);
+    let op = AttentionBlock::new(qn, kn, p.eps as f32, p.rope.clone(), p.dims, p.scale as f32, tiles);
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
@@ -411,7 +378,7 @@ pub fn attention_block_composed(q: &Tensor, k: &Tensor, v: &Tensor, p: &BlockPar
     let (q, k) = (normed(q, h, p.q_norm)?, normed(k, hk, p.k_norm)?);
     let v = heads_first(v.reshape((b, t, hk, hd))?)?;
     let q = q.reshape((b, hk, (h / hk) * t, hd))?;
-    let o = causal_softmax_composed(&q.matmul(&k.t()?)?, p.scale)?.matmul(&v)?;
+    let o = causal_softmax_composed(&q.matmul(&k.t()?)?, p.scale, 0)?.matmul(&v)?;
     o.reshape((b, h, t, hd))?.transpose(1, 2)?.contiguous()?.reshape((b * t, h * hd))
 }
 
@@ -424,15 +391,7 @@ pub fn attention_after(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, offset: u
         let op = TiledAttention::new(scale as f32, offset, TILES);
         return q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
     }
-    let (_b, _hk, rows, _hd) = q.dims4()?;
-    let keys = k.dim(2)?;
-    let s = keys - offset;
-    let mask: Vec<f32> = (0..rows)
-        .flat_map(|r| (0..keys).map(move |j| if j <= offset + r % s { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    let mask = Tensor::from_vec(mask, (rows, keys), q.device())?;
-    let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-    candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
+    causal_softmax_composed(&q.matmul(&k.t()?)?, scale, offset)?.matmul(v)
 }
 
 vectorized! {
@@ -456,6 +415,28 @@ vectorized! {
     }
 }
 
+/// `silu(g) * u` for every row `[g | u]` of `gu` (rows of `2 inter`).
+fn swiglu_rows(gu: &[f32], inter: usize) -> Vec<f32> {
+    let mut out = vec![0f32; gu.len() / 2];
+    out.par_chunks_mut(inter).zip(gu.par_chunks(2 * inter)).for_each(|(o, gu)| {
+        let (g, u) = gu.split_at(inter);
+        swiglu_row(g, u, o);
+    });
+    out
+}
+
+/// The gradient with respect to `gu` (rows `[g | u]` of `2 inter`) of [`swiglu_rows`], for the
+/// output gradient `gy` (rows of `inter`).
+fn swiglu_grad_rows(gu: &[f32], gy: &[f32], inter: usize) -> Vec<f32> {
+    let mut out = vec![0f32; gu.len()];
+    out.par_chunks_mut(2 * inter).zip(gu.par_chunks(2 * inter).zip(gy.par_chunks(inter))).for_each(|(o, (x, gy))| {
+        let (g, u) = x.split_at(inter);
+        let (dg, du) = o.split_at_mut(inter);
+        swiglu_grad_row(g, u, gy, dg, du);
+    });
+    out
+}
+
 /// `silu(gate) * up` on `gu [n, 2 inter]` (gate first, as the fused projection lays it out).
 struct SwiGlu;
 
@@ -467,13 +448,7 @@ impl CustomOp1 for SwiGlu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = cpu_f32(s, l, "swiglu")?;
         let (n, two_i) = l.shape().dims2()?;
-        let i = two_i / 2;
-        let mut out = vec![0f32; n * i];
-        out.par_chunks_mut(i).zip(x.par_chunks(two_i)).for_each(|(o, x)| {
-            let (g, u) = x.split_at(i);
-            swiglu_row(g, u, o);
-        });
-        Ok((CpuStorage::F32(out), Shape::from((n, i))))
+        Ok((CpuStorage::F32(swiglu_rows(x, two_i / 2)), Shape::from((n, two_i / 2))))
     }
 
     fn bwd(&self, gu: &Tensor, _res: &Tensor, gy: &Tensor) -> Result<Option<Tensor>> {
@@ -491,15 +466,7 @@ impl candle_core::CustomOp2 for SwiGluBwd {
 
     fn cpu_fwd(&self, gu: &CpuStorage, gl: &Layout, gy: &CpuStorage, yl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (gu, gy) = (cpu_f32(gu, gl, "swiglu_bwd")?, cpu_f32(gy, yl, "swiglu_bwd")?);
-        let (n, two_i) = gl.shape().dims2()?;
-        let i = two_i / 2;
-        let mut out = vec![0f32; n * two_i];
-        out.par_chunks_mut(two_i).zip(gu.par_chunks(two_i).zip(gy.par_chunks(i))).for_each(|(o, (x, gy))| {
-            let (g, u) = x.split_at(i);
-            let (dg, du) = o.split_at_mut(i);
-            swiglu_grad_row(g, u, gy, dg, du);
-        });
-        Ok((CpuStorage::F32(out), gl.shape().clone()))
+        Ok((CpuStorage::F32(swiglu_grad_rows(gu, gy, gl.shape().dims2()?.1 / 2)), gl.shape().clone()))
     }
 }
 
@@ -538,31 +505,6 @@ fn with_host<T>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<T>) -> Re
     }
 }
 
-impl MlpBlock {
-    /// `rms_norm(x) w` row by row.
-    fn normed(&self, x: &[f32]) -> Vec<f32> {
-        let d = self.norm.len();
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, x)| {
-            let r = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / d as f32 + self.eps).sqrt();
-            for ((o, x), w) in o.iter_mut().zip(x).zip(&self.norm) {
-                *o = x * r * w;
-            }
-        });
-        out
-    }
-
-    /// silu(gate) * up for every row of gate|up.
-    fn swiglu(gu: &[f32], inter: usize) -> Vec<f32> {
-        let mut a = vec![0f32; gu.len() / 2];
-        a.par_chunks_mut(inter).zip(gu.par_chunks(2 * inter)).for_each(|(o, gu)| {
-            let (g, u) = gu.split_at(inter);
-            swiglu_row(g, u, o);
-        });
-        a
-    }
-}
-
 impl CustomOp1 for MlpBlock {
     fn name(&self) -> &'static str {
         "mlp-block"
@@ -581,14 +523,14 @@ impl CustomOp1 for MlpBlock {
                 self.down.shape()
             );
         }
-        let n = self.normed(x);
+        let n = rms_rows(x, &self.norm, self.eps);
         let mut gu = vec![0f32; rows * two_i];
         with_host(&self.gate_up, "mlp", |w| {
             sgemm(rows, two_i, d, &mut gu, two_i, Mat::rows(&n, d), Mat::rows_t(w, d), 1.0, false, Threads::All);
             Ok(())
         })?;
         drop(n);
-        let a = Self::swiglu(&gu, inter);
+        let a = swiglu_rows(&gu, inter);
         let mut y = x.to_vec();
         with_host(&self.down, "mlp", |w| {
             sgemm(rows, d, inter, &mut y, d, Mat::rows(&a, inter), Mat::rows_t(w, inter), 1.0, true, Threads::All);
@@ -614,14 +556,7 @@ impl CustomOp1 for MlpBlock {
                 Ok(())
             })
         })?;
-        let mut dgu = vec![0f32; rows * 2 * inter];
-        dgu.par_chunks_mut(2 * inter).zip(gu.par_chunks(2 * inter).zip(da.par_chunks(inter))).for_each(
-            |(o, (x, gy))| {
-                let (gt, up) = x.split_at(inter);
-                let (dg, du) = o.split_at_mut(inter);
-                swiglu_grad_row(gt, up, gy, dg, du);
-            },
-        );
+        let dgu = swiglu_grad_rows(&gu, &da, inter);
         drop((gu, da));
         let mut dn = vec![0f32; rows * d];
         with_host(&self.gate_up, "mlp", |w| {
@@ -644,14 +579,10 @@ impl CustomOp1 for MlpBlock {
         let mut dx = vec![0f32; rows * d];
         with_host(&x.contiguous()?, "mlp", |x| {
             with_host(&g, "mlp", |g| {
-                dx.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
-                    let (xs, gs, dns) = (&x[row * d..][..d], &g[row * d..][..d], &dn[row * d..][..d]);
-                    let r = 1.0 / (xs.iter().map(|v| v * v).sum::<f32>() / d as f32 + self.eps).sqrt();
-                    let dot = dns.iter().zip(&self.norm).zip(xs).map(|((a, w), x)| a * w * x).sum::<f32>() / d as f32;
-                    let c = dot * r * r * r;
-                    for j in 0..d {
-                        o[j] = gs[j] + r * dns[j] * self.norm[j] - xs[j] * c;
-                    }
+                dx.par_chunks_mut(d).zip(dn.par_chunks_mut(d)).enumerate().for_each(|(row, (o, dn))| {
+                    dn.iter_mut().zip(&self.norm).for_each(|(a, w)| *a *= w);
+                    rms_grad_row(&x[row * d..][..d], dn, self.eps, o);
+                    o.iter_mut().zip(&g[row * d..][..d]).for_each(|(o, g)| *o += g);
                 });
                 Ok(())
             })
@@ -685,8 +616,67 @@ pub fn mlp_block_composed(x: &Tensor, norm: &Tensor, eps: f64, gate_up: &Tensor,
     x + frozen_linear(&a, down)?
 }
 
-/// Per-head RMS norm, rotary embedding and the move of heads before positions:
-/// `[b, seq, heads, hd] -> [b, heads, seq, hd]`, keeping only the input for the backward.
+/// Per-head RMS norm (weight `w`) and rotary embedding (rotate-half, position = token index) of
+/// token-major `x: [b * t, heads * hd]`, written head-major `[b, heads, t, hd]`.
+/// `dims`: `(t, heads, hd)`.
+pub(crate) fn norm_rope_to_heads(
+    x: &[f32],
+    w: &[f32],
+    eps: f32,
+    rope: &RopeTables,
+    dims: (usize, usize, usize),
+) -> Vec<f32> {
+    let (t, heads, hd) = dims;
+    let half = hd / 2;
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(t * hd).enumerate().for_each(|(bh, o)| {
+        let (bi, head) = (bh / heads, bh % heads);
+        for i in 0..t {
+            let src = &x[((bi * t + i) * heads + head) * hd..][..hd];
+            let r = inv_rms(src, eps);
+            let (cos, sin) = (&rope.cos_host[i * half..][..half], &rope.sin_host[i * half..][..half]);
+            let dst = &mut o[i * hd..][..hd];
+            for j in 0..half {
+                let (x1, x2) = (src[j] * r * w[j], src[j + half] * r * w[j + half]);
+                dst[j] = x1 * cos[j] - x2 * sin[j];
+                dst[j + half] = x2 * cos[j] + x1 * sin[j];
+            }
+        }
+    });
+    out
+}
+
+/// The gradient, token-major like `x`, of [`norm_rope_to_heads`] for the head-major output
+/// gradient `g`: the inverse rotation (by minus the angle), then the RMS norm's backward.
+pub(crate) fn norm_rope_to_heads_bwd(
+    x: &[f32],
+    w: &[f32],
+    eps: f32,
+    rope: &RopeTables,
+    g: &[f32],
+    dims: (usize, usize, usize),
+) -> Vec<f32> {
+    let (t, heads, hd) = dims;
+    let half = hd / 2;
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(heads * hd).enumerate().for_each(|(row, out)| {
+        let (bi, i) = (row / t, row % t);
+        let (cos, sin) = (&rope.cos_host[i * half..][..half], &rope.sin_host[i * half..][..half]);
+        let mut gw = vec![0f32; hd];
+        for head in 0..heads {
+            let gs = &g[((bi * heads + head) * t + i) * hd..][..hd];
+            for j in 0..half {
+                gw[j] = (gs[j] * cos[j] + gs[j + half] * sin[j]) * w[j];
+                gw[j + half] = (gs[j + half] * cos[j] - gs[j] * sin[j]) * w[j + half];
+            }
+            rms_grad_row(&x[(row * heads + head) * hd..][..hd], &gw, eps, &mut out[head * hd..(head + 1) * hd]);
+        }
+    });
+    dx
+}
+
+/// [`norm_rope_to_heads`] as a candle op on `[b, seq, heads, hd]`, keeping only its input for
+/// the backward.
 struct NormRope {
     w: Tensor,
     eps: f32,
@@ -699,17 +689,17 @@ impl CustomOp1 for NormRope {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = cpu_tensor(s, l, "norm_rope")?;
-        let y = x
-            .apply_op1_no_bwd(&RmsNorm { w: self.w.clone(), eps: self.eps })?
-            .apply_op1_no_bwd(&Rope::new(&self.tables, 1.0))?;
-        cpu_result(&y.transpose(1, 2)?.contiguous()?)
+        let x = cpu_f32(s, l, "norm_rope")?;
+        let (b, t, h, hd) = l.shape().dims4()?;
+        let y = norm_rope_to_heads(x, &self.w.to_vec1()?, self.eps, &self.tables, (t, h, hd));
+        Ok((CpuStorage::F32(y), Shape::from((b, h, t, hd))))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        // The rotation's inverse is the rotation by minus the angle.
-        let g = g.transpose(1, 2)?.contiguous()?.apply_op1_no_bwd(&Rope::new(&self.tables, -1.0))?;
-        Ok(Some(rms_norm_bwd(x, &self.w, self.eps as f64, &g)?))
+        let (_b, t, h, hd) = x.dims4()?;
+        let (x_, g_) = (x.flatten_all()?.to_vec1::<f32>()?, g.flatten_all()?.to_vec1::<f32>()?);
+        let dx = norm_rope_to_heads_bwd(&x_, &self.w.to_vec1()?, self.eps, &self.tables, &g_, (t, h, hd));
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
 
@@ -794,7 +784,7 @@ mod tests {
             |t| attention(&t[0], &t[1], &t[2], 0.5).unwrap(),
             |t| {
                 let s = t[0].matmul(&t[1].t().unwrap()).unwrap();
-                causal_softmax_composed(&s, 0.5).unwrap().matmul(&t[2]).unwrap()
+                causal_softmax_composed(&s, 0.5, 0).unwrap().matmul(&t[2]).unwrap()
             },
         );
     }
