@@ -190,74 +190,76 @@ impl Qwen3 {
     /// `[batch, 2]` logits `[no, yes]` at each row's last real token.
     /// `ids: [batch, seq]` right-padded; `last[b]` is the index of row b's last real token.
     pub fn yes_no_logits(&self, batch: &Batch, ad: &mut Adapters) -> Result<Tensor> {
-        let (ids, last) = (&batch.ids, &batch.last);
-        let (b, t) = ids.dims2()?;
-        // Right padding + causal attention: real tokens never see the padding, so no pad mask.
-        let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.to_dtype(DType::F32)?; // [b*t, d]
-        let rope = RopeTables::new(self.cfg.head_dim, t, self.cfg.rope_theta, &self.device)?;
-        let n = self.layers.len();
-        for (i, layer) in self.layers.iter().enumerate() {
-            // The last layer computes only the rows the head reads.
-            let only = (i + 1 == n).then_some(last.as_slice());
-            x = self.layer_forward(i, layer, &x, b, t, &rope, None, None, only, ad)?;
-        }
-        let h = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?; // [b, d]
-        Ok(h.matmul(&self.head.t()?)?) // [b, 2]
+        self.logits_after(None, batch, ad)
     }
 
     /// The keys and values of every layer for one token sequence (a prefix shared by several
     /// prompts), computed once: [`Qwen3::yes_no_logits_after`] runs only what follows it.
     pub fn prefix_cache(&self, ids: &[u32], ad: &mut Adapters) -> Result<PrefixCache> {
-        let t = ids.len();
-        let ids_t = Tensor::new(ids, &self.device)?;
-        let mut x = self.embed_tokens.index_select(&ids_t, 0)?.to_dtype(DType::F32)?; // [t, d]
-        let rope = RopeTables::new(self.cfg.head_dim, t, self.cfg.rope_theta, &self.device)?;
-        let mut kv = Vec::with_capacity(self.layers.len());
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(i, layer, &x, 1, t, &rope, None, Some(&mut kv), None, ad)?;
-        }
-        Ok(PrefixCache { tokens: ids.to_vec(), reused: 0, kv })
+        self.cache_after(None, ids, ad)
     }
 
     /// The cache of `prefix` followed by `ids`, running only `ids`' tokens (after `prefix`'s
     /// keys and values, as [`Qwen3::yes_no_logits_after`] does).
     pub fn extend_prefix(&self, prefix: &PrefixCache, ids: &[u32], ad: &mut Adapters) -> Result<PrefixCache> {
-        let t = ids.len();
-        let x_ids = Tensor::new(ids, &self.device)?;
-        let mut x = self.embed_tokens.index_select(&x_ids, 0)?.to_dtype(DType::F32)?;
-        let rope = RopeTables::range(self.cfg.head_dim, prefix.len(), t, self.cfg.rope_theta, &self.device)?;
-        let mut new = Vec::with_capacity(self.layers.len());
-        for (i, layer) in self.layers.iter().enumerate() {
-            let past = (&prefix.kv[i].0, &prefix.kv[i].1);
-            x = self.layer_forward(i, layer, &x, 1, t, &rope, Some(past), Some(&mut new), None, ad)?;
-        }
-        let kv = prefix
-            .kv
-            .iter()
-            .zip(new)
-            .map(|((pk, pv), (k, v))| {
-                Ok((Tensor::cat(&[pk, &k], 2)?.contiguous()?, Tensor::cat(&[pv, &v], 2)?.contiguous()?))
-            })
-            .collect::<Result<_>>()?;
-        Ok(PrefixCache { tokens: [prefix.tokens.as_slice(), ids].concat(), reused: prefix.len(), kv })
+        self.cache_after(Some(prefix), ids, ad)
     }
 
     /// `[batch, 2]` logits `[no, yes]` of prompts that are `prefix` followed by each row of
     /// `batch` (right-padded continuations; `last` indexes the continuation). The same numbers
     /// as [`Qwen3::yes_no_logits`] on the whole prompts, to rounding.
     pub fn yes_no_logits_after(&self, prefix: &PrefixCache, batch: &Batch, ad: &mut Adapters) -> Result<Tensor> {
+        self.logits_after(Some(prefix), batch, ad)
+    }
+
+    /// The embedded tokens, f32: `[n, d]`.
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.embed_tokens.index_select(ids, 0)?.to_dtype(DType::F32)?)
+    }
+
+    /// Rotary tables for `t` tokens after `prefix`.
+    fn rope_after(&self, prefix: Option<&PrefixCache>, t: usize) -> Result<RopeTables> {
+        let start = prefix.map_or(0, PrefixCache::len);
+        Ok(RopeTables::range(self.cfg.head_dim, start, t, self.cfg.rope_theta, &self.device)?)
+    }
+
+    fn logits_after(&self, prefix: Option<&PrefixCache>, batch: &Batch, ad: &mut Adapters) -> Result<Tensor> {
         let (ids, last) = (&batch.ids, &batch.last);
         let (b, t) = ids.dims2()?;
-        let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.to_dtype(DType::F32)?;
-        let rope = RopeTables::range(self.cfg.head_dim, prefix.len(), t, self.cfg.rope_theta, &self.device)?;
+        // Right padding + causal attention: real tokens never see the padding, so no pad mask.
+        let mut x = self.embed(&ids.flatten_all()?)?; // [b*t, d]
+        let rope = self.rope_after(prefix, t)?;
         let n = self.layers.len();
         for (i, layer) in self.layers.iter().enumerate() {
-            let past = (&prefix.kv[i].0, &prefix.kv[i].1);
+            let past = prefix.map(|p| (&p.kv[i].0, &p.kv[i].1));
+            // The last layer computes only the rows the head reads.
             let only = (i + 1 == n).then_some(last.as_slice());
-            x = self.layer_forward(i, layer, &x, b, t, &rope, Some(past), None, only, ad)?;
+            x = self.layer_forward(i, layer, &x, b, t, &rope, past, None, only, ad)?;
         }
-        let h = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
-        Ok(h.matmul(&self.head.t()?)?)
+        let h = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?; // [b, d]
+        Ok(h.matmul(&self.head.t()?)?) // [b, 2]
+    }
+
+    fn cache_after(&self, prefix: Option<&PrefixCache>, ids: &[u32], ad: &mut Adapters) -> Result<PrefixCache> {
+        let t = ids.len();
+        let mut x = self.embed(&Tensor::new(ids, &self.device)?)?; // [t, d]
+        let rope = self.rope_after(prefix, t)?;
+        let mut kv = Vec::with_capacity(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let past = prefix.map(|p| (&p.kv[i].0, &p.kv[i].1));
+            x = self.layer_forward(i, layer, &x, 1, t, &rope, past, Some(&mut kv), None, ad)?;
+        }
+        let Some(prefix) = prefix else { return Ok(PrefixCache { tokens: ids.to_vec(), reused: 0, kv }) };
+        // `kv` holds the new tokens' keys and values: after the prefix's.
+        let kv = prefix
+            .kv
+            .iter()
+            .zip(kv)
+            .map(|((pk, pv), (k, v))| {
+                Ok((Tensor::cat(&[pk, &k], 2)?.contiguous()?, Tensor::cat(&[pv, &v], 2)?.contiguous()?))
+            })
+            .collect::<Result<_>>()?;
+        Ok(PrefixCache { tokens: [prefix.tokens.as_slice(), ids].concat(), reused: prefix.len(), kv })
     }
 
     /// Projection `t` of layer `i` over `x` with frozen weight `w`, plus its LoRA if it has one.
