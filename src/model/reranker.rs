@@ -85,7 +85,7 @@ impl Reranker {
         prefix: &[u32],
         lora: Option<&LoraSet>,
     ) -> Result<PrefixCache> {
-        let common = earlier.map_or(0, |e| e.tokens.iter().zip(prefix).take_while(|(a, b)| a == b).count());
+        let common = earlier.map_or(0, |e| common_len(&e.tokens, prefix));
         let Some(earlier) = earlier.filter(|_| common >= MIN_SHARED_PREFIX) else {
             return self.prefix_cache(prefix, lora);
         };
@@ -119,16 +119,7 @@ impl Reranker {
         batch_size: usize,
         lora: Option<&LoraSet>,
     ) -> Result<Vec<PairLogits>> {
-        let mut order: Vec<usize> = (0..rest.len()).collect();
-        order.sort_by_key(|&i| rest[i].len());
-        let mut out = vec![None; rest.len()];
-        for chunk in order.chunks(batch_size.max(1)) {
-            let seqs: Vec<&[u32]> = chunk.iter().map(|&i| rest[i]).collect();
-            for (&i, s) in chunk.iter().zip(self.score_after(cache, &seqs, lora)?) {
-                out[i] = Some(s);
-            }
-        }
-        Ok(out.into_iter().map(|s| s.expect("every prompt scored")).collect())
+        in_length_batches(rest, batch_size, |seqs| self.score_after(cache, seqs, lora))
     }
 
     /// Scores (query, doc) pairs in batches of `batch_size` (grouped by length to pad little).
@@ -171,17 +162,36 @@ impl Reranker {
             }
             earlier = Some(cache);
         }
-        let ids_rest: Vec<usize> = rest;
-        let mut order: Vec<usize> = ids_rest;
-        order.sort_by_key(|&i| ids[i].len());
-        for chunk in order.chunks(batch_size.max(1)) {
-            let seqs: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
-            for (&i, s) in chunk.iter().zip(self.score_ids(&seqs, lora)?) {
-                out[i] = Some(s);
-            }
+        let seqs: Vec<&[u32]> = rest.iter().map(|&i| ids[i].as_slice()).collect();
+        for (&i, s) in rest.iter().zip(in_length_batches(&seqs, batch_size, |b| self.score_ids(b, lora))?) {
+            out[i] = Some(s);
         }
         Ok(out.into_iter().map(|s| s.expect("every pair scored")).collect())
     }
+}
+
+/// Scores `seqs` in batches of `batch_size`, shortest first so a batch pads little, with
+/// `score` on each batch; the results in `seqs`' order.
+fn in_length_batches(
+    seqs: &[&[u32]],
+    batch_size: usize,
+    mut score: impl FnMut(&[&[u32]]) -> Result<Vec<PairLogits>>,
+) -> Result<Vec<PairLogits>> {
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| seqs[i].len());
+    let mut out = vec![None; seqs.len()];
+    for chunk in order.chunks(batch_size.max(1)) {
+        let batch: Vec<&[u32]> = chunk.iter().map(|&i| seqs[i]).collect();
+        for (&i, s) in chunk.iter().zip(score(&batch)?) {
+            out[i] = Some(s);
+        }
+    }
+    Ok(out.into_iter().map(|s| s.expect("every prompt scored")).collect())
+}
+
+/// How many leading tokens `a` and `b` share.
+fn common_len(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// The longest token prefix all of `seqs` share, leaving each at least one token of its own,
@@ -190,7 +200,7 @@ pub fn shared_prefix(seqs: &[&[u32]]) -> Option<usize> {
     let (first, others) = seqs.split_first()?;
     let mut p = seqs.iter().map(|s| s.len().saturating_sub(1)).min()?;
     for s in others {
-        p = p.min(first.iter().zip(s.iter()).take_while(|(a, b)| a == b).count());
+        p = p.min(common_len(first, s));
     }
     (seqs.len() >= 2 && p >= MIN_SHARED_PREFIX).then_some(p)
 }
