@@ -347,15 +347,15 @@ fn execute(ctx: &mut RunContext, root: &Root, shrink: bool) -> anyhow::Result<Va
 /// The memory governor, before anything big is loaded: estimates one micro-step from the
 /// checkpoint's config and picks the largest micro-batch (then max_length) under the budget,
 /// keeping the effective batch. Every change is a `cap` event; the returned job carries them.
-/// `tiled`: the run is on the CPU, where attention is tiled (nothing quadratic in the length) and
+/// `cpu`: the run is on the CPU, where attention is tiled (nothing quadratic in the length) and
 /// the fused blocks keep less for the backward.
-fn govern(ctx: &mut RunContext, mut job: Job, ck: &CheckpointDir, tiled: bool) -> anyhow::Result<Job> {
+fn govern(ctx: &mut RunContext, mut job: Job, ck: &CheckpointDir, cpu: bool) -> anyhow::Result<Job> {
     let cfg = ck.read_config()?;
     let embed_bytes = SafetensorsWeights::open(&ck.weights, &candle_core::Device::Cpu)?
         .dtype_bytes("model.embed_tokens.weight")
         .unwrap_or(4) as u64;
     let lcfg = lora_config(&job);
-    let blocks = memory::Blocks::for_run(tiled, &lcfg.targets);
+    let blocks = memory::Blocks::for_run(cpu, &lcfg.targets);
     let est = Estimate::for_model(&cfg, lcfg.param_count(&cfg), embed_bytes, blocks);
     let budget = job.memory_budget_mb;
     let t = &job.train;
