@@ -318,10 +318,30 @@ pub struct BlockDims {
 }
 
 impl BlockDims {
-    fn kernel(&self) -> Dims {
+    /// The kernel's dimensions, after `offset` keys of a cached prefix.
+    fn kernel(&self, offset: usize) -> Dims {
         let (b, t, hd) = (self.b, self.t, self.hd);
-        Dims { groups: b * self.kv_heads, rep: self.heads / self.kv_heads, t, keys: t, hd, offset: 0 }
+        Dims { groups: b * self.kv_heads, rep: self.heads / self.kv_heads, t, keys: offset + t, hd, offset }
     }
+}
+
+/// The keys and values of a cached prompt prefix, normed and rotated (`[kv_heads, len, hd]`
+/// each, as [`crate::model::PrefixCache`] holds them), that an attention block's tokens follow.
+pub struct Past {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    pub len: usize,
+}
+
+/// `[b, g, t, hd]` after `past` (`[g, p, hd]`, the same for every sequence): `[b, g, p + t, hd]`.
+fn after_past(past: &[f32], x: &[f32], b: usize, g: usize, p: usize, t: usize, hd: usize) -> Vec<f32> {
+    let mut out = vec![0f32; b * g * (p + t) * hd];
+    out.par_chunks_mut((p + t) * hd).enumerate().for_each(|(bg, o)| {
+        let (bi, gi) = (bg / g, bg % g);
+        o[..p * hd].copy_from_slice(&past[gi * p * hd..][..p * hd]);
+        o[p * hd..].copy_from_slice(&x[(bi * g + gi) * t * hd..][..t * hd]);
+    });
+    out
 }
 
 /// `[b * t, heads * hd]` -> `[b, heads, t, hd]`.
@@ -358,6 +378,8 @@ pub struct AttentionBlock {
     pub dims: BlockDims,
     pub scale: f32,
     pub tiles: Tiles,
+    /// A cached prefix these tokens follow (scoring only: no backward then).
+    past: Option<Past>,
     lse: Mutex<Vec<f32>>,
 }
 
@@ -373,7 +395,12 @@ impl AttentionBlock {
         tiles: Tiles,
     ) -> Self {
         let tiles = Tiles { q: tiles.q.max(1), k: tiles.k.max(1) };
-        Self { q_norm, k_norm, eps, rope, dims, scale, tiles, lse: Mutex::new(Vec::new()) }
+        Self { q_norm, k_norm, eps, rope, dims, scale, tiles, past: None, lse: Mutex::new(Vec::new()) }
+    }
+
+    /// The same block after a cached prefix (its `rope` must start at the prefix's length).
+    pub fn after(self, past: Past) -> Self {
+        Self { past: Some(past), ..self }
     }
 
     /// `(t, heads, hd)` of q, and of k and v.
@@ -395,6 +422,7 @@ impl AttentionBlock {
             || !rope_ok
             || !norms_ok
             || heads % kv_heads != 0
+            || self.past.as_ref().is_some_and(|p| p.k.len() != kv_heads * p.len * hd || p.v.len() != p.k.len())
         {
             bail!("attention block: q {q:?}, k {k:?}, v {v:?} do not fit {:?}", self.dims);
         }
@@ -429,7 +457,14 @@ impl candle_core::CustomOp3 for AttentionBlock {
         self.check(ql.shape(), kl.shape(), vl.shape())?;
         let (qh, kh, vh) =
             self.heads(cpu_f32(q, ql, "attention")?, cpu_f32(k, kl, "attention")?, cpu_f32(v, vl, "attention")?);
-        let (o, lse) = forward(&qh, &kh, &vh, &self.dims.kernel(), self.scale, self.tiles);
+        let (o, lse) = match &self.past {
+            None => forward(&qh, &kh, &vh, &self.dims.kernel(0), self.scale, self.tiles),
+            Some(p) => {
+                let BlockDims { b, t, kv_heads: g, hd, .. } = self.dims;
+                let (kh, vh) = (after_past(&p.k, &kh, b, g, p.len, t, hd), after_past(&p.v, &vh, b, g, p.len, t, hd));
+                forward(&qh, &kh, &vh, &self.dims.kernel(p.len), self.scale, self.tiles)
+            }
+        };
         drop((qh, kh, vh));
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
         let BlockDims { t, heads, hd, .. } = self.dims;
@@ -438,7 +473,10 @@ impl candle_core::CustomOp3 for AttentionBlock {
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, res: &Tensor, g: &Tensor) -> Result<Grads3> {
         self.check(q.shape(), k.shape(), v.shape())?;
-        let d = self.dims.kernel();
+        if self.past.is_some() {
+            bail!("attention block: no backward after a cached prefix (scoring only)");
+        }
+        let d = self.dims.kernel(0);
         let lse = saved_lse(&self.lse, &d)?;
         let BlockDims { t, heads, kv_heads, hd, .. } = self.dims;
         let (q_, k_, v_) = (host_f32(q)?, host_f32(k)?, host_f32(v)?);

@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Storag
 use rayon::prelude::*;
 use std::sync::Arc;
 
-use super::attention::{AttentionBlock, BlockDims, TILES, TiledAttention, Tiles};
+use super::attention::{AttentionBlock, BlockDims, Past, TILES, TiledAttention, Tiles};
 use super::kernels::{Mat, Threads, exp_approx, sgemm, vectorized};
 
 /// `x @ w^T` for a weight that is never trained: backward yields d/dx only.
@@ -348,6 +348,9 @@ pub struct BlockParams<'a> {
     pub rope: &'a RopeTables,
     pub dims: BlockDims,
     pub scale: f64,
+    /// The keys and values (`[1, kv_heads, p, hd]` each, normed and rotated) of a cached prefix
+    /// these tokens follow; `rope` then starts at position `p`. Scoring only (no gradients).
+    pub past: Option<(&'a Tensor, &'a Tensor)>,
 }
 
 /// A layer's attention from its projections: per-head RMS norm and rotary embedding of
@@ -359,12 +362,18 @@ pub fn attention_block(q: &Tensor, k: &Tensor, v: &Tensor, p: &BlockParams) -> R
 }
 
 fn attention_block_tiled(q: &Tensor, k: &Tensor, v: &Tensor, p: &BlockParams, tiles: Tiles) -> Result<Tensor> {
-    if !runs_fused(q) {
+    // After a prefix the op has no backward: with gradients, the composition.
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    if !runs_fused(q) || (p.past.is_some() && tracked) {
         return attention_block_composed(q, k, v, p);
     }
     let (qn, kn) = (p.q_norm.to_vec1()?, p.k_norm.to_vec1()?);
     let op = AttentionBlock::new(qn, kn, p.eps as f32, p.rope.clone(), p.dims, p.scale as f32, tiles);
-    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    let Some((pk, pv)) = p.past else { return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op) };
+    let (pk, pv) = (pk.flatten_all()?.to_vec1::<f32>()?, pv.flatten_all()?.to_vec1::<f32>()?);
+    let len = pk.len() / (p.dims.kv_heads * p.dims.hd).max(1);
+    let op = op.after(Past { k: pk, v: pv, len });
+    q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
 }
 
 /// [`attention_block`] as a composition of differentiable candle ops (other devices, and the
@@ -378,7 +387,16 @@ pub fn attention_block_composed(q: &Tensor, k: &Tensor, v: &Tensor, p: &BlockPar
     let (q, k) = (normed(q, h, p.q_norm)?, normed(k, hk, p.k_norm)?);
     let v = heads_first(v.reshape((b, t, hk, hd))?)?;
     let q = q.reshape((b, hk, (h / hk) * t, hd))?;
-    let o = causal_softmax_composed(&q.matmul(&k.t()?)?, p.scale, 0)?.matmul(&v)?;
+    let (k, v, offset) = match p.past {
+        None => (k, v, 0),
+        Some((pk, pv)) => {
+            let n = pk.dim(2)?;
+            let after =
+                |past: &Tensor, x: &Tensor| Tensor::cat(&[&past.broadcast_as((b, hk, n, hd))?, x], 2)?.contiguous();
+            (after(pk, &k)?, after(pv, &v)?, n)
+        }
+    };
+    let o = causal_softmax_composed(&q.matmul(&k.t()?)?, p.scale, offset)?.matmul(&v)?;
     o.reshape((b, h, t, hd))?.transpose(1, 2)?.contiguous()?.reshape((b * t, h * hd))
 }
 
@@ -833,12 +851,58 @@ mod tests {
             let dims = BlockDims { b, t, heads: h, kv_heads: hk, hd };
             let (qn, kn) = (rand(&[hd], 21), rand(&[hd], 22));
             let tables = RopeTables::new(hd, t, 1e4, &Device::Cpu).unwrap();
-            let p = BlockParams { q_norm: &qn, k_norm: &kn, eps: 1e-6, rope: &tables, dims, scale: 0.35 };
+            let p = BlockParams { q_norm: &qn, k_norm: &kn, eps: 1e-6, rope: &tables, dims, scale: 0.35, past: None };
             check(
                 &[&[b * t, h * hd], &[b * t, hk * hd], &[b * t, hk * hd]],
                 |x| attention_block_tiled(&x[0], &x[1], &x[2], &p, tiles).unwrap(),
                 |x| attention_block_composed(&x[0], &x[1], &x[2], &p).unwrap(),
             );
+        }
+    }
+
+    /// The block after a cached prefix (scoring: values only), against its composition, and the
+    /// composition against the block over prefix and tokens together (the prefix's own rows).
+    #[test]
+    fn attention_block_after_a_prefix_matches_composition() {
+        for (b, p, t, h, hk, tiles) in [(2, 5, 11, 4, 2, Tiles { q: 4, k: 3 }), (3, 9, 1, 2, 2, Tiles { q: 5, k: 4 })] {
+            let hd = 8;
+            let (qn, kn) = (rand(&[hd], 21), rand(&[hd], 22));
+            let whole = RopeTables::new(hd, p + t, 1e4, &Device::Cpu).unwrap();
+            let after = RopeTables::range(hd, p, t, 1e4, &Device::Cpu).unwrap();
+            // The prefix's keys and values as the cache holds them: normed, rotated, head-major.
+            let (pk_raw, pv_raw) = (rand(&[p, hk * hd], 31), rand(&[p, hk * hd], 32));
+            let pk = norm_rope(
+                &pk_raw.reshape((1, p, hk, hd)).unwrap(),
+                &kn,
+                1e-6,
+                &RopeTables::new(hd, p, 1e4, &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+            let pv = pv_raw.reshape((1, p, hk, hd)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+            let (q, k, v) = (rand(&[b * t, h * hd], 1), rand(&[b * t, hk * hd], 2), rand(&[b * t, hk * hd], 3));
+            let dims = BlockDims { b, t, heads: h, kv_heads: hk, hd };
+            let params = BlockParams {
+                q_norm: &qn,
+                k_norm: &kn,
+                eps: 1e-6,
+                rope: &after,
+                dims,
+                scale: 0.35,
+                past: Some((&pk, &pv)),
+            };
+            let fused = attention_block_tiled(&q, &k, &v, &params, tiles).unwrap();
+            let composed = attention_block_composed(&q, &k, &v, &params).unwrap();
+            assert!(max_diff(&fused, &composed) < 1e-5, "differs by {}", max_diff(&fused, &composed));
+            // Sequence 0 with its prefix in front, all at once: its last t rows are the same.
+            let cat = |pre: &Tensor, x: &Tensor| Tensor::cat(&[pre, &x.narrow(0, 0, t).unwrap()], 0).unwrap();
+            let pq = rand(&[p, h * hd], 4);
+            let one = BlockDims { b: 1, t: p + t, heads: h, kv_heads: hk, hd };
+            let all =
+                BlockParams { q_norm: &qn, k_norm: &kn, eps: 1e-6, rope: &whole, dims: one, scale: 0.35, past: None };
+            let full = attention_block_composed(&cat(&pq, &q), &cat(&pk_raw, &k), &cat(&pv_raw, &v), &all).unwrap();
+            let tail = full.narrow(0, p, t).unwrap();
+            let head0 = fused.narrow(0, 0, t).unwrap();
+            assert!(max_diff(&head0, &tail) < 1e-5, "after the prefix vs all at once: {}", max_diff(&head0, &tail));
         }
     }
 

@@ -309,9 +309,9 @@ impl Qwen3 {
         }
         let q = self.proj(i, Target::Q, &hn, &l.q_proj, ad)?; // [b*t, q]
         let scale = 1.0 / (hd as f64).sqrt();
-        if past.is_none() && keep.is_none() {
+        if keep.is_none() {
             let dims = BlockDims { b, t, heads: h, kv_heads: hk, hd };
-            let p = BlockParams { q_norm: &l.q_norm, k_norm: &l.k_norm, eps, rope, dims, scale };
+            let p = BlockParams { q_norm: &l.q_norm, k_norm: &l.k_norm, eps, rope, dims, scale, past };
             let o = attention_block(&q, &k, &v, &p)?; // [b*t, q]
             let o = self.proj(i, Target::O, &o, &l.o_proj, ad)?;
             return self.mlp(i, l, &(x + o)?, ad);
