@@ -133,7 +133,7 @@ fn column_parts(n: usize, rhs: Mat, threads: Threads) -> usize {
 /// A raw pointer handed to the threads of [`sgemm`]'s column split, each writing its own columns.
 struct SendPtr(*mut f32);
 // SAFETY: only used for disjoint column blocks of one destination, inside a rayon scope that
-// outlives none of it.
+// ends before `sgemm` returns (so never past the borrow of `dst`).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
@@ -145,10 +145,10 @@ thread_local! {
 
 /// Whether `lhs [m x k] rhs [k x n]` runs as `(rhs^T lhs^T)^T` through a scratch buffer: for a
 /// transposed right-hand side (a weight `w [n x k]` used as `x w^T`, as every projection's
-/// forward is) with few rows. gemm packs such a weight transposed, once per thread, which at 256
-/// rows cost as much as the product (85-110 against 130-170 GFLOP/s this way on the Xeon the
-/// README's numbers come from, `benches/` side by side); with `m` small against `k` the
-/// transposed result is the smaller thing to move.
+/// forward is) with few rows. gemm packs such a weight transposed, which at 256 rows cost more
+/// than the product (80-150 GFLOP/s, against 130-195 this way, the two alternating on the Xeon
+/// the README's numbers come from); with `m` small against `k` the transposed result is the
+/// smaller thing to move.
 fn through_transpose(m: usize, n: usize, k: usize, rhs: Mat, threads: Threads) -> bool {
     threads == Threads::All && rhs.rs == 1 && rhs.cs != 1 && m >= 16 && 4 * m <= k && n >= 64
 }
