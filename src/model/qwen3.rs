@@ -317,6 +317,8 @@ impl Qwen3 {
             return self.mlp(i, l, &(x + o)?, ad);
         }
 
+        // Building a prefix cache: its normed, rotated keys and values are kept, so they are
+        // computed here as tensors (prompt prefixes are short; documents take the block above).
         let q = norm_rope(&q.reshape((b, t, h, hd))?, &l.q_norm, eps, rope)?; // [b, h, t, hd]
         // Heads sharing a KV head are consecutive: stack them along rows, no K/V copies.
         let q = q.reshape((b, hk, rep * t, hd))?;
