@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use std::sync::Mutex;
 
 use super::kernels::{Mat, Threads, exp_shifted_sum, max_of, sgemm, vectorized};
-use super::ops::{RopeTables, cpu_f32, norm_rope_to_heads, norm_rope_to_heads_bwd};
+use super::ops::{RopeTables, cpu_f32, norm_rope_to_heads, norm_rope_to_heads_bwd, with_host};
 
 /// Query rows and key columns per tile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -325,14 +325,6 @@ impl BlockDims {
     }
 }
 
-/// The keys and values of a cached prompt prefix, normed and rotated (`[kv_heads, len, hd]`
-/// each, as [`crate::model::PrefixCache`] holds them), that an attention block's tokens follow.
-pub struct Past {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
-    pub len: usize,
-}
-
 /// `[b, g, t, hd]` after `past` (`[g, p, hd]`, the same for every sequence): `[b, g, p + t, hd]`.
 fn after_past(past: &[f32], x: &[f32], b: usize, g: usize, p: usize, t: usize, hd: usize) -> Vec<f32> {
     let mut out = vec![0f32; b * g * (p + t) * hd];
@@ -378,8 +370,10 @@ pub struct AttentionBlock {
     pub dims: BlockDims,
     pub scale: f32,
     pub tiles: Tiles,
-    /// A cached prefix these tokens follow (scoring only: no backward then).
-    past: Option<Past>,
+    /// The keys and values (`[1, kv_heads, p, hd]` each, normed and rotated, as
+    /// [`crate::model::PrefixCache`] holds them) of a cached prefix these tokens follow (scoring
+    /// only: no backward then).
+    past: Option<(Tensor, Tensor)>,
     lse: Mutex<Vec<f32>>,
 }
 
@@ -398,9 +392,10 @@ impl AttentionBlock {
         Self { q_norm, k_norm, eps, rope, dims, scale, tiles, past: None, lse: Mutex::new(Vec::new()) }
     }
 
-    /// The same block after a cached prefix (its `rope` must start at the prefix's length).
-    pub fn after(self, past: Past) -> Self {
-        Self { past: Some(past), ..self }
+    /// The same block after a cached prefix's keys and values (its `rope` must start at the
+    /// prefix's length).
+    pub fn after(self, k: Tensor, v: Tensor) -> Self {
+        Self { past: Some((k, v)), ..self }
     }
 
     /// `(t, heads, hd)` of q, and of k and v.
@@ -422,7 +417,10 @@ impl AttentionBlock {
             || !rope_ok
             || !norms_ok
             || heads % kv_heads != 0
-            || self.past.as_ref().is_some_and(|p| p.k.len() != kv_heads * p.len * hd || p.v.len() != p.k.len())
+            || self.past.as_ref().is_some_and(|(pk, pv)| {
+                let d = pk.dims();
+                d.len() != 4 || d[0] != 1 || d[1] != kv_heads || d[3] != hd || pv.dims() != d
+            })
         {
             bail!("attention block: q {q:?}, k {k:?}, v {v:?} do not fit {:?}", self.dims);
         }
@@ -457,16 +455,24 @@ impl candle_core::CustomOp3 for AttentionBlock {
         self.check(ql.shape(), kl.shape(), vl.shape())?;
         let (qh, kh, vh) =
             self.heads(cpu_f32(q, ql, "attention")?, cpu_f32(k, kl, "attention")?, cpu_f32(v, vl, "attention")?);
-        let (o, lse) = match &self.past {
-            None => forward(&qh, &kh, &vh, &self.dims.kernel(0), self.scale, self.tiles),
-            Some(p) => {
+        let o = match &self.past {
+            None => {
+                let (o, lse) = forward(&qh, &kh, &vh, &self.dims.kernel(0), self.scale, self.tiles);
+                *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
+                o
+            }
+            Some((pk, pv)) => {
                 let BlockDims { b, t, kv_heads: g, hd, .. } = self.dims;
-                let (kh, vh) = (after_past(&p.k, &kh, b, g, p.len, t, hd), after_past(&p.v, &vh, b, g, p.len, t, hd));
-                forward(&qh, &kh, &vh, &self.dims.kernel(p.len), self.scale, self.tiles)
+                let p = pk.dim(2)?;
+                let (kh, vh) = with_host(pk, "attention", |pk| {
+                    with_host(pv, "attention", |pv| {
+                        Ok((after_past(pk, &kh, b, g, p, t, hd), after_past(pv, &vh, b, g, p, t, hd)))
+                    })
+                })?;
+                forward(&qh, &kh, &vh, &self.dims.kernel(p), self.scale, self.tiles).0
             }
         };
         drop((qh, kh, vh));
-        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = lse;
         let BlockDims { t, heads, hd, .. } = self.dims;
         Ok((CpuStorage::F32(from_heads(&o, t, heads, hd)), ql.shape().clone()))
     }

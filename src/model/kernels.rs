@@ -31,6 +31,12 @@ impl Mat {
     pub fn rows_t(data: &[f32], ld: usize) -> Self {
         Self { ptr: data.as_ptr(), rs: 1, cs: ld as isize }
     }
+
+    /// Whether this is such a transpose (a weight `w [n x k]` viewed as `w^T`, as `x w^T` reads
+    /// it): rows one element apart, columns further.
+    fn is_transposed(&self) -> bool {
+        self.rs == 1 && self.cs != 1
+    }
 }
 
 /// Who runs a product: the calling thread (callers that parallelize over independent tiles) or
@@ -127,7 +133,7 @@ pub fn sgemm(
 /// 0-5%, within the noise.
 fn column_parts(n: usize, rhs: Mat, threads: Threads) -> usize {
     let t = if threads == Threads::All { rayon::current_num_threads() } else { 1 };
-    if t > 1 && rhs.rs == 1 && rhs.cs != 1 && n >= 256 * t && n <= 1024 { t } else { 1 }
+    if t > 1 && rhs.is_transposed() && n >= 256 * t && n <= 1024 { t } else { 1 }
 }
 
 /// A raw pointer handed to the threads of [`sgemm`]'s column split, each writing its own columns.
@@ -151,7 +157,7 @@ thread_local! {
 /// smaller thing to move. At 8 rows (the last layer's, one per sequence) this way is 2.5-4x
 /// faster; at 1 row the two are even (gemm has a vector path).
 fn through_transpose(m: usize, n: usize, k: usize, rhs: Mat, threads: Threads) -> bool {
-    threads == Threads::All && rhs.rs == 1 && rhs.cs != 1 && m >= 2 && 4 * m <= k && n >= 64
+    threads == Threads::All && rhs.is_transposed() && m >= 2 && 4 * m <= k && n >= 64
 }
 
 /// gemm's call: `dst (rows rs_dst apart, columns cs_dst) = (accumulate ? dst : 0) + scale lhs rhs`.

@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Storag
 use rayon::prelude::*;
 use std::sync::Arc;
 
-use super::attention::{AttentionBlock, BlockDims, Past, TILES, TiledAttention, Tiles};
+use super::attention::{AttentionBlock, BlockDims, TILES, TiledAttention, Tiles};
 use super::kernels::{Mat, Threads, exp_approx, sgemm, vectorized};
 
 /// `x @ w^T` for a weight that is never trained: backward yields d/dx only.
@@ -370,10 +370,15 @@ fn attention_block_tiled(q: &Tensor, k: &Tensor, v: &Tensor, p: &BlockParams, ti
     let (qn, kn) = (p.q_norm.to_vec1()?, p.k_norm.to_vec1()?);
     let op = AttentionBlock::new(qn, kn, p.eps as f32, p.rope.clone(), p.dims, p.scale as f32, tiles);
     let Some((pk, pv)) = p.past else { return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op) };
-    let (pk, pv) = (pk.flatten_all()?.to_vec1::<f32>()?, pv.flatten_all()?.to_vec1::<f32>()?);
-    let len = pk.len() / (p.dims.kv_heads * p.dims.hd).max(1);
-    let op = op.after(Past { k: pk, v: pv, len });
+    let op = op.after(pk.contiguous()?, pv.contiguous()?);
     q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
+}
+
+/// A cached prefix's keys or values (`[1, kv_heads, p, hd]`) in front of each sequence's own
+/// (`x: [b, kv_heads, t, hd]`): `[b, kv_heads, p + t, hd]`.
+pub(crate) fn after_prefix(past: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let (b, g, _, hd) = x.dims4()?;
+    Tensor::cat(&[&past.broadcast_as((b, g, past.dim(2)?, hd))?, x], 2)?.contiguous()
 }
 
 /// [`attention_block`] as a composition of differentiable candle ops (other devices, and the
@@ -389,12 +394,7 @@ pub fn attention_block_composed(q: &Tensor, k: &Tensor, v: &Tensor, p: &BlockPar
     let q = q.reshape((b, hk, (h / hk) * t, hd))?;
     let (k, v, offset) = match p.past {
         None => (k, v, 0),
-        Some((pk, pv)) => {
-            let n = pk.dim(2)?;
-            let after =
-                |past: &Tensor, x: &Tensor| Tensor::cat(&[&past.broadcast_as((b, hk, n, hd))?, x], 2)?.contiguous();
-            (after(pk, &k)?, after(pv, &v)?, n)
-        }
+        Some((pk, pv)) => (after_prefix(pk, &k)?, after_prefix(pv, &v)?, pk.dim(2)?),
     };
     let o = causal_softmax_composed(&q.matmul(&k.t()?)?, p.scale, offset)?.matmul(&v)?;
     o.reshape((b, h, t, hd))?.transpose(1, 2)?.contiguous()?.reshape((b * t, h * hd))
@@ -515,7 +515,7 @@ struct MlpBlock {
 }
 
 /// A CPU tensor's contiguous f32 data, borrowed for `f`.
-fn with_host<T>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+pub(crate) fn with_host<T>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
     let (s, l) = t.storage_and_layout();
     match &*s {
         Storage::Cpu(c) => f(cpu_f32(c, l, op)?),

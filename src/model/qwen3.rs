@@ -12,8 +12,8 @@ use super::attention::BlockDims;
 use super::checkpoint::WeightSource;
 use super::lora::{LoraSet, Target};
 use super::ops::{
-    BlockParams, RopeTables, attention, attention_block, frozen_linear, lora_linear, mlp_block, norm_rope, rms_norm,
-    swiglu,
+    BlockParams, RopeTables, after_prefix, attention, attention_block, frozen_linear, lora_linear, mlp_block,
+    norm_rope, rms_norm, swiglu,
 };
 use super::{Qwen3Config, Result};
 
@@ -331,10 +331,8 @@ impl Qwen3 {
         let o = match past {
             None => attention(&q, &k, &v, scale)?, // [b, hk, rep*t, hd]
             Some((pk, pv)) => {
-                let p = pk.dim(2)?;
-                let k = Tensor::cat(&[&pk.broadcast_as((b, hk, p, hd))?, &k], 2)?.contiguous()?;
-                let v = Tensor::cat(&[&pv.broadcast_as((b, hk, p, hd))?, &v], 2)?.contiguous()?;
-                crate::model::ops::attention_after(&q.contiguous()?, &k, &v, scale, p)?
+                let (k, v) = (after_prefix(pk, &k)?, after_prefix(pv, &v)?);
+                crate::model::ops::attention_after(&q.contiguous()?, &k, &v, scale, pk.dim(2)?)?
             }
         };
         let o = o.reshape((b, h, t, hd))?.transpose(1, 2)?.contiguous()?.reshape((b * t, qd))?;
@@ -411,10 +409,8 @@ impl Qwen3 {
         let mut v = v.reshape((b, t, hk, hd))?.transpose(1, 2)?.contiguous()?;
         let p = match past {
             Some((pk, pv)) => {
-                let p = pk.dim(2)?;
-                k = Tensor::cat(&[&pk.broadcast_as((b, hk, p, hd))?, &k], 2)?;
-                v = Tensor::cat(&[&pv.broadcast_as((b, hk, p, hd))?, &v], 2)?;
-                p
+                (k, v) = (after_prefix(pk, &k)?, after_prefix(pv, &v)?);
+                pk.dim(2)?
             }
             None => 0,
         };
