@@ -170,12 +170,15 @@ fn bad_job_files_are_rejected_with_the_problem_named() {
         .map(|(n, t, s)| (*n, t, *s))
         .chain([("dir.json", &String::new(), "directory"), ("zero.json", &String::new(), "link")])
     {
-        let err_path = root.dir.join("spool/rejected").join(name.replace(".json", ".error.json"));
-        let err = wait_for(&format!("rejection of {name}"), Duration::from_secs(15), || {
-            std::fs::read_to_string(&err_path).ok()
+        // The reason is written before the file is moved (README, Intake): once the file is in
+        // `rejected/`, its reason is there too.
+        let kept = root.dir.join("spool/rejected").join(name);
+        wait_for(&format!("{name} kept in rejected/"), Duration::from_secs(15), || {
+            kept.symlink_metadata().is_ok().then_some(())
         });
+        let err_path = root.dir.join("spool/rejected").join(name.replace(".json", ".error.json"));
+        let err = std::fs::read_to_string(&err_path).unwrap_or_else(|e| panic!("{name}: its reason: {e}"));
         assert!(err.contains(needle), "{name}: {err}");
-        assert!(root.dir.join("spool/rejected").join(name).symlink_metadata().is_ok(), "{name} kept in rejected/");
         assert!(root.receipt(name).is_none());
     }
     // Untouched: the rejected file is byte-for-byte what was dropped.
