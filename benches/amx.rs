@@ -100,39 +100,33 @@ mod amx {
         (hi, round(x - f32::from_bits(u32::from(hi) << 16)))
     }
 
-    /// The activation `x [m, k]` as A tiles: `[m/16][hi, lo][k/32][16 rows][32]`, each tile 1 KB.
-    fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<u16> {
+    /// `src [rows, k]` split into bf16 `hi` and `lo`, in panels of 16 rows: `[rows/16][hi, lo][k/32]`
+    /// tiles of 512, the element at (row `r` of the panel, `kk`) placed at `at(r, kk % 32)`.
+    fn pack(src: &[f32], rows: usize, k: usize, at: impl Fn(usize, usize) -> usize + Sync) -> Vec<u16> {
         let kt = k / 32;
-        let mut p = vec![0u16; m * k * 2];
-        p.par_chunks_mut(2 * kt * TILE).enumerate().for_each(|(mb, panel)| {
+        let mut p = vec![0u16; rows * k * 2];
+        p.par_chunks_mut(2 * kt * TILE).enumerate().for_each(|(pb, panel)| {
             for r in 0..16 {
-                for (kk, &v) in x[(mb * 16 + r) * k..][..k].iter().enumerate() {
+                for (kk, &v) in src[(pb * 16 + r) * k..][..k].iter().enumerate() {
                     let (h, l) = split(v);
-                    let at = (kk / 32) * TILE + r * 32 + kk % 32;
-                    panel[at] = h;
-                    panel[kt * TILE + at] = l;
+                    let i = (kk / 32) * TILE + at(r, kk % 32);
+                    panel[i] = h;
+                    panel[kt * TILE + i] = l;
                 }
             }
         });
         p
     }
 
-    /// The weight `w [n, k]`, used as `w^T`, as B tiles: `[n/16][hi, lo][k/32][16 pairs][16][2]`
-    /// (a tile row holds 16 columns' consecutive pairs along k).
+    /// The activation `x [m, k]` as A tiles: a tile is 16 rows of 32 consecutive k.
+    fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<u16> {
+        pack(x, m, k, |r, kk| r * 32 + kk)
+    }
+
+    /// The weight `w [n, k]`, used as `w^T`, as B tiles: a tile row holds 16 columns' pairs of
+    /// consecutive k (`[16 pairs][16 columns][2]`).
     fn pack_weight(w: &[f32], n: usize, k: usize) -> Vec<u16> {
-        let kt = k / 32;
-        let mut p = vec![0u16; n * k * 2];
-        p.par_chunks_mut(2 * kt * TILE).enumerate().for_each(|(nb, panel)| {
-            for c in 0..16 {
-                for (kk, &v) in w[(nb * 16 + c) * k..][..k].iter().enumerate() {
-                    let (h, l) = split(v);
-                    let at = (kk / 32) * TILE + ((kk % 32) / 2) * 32 + c * 2 + kk % 2;
-                    panel[at] = h;
-                    panel[kt * TILE + at] = l;
-                }
-            }
-        });
-        p
+        pack(w, n, k, |c, kk| (kk / 2) * 32 + c * 2 + kk % 2)
     }
 
     /// `c[32 x 32]` at row block `mb` (16 rows each) and column block `nb`: the three products over
