@@ -5,7 +5,9 @@
 //! each f32 operand is split as `hi + lo` (two bf16) and the product taken as
 //! `hi·hi + lo·hi + hi·lo` ("bf16x3": three AMX products, 16 bits of each operand, the f32 sums
 //! AMX keeps). The probe prints, as JSON lines:
-//! - the raw `tdpbf16ps` rate of one core, tiles in registers (the ceiling);
+//! - the `tdpbf16ps` rate of one core with the operands in tile registers (the unit's ceiling),
+//!   and with the kernel's loads (four 1 KB tile loads per four products) from an L1-hot buffer
+//!   (the kernel's ceiling);
 //! - for each projection shape of a Qwen3-0.6B layer (`x [rows, in] @ w[out, in]^T`, the weight as
 //!   the checkpoint lays it out), rounds alternating between `kernels::sgemm` in f32 (what the
 //!   fused ops call, all threads) and a plain AMX kernel (32 x 32 blocks of four accumulator tiles,
@@ -24,7 +26,10 @@ fn main() {
         println!("{{\"amx\":false,\"why\":\"{why}\"}}");
         return;
     }
-    println!("{{\"amx\":true,\"tdpbf16ps_gflops_one_core\":{:.0}}}", amx::peak_one_core());
+    let (registers, with_loads) = amx::peak_one_core();
+    println!(
+        "{{\"amx\":true,\"one_core_bf16_gflops\":{{\"tiles_in_registers\":{registers:.0},\"with_l1_tile_loads\":{with_loads:.0}}}}}"
+    );
     // q (k and v are half of it), gate|up, down, o.
     for m in rows {
         for (name, n, k) in [("q", 2048, 1024), ("gate_up", 6144, 1024), ("down", 1024, 3072), ("o", 1024, 2048)] {
@@ -205,13 +210,16 @@ mod amx {
         });
     }
 
-    /// `tdpbf16ps` GFLOP/s of one core with its operands in tile registers.
-    pub fn peak_one_core() -> f64 {
-        let zeros = vec![0u16; TILE];
+    /// `tdpbf16ps` GFLOP/s of one core: with its operands in tile registers, then with the
+    /// kernel's four tile loads per four products, from a 4 KB buffer that stays in L1.
+    pub fn peak_one_core() -> (f64, f64) {
+        let buf = vec![0u16; 4 * TILE];
+        let p = buf.as_ptr();
         let reps = 1_000_000u64;
+        let flop = (reps * 4 * 16 * 16 * 32 * 2) as f64;
         configure();
         let t0 = Instant::now();
-        // SAFETY: tiles configured; the loads read one 1 KB buffer.
+        // SAFETY: tiles configured; every load reads inside `buf`.
         unsafe {
             asm!(
                 "tileloadd tmm4, [{b} + {s}*1]",
@@ -219,7 +227,7 @@ mod amx {
                 "tileloadd tmm6, [{b} + {s}*1]",
                 "tileloadd tmm7, [{b} + {s}*1]",
                 "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
-                b = in(reg) zeros.as_ptr(),
+                b = in(reg) p,
                 s = in(reg) 64usize,
             );
             for _ in 0..reps {
@@ -231,9 +239,31 @@ mod amx {
                 );
             }
         }
-        let secs = t0.elapsed().as_secs_f64();
+        let registers = flop / t0.elapsed().as_secs_f64() / 1e9;
+        let t0 = Instant::now();
+        // SAFETY: as above.
+        unsafe {
+            for _ in 0..reps {
+                asm!(
+                    "tileloadd tmm4, [{a0} + {s}*1]",
+                    "tileloadd tmm6, [{b0} + {s}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{b1} + {s}*1]",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm5, [{a1} + {s}*1]",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) p,
+                    a1 = in(reg) p.add(TILE),
+                    b0 = in(reg) p.add(2 * TILE),
+                    b1 = in(reg) p.add(3 * TILE),
+                    s = in(reg) 64usize,
+                );
+            }
+        }
+        let with_loads = flop / t0.elapsed().as_secs_f64() / 1e9;
         release();
-        (reps * 4 * 16 * 16 * 32 * 2) as f64 / secs / 1e9
+        (registers, with_loads)
     }
 
     fn median(mut v: Vec<f64>) -> f64 {
