@@ -7,7 +7,8 @@
 //! AMX keeps). The probe prints, as JSON lines:
 //! - the `tdpbf16ps` rate of one core with the operands in tile registers (the unit's ceiling),
 //!   and with the kernel's loads (four 1 KB tile loads per four products) from an L1-hot buffer
-//!   (the kernel's ceiling);
+//!   (the kernel's ceiling). Every tile buffer starts on a 64-byte line: a tile row that straddles
+//!   two lines loads about 3x slower, which an unaligned `vec!` buffer makes happen by chance;
 //! - for each projection shape of a Qwen3-0.6B layer (`x [rows, in] @ w[out, in]^T`, the weight as
 //!   the checkpoint lays it out), rounds alternating between `kernels::sgemm` in f32 (what the
 //!   fused ops call, all threads) and a plain AMX kernel (32 x 32 blocks of four accumulator tiles,
@@ -95,6 +96,45 @@ mod amx {
         unsafe { asm!("tilerelease") };
     }
 
+    /// A zeroed buffer of `len` u16 or f32 that starts on a 64-byte line: a tile row (64 bytes) that
+    /// straddles two lines loads about 3x slower, and `vec!` gives no such alignment.
+    struct Lines<T> {
+        lines: Vec<Line>,
+        len: usize,
+        _t: std::marker::PhantomData<T>,
+    }
+
+    #[derive(Clone, Copy)]
+    #[repr(C, align(64))]
+    struct Line([u8; 64]);
+
+    /// Element types whose all-zero bytes are a valid value.
+    trait Zeroable: Copy {}
+    impl Zeroable for u16 {}
+    impl Zeroable for f32 {}
+
+    impl<T: Zeroable> Lines<T> {
+        fn zeroed(len: usize) -> Self {
+            let lines = vec![Line([0; 64]); (len * size_of::<T>()).div_ceil(64)];
+            Self { lines, len, _t: std::marker::PhantomData }
+        }
+    }
+
+    impl<T: Zeroable> std::ops::Deref for Lines<T> {
+        type Target = [T];
+        fn deref(&self) -> &[T] {
+            // SAFETY: `len` elements fit in the lines, which are aligned for T and hold valid values.
+            unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.len) }
+        }
+    }
+
+    impl<T: Zeroable> std::ops::DerefMut for Lines<T> {
+        fn deref_mut(&mut self) -> &mut [T] {
+            // SAFETY: as for `deref`, borrowed mutably.
+            unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.len) }
+        }
+    }
+
     /// `x` rounded to the nearest bf16 (ties to even), and the bf16 nearest to what is left.
     fn split(x: f32) -> (u16, u16) {
         fn round(v: f32) -> u16 {
@@ -107,9 +147,9 @@ mod amx {
 
     /// `src [rows, k]` split into bf16 `hi` and `lo`, in panels of 16 rows: `[rows/16][hi, lo][k/32]`
     /// tiles of 512, the element at (row `r` of the panel, `kk`) placed at `at(r, kk % 32)`.
-    fn pack(src: &[f32], rows: usize, k: usize, at: impl Fn(usize, usize) -> usize + Sync) -> Vec<u16> {
+    fn pack(src: &[f32], rows: usize, k: usize, at: impl Fn(usize, usize) -> usize + Sync) -> Lines<u16> {
         let kt = k / 32;
-        let mut p = vec![0u16; rows * k * 2];
+        let mut p = Lines::zeroed(rows * k * 2);
         p.par_chunks_mut(2 * kt * TILE).enumerate().for_each(|(pb, panel)| {
             for r in 0..16 {
                 for (kk, &v) in src[(pb * 16 + r) * k..][..k].iter().enumerate() {
@@ -124,14 +164,41 @@ mod amx {
     }
 
     /// The activation `x [m, k]` as A tiles: a tile is 16 rows of 32 consecutive k.
-    fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<u16> {
+    fn pack_rows(x: &[f32], m: usize, k: usize) -> Lines<u16> {
         pack(x, m, k, |r, kk| r * 32 + kk)
     }
 
     /// The weight `w [n, k]`, used as `w^T`, as B tiles: a tile row holds 16 columns' pairs of
     /// consecutive k (`[16 pairs][16 columns][2]`).
-    fn pack_weight(w: &[f32], n: usize, k: usize) -> Vec<u16> {
+    fn pack_weight(w: &[f32], n: usize, k: usize) -> Lines<u16> {
         pack(w, n, k, |c, kk| (kk / 2) * 32 + c * 2 + kk % 2)
+    }
+
+    /// The kernel's step: four 1 KB tile loads (two 16-row A tiles, two B tiles) and the four
+    /// products into the accumulators `tmm0`-`tmm3` they feed.
+    ///
+    /// # Safety
+    /// Tiles configured on this thread; each pointer has a whole tile (64-byte rows) behind it.
+    #[inline(always)]
+    unsafe fn step(a0: *const u16, a1: *const u16, b0: *const u16, b1: *const u16) {
+        // SAFETY: the caller's.
+        unsafe {
+            asm!(
+                "tileloadd tmm4, [{a0} + {s}*1]",
+                "tileloadd tmm6, [{b0} + {s}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {s}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {s}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a0,
+                a1 = in(reg) a1,
+                b0 = in(reg) b0,
+                b1 = in(reg) b1,
+                s = in(reg) 64usize,
+            );
+        }
     }
 
     /// `c[32 x 32]` at row block `mb` (16 rows each) and column block `nb`: the three products over
@@ -144,28 +211,13 @@ mod amx {
         assert!(a.len() >= (mb + 2) * panel && b.len() >= (nb + 2) * panel);
         let (a0, a1) = (a[mb * panel..].as_ptr(), a[(mb + 1) * panel..].as_ptr());
         let (b0, b1) = (b[nb * panel..].as_ptr(), b[(nb + 1) * panel..].as_ptr());
-        let s: usize = 64;
         // SAFETY: every pointer below stays inside the panels asserted above, or inside `c`.
         unsafe {
             asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3");
             for (ao, bo) in [(0, 0), (kt * TILE, 0), (0, kt * TILE)] {
                 for t in 0..kt {
                     let o = t * TILE;
-                    asm!(
-                        "tileloadd tmm4, [{a0} + {s}*1]",
-                        "tileloadd tmm6, [{b0} + {s}*1]",
-                        "tdpbf16ps tmm0, tmm4, tmm6",
-                        "tileloadd tmm7, [{b1} + {s}*1]",
-                        "tdpbf16ps tmm1, tmm4, tmm7",
-                        "tileloadd tmm5, [{a1} + {s}*1]",
-                        "tdpbf16ps tmm2, tmm5, tmm6",
-                        "tdpbf16ps tmm3, tmm5, tmm7",
-                        a0 = in(reg) a0.add(ao + o),
-                        a1 = in(reg) a1.add(ao + o),
-                        b0 = in(reg) b0.add(bo + o),
-                        b1 = in(reg) b1.add(bo + o),
-                        s = in(reg) s,
-                    );
+                    step(a0.add(ao + o), a1.add(ao + o), b0.add(bo + o), b1.add(bo + o));
                 }
             }
             let cp = c.add(mb * 16 * ldc + nb * 16);
@@ -213,7 +265,7 @@ mod amx {
     /// `tdpbf16ps` GFLOP/s of one core: with its operands in tile registers, then with the
     /// kernel's four tile loads per four products, from a 4 KB buffer that stays in L1.
     pub fn peak_one_core() -> (f64, f64) {
-        let buf = vec![0u16; 4 * TILE];
+        let buf = Lines::<u16>::zeroed(4 * TILE);
         let p = buf.as_ptr();
         let reps = 1_000_000u64;
         let flop = (reps * 4 * 16 * 16 * 32 * 2) as f64;
@@ -244,21 +296,7 @@ mod amx {
         // SAFETY: as above.
         unsafe {
             for _ in 0..reps {
-                asm!(
-                    "tileloadd tmm4, [{a0} + {s}*1]",
-                    "tileloadd tmm6, [{b0} + {s}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tileloadd tmm7, [{b1} + {s}*1]",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tileloadd tmm5, [{a1} + {s}*1]",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) p,
-                    a1 = in(reg) p.add(TILE),
-                    b0 = in(reg) p.add(2 * TILE),
-                    b1 = in(reg) p.add(3 * TILE),
-                    s = in(reg) 64usize,
-                );
+                step(p, p.add(TILE), p.add(2 * TILE), p.add(3 * TILE));
             }
         }
         let with_loads = flop / t0.elapsed().as_secs_f64() / 1e9;
@@ -296,7 +334,7 @@ mod amx {
         let t0 = Instant::now();
         let wp = pack_weight(&w, n, k);
         let pack_w = t0.elapsed().as_secs_f64();
-        let (mut c32, mut c3) = (vec![0f32; m * n], vec![0f32; m * n]);
+        let (mut c32, mut c3) = (vec![0f32; m * n], Lines::<f32>::zeroed(m * n));
         let (mut f32_s, mut amx_s) = (Vec::new(), Vec::new());
         for _ in 0..5 {
             let t = Instant::now();
