@@ -56,8 +56,8 @@ mod amx {
     /// packed hi and lo, inside a 2 MB L2).
     const ROWS_PER_PASS: usize = 256;
 
-    /// Bytes of one tile: 16 rows of 64 bytes.
-    const TILE: usize = 512; // in bf16 elements
+    /// bf16 elements of one tile: 16 rows of 64 bytes.
+    const TILE: usize = 512;
 
     /// CPUID says AMX-BF16 and AMX-TILE, and the kernel lets this process use the tile state.
     pub fn enable() -> Result<(), String> {
@@ -136,6 +136,9 @@ mod amx {
     }
 
     /// `x` rounded to the nearest bf16 (ties to even), and the bf16 nearest to what is left.
+    /// Finite values only, so no NaN branch. `half::bf16::from_f32` (a dependency already) gives the
+    /// same bits, but with it the probe's speedups, which time the activation's packing, came out
+    /// 14-26% lower against this in alternating runs.
     fn split(x: f32) -> (u16, u16) {
         fn round(v: f32) -> u16 {
             let b = v.to_bits();
@@ -250,9 +253,9 @@ mod amx {
             configure();
             // Row blocks of ROWS_PER_PASS at a time, so the activation's tiles stay in L2 while the
             // thread's weight columns pass over them.
-            for rows in (0..m / 32).collect::<Vec<_>>().chunks(ROWS_PER_PASS / 32) {
+            for first in (0..m / 32).step_by(ROWS_PER_PASS / 32) {
                 for nb in blocks * t / threads..blocks * (t + 1) / threads {
-                    for &mb in rows {
+                    for mb in first..(first + ROWS_PER_PASS / 32).min(m / 32) {
                         // SAFETY: configured above; packed for k; the block is inside `c`.
                         unsafe { block(&ap, wp, out.0, n, 2 * mb, 2 * nb, k / 32) };
                     }

@@ -12,8 +12,8 @@ use super::attention::BlockDims;
 use super::checkpoint::WeightSource;
 use super::lora::{LoraSet, Target};
 use super::ops::{
-    BlockParams, RopeTables, after_prefix, attention, attention_block, frozen_linear, lora_linear, mlp_block,
-    norm_rope, rms_norm, swiglu,
+    BlockParams, RopeTables, after_prefix, attention, attention_after, attention_block, frozen_linear, lora_linear,
+    mlp_block, norm_rope, rms_norm, swiglu,
 };
 use super::{Qwen3Config, Result};
 
@@ -332,7 +332,7 @@ impl Qwen3 {
             None => attention(&q, &k, &v, scale)?, // [b, hk, rep*t, hd]
             Some((pk, pv)) => {
                 let (k, v) = (after_prefix(pk, &k)?, after_prefix(pv, &v)?);
-                crate::model::ops::attention_after(&q.contiguous()?, &k, &v, scale, pk.dim(2)?)?
+                attention_after(&q.contiguous()?, &k, &v, scale, pk.dim(2)?)?
             }
         };
         let o = o.reshape((b, h, t, hd))?.transpose(1, 2)?.contiguous()?.reshape((b * t, qd))?;
