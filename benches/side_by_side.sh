@@ -9,6 +9,9 @@
 #   60 + 16 + L tokens in one batch). Default: all of the issue's shapes.
 #   PEER_PY=/path/to/python (default: the venv ../shared/bench/setup_peer.sh makes)
 #   RERANKD=target/release/rerankd   CONFIG=tests/fixtures/qwen3-0.6b.config.json   STEPS=3
+#   AMX="off on": rerankd runs once per value of RERANKD_AMX in each round ("rerankd" for off,
+#   "rerankd-amx" for on: its bf16x3 products on CPUs with AMX); the table compares each with the
+#   peer. Default: off.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-1}; shift || true
@@ -19,20 +22,24 @@ py=${PEER_PY:-$(benches/peer/setup_peer.sh)}
 bin=${RERANKD:-target/release/rerankd}
 config=${CONFIG:-tests/fixtures/qwen3-0.6b.config.json}
 steps=${STEPS:-3}
+read -r -a amx_modes <<< "${AMX:-off}"
 threads=${THREADS:-$(nproc)}
 [ -x "$bin" ] || cargo build --release
 out=$(mktemp)
 for ((r = 1; r <= rounds; r++)); do
   for s in "${shapes[@]}"; do
     mode=${s%%:*}; bl=${s#*:}; b=${bl%x*}; l=${bl#*x}
-    if [ "$mode" = docs ]; then
-      ours=$(RAYON_NUM_THREADS=$threads "$bin" bench --config "$config" --docs "$b" --doc-len "$l" --query-len 16 --score-batch "$b" --steps "$steps" --json)
-      l=$((60 + 16 + l)); flag="--score"
-    else
-      ours=$(RAYON_NUM_THREADS=$threads "$bin" bench --config "$config" --batch "$b" --length "$l" --steps "$steps" --only "$mode" --json)
-      flag=""; [ "$mode" = score ] && flag="--score"
-    fi
-    echo "{\"tool\":\"rerankd\",\"shape\":\"$s\",\"round\":$r,\"out\":$ours}" | tee -a "$out"
+    for amx in "${amx_modes[@]}"; do
+      tool=rerankd; [ "$amx" = off ] || tool=rerankd-amx
+      if [ "$mode" = docs ]; then
+        ours=$(RERANKD_AMX=$amx RAYON_NUM_THREADS=$threads "$bin" bench --config "$config" --docs "$b" --doc-len "$l" --query-len 16 --score-batch "$b" --steps "$steps" --json)
+      else
+        ours=$(RERANKD_AMX=$amx RAYON_NUM_THREADS=$threads "$bin" bench --config "$config" --batch "$b" --length "$l" --steps "$steps" --only "$mode" --json)
+      fi
+      echo "{\"tool\":\"$tool\",\"shape\":\"$s\",\"round\":$r,\"out\":$ours}" | tee -a "$out"
+    done
+    flag=""; [ "$mode" = train ] || flag="--score"
+    [ "$mode" = docs ] && l=$((60 + 16 + l))
     peer=$("$py" "$peer_dir/peer_torch_lora.py" $flag --batch "$b" --seq "$l" --steps "$steps" --threads "$threads" 2>/dev/null | tail -1)
     echo "{\"tool\":\"torch\",\"shape\":\"$s\",\"round\":$r,\"out\":$peer}" | tee -a "$out"
   done
@@ -42,7 +49,7 @@ import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 def pick(r):
     o = r["out"]
-    if r["tool"] == "rerankd":
+    if r["tool"] != "torch":
         kind = r["shape"].split(":")[0]
         ms = {"train": o.get("step_ms_median"), "score": o.get("score_ms_median"), "docs": o.get("shared_prefix_ms_median")}[kind]
         return ms / 1e3, o["peak_rss_mb"]
@@ -50,14 +57,15 @@ def pick(r):
 def pairs(s):
     kind, bl = s.split(":")
     return None if kind == "train" else int(bl.split("x")[0])
-print("\n| shape | rerankd s | torch s | time ratio | pairs/s ratio | rerankd MB | torch MB | memory ratio |")
-print("|---|---|---|---|---|---|---|---|")
+print("\n| shape | tool | rerankd s | torch s | time ratio | pairs/s ratio | rerankd MB | torch MB | memory ratio |")
+print("|---|---|---|---|---|---|---|---|---|")
 for s in dict.fromkeys(r["shape"] for r in rows):
-    ours = [pick(r) for r in rows if r["shape"] == s and r["tool"] == "rerankd"]
     peer = [pick(r) for r in rows if r["shape"] == s and r["tool"] == "torch"]
-    ot, pt = statistics.median(t for t, _ in ours), statistics.median(t for t, _ in peer)
-    om, pm = max(m for _, m in ours), max(m for _, m in peer)
-    pr = f"{pt/ot:.2f}" if pairs(s) else ""
-    print(f"| {s} | {ot:.2f} | {pt:.2f} | {ot/pt:.2f} | {pr} | {om} | {pm} | {om/pm:.2f} |")
+    pt, pm = statistics.median(t for t, _ in peer), max(m for _, m in peer)
+    for tool in dict.fromkeys(r["tool"] for r in rows if r["tool"] != "torch"):
+        ours = [pick(r) for r in rows if r["shape"] == s and r["tool"] == tool]
+        ot, om = statistics.median(t for t, _ in ours), max(m for _, m in ours)
+        pr = f"{pt/ot:.2f}" if pairs(s) else ""
+        print(f"| {s} | {tool} | {ot:.2f} | {pt:.2f} | {ot/pt:.2f} | {pr} | {om} | {pm} | {om/pm:.2f} |")
 PY
 rm -f "$out"

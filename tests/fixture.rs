@@ -176,3 +176,21 @@ fn loss_and_every_lora_gradient_match_the_reference() {
     assert!((total - want_loss).abs() < 1e-5, "accumulated loss {total} vs {want_loss}");
     assert_grads(&acc.take().unwrap(), &want, &names);
 }
+
+/// `.ci/run` runs this file a second time with `RERANKD_AMX=all`: on a CPU with AMX every product
+/// of these checks then goes through its bf16x3 path, and this proves that they did (elsewhere it
+/// says why it has nothing to check).
+#[test]
+fn amx_all_sends_the_fixture_through_amx() {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        use rerankd::model::amx;
+        if std::env::var("RERANKD_AMX").as_deref() != Ok("all") || amx::mode() != amx::Mode::All {
+            eprintln!("RERANKD_AMX is not `all` or this machine has no AMX: nothing to check");
+            return;
+        }
+        let before = amx::products_run();
+        check_scores(&model(), None, |p| p.base);
+        assert!(amx::products_run() > before, "RERANKD_AMX=all, yet no product went through AMX");
+    }
+}

@@ -122,6 +122,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         "steps": a.steps,
         "device": format!("{:?}", device.location()),
         "threads": rayon::current_num_threads(),
+        "matmul": rerankd::model::kernels::matmul_kind(),
     });
     if super::json() {
         println!("{line}");
@@ -175,6 +176,7 @@ fn score_mode(
         "speedup": (w / s * 1000.0).round() / 1000.0,
         "lora_r": a.lora_r, "steps": a.steps, "peak_rss_mb": rerankd::sys::peak_memory_mb(),
         "device": format!("{:?}", device.location()), "threads": rayon::current_num_threads(),
+        "matmul": rerankd::model::kernels::matmul_kind(),
     });
     if super::json() {
         println!("{line}");

@@ -76,6 +76,12 @@ pub fn sgemm(
         }
         return;
     }
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    if threads == Threads::All && super::amx::takes(m, n, k, lhs, rhs) {
+        // SAFETY: dst is bounds-checked above; lhs and rhs as below.
+        unsafe { super::amx::product(m, n, k, dst.as_mut_ptr(), ld_dst, lhs, rhs, scale, accumulate) };
+        return;
+    }
     if through_transpose(m, n, k, rhs, threads) {
         // Into a column-major scratch (gemm then reads the weight as it lies instead of packing
         // it transposed), then transposed into place.
@@ -123,6 +129,18 @@ pub fn sgemm(
     // SAFETY: dst is bounds-checked above; lhs and rhs are views the callers built over slices
     // holding m x k and k x n elements at the given strides.
     unsafe { raw_gemm(m, n, k, dst.as_mut_ptr(), ld_dst as isize, 1, accumulate, lhs, rhs, scale, threads) }
+}
+
+/// What carries [`sgemm`]'s large products in this process, for reports: `f32` (gemm), or AMX's
+/// bf16x3 for the large products (`RERANKD_AMX=on`) or for all (`RERANKD_AMX=all`).
+pub fn matmul_kind() -> &'static str {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    match super::amx::mode() {
+        super::amx::Mode::Large => return "amx-bf16x3",
+        super::amx::Mode::All => return "amx-bf16x3-all",
+        super::amx::Mode::Off => {}
+    }
+    "f32"
 }
 
 /// Into how many column blocks, one per thread, [`sgemm`] splits a product against a transposed

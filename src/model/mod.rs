@@ -3,6 +3,8 @@
 //! It knows how to load a checkpoint directory, build the reranker prompt, score pairs, and take
 //! gradients into LoRA tensors; it knows nothing of runs, spools or daemons.
 
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub mod amx;
 pub mod attention;
 pub mod checkpoint;
 pub mod config;

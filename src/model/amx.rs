@@ -1,0 +1,522 @@
+//! Intel AMX for [`super::kernels::sgemm`]'s large products, as "bf16x3".
+//!
+//! AMX multiplies tiles of bf16 into f32 sums. A bf16 keeps 8 bits of an f32's 24-bit significand,
+//! so each f32 operand is split as `hi + lo` (two bf16, 16 bits of the value) and the product
+//! taken as `hi·hi + lo·hi + hi·lo`, three tile products whose sums AMX keeps in f32. What is
+//! dropped is `lo·lo` and the bits past the 16th of each operand: a relative error near 2^-16 per
+//! term, about six times f32's on the layer's products (measured by `cargo bench --bench amx`).
+//!
+//! Both operands are packed per call into tiles (the activation as rows of 32 consecutive k, the
+//! other operand as pairs of consecutive k for 16 columns), zero-padded to whole tiles; the
+//! threads split the output's columns, 32 x 32 blocks of four accumulator tiles, 256 rows of the
+//! activation at a time so they stay in L2 while the thread's columns pass over them.
+//!
+//! Off unless asked for: `RERANKD_AMX=on` sends the large products through it, `RERANKD_AMX=all`
+//! every product of a layout it takes, whatever its size (CI runs the fixture tests that way). It
+//! is used only where the CPU has AMX-BF16 and AVX-512 and Linux grants the tile state
+//! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); elsewhere the setting is ignored. Why off by default: on
+//! the virtual Xeon this was measured on, the tile unit ran at two speeds, 1.9-2.3 TFLOP/s (bf16,
+//! one core) some of the time and 0.4-0.7 the rest, switching within a run with no steal time
+//! counted, and at the lower speed bf16x3 is no faster than f32 (README, Performance).
+
+use std::arch::asm;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+use rayon::prelude::*;
+
+use super::kernels::Mat;
+
+/// bf16 elements of one tile: 16 rows of 64 bytes.
+const TILE: usize = 512;
+
+/// Activation rows one pass of a thread's columns covers (256 rows of k = 1024: 1 MB of packed hi
+/// and lo, inside a 2 MB L2).
+const ROWS_PER_PASS: usize = 256;
+
+/// Whether products go through AMX: never (the default), when large enough (`RERANKD_AMX=on`), or
+/// always (`RERANKD_AMX=all`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mode {
+    Off = 0,
+    Large,
+    All,
+}
+
+/// The mode this process runs in: what `RERANKD_AMX` asks for (or [`set_mode`] since), `Off` where
+/// the CPU or the kernel cannot.
+pub fn mode() -> Mode {
+    match CHOSEN.load(Ordering::Relaxed) {
+        0 => Mode::Off,
+        1 => Mode::Large,
+        2 => Mode::All,
+        _ => {
+            let asked = match std::env::var("RERANKD_AMX").as_deref() {
+                Ok("on") => Mode::Large,
+                Ok("all") => Mode::All,
+                _ => Mode::Off,
+            };
+            set_mode(asked)
+        }
+    }
+}
+
+/// Asks for `mode` (a benchmark's alternating rounds); returns what was granted, `Off` where AMX
+/// cannot be used.
+pub fn set_mode(mode: Mode) -> Mode {
+    let granted = if unusable().is_none() { mode } else { Mode::Off };
+    CHOSEN.store(granted as u8, Ordering::Relaxed);
+    granted
+}
+
+/// Why this process cannot use AMX, if it cannot (asked of the CPU and the kernel once).
+pub fn unusable() -> Option<&'static str> {
+    static WHY: OnceLock<Option<String>> = OnceLock::new();
+    WHY.get_or_init(|| enable().err()).as_deref()
+}
+
+/// The chosen mode as a `Mode` discriminant; `u8::MAX` before the first call.
+static CHOSEN: AtomicU8 = AtomicU8::new(u8::MAX);
+
+/// CPUID says AMX-BF16, AMX-TILE and AVX-512 (the packing's), and the kernel lets this process
+/// use the tile state.
+fn enable() -> Result<(), String> {
+    let l7 = std::arch::x86_64::__cpuid_count(7, 0);
+    if l7.edx & (1 << 22) == 0 || l7.edx & (1 << 24) == 0 {
+        return Err("this CPU has no AMX-BF16".into());
+    }
+    if !std::is_x86_feature_detected!("avx512f") || !std::is_x86_feature_detected!("avx512bw") {
+        return Err("this CPU has no AVX-512".into());
+    }
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with these arguments only asks for a permission.
+    let r = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+    if r != 0 {
+        return Err(format!("the kernel refused the AMX tile state: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Whether [`product`] takes `lhs [m x k] rhs [k x n]`: rows of `lhs` contiguous, `rhs` either a
+/// transposed weight (`w [n x k]` as `x w^T`) or row-major, and (unless `RERANKD_AMX=all`) large
+/// enough that packing both operands per call pays: the weight's packing is a pass over it, so
+/// `m` must be large against it (`m >= 128`), and `n`, `k` at least a layer's narrowest.
+pub fn takes(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat) -> bool {
+    let layout = lhs.cs == 1 && (rhs.rs == 1 || rhs.cs == 1);
+    layout
+        && match mode() {
+            Mode::Off => false,
+            Mode::All => true,
+            Mode::Large => m >= 128 && n >= 256 && k >= 256,
+        }
+}
+
+/// A zeroed run of 64-byte lines (a tile row across two lines loads about 3x slower, and `vec!`
+/// gives no such alignment), viewed as `len` u16.
+struct Lines {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+impl Lines {
+    fn zeroed(len: usize) -> Self {
+        Self { lines: vec![Line([0; 64]); (2 * len).div_ceil(64)], len }
+    }
+
+    fn as_slice(&self) -> &[u16] {
+        // SAFETY: `len` u16 fit in the lines, which are aligned for u16, and any bits are a u16.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.len) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u16] {
+        // SAFETY: as for `as_slice`, borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.len) }
+    }
+}
+
+/// `x` rounded to the nearest bf16 (ties to even), and the bf16 nearest to what is left. Finite
+/// values only (no NaN branch; a NaN or infinity comes out a NaN or infinity either way, with a
+/// meaningless `lo`). Plain integer arithmetic so that the packing loops vectorize; `half`'s
+/// conversion gives the same bits, slower.
+#[inline(always)]
+fn split(x: f32) -> (u16, u16) {
+    #[inline(always)]
+    fn round(v: f32) -> u16 {
+        let b = v.to_bits();
+        (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    }
+    let hi = round(x);
+    (hi, round(x - f32::from_bits(u32::from(hi) << 16)))
+}
+
+/// 32 values from `src` (zero past its end) split into `hi` and `lo`: fixed-size arrays, so that
+/// the loop runs 16 lanes wide.
+#[inline(always)]
+fn split32(src: &[f32]) -> ([u16; 32], [u16; 32]) {
+    let mut v = [0f32; 32];
+    v[..src.len().min(32)].copy_from_slice(&src[..src.len().min(32)]);
+    let (mut hi, mut lo) = ([0u16; 32], [0u16; 32]);
+    for i in 0..32 {
+        (hi[i], lo[i]) = split(v[i]);
+    }
+    (hi, lo)
+}
+
+/// `k` elements from `ptr`, or none for a row past the matrix.
+///
+/// # Safety
+/// With `inside`, `ptr` valid for `len` contiguous elements.
+unsafe fn run<'a>(inside: bool, ptr: *const f32, len: usize) -> &'a [f32] {
+    // SAFETY: the caller's.
+    if inside { unsafe { std::slice::from_raw_parts(ptr, len) } } else { &[] }
+}
+
+/// One 16-row panel of `lhs` (rows `r0..r0 + 16`, those past `m` zero) as A tiles: `[hi, lo][kt]`
+/// tiles of 16 rows of 32 consecutive k, past `k` zero.
+///
+/// # Safety
+/// AVX-512 available; `lhs` rows contiguous and valid for `m x k`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pack_rows_panel(panel: &mut [u16], lhs: Mat, m: usize, k: usize, r0: usize, kt: usize) {
+    let (hi, lo) = panel.split_at_mut(kt * TILE);
+    for r in 0..16 {
+        // SAFETY: a row below m has its k elements inside lhs (the caller's contract).
+        let src = unsafe { run(r0 + r < m, lhs.ptr.wrapping_offset((r0 + r) as isize * lhs.rs), k) };
+        for t in 0..kt {
+            let (h, l) = split32(src.get(t * 32..).unwrap_or(&[]));
+            hi[t * TILE + r * 32..][..32].copy_from_slice(&h);
+            lo[t * TILE + r * 32..][..32].copy_from_slice(&l);
+        }
+    }
+}
+
+/// One 16-column panel (columns `c0..c0 + 16`, those past `n` zero) of `rhs [k x n]` as B tiles:
+/// `[hi, lo][kt]` tiles whose row `p` holds the pairs (k = 2p, 2p + 1) of the 16 columns.
+///
+/// # Safety
+/// AVX-512 available; `rhs` valid for `k x n` with either its rows or its columns contiguous.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pack_cols_panel(panel: &mut [u16], rhs: Mat, n: usize, k: usize, c0: usize, kt: usize) {
+    let (hi, lo) = panel.split_at_mut(kt * TILE);
+    let cols = n.saturating_sub(c0).min(16);
+    if rhs.rs == 1 {
+        // A transposed weight: column c is the weight's row, k contiguous. Each column's 32 k
+        // split, as 16 pairs, then the 16 x 16 pairs transposed into the tile.
+        let src: [&[f32]; 16] = std::array::from_fn(|c| {
+            // SAFETY: a column below n has its k elements contiguous (the caller's contract).
+            unsafe { run(c < cols, rhs.ptr.wrapping_offset((c0 + c) as isize * rhs.cs), k) }
+        });
+        for t in 0..kt {
+            let (mut h, mut l) = ([[0u32; 16]; 16], [[0u32; 16]; 16]);
+            for c in 0..16 {
+                let (hc, lc) = split32(src[c].get(t * 32..).unwrap_or(&[]));
+                for p in 0..16 {
+                    h[p][c] = u32::from(hc[2 * p]) | u32::from(hc[2 * p + 1]) << 16;
+                    l[p][c] = u32::from(lc[2 * p]) | u32::from(lc[2 * p + 1]) << 16;
+                }
+            }
+            for (tile, pairs) in [(&mut hi[t * TILE..][..TILE], &h), (&mut lo[t * TILE..][..TILE], &l)] {
+                for (dst, &v) in tile.chunks_exact_mut(2).zip(pairs.as_flattened()) {
+                    dst.copy_from_slice(&[v as u16, (v >> 16) as u16]);
+                }
+            }
+        }
+    } else {
+        // Row-major: row kk holds every column's k-th element; rows 2p and 2p + 1 interleave.
+        let mut rows = [[0f32; 16]; 2];
+        for kk in (0..kt * 32).step_by(2) {
+            for (i, row) in rows.iter_mut().enumerate() {
+                // SAFETY: a row below k has columns c0..c0 + cols (below n) contiguous.
+                let src =
+                    unsafe { run(kk + i < k, rhs.ptr.wrapping_offset((kk + i) as isize * rhs.rs + c0 as isize), cols) };
+                *row = [0.0; 16];
+                row[..src.len()].copy_from_slice(src);
+            }
+            let at = (kk / 32) * TILE + (kk % 32 / 2) * 32;
+            for c in 0..16 {
+                let ((h0, l0), (h1, l1)) = (split(rows[0][c]), split(rows[1][c]));
+                hi[at + 2 * c..][..2].copy_from_slice(&[h0, h1]);
+                lo[at + 2 * c..][..2].copy_from_slice(&[l0, l1]);
+            }
+        }
+    }
+}
+
+/// `dst[m x n] (ld_dst per row) = (accumulate ? dst : 0) + scale lhs rhs` through AMX; the
+/// caller checked [`takes`] and that `dst` holds the rows.
+///
+/// # Safety
+/// `lhs` and `rhs` valid for the shapes and strides given; `dst` for `m` rows of `ld_dst >= n`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    ld_dst: usize,
+    lhs: Mat,
+    rhs: Mat,
+    scale: f32,
+    accumulate: bool,
+) {
+    PRODUCTS.fetch_add(1, Ordering::Relaxed);
+    let (mp, np, kt) = (m.next_multiple_of(32), n.next_multiple_of(32), k.div_ceil(32));
+    let panel = 2 * kt * TILE;
+    let mut a = Lines::zeroed(mp / 16 * panel);
+    let mut b = Lines::zeroed(np / 16 * panel);
+    a.as_mut_slice().par_chunks_mut(panel).enumerate().for_each(|(p, s)| {
+        // SAFETY: mode() checked AVX-512; lhs as the caller vouches.
+        unsafe { pack_rows_panel(s, lhs, m, k, 16 * p, kt) }
+    });
+    b.as_mut_slice().par_chunks_mut(panel).enumerate().for_each(|(p, s)| {
+        // SAFETY: as above, for rhs.
+        unsafe { pack_cols_panel(s, rhs, n, k, 16 * p, kt) }
+    });
+    let (a, b) = (a.as_slice(), b.as_slice());
+    let blocks = np / 32;
+    let parts = rayon::current_num_threads().min(blocks);
+    let out = Out(dst);
+    let out = &out;
+    (0..parts).into_par_iter().for_each(|t| {
+        configure();
+        let mut c = Block([0.0; 1024]);
+        for first in (0..mp / 32).step_by(ROWS_PER_PASS / 32) {
+            for nb in blocks * t / parts..blocks * (t + 1) / parts {
+                for mb in first..(first + ROWS_PER_PASS / 32).min(mp / 32) {
+                    // SAFETY: tiles configured; a and b packed for kt; c is 32 x 32.
+                    unsafe { block(a, b, &mut c, 2 * mb, 2 * nb, kt) };
+                    let (rows, cols) = ((m - 32 * mb).min(32), (n - 32 * nb).min(32));
+                    // SAFETY: rows 32 mb.. below m, columns 32 nb.. below n: inside dst, and this
+                    // thread's columns only; AVX-512 checked by mode().
+                    unsafe {
+                        write_block(&c, out.0.add(32 * mb * ld_dst + 32 * nb), ld_dst, rows, cols, scale, accumulate)
+                    };
+                }
+            }
+        }
+        release();
+    });
+}
+
+/// `rows x cols` of `c` into `d` (`ld` per row): `d = (accumulate ? d : 0) + scale c`.
+///
+/// # Safety
+/// AVX-512 available; `d` valid for `rows` rows of `cols` at `ld`, written by no one else meanwhile.
+#[target_feature(enable = "avx512f")]
+unsafe fn write_block(c: &Block, d: *mut f32, ld: usize, rows: usize, cols: usize, scale: f32, accumulate: bool) {
+    for i in 0..rows {
+        // SAFETY: the caller's.
+        let d = unsafe { std::slice::from_raw_parts_mut(d.add(i * ld), cols) };
+        let s = &c.0[32 * i..][..cols];
+        if accumulate {
+            d.iter_mut().zip(s).for_each(|(d, s)| *d += scale * s);
+        } else {
+            d.iter_mut().zip(s).for_each(|(d, s)| *d = scale * s);
+        }
+    }
+}
+
+/// Products [`product`] has run in this process (what a test checks to know AMX took them).
+pub fn products_run() -> u64 {
+    PRODUCTS.load(Ordering::Relaxed)
+}
+
+static PRODUCTS: AtomicU64 = AtomicU64::new(0);
+
+/// The destination, written by the threads in disjoint column blocks.
+struct Out(*mut f32);
+// SAFETY: the threads of `product` write disjoint columns, inside its scope.
+unsafe impl Sync for Out {}
+
+/// One 32 x 32 block of results, row-major, on a 64-byte line.
+#[repr(C, align(64))]
+struct Block([f32; 1024]);
+
+/// Palette 1, the eight tiles all 16 rows of 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+fn configure() {
+    let mut c = [0u8; 64];
+    c[0] = 1;
+    for t in 0..8 {
+        c[16 + 2 * t] = 64;
+        c[48 + t] = 16;
+    }
+    let cfg = TileConfig(c);
+    // SAFETY: a valid palette-1 configuration; mode() enabled AMX for this process.
+    unsafe { asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr()) };
+}
+
+fn release() {
+    // SAFETY: drops this thread's tile state.
+    unsafe { asm!("tilerelease") };
+}
+
+/// The 32 x 32 block at row panel `pa` (16 rows each) and column panel `pb` into `c`: per 32 of k,
+/// ten tile loads and twelve products (`hi·hi`, `lo·hi`, `hi·lo` for each of the four
+/// accumulators, the `hi` of B kept for the second and the `hi` of A loaded again for the third).
+///
+/// # Safety
+/// Tiles configured on this thread; `a`, `b` packed for `kt`.
+unsafe fn block(a: &[u16], b: &[u16], c: &mut Block, pa: usize, pb: usize, kt: usize) {
+    let panel = 2 * kt * TILE;
+    assert!(a.len() >= (pa + 2) * panel && b.len() >= (pb + 2) * panel);
+    let (a0, a1) = (a[pa * panel..].as_ptr(), a[(pa + 1) * panel..].as_ptr());
+    let (b0, b1) = (b[pb * panel..].as_ptr(), b[(pb + 1) * panel..].as_ptr());
+    let lo = kt * TILE;
+    // SAFETY: every load stays inside the four panels asserted above; the stores inside `c`.
+    unsafe {
+        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3");
+        for t in 0..kt {
+            let o = t * TILE;
+            asm!(
+                "tileloadd tmm4, [{a0h} + {s}*1]",
+                "tileloadd tmm6, [{b0h} + {s}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1h} + {s}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1h} + {s}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "tileloadd tmm4, [{a0l} + {s}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1l} + {s}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "tileloadd tmm4, [{a0h} + {s}*1]",
+                "tileloadd tmm6, [{b0l} + {s}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1l} + {s}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1h} + {s}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0h = in(reg) a0.add(o),
+                a1h = in(reg) a1.add(o),
+                a0l = in(reg) a0.add(lo + o),
+                a1l = in(reg) a1.add(lo + o),
+                b0h = in(reg) b0.add(o),
+                b1h = in(reg) b1.add(o),
+                b0l = in(reg) b0.add(lo + o),
+                b1l = in(reg) b1.add(lo + o),
+                s = in(reg) 64usize,
+            );
+        }
+        let cp = c.0.as_mut_ptr();
+        asm!(
+            "tilestored [{c0} + {s}*1], tmm0",
+            "tilestored [{c1} + {s}*1], tmm1",
+            "tilestored [{c2} + {s}*1], tmm2",
+            "tilestored [{c3} + {s}*1], tmm3",
+            c0 = in(reg) cp,
+            c1 = in(reg) cp.add(16),
+            c2 = in(reg) cp.add(16 * 32),
+            c3 = in(reg) cp.add(16 * 32 + 16),
+            s = in(reg) 128usize,
+        );
+    }
+}
+
+/// `tdpbf16ps` GFLOP/s of the calling thread's core: with the operands in tile registers (the
+/// unit's ceiling), then with [`block`]'s pattern of loads (ten 1 KB tile loads per twelve
+/// products, 32 x 32 blocks over k = 128) from buffers that stay in L1. `None` where AMX is unusable.
+pub fn tile_rates() -> Option<(f64, f64)> {
+    if unusable().is_some() {
+        return None;
+    }
+    // Two panels of four tile pairs each (k = 128): 32 KB in all, inside L1.
+    let (a, b) = (Lines::zeroed(16 * TILE), Lines::zeroed(16 * TILE));
+    let reps = 200_000;
+    let flop = |products: usize| (reps * products * 16 * 16 * 32 * 2) as f64;
+    configure();
+    let t0 = std::time::Instant::now();
+    // SAFETY: tiles configured; the loads read inside `a`.
+    unsafe {
+        asm!(
+            "tileloadd tmm4, [{p} + {s}*1]",
+            "tileloadd tmm5, [{p} + {s}*1]",
+            "tileloadd tmm6, [{p} + {s}*1]",
+            "tileloadd tmm7, [{p} + {s}*1]",
+            p = in(reg) a.as_slice().as_ptr(),
+            s = in(reg) 64usize,
+        );
+        for _ in 0..reps {
+            asm!(
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7"
+            );
+        }
+    }
+    let registers = flop(4) / t0.elapsed().as_secs_f64() / 1e9;
+    let mut c = Block([0.0; 1024]);
+    let t0 = std::time::Instant::now();
+    for _ in 0..reps {
+        // SAFETY: tiles configured; a and b hold two panels packed for kt = 4.
+        unsafe { block(a.as_slice(), b.as_slice(), &mut c, 0, 0, 4) };
+    }
+    let with_loads = flop(48) / t0.elapsed().as_secs_f64() / 1e9;
+    release();
+    Some((registers, with_loads))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Through AMX where this machine has it (otherwise nothing to test): odd sizes that cross
+    /// tile borders in every dimension, both layouts of the right-hand side, scale and
+    /// accumulate, against an f64 product. The bar is bf16x3's: 2^-15 of the sum of |terms|.
+    #[test]
+    fn amx_products_match_f64_at_odd_sizes() {
+        if let Some(why) = unusable() {
+            eprintln!("nothing to test: {why}");
+            return;
+        }
+        let mut seed = 7u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        for (m, n, k) in [(1, 1, 1), (17, 33, 31), (45, 70, 100), (300, 97, 65), (33, 260, 513)] {
+            let x: Vec<f32> = (0..m * k).map(|_| next()).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
+            let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+            for (rhs, what) in [(Mat::rows_t(&w, k), "transposed"), (Mat::rows(&wt, n), "row-major")] {
+                for accumulate in [false, true] {
+                    let ld = n + 3;
+                    let init: Vec<f32> = (0..m * ld).map(|_| next()).collect();
+                    let mut d = init.clone();
+                    // SAFETY: x, w and wt hold the shapes; d holds m rows of ld.
+                    unsafe { product(m, n, k, d.as_mut_ptr(), ld, Mat::rows(&x, k), rhs, 0.5, accumulate) };
+                    for i in 0..m {
+                        for j in 0..n {
+                            let terms = (0..k).map(|kk| f64::from(x[i * k + kk]) * f64::from(w[j * k + kk]));
+                            let (sum, mag) = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
+                            let want = if accumulate { f64::from(init[i * ld + j]) } else { 0.0 } + 0.5 * sum;
+                            let got = f64::from(d[i * ld + j]);
+                            assert!(
+                                (got - want).abs() <= mag * 0.5 / 32768.0 + 1e-6,
+                                "{what} {m}x{n}x{k} acc {accumulate} at ({i},{j}): {got} against {want}"
+                            );
+                        }
+                        for j in n..ld {
+                            assert_eq!(d[i * ld + j], init[i * ld + j], "{what}: wrote past column {n}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
