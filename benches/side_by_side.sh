@@ -9,9 +9,9 @@
 #   60 + 16 + L tokens in one batch). Default: all of the issue's shapes.
 #   PEER_PY=/path/to/python (default: the venv ../shared/bench/setup_peer.sh makes)
 #   RERANKD=target/release/rerankd   CONFIG=tests/fixtures/qwen3-0.6b.config.json   STEPS=3
-#   AMX="off on": rerankd runs once per value of RERANKD_AMX in each round ("rerankd" for off,
-#   "rerankd-amx" for on: its bf16x3 products on CPUs with AMX); the table compares each with the
-#   peer. Default: off.
+#   AMX="on off": rerankd runs once per value of RERANKD_AMX in each round: "rerankd" as it runs by
+#   default (on: its scoring's large products as AMX bf16x3 on CPUs with AMX), "rerankd-f32" with
+#   AMX off; the table compares each with the peer. Default: on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-1}; shift || true
@@ -22,7 +22,7 @@ py=${PEER_PY:-$(benches/peer/setup_peer.sh)}
 bin=${RERANKD:-target/release/rerankd}
 config=${CONFIG:-tests/fixtures/qwen3-0.6b.config.json}
 steps=${STEPS:-3}
-read -r -a amx_modes <<< "${AMX:-off}"
+read -r -a amx_modes <<< "${AMX:-on}"
 threads=${THREADS:-$(nproc)}
 [ -x "$bin" ] || cargo build --release
 out=$(mktemp)
@@ -30,7 +30,7 @@ for ((r = 1; r <= rounds; r++)); do
   for s in "${shapes[@]}"; do
     mode=${s%%:*}; bl=${s#*:}; b=${bl%x*}; l=${bl#*x}
     for amx in "${amx_modes[@]}"; do
-      tool=rerankd; [ "$amx" = off ] || tool=rerankd-amx
+      tool=rerankd; [ "$amx" = off ] && tool=rerankd-f32
       if [ "$mode" = docs ]; then
         ours=$(RERANKD_AMX=$amx RAYON_NUM_THREADS=$threads "$bin" bench --config "$config" --docs "$b" --doc-len "$l" --query-len 16 --score-batch "$b" --steps "$steps" --json)
       else

@@ -11,13 +11,13 @@
 //! threads split the output's columns, 32 x 32 blocks of four accumulator tiles, 256 rows of the
 //! activation at a time so they stay in L2 while the thread's columns pass over them.
 //!
-//! Off unless asked for: `RERANKD_AMX=on` sends the large products through it, `RERANKD_AMX=all`
-//! every product of a layout it takes, whatever its size (CI runs the fixture tests that way). It
-//! is used only where the CPU has AMX-BF16 and AVX-512 and Linux grants the tile state
-//! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); elsewhere the setting is ignored. Why off by default: on
-//! the virtual Xeon this was measured on, the tile unit ran at two speeds, 1.9-2.3 TFLOP/s (bf16,
-//! one core) some of the time and 0.4-0.7 the rest, switching within a run with no steal time
-//! counted, and at the lower speed bf16x3 is no faster than f32 (README, Performance).
+//! Where: [`takes`] (by default the forward's large products, `x w^T` with 1024 rows or more;
+//! `RERANKD_AMX=all` every product of a layout it takes, whatever its size, as CI runs the fixture
+//! tests; `RERANKD_AMX=off` none), and only where the CPU has AMX-BF16 and AVX-512 and Linux grants
+//! the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); anywhere else sgemm stays in f32. On the
+//! virtual Xeon this was measured on, the tile unit ran at two speeds, 1.9-2.7 TFLOP/s (bf16, one
+//! core) part of the time and 0.6-1.0 the rest, switching within a run with no steal time counted;
+//! the gains quoted at [`takes`] are over both.
 
 use std::arch::asm;
 use std::sync::OnceLock;
@@ -34,8 +34,8 @@ const TILE: usize = 512;
 /// and lo, inside a 2 MB L2).
 const ROWS_PER_PASS: usize = 256;
 
-/// Whether products go through AMX: never (the default), when large enough (`RERANKD_AMX=on`), or
-/// always (`RERANKD_AMX=all`).
+/// Whether products go through AMX: never (`RERANKD_AMX=off`), the large forward ones (the
+/// default), or every one it takes (`RERANKD_AMX=all`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Mode {
@@ -53,9 +53,9 @@ pub fn mode() -> Mode {
         2 => Mode::All,
         _ => {
             let asked = match std::env::var("RERANKD_AMX").as_deref() {
-                Ok("on") => Mode::Large,
+                Ok("off" | "0") => Mode::Off,
                 Ok("all") => Mode::All,
-                _ => Mode::Off,
+                _ => Mode::Large,
             };
             set_mode(asked)
         }
@@ -99,18 +99,50 @@ fn enable() -> Result<(), String> {
     Ok(())
 }
 
-/// Whether [`product`] takes `lhs [m x k] rhs [k x n]`: rows of `lhs` contiguous, `rhs` either a
-/// transposed weight (`w [n x k]` as `x w^T`) or row-major, and (unless `RERANKD_AMX=all`) large
-/// enough that packing both operands per call pays: the weight's packing is a pass over it, so
-/// `m` must be large against it (`m >= 128`), and `n`, `k` at least a layer's narrowest.
+/// Whether [`product`] takes `lhs [m x k] rhs [k x n]`. Its layouts: rows of `lhs` contiguous,
+/// `rhs` either a transposed weight (`w [n x k]` as `x w^T`, every projection's forward) or
+/// row-major (the backward's `g w`). By default (`Large`) only the forward's layout with at least
+/// 1024 rows, where it was measured to pay: scoring 8 x 256 and 1 x 1024 and 20 documents took
+/// 20-34% less time with it, in two alternating rounds, while a training step at 256 rows took
+/// 19-31% more (both operands are packed per call, which few rows do not repay) and at 1024 rows,
+/// with the backward's products through it too, 5-6% more.
 pub fn takes(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat) -> bool {
     let layout = lhs.cs == 1 && (rhs.rs == 1 || rhs.cs == 1);
     layout
-        && match mode() {
+        && match active() {
             Mode::Off => false,
             Mode::All => true,
-            Mode::Large => m >= 128 && n >= 256 && k >= 256,
+            Mode::Large => rhs.is_transposed() && m >= 1024 && n >= 256 && k >= 256,
         }
+}
+
+/// The mode for the products this thread asks for now: [`mode`], with `Large` off inside
+/// [`suspended`].
+pub fn active() -> Mode {
+    match mode() {
+        Mode::Large if SUSPENDED.with(std::cell::Cell::get) => Mode::Off,
+        m => m,
+    }
+}
+
+/// `f` with AMX's default use suspended for the products this thread asks for (a training step:
+/// `RERANKD_AMX=all` still takes them). A training step with its forward's products through AMX
+/// took 2-10% longer than in f32 over four alternating rounds at 1 x 1024 (its backward, in f32
+/// either way, slower after them), while scoring forwards gained 20-45%.
+pub fn suspended<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SUSPENDED.with(|s| s.set(self.0));
+        }
+    }
+    let _restore = Restore(SUSPENDED.with(|s| s.replace(true)));
+    f()
+}
+
+thread_local! {
+    /// Whether [`suspended`] is running on this thread.
+    static SUSPENDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// A zeroed run of 64-byte lines (a tile row across two lines loads about 3x slower, and `vec!`

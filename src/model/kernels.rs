@@ -34,7 +34,7 @@ impl Mat {
 
     /// Whether this is such a transpose (a weight `w [n x k]` viewed as `w^T`, as `x w^T` reads
     /// it): rows one element apart, columns further.
-    fn is_transposed(&self) -> bool {
+    pub(crate) fn is_transposed(&self) -> bool {
         self.rs == 1 && self.cs != 1
     }
 }
@@ -131,16 +131,26 @@ pub fn sgemm(
     unsafe { raw_gemm(m, n, k, dst.as_mut_ptr(), ld_dst as isize, 1, accumulate, lhs, rhs, scale, threads) }
 }
 
-/// What carries [`sgemm`]'s large products in this process, for reports: `f32` (gemm), or AMX's
-/// bf16x3 for the large products (`RERANKD_AMX=on`) or for all (`RERANKD_AMX=all`).
+/// What carries [`sgemm`]'s large products on this thread now, for reports: `f32` (gemm), or
+/// AMX's bf16x3 for the large forward products (the default where the CPU has AMX, outside
+/// [`training`]) or for all (`RERANKD_AMX=all`).
 pub fn matmul_kind() -> &'static str {
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    match super::amx::mode() {
+    match super::amx::active() {
         super::amx::Mode::Large => return "amx-bf16x3",
         super::amx::Mode::All => return "amx-bf16x3-all",
         super::amx::Mode::Off => {}
     }
     "f32"
+}
+
+/// `f`, a training step's forward and backward, with its products in f32: AMX's products stay
+/// for scoring (see `amx::suspended` for why); `RERANKD_AMX=all` still sends them through it.
+pub fn training<T>(f: impl FnOnce() -> T) -> T {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    return super::amx::suspended(f);
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    f()
 }
 
 /// Into how many column blocks, one per thread, [`sgemm`] splits a product against a transposed

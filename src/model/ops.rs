@@ -8,8 +8,8 @@
 //! composition of differentiable candle ops that runs on other devices and is the reference the
 //! fused form is tested against (values and every input gradient).
 //!
-//! `frozen_linear` is one CustomOp on every backend (the forward is the backend's own matmul); its
-//! backward produces the input gradient only.
+//! `frozen_linear` is one CustomOp on every backend (the forward is the backend's own matmul, on
+//! the CPU in f32 [`sgemm`] like the fused ops); its backward produces the input gradient only.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Storage, Tensor, bail};
@@ -40,11 +40,21 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        // Through sgemm, as the fused ops' products go (its paths for a transposed weight, and
+        // AMX's products where they are on), for f32; candle's matmul for other dtypes.
         let (ws, wl) = self.w.storage_and_layout();
-        match &*ws {
-            Storage::Cpu(w) => matmul_wt(x, l, w, wl),
-            _ => bail!("frozen_linear: weight is not on the CPU"),
+        let Storage::Cpu(w) = &*ws else { bail!("frozen_linear: weight is not on the CPU") };
+        if x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+            return matmul_wt(x, l, w, wl);
         }
+        let ((m, k), (n, kw)) = (l.shape().dims2()?, wl.shape().dims2()?);
+        if k != kw {
+            bail!("frozen_linear: input has {k} features, weight expects {kw}");
+        }
+        let (x, w) = (cpu_f32(x, l, "frozen_linear")?, cpu_f32(w, wl, "frozen_linear")?);
+        let mut out = vec![0f32; m * n];
+        sgemm(m, n, k, &mut out, n, Mat::rows(x, k), Mat::rows_t(w, k), 1.0, false, Threads::All);
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 
     #[cfg(feature = "cuda")]

@@ -439,9 +439,12 @@ impl Qwen3 {
         dropout: Option<&mut Dropout>,
     ) -> Result<(f32, Vec<Tensor>)> {
         let mut ad = Adapters { lora: Some(lora), dropout, train: true };
-        let logits = self.yes_no_logits(batch, &mut ad)?;
-        let loss = yes_no_loss(&logits, labels, weights)?;
-        let mut grads = loss.backward()?;
+        let (loss, mut grads) = super::kernels::training(|| -> Result<_> {
+            let logits = self.yes_no_logits(batch, &mut ad)?;
+            let loss = yes_no_loss(&logits, labels, weights)?;
+            let grads = loss.backward()?;
+            Ok((loss, grads))
+        })?;
         let value = loss.to_scalar::<f32>()?;
         lora.named()
             .into_iter()
