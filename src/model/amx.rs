@@ -103,9 +103,9 @@ fn enable() -> Result<(), String> {
 /// `rhs` either a transposed weight (`w [n x k]` as `x w^T`, every projection's forward) or
 /// row-major (the backward's `g w`). By default (`Large`) only the forward's layout with at least
 /// 1024 rows, where it was measured to pay: scoring 8 x 256 and 1 x 1024 and 20 documents took
-/// 20-34% less time with it, in two alternating rounds, while a training step at 256 rows took
-/// 19-31% more (both operands are packed per call, which few rows do not repay) and at 1024 rows,
-/// with the backward's products through it too, 5-6% more.
+/// 17-34% less time with it, in two alternating rounds, while a training step at 256 rows took
+/// 23-31% more (both operands are packed per call, which few rows do not repay) and at 1024 rows,
+/// with the backward's products through it too, 6% more.
 pub fn takes(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat) -> bool {
     let layout = lhs.cs == 1 && (rhs.rs == 1 || rhs.cs == 1);
     layout
@@ -128,7 +128,7 @@ pub fn active() -> Mode {
 /// `f` with AMX's default use suspended for the products this thread asks for (a training step:
 /// `RERANKD_AMX=all` still takes them). A training step with its forward's products through AMX
 /// took 2-10% longer than in f32 over four alternating rounds at 1 x 1024 (its backward, in f32
-/// either way, slower after them), while scoring forwards gained 20-45%.
+/// either way, slower after them), while scoring forwards took 4-45% less time.
 pub fn suspended<T>(f: impl FnOnce() -> T) -> T {
     struct Restore(bool);
     impl Drop for Restore {
