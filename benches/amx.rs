@@ -49,13 +49,9 @@ fn compare(name: &str, m: usize, n: usize, k: usize) {
     use rerankd::model::kernels::{Mat, Threads, sgemm};
     use std::time::Instant;
 
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    };
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x9e37_79b9);
+    let mut next = move || rng.random_range(-1.0f32..1.0);
     let x: Vec<f32> = (0..m * k).map(|_| next()).collect();
     let w: Vec<f32> = (0..n * k).map(|_| next() * 0.05).collect();
     let mut outs = [vec![0f32; m * n], vec![0f32; m * n]];
