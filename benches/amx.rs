@@ -57,7 +57,8 @@ fn compare(name: &str, m: usize, n: usize, k: usize) {
     let mut outs = [vec![0f32; m * n], vec![0f32; m * n]];
     let mut times = [Vec::new(), Vec::new()];
     for _ in 0..7 {
-        for (i, mode) in [Mode::Off, Mode::Large].into_iter().enumerate() {
+        // `All`: through AMX at every row count (by default only from 1024 rows).
+        for (i, mode) in [Mode::Off, Mode::All].into_iter().enumerate() {
             set_mode(mode);
             let t = Instant::now();
             sgemm(m, n, k, &mut outs[i], n, Mat::rows(&x, k), Mat::rows_t(&w, k), 1.0, false, Threads::All);
