@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
-use super::kernels::Mat;
+use super::kernels::{Mat, SendPtr};
 
 /// bf16 elements of one tile: 16 rows of 64 bytes.
 const TILE: usize = 512;
@@ -313,7 +313,7 @@ pub unsafe fn product(
     let (a, b) = (a.as_slice(), b.as_slice());
     let blocks = np / 32;
     let parts = rayon::current_num_threads().min(blocks);
-    let out = Out(dst);
+    let out = SendPtr(dst);
     let out = &out;
     (0..parts).into_par_iter().for_each(|t| {
         configure();
@@ -360,11 +360,6 @@ pub fn products_run() -> u64 {
 }
 
 static PRODUCTS: AtomicU64 = AtomicU64::new(0);
-
-/// The destination, written by the threads in disjoint column blocks.
-struct Out(*mut f32);
-// SAFETY: the threads of `product` write disjoint columns, inside its scope.
-unsafe impl Sync for Out {}
 
 /// One 32 x 32 block of results, row-major, on a 64-byte line.
 #[repr(C, align(64))]

@@ -164,10 +164,11 @@ fn column_parts(n: usize, rhs: Mat, threads: Threads) -> usize {
     if t > 1 && rhs.is_transposed() && n >= 256 * t && n <= 1024 { t } else { 1 }
 }
 
-/// A raw pointer handed to the threads of [`sgemm`]'s column split, each writing its own columns.
-struct SendPtr(*mut f32);
+/// A raw pointer to a product's destination handed to the threads of [`sgemm`]'s column split
+/// (and of AMX's product), each writing its own columns.
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 // SAFETY: only used for disjoint column blocks of one destination, inside a rayon scope that
-// ends before `sgemm` returns (so never past the borrow of `dst`).
+// ends before the product returns (so never past the borrow of its destination).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 

@@ -24,12 +24,18 @@ struct FrozenMatmul {
     w: Tensor,
 }
 
-fn matmul_wt<S: BackendStorage>(x: &S, xl: &Layout, w: &S, wl: &Layout) -> Result<(S, Shape)> {
+/// `(m, k, n)` of `x [m, k] @ w[n, k]^T`, or why they do not fit.
+fn wt_dims(xl: &Layout, wl: &Layout) -> Result<(usize, usize, usize)> {
     let (m, k) = xl.shape().dims2()?;
     let (n, kw) = wl.shape().dims2()?;
     if k != kw {
         bail!("frozen_linear: input has {k} features, weight expects {kw}");
     }
+    Ok((m, k, n))
+}
+
+fn matmul_wt<S: BackendStorage>(x: &S, xl: &Layout, w: &S, wl: &Layout) -> Result<(S, Shape)> {
+    let (m, k, n) = wt_dims(xl, wl)?;
     let wt = wl.transpose(0, 1)?;
     Ok((x.matmul(w, (1, m, n, k), xl, &wt)?, Shape::from((m, n))))
 }
@@ -47,10 +53,7 @@ impl CustomOp1 for FrozenMatmul {
         if x.dtype() != DType::F32 || w.dtype() != DType::F32 {
             return matmul_wt(x, l, w, wl);
         }
-        let ((m, k), (n, kw)) = (l.shape().dims2()?, wl.shape().dims2()?);
-        if k != kw {
-            bail!("frozen_linear: input has {k} features, weight expects {kw}");
-        }
+        let (m, k, n) = wt_dims(l, wl)?;
         let (x, w) = (cpu_f32(x, l, "frozen_linear")?, cpu_f32(w, wl, "frozen_linear")?);
         let mut out = vec![0f32; m * n];
         sgemm(m, n, k, &mut out, n, Mat::rows(x, k), Mat::rows_t(w, k), 1.0, false, Threads::All);
