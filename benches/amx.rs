@@ -45,7 +45,7 @@ fn main() {
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 fn compare(name: &str, m: usize, n: usize, k: usize) {
-    use rerankd::model::amx::{Mode, set_mode};
+    use rerankd::model::amx::{Mode, Packed, set_mode};
     use rerankd::model::kernels::{Mat, Threads, sgemm};
     use std::time::Instant;
 
@@ -53,20 +53,39 @@ fn compare(name: &str, m: usize, n: usize, k: usize) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x9e37_79b9);
     let mut next = move || rng.random_range(-1.0f32..1.0);
     let x: Vec<f32> = (0..m * k).map(|_| next()).collect();
-    let w: Vec<f32> = (0..n * k).map(|_| next() * 0.05).collect();
-    let mut outs = [vec![0f32; m * n], vec![0f32; m * n]];
-    let mut times = [Vec::new(), Vec::new()];
+    let g: Vec<f32> = (0..m * n).map(|_| next()).collect();
+    // The weight's values are bf16s, as a bf16 checkpoint's are once widened (what Packed takes).
+    let w: Vec<f32> = (0..n * k).map(|_| f32::from_bits((next() * 0.05).to_bits() & 0xffff_0000)).collect();
+    set_mode(Mode::All);
+    let packed = Packed::new(&w, n, k).expect("bf16 values");
+    let mut outs = [vec![0f32; m * n], vec![0f32; m * n], vec![0f32; m * n]];
+    let mut back = [vec![0f32; m * k], vec![0f32; m * k]];
+    let mut times: [Vec<f64>; 5] = Default::default();
+    let timed = |f: &mut dyn FnMut()| {
+        let t = Instant::now();
+        f();
+        t.elapsed().as_secs_f64()
+    };
     for _ in 0..7 {
         // `All`: through AMX at every row count (by default only from 1024 rows).
         for (i, mode) in [Mode::Off, Mode::All].into_iter().enumerate() {
             set_mode(mode);
-            let t = Instant::now();
-            sgemm(m, n, k, &mut outs[i], n, Mat::rows(&x, k), Mat::rows_t(&w, k), 1.0, false, Threads::All);
-            times[i].push(t.elapsed().as_secs_f64());
+            let out = &mut outs[i];
+            times[i].push(timed(&mut || {
+                sgemm(m, n, k, out, n, Mat::rows(&x, k), Mat::rows_t(&w, k), 1.0, false, Threads::All)
+            }));
         }
+        // SAFETY: x holds m x k, the output m x n.
+        times[2].push(timed(&mut || unsafe { packed.forward(m, Mat::rows(&x, k), outs[2].as_mut_ptr(), n, false) }));
+        set_mode(Mode::Off);
+        let out = &mut back[0];
+        times[3]
+            .push(timed(&mut || sgemm(m, k, n, out, k, Mat::rows(&g, n), Mat::rows(&w, k), 1.0, false, Threads::All)));
+        // SAFETY: g holds m x n, the output m x k.
+        times[4].push(timed(&mut || unsafe { packed.backward(m, Mat::rows(&g, n), back[1].as_mut_ptr(), k, false) }));
     }
     set_mode(Mode::Off);
-    let [f, a] = times.map(|mut v| {
+    let [f, a, p, fb, pb] = times.map(|mut v| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     });
@@ -81,15 +100,31 @@ fn compare(name: &str, m: usize, n: usize, k: usize) {
         }
         worst
     };
+    let error_back = |c: &[f32]| {
+        let mut worst = 0f64;
+        for i in (0..m).step_by(7) {
+            for j in (0..k).step_by(13) {
+                let exact: f64 = (0..n).map(|nn| f64::from(g[i * n + nn]) * f64::from(w[nn * k + j])).sum();
+                worst = worst.max((f64::from(c[i * k + j]) - exact).abs());
+            }
+        }
+        worst
+    };
     let flop = 2.0 * (m * n * k) as f64;
+    let ms = |t: f64| (t * 1e5).round() / 100.0;
+    let gf = |t: f64| (flop / t / 1e9).round();
     println!(
         "{}",
         serde_json::json!({
             "proj": name, "m": m, "n": n, "k": k,
-            "f32_ms": (f * 1e5).round() / 100.0, "amx_ms": (a * 1e5).round() / 100.0,
-            "f32_gflops": (flop / f / 1e9).round(), "amx_gflops": (flop / a / 1e9).round(),
-            "speedup": (f / a * 100.0).round() / 100.0,
+            "f32_ms": ms(f), "amx_ms": ms(a), "packed_ms": ms(p),
+            "f32_gflops": gf(f), "amx_gflops": gf(a), "packed_gflops": gf(p),
+            "speedup": (f / a * 100.0).round() / 100.0, "packed_speedup": (f / p * 100.0).round() / 100.0,
+            "backward_f32_ms": ms(fb), "backward_packed_ms": ms(pb), "backward_packed_speedup": (fb / pb * 100.0).round() / 100.0,
             "f32_max_err": format!("{:.2e}", error(&outs[0])), "amx_max_err": format!("{:.2e}", error(&outs[1])),
+            "packed_max_err": format!("{:.2e}", error(&outs[2])),
+            "backward_f32_max_err": format!("{:.2e}", error_back(&back[0])),
+            "backward_packed_max_err": format!("{:.2e}", error_back(&back[1])),
         })
     );
 }

@@ -297,20 +297,61 @@ pub unsafe fn product(
     scale: f32,
     accumulate: bool,
 ) {
+    let b = pack_cols(rhs, n, k, true);
+    // SAFETY: the caller's; b holds rhs's panels with their lo tiles.
+    unsafe { drive(m, n, k, dst, ld_dst, lhs, b.as_slice(), true, scale, accumulate) }
+}
+
+/// `rhs [k x n]` as B panels of 16 columns, `kt` tiles each, with their `lo` tiles after the
+/// `hi` ones (`with_lo`) or without.
+fn pack_cols(rhs: Mat, n: usize, k: usize, with_lo: bool) -> Lines {
+    let kt = k.div_ceil(32);
+    let panel = if with_lo { 2 } else { 1 } * kt * TILE;
+    let mut b = Lines::zeroed(n.next_multiple_of(32) / 16 * panel);
+    b.as_mut_slice().par_chunks_mut(panel).enumerate().for_each(|(p, s)| {
+        if with_lo {
+            // SAFETY: AVX-512 checked by the caller's mode; rhs as the caller vouches.
+            unsafe { pack_cols_panel(s, rhs, n, k, 16 * p, kt) }
+        } else {
+            let mut both = vec![0u16; 2 * kt * TILE];
+            // SAFETY: as above.
+            unsafe { pack_cols_panel(&mut both, rhs, n, k, 16 * p, kt) };
+            s.copy_from_slice(&both[..kt * TILE]);
+        }
+    });
+    b
+}
+
+/// The product with `b` packed already (`b_lo`: whether its panels hold `lo` tiles): `lhs` packed
+/// as A panels, then the threads' columns of 32 x 32 blocks.
+///
+/// # Safety
+/// `lhs` valid for `m x k` with its rows contiguous; `b` packed for `n` and `k`; `dst` for `m`
+/// rows of `ld_dst >= n`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn drive(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    ld_dst: usize,
+    lhs: Mat,
+    b: &[u16],
+    b_lo: bool,
+    scale: f32,
+    accumulate: bool,
+) {
     PRODUCTS.fetch_add(1, Ordering::Relaxed);
     let (mp, np, kt) = (m.next_multiple_of(32), n.next_multiple_of(32), k.div_ceil(32));
     let panel = 2 * kt * TILE;
+    let b_panel = if b_lo { 2 } else { 1 } * kt * TILE;
+    assert!(b.len() >= np / 16 * b_panel, "amx: B packed for fewer columns");
     let mut a = Lines::zeroed(mp / 16 * panel);
-    let mut b = Lines::zeroed(np / 16 * panel);
     a.as_mut_slice().par_chunks_mut(panel).enumerate().for_each(|(p, s)| {
         // SAFETY: mode() checked AVX-512; lhs as the caller vouches.
         unsafe { pack_rows_panel(s, lhs, m, k, 16 * p, kt) }
     });
-    b.as_mut_slice().par_chunks_mut(panel).enumerate().for_each(|(p, s)| {
-        // SAFETY: as above, for rhs.
-        unsafe { pack_cols_panel(s, rhs, n, k, 16 * p, kt) }
-    });
-    let (a, b) = (a.as_slice(), b.as_slice());
+    let a = a.as_slice();
     let blocks = np / 32;
     let parts = rayon::current_num_threads().min(blocks);
     let out = SendPtr(dst);
@@ -322,7 +363,13 @@ pub unsafe fn product(
             for nb in blocks * t / parts..blocks * (t + 1) / parts {
                 for mb in first..(first + ROWS_PER_PASS / 32).min(mp / 32) {
                     // SAFETY: tiles configured; a and b packed for kt; c is 32 x 32.
-                    unsafe { block(a, b, &mut c, 2 * mb, 2 * nb, kt) };
+                    unsafe {
+                        if b_lo {
+                            block(a, b, &mut c, 2 * mb, 2 * nb, kt)
+                        } else {
+                            block2(a, b, &mut c, 2 * mb, 2 * nb, kt)
+                        }
+                    };
                     let (rows, cols) = ((m - 32 * mb).min(32), (n - 32 * nb).min(32));
                     // SAFETY: rows 32 mb.. below m, columns 32 nb.. below n: inside dst, and this
                     // thread's columns only; AVX-512 checked by mode().
@@ -334,6 +381,78 @@ pub unsafe fn product(
         }
         release();
     });
+}
+
+/// A frozen weight `w [n x k]` whose every value is a bf16 (as a bf16 checkpoint's are once
+/// widened), packed once as B tiles for both products against it: `x w^T` (the forward) and
+/// `g w` (the backward's input gradient, its tiles packed at the first backward). With `lo`
+/// zero, a product is `hi·w + lo·w` of the other operand: two tile products instead of
+/// bf16x3's three, and no packing of the weight per call. It takes 2 bytes a value per layout
+/// (the f32 weight took 4), and it is the weight's only copy.
+pub struct Packed {
+    n: usize,
+    k: usize,
+    fwd: Lines,
+    bwd: OnceLock<Lines>,
+}
+
+impl Packed {
+    /// `w [n x k]` packed, or `None` when a value is not a bf16 (its low 16 bits not zero) or
+    /// AMX is off for this process.
+    pub fn new(w: &[f32], n: usize, k: usize) -> Option<Self> {
+        assert_eq!(w.len(), n * k, "amx: weight of {} values for {n} x {k}", w.len());
+        if mode() == Mode::Off || w.par_iter().any(|v| v.to_bits() & 0xffff != 0) {
+            return None;
+        }
+        Some(Self { n, k, fwd: pack_cols(Mat::rows_t(w, k), n, k, false), bwd: OnceLock::new() })
+    }
+
+    /// `(n, k)`: the weight's rows and columns.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// The weight again, `[n x k]` row-major f32 (exact: the tiles hold its values).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let (n, k, kt) = (self.n, self.k, self.k.div_ceil(32));
+        let fwd = self.fwd.as_slice();
+        let mut w = vec![0f32; n * k];
+        w.par_chunks_mut(k).enumerate().for_each(|(r, row)| {
+            let base = (r / 16) * kt * TILE + (r % 16) * 2;
+            for (kk, v) in row.iter_mut().enumerate() {
+                let bits = fwd[base + (kk / 32) * TILE + (kk % 32 / 2) * 32 + kk % 2];
+                *v = f32::from_bits(u32::from(bits) << 16);
+            }
+        });
+        w
+    }
+
+    /// `dst[m x n] (ld_dst per row) = (accumulate ? dst : 0) + x w^T`.
+    ///
+    /// # Safety
+    /// `x` valid for `m x k` with its rows contiguous; `dst` for `m` rows of `ld_dst >= n`.
+    pub unsafe fn forward(&self, m: usize, x: Mat, dst: *mut f32, ld_dst: usize, accumulate: bool) {
+        // SAFETY: the caller's; fwd holds w^T's panels without lo tiles.
+        unsafe { drive(m, self.n, self.k, dst, ld_dst, x, self.fwd.as_slice(), false, 1.0, accumulate) }
+    }
+
+    /// `dst[m x k] (ld_dst per row) = (accumulate ? dst : 0) + g w`.
+    ///
+    /// # Safety
+    /// `g` valid for `m x n` with its rows contiguous; `dst` for `m` rows of `ld_dst >= k`.
+    pub unsafe fn backward(&self, m: usize, g: Mat, dst: *mut f32, ld_dst: usize, accumulate: bool) {
+        let bwd = self.bwd.get_or_init(|| {
+            let w = self.to_f32();
+            pack_cols(Mat::rows(&w, self.k), self.k, self.n, false)
+        });
+        // SAFETY: the caller's; bwd holds w's panels without lo tiles.
+        unsafe { drive(m, self.k, self.n, dst, ld_dst, g, bwd.as_slice(), false, 1.0, accumulate) }
+    }
+
+    /// Bytes the tiles hold (the backward's once packed).
+    pub fn bytes(&self) -> usize {
+        2 * (self.fwd.len + self.bwd.get().map_or(0, |b| b.len))
+    }
 }
 
 /// `rows x cols` of `c` into `d` (`ld` per row): `d = (accumulate ? d : 0) + scale c`.
@@ -452,6 +571,61 @@ unsafe fn block(a: &[u16], b: &[u16], c: &mut Block, pa: usize, pb: usize, kt: u
     }
 }
 
+/// [`block`] for B without `lo` tiles (a [`Packed`] weight): per 32 of k, six tile loads and
+/// eight products (`hi·w` and `lo·w` for each of the four accumulators).
+///
+/// # Safety
+/// Tiles configured on this thread; `a` packed for `kt` with `lo` tiles, `b` without.
+unsafe fn block2(a: &[u16], b: &[u16], c: &mut Block, pa: usize, pb: usize, kt: usize) {
+    let (panel, b_panel) = (2 * kt * TILE, kt * TILE);
+    assert!(a.len() >= (pa + 2) * panel && b.len() >= (pb + 2) * b_panel);
+    let (a0, a1) = (a[pa * panel..].as_ptr(), a[(pa + 1) * panel..].as_ptr());
+    let (b0, b1) = (b[pb * b_panel..].as_ptr(), b[(pb + 1) * b_panel..].as_ptr());
+    let lo = kt * TILE;
+    // SAFETY: every load stays inside the four panels asserted above; the stores inside `c`.
+    unsafe {
+        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3");
+        for t in 0..kt {
+            let o = t * TILE;
+            asm!(
+                "tileloadd tmm4, [{a0h} + {s}*1]",
+                "tileloadd tmm6, [{b0} + {s}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {s}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1h} + {s}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "tileloadd tmm4, [{a0l} + {s}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1l} + {s}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0h = in(reg) a0.add(o),
+                a1h = in(reg) a1.add(o),
+                a0l = in(reg) a0.add(lo + o),
+                a1l = in(reg) a1.add(lo + o),
+                b0 = in(reg) b0.add(o),
+                b1 = in(reg) b1.add(o),
+                s = in(reg) 64usize,
+            );
+        }
+        let cp = c.0.as_mut_ptr();
+        asm!(
+            "tilestored [{c0} + {s}*1], tmm0",
+            "tilestored [{c1} + {s}*1], tmm1",
+            "tilestored [{c2} + {s}*1], tmm2",
+            "tilestored [{c3} + {s}*1], tmm3",
+            c0 = in(reg) cp,
+            c1 = in(reg) cp.add(16),
+            c2 = in(reg) cp.add(16 * 32),
+            c3 = in(reg) cp.add(16 * 32 + 16),
+            s = in(reg) 128usize,
+        );
+    }
+}
+
 /// `tdpbf16ps` GFLOP/s of the calling thread's core: with the operands in tile registers (the
 /// unit's ceiling), then with [`block`]'s pattern of loads (ten 1 KB tile loads per twelve
 /// products, 32 x 32 blocks over k = 128) from buffers that stay in L1. `None` where AMX is unusable.
@@ -499,6 +673,62 @@ pub fn tile_rates() -> Option<(f64, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A weight of bf16 values packed once: both products at sizes that cross tile borders,
+    /// against f64 (the same 2^-16 bar: only the other operand is split), and the weight read
+    /// back exactly. A weight with a value that is not a bf16 is not packed.
+    #[test]
+    fn packed_weight_products_match_f64() {
+        if let Some(why) = unusable() {
+            eprintln!("nothing to test: {why}");
+            return;
+        }
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut next = move || rng.random_range(-1.0f32..1.0);
+        let bf16 = |v: f32| f32::from_bits(u32::from(split(v).0) << 16);
+        for (m, n, k) in [(1, 1, 1), (17, 33, 31), (45, 70, 100), (300, 97, 65), (33, 260, 513)] {
+            let w: Vec<f32> = (0..n * k).map(|_| bf16(next())).collect();
+            let p = Packed::new(&w, n, k).expect("bf16 values are packed");
+            assert_eq!(p.to_f32(), w, "{m}x{n}x{k}: the weight read back");
+            let mut off = w.clone();
+            off[n * k / 2] = f32::from_bits(off[n * k / 2].to_bits() | 1);
+            assert!(Packed::new(&off, n, k).is_none(), "{m}x{n}x{k}: a value that is not a bf16 was packed");
+            for backward in [false, true] {
+                let (cols, inner) = if backward { (k, n) } else { (n, k) };
+                let x: Vec<f32> = (0..m * inner).map(|_| next()).collect();
+                for accumulate in [false, true] {
+                    let ld = cols + 3;
+                    let init: Vec<f32> = (0..m * ld).map(|_| next()).collect();
+                    let mut d = init.clone();
+                    // SAFETY: x holds m x inner; d holds m rows of ld >= cols.
+                    unsafe {
+                        if backward {
+                            p.backward(m, Mat::rows(&x, inner), d.as_mut_ptr(), ld, accumulate)
+                        } else {
+                            p.forward(m, Mat::rows(&x, inner), d.as_mut_ptr(), ld, accumulate)
+                        }
+                    }
+                    for i in 0..m {
+                        for j in 0..cols {
+                            let wv = |kk: usize| if backward { w[kk * k + j] } else { w[j * k + kk] };
+                            let terms = (0..inner).map(|kk| f64::from(x[i * inner + kk]) * f64::from(wv(kk)));
+                            let (sum, mag) = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
+                            let want = if accumulate { f64::from(init[i * ld + j]) } else { 0.0 } + sum;
+                            let got = f64::from(d[i * ld + j]);
+                            assert!(
+                                (got - want).abs() <= mag / 65536.0 + 1e-6,
+                                "backward {backward} {m}x{n}x{k} acc {accumulate} at ({i},{j}): {got} against {want}"
+                            );
+                        }
+                        for j in cols..ld {
+                            assert_eq!(d[i * ld + j], init[i * ld + j], "wrote past column {cols}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     /// Through AMX where this machine has it (otherwise nothing to test): odd sizes that cross
     /// tile borders in every dimension, both layouts of the right-hand side, scale and

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod export;
+pub mod frozen;
 pub mod kernels;
 pub mod lora;
 pub mod ops;

@@ -17,11 +17,12 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 use super::attention::{AttentionBlock, BlockDims, TILES, TiledAttention, Tiles};
+pub use super::frozen::Frozen;
 use super::kernels::{Mat, Threads, exp_approx, sgemm, vectorized};
 
 /// `x @ w^T` for a weight that is never trained: backward yields d/dx only.
 struct FrozenMatmul {
-    w: Tensor,
+    w: Frozen,
 }
 
 /// `(m, k, n)` of `x [m, k] @ w[n, k]^T`, or why they do not fit.
@@ -46,23 +47,25 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        // Through sgemm, as the fused ops' products go (its paths for a transposed weight, and
-        // AMX's products where they are on), for f32; candle's matmul for other dtypes.
-        let (ws, wl) = self.w.storage_and_layout();
-        let Storage::Cpu(w) = &*ws else { bail!("frozen_linear: weight is not on the CPU") };
-        if x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+        // The frozen weight's own product for f32 (sgemm's, or AMX's on packed tiles); candle's
+        // matmul for other dtypes.
+        if x.dtype() != DType::F32 {
+            let w = self.w.tensor()?;
+            let (ws, wl) = w.storage_and_layout();
+            let Storage::Cpu(w) = &*ws else { bail!("frozen_linear: weight is not on the CPU") };
             return matmul_wt(x, l, w, wl);
         }
-        let (m, k, n) = wt_dims(l, wl)?;
-        let (x, w) = (cpu_f32(x, l, "frozen_linear")?, cpu_f32(w, wl, "frozen_linear")?);
+        let (m, k) = l.shape().dims2()?;
+        let n = self.w.dims().0;
         let mut out = vec![0f32; m * n];
-        sgemm(m, n, k, &mut out, n, Mat::rows(x, k), Mat::rows_t(w, k), 1.0, false, Threads::All);
+        self.w.forward_into(m, cpu_f32(x, l, "frozen_linear")?, k, &mut out, n, false)?;
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, x: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (ws, wl) = self.w.storage_and_layout();
+        let w = self.w.tensor()?;
+        let (ws, wl) = w.storage_and_layout();
         match &*ws {
             Storage::Cuda(w) => matmul_wt(x, l, w, wl),
             _ => bail!("frozen_linear: weight is not on the CUDA device"),
@@ -71,7 +74,8 @@ impl CustomOp1 for FrozenMatmul {
 
     #[cfg(feature = "metal")]
     fn metal_fwd(&self, x: &candle_core::MetalStorage, l: &Layout) -> Result<(candle_core::MetalStorage, Shape)> {
-        let (ws, wl) = self.w.storage_and_layout();
+        let w = self.w.tensor()?;
+        let (ws, wl) = w.storage_and_layout();
         match &*ws {
             Storage::Metal(w) => matmul_wt(x, l, w, wl),
             _ => bail!("frozen_linear: weight is not on the Metal device"),
@@ -79,14 +83,14 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.w)?))
+        Ok(Some(self.w.backward(grad)?))
     }
 }
 
 /// `x [n, in] @ w[out, in]^T -> [n, out]`, recording a backward for `x` only.
-pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+pub fn frozen_linear(x: &Tensor, w: &Frozen) -> Result<Tensor> {
     let x = x.contiguous()?;
-    if x.track_op() { x.apply_op1(FrozenMatmul { w: w.clone() }) } else { x.matmul(&w.t()?) }
+    if x.track_op() { x.apply_op1(FrozenMatmul { w: w.clone() }) } else { w.forward(&x) }
 }
 
 /// The fused CPU forms run on f32 CPU tensors; everything else takes the compositions.
@@ -249,7 +253,7 @@ pub fn causal_softmax_composed(s: &Tensor, scale: f64, offset: usize) -> Result<
 
 /// `y = x w^T + scale ((x ⊙ mask) a^T) b^T`: a projection with its LoRA adapter.
 struct LoraLinear {
-    w: Tensor,
+    w: Frozen,
     scale: f64,
     mask: Option<Tensor>,
 }
@@ -287,15 +291,12 @@ impl candle_core::CustomOp3 for LoraLinear {
         // copies of the inputs and no separate sum.
         let (n, din) = xl.shape().dims2()?;
         let ((r, ain), (dout, br)) = (al.shape().dims2()?, bl.shape().dims2()?);
-        let (ws, wl) = self.w.storage_and_layout();
-        let Storage::Cpu(w) = &*ws else { bail!("lora: weight is not on the CPU") };
-        let w = cpu_f32(w, wl, "lora")?;
-        if ain != din || br != r || w.len() != dout * din {
-            bail!("lora: x {:?}, a {:?}, b {:?}, w {:?} do not fit", xl.shape(), al.shape(), bl.shape(), wl.shape());
+        if ain != din || br != r || self.w.dims() != (dout, din) {
+            bail!("lora: x {:?}, a {:?}, b {:?}, w {:?} do not fit", xl.shape(), al.shape(), bl.shape(), self.w.dims());
         }
         let (x, a, b) = (cpu_f32(x, xl, "lora")?, cpu_f32(a, al, "lora")?, cpu_f32(b, bl, "lora")?);
         let mut out = vec![0f32; n * dout];
-        sgemm(n, dout, din, &mut out, dout, Mat::rows(x, din), Mat::rows_t(w, din), 1.0, false, Threads::All);
+        self.w.forward_into(n, x, din, &mut out, dout, false)?;
         let masked: Vec<f32>;
         let xm = match &self.mask {
             Some(m) => {
@@ -327,7 +328,7 @@ impl candle_core::CustomOp3 for LoraLinear {
         if let Some(m) = &self.mask {
             dx_lora = (dx_lora * m)?;
         }
-        let dx = (g.matmul(&self.w)? + dx_lora)?;
+        let dx = (self.w.backward(g)? + dx_lora)?;
         let da = gbs.t()?.matmul(&xm)?;
         let db = g.t()?.matmul(&ts)?;
         Ok((Some(dx), Some(da), Some(db)))
@@ -335,7 +336,7 @@ impl candle_core::CustomOp3 for LoraLinear {
 }
 
 /// `x [n, in] @ w^T + scale ((x ⊙ mask) a^T) b^T` with `a [r, in]`, `b [out, r]`.
-pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64, mask: Option<Tensor>) -> Result<Tensor> {
+pub fn lora_linear(x: &Tensor, w: &Frozen, a: &Tensor, b: &Tensor, scale: f64, mask: Option<Tensor>) -> Result<Tensor> {
     let op = LoraLinear { w: w.clone(), scale, mask };
     if runs_fused(x) { x.contiguous()?.apply_op3(a, b, op) } else { frozen_linear(x, w)? + op.delta(x, a, b)? }
 }
@@ -519,10 +520,11 @@ pub fn swiglu(gu: &Tensor) -> Result<Tensor> {
 struct MlpBlock {
     norm: Vec<f32>,
     eps: f32,
-    /// `[2 inter, d]`: gate rows, then up rows.
-    gate_up: Tensor,
+    /// `[inter, d]` each.
+    gate: Frozen,
+    up: Frozen,
     /// `[d, inter]`
-    down: Tensor,
+    down: Frozen,
     /// gate|up `[rows, 2 inter]` from the forward, for the backward.
     gate_up_out: std::sync::Mutex<Vec<f32>>,
 }
@@ -544,36 +546,33 @@ impl CustomOp1 for MlpBlock {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = cpu_f32(s, l, "mlp")?;
         let (rows, d) = l.shape().dims2()?;
-        let (two_i, dg) = self.gate_up.dims2()?;
-        let inter = two_i / 2;
-        if dg != d || self.down.dims2()? != (d, inter) || self.norm.len() != d {
+        let (inter, dg) = self.gate.dims();
+        let two_i = 2 * inter;
+        if dg != d || self.up.dims() != (inter, d) || self.down.dims() != (d, inter) || self.norm.len() != d {
             bail!(
-                "mlp: x {:?} does not fit gate|up {:?} and down {:?}",
+                "mlp: x {:?} does not fit gate {:?}, up {:?} and down {:?}",
                 l.shape(),
-                self.gate_up.shape(),
-                self.down.shape()
+                self.gate.dims(),
+                self.up.dims(),
+                self.down.dims()
             );
         }
         let n = rms_rows(x, &self.norm, self.eps);
+        // gate|up side by side in one `[rows, 2 inter]`, what the SwiGLU reads.
         let mut gu = vec![0f32; rows * two_i];
-        with_host(&self.gate_up, "mlp", |w| {
-            sgemm(rows, two_i, d, &mut gu, two_i, Mat::rows(&n, d), Mat::rows_t(w, d), 1.0, false, Threads::All);
-            Ok(())
-        })?;
+        self.gate.forward_into(rows, &n, d, &mut gu, two_i, false)?;
+        self.up.forward_into(rows, &n, d, &mut gu[inter..], two_i, false)?;
         drop(n);
         let a = swiglu_rows(&gu, inter);
         let mut y = x.to_vec();
-        with_host(&self.down, "mlp", |w| {
-            sgemm(rows, d, inter, &mut y, d, Mat::rows(&a, inter), Mat::rows_t(w, inter), 1.0, true, Threads::All);
-            Ok(())
-        })?;
+        self.down.forward_into(rows, &a, inter, &mut y, d, true)?;
         *self.gate_up_out.lock().unwrap_or_else(|e| e.into_inner()) = gu;
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let (rows, d) = x.dims2()?;
-        let inter = self.gate_up.dim(0)? / 2;
+        let inter = self.gate.dims().0;
         let gu = std::mem::take(&mut *self.gate_up_out.lock().unwrap_or_else(|e| e.into_inner()));
         if gu.len() != rows * 2 * inter {
             bail!("mlp: backward without its forward (or run twice)");
@@ -581,30 +580,13 @@ impl CustomOp1 for MlpBlock {
         let g = g.contiguous()?;
         // da = g down ; dgu = swiglu'(gu) da ; dn = dgu gate_up
         let mut da = vec![0f32; rows * inter];
-        with_host(&g, "mlp", |g| {
-            with_host(&self.down, "mlp", |w| {
-                sgemm(rows, inter, d, &mut da, inter, Mat::rows(g, d), Mat::rows(w, inter), 1.0, false, Threads::All);
-                Ok(())
-            })
-        })?;
+        with_host(&g, "mlp", |g| self.down.backward_into(rows, g, d, &mut da, inter, false))?;
         let dgu = swiglu_grad_rows(&gu, &da, inter);
         drop((gu, da));
+        // dn = dg gate + du up, dg and du the two halves of dgu's rows.
         let mut dn = vec![0f32; rows * d];
-        with_host(&self.gate_up, "mlp", |w| {
-            sgemm(
-                rows,
-                d,
-                2 * inter,
-                &mut dn,
-                d,
-                Mat::rows(&dgu, 2 * inter),
-                Mat::rows(w, d),
-                1.0,
-                false,
-                Threads::All,
-            );
-            Ok(())
-        })?;
+        self.gate.backward_into(rows, &dgu, 2 * inter, &mut dn, d, false)?;
+        self.up.backward_into(rows, &dgu[inter..], 2 * inter, &mut dn, d, true)?;
         drop(dgu);
         // The residual's gradient plus the norm's: g + r (dn w) - x r^3 mean(dn w x).
         let mut dx = vec![0f32; rows * d];
@@ -622,29 +604,35 @@ impl CustomOp1 for MlpBlock {
     }
 }
 
-/// `x + down(silu(gate(n)) * up(n))` with `n = rms_norm(x) norm` and frozen `gate_up`
-/// (`[2 inter, d]`, gate rows first) and `down`: on the CPU one op ([`MlpBlock`]), elsewhere the
-/// composition.
-pub fn mlp_block(x: &Tensor, norm: &Tensor, eps: f64, gate_up: &Tensor, down: &Tensor) -> Result<Tensor> {
+/// The frozen weights of a layer's MLP: `gate` and `up` `[inter, d]`, `down` `[d, inter]`.
+pub struct MlpWeights<'a> {
+    pub gate: &'a Frozen,
+    pub up: &'a Frozen,
+    pub down: &'a Frozen,
+}
+
+/// `x + down(silu(gate(n)) * up(n))` with `n = rms_norm(x) norm` and frozen `w`: on the CPU one
+/// op ([`MlpBlock`]), elsewhere the composition.
+pub fn mlp_block(x: &Tensor, norm: &Tensor, eps: f64, w: &MlpWeights) -> Result<Tensor> {
     if runs_fused(x) {
         let op = MlpBlock {
             norm: norm.to_vec1()?,
             eps: eps as f32,
-            gate_up: gate_up.contiguous()?,
-            down: down.contiguous()?,
+            gate: w.gate.clone(),
+            up: w.up.clone(),
+            down: w.down.clone(),
             gate_up_out: Default::default(),
         };
         return x.contiguous()?.apply_op1(op);
     }
-    mlp_block_composed(x, norm, eps, gate_up, down)
+    mlp_block_composed(x, norm, eps, w)
 }
 
 /// [`mlp_block`] as a composition of differentiable ops.
-pub fn mlp_block_composed(x: &Tensor, norm: &Tensor, eps: f64, gate_up: &Tensor, down: &Tensor) -> Result<Tensor> {
-    let gu = frozen_linear(&rms_norm_composed(x, norm, eps)?, gate_up)?;
-    let i = gu.dim(1)? / 2;
-    let a = (gu.narrow(1, 0, i)?.silu()? * gu.narrow(1, i, i)?)?;
-    x + frozen_linear(&a, down)?
+pub fn mlp_block_composed(x: &Tensor, norm: &Tensor, eps: f64, w: &MlpWeights) -> Result<Tensor> {
+    let n = rms_norm_composed(x, norm, eps)?;
+    let a = (frozen_linear(&n, w.gate)?.silu()? * frozen_linear(&n, w.up)?)?;
+    x + frozen_linear(&a, w.down)?
 }
 
 /// Per-head RMS norm (weight `w`) and rotary embedding (rotate-half, position = token index) of
@@ -787,7 +775,8 @@ mod tests {
     #[test]
     fn frozen_linear_grads_input_only() {
         let w = rand(&[5, 4], 4);
-        check(&[&[3, 4]], |t| frozen_linear(&t[0], &w).unwrap(), |t| t[0].matmul(&w.t().unwrap()).unwrap());
+        let f = Frozen::new(&w).unwrap();
+        check(&[&[3, 4]], |t| frozen_linear(&t[0], &f).unwrap(), |t| t[0].matmul(&w.t().unwrap()).unwrap());
     }
 
     #[test]
@@ -795,7 +784,7 @@ mod tests {
         let w = rand(&[6, 5], 7);
         let mask = rand(&[4, 5], 8).ge(0.0).unwrap().to_dtype(DType::F32).unwrap();
         for m in [None, Some(mask)] {
-            let (w1, m1) = (w.clone(), m.clone());
+            let (w1, m1) = (Frozen::new(&w).unwrap(), m.clone());
             check(
                 &[&[4, 5], &[3, 5], &[6, 3]],
                 |t| lora_linear(&t[0], &w1, &t[1], &t[2], 2.0, m1.clone()).unwrap(),
@@ -935,11 +924,13 @@ mod tests {
 
     #[test]
     fn mlp_block_matches_composition() {
-        let (norm, gate_up, down) = (rand(&[6], 31), rand(&[10, 6], 32), rand(&[6, 5], 33));
+        let f = |shape: &[usize], seed| Frozen::new(&rand(shape, seed)).unwrap();
+        let (norm, gate, up, down) = (rand(&[6], 31), f(&[5, 6], 32), f(&[5, 6], 34), f(&[6, 5], 33));
+        let w = MlpWeights { gate: &gate, up: &up, down: &down };
         check(
             &[&[7, 6]],
-            |x| mlp_block(&x[0], &norm, 1e-6, &gate_up, &down).unwrap(),
-            |x| mlp_block_composed(&x[0], &norm, 1e-6, &gate_up, &down).unwrap(),
+            |x| mlp_block(&x[0], &norm, 1e-6, &w).unwrap(),
+            |x| mlp_block_composed(&x[0], &norm, 1e-6, &w).unwrap(),
         );
     }
 

@@ -2,8 +2,9 @@
 //! state at each row's last real token. Nothing of size batch x length x vocab (or batch x vocab)
 //! is ever built; the head is two rows of the embedding (or lm_head) matrix.
 //!
-//! Frozen weights are f32 (widened once at load); the embedding table stays in the checkpoint's
-//! dtype and only the looked-up rows are widened, which is exact.
+//! Frozen projection weights are `Frozen` (AMX tiles where it can, otherwise f32, widened once at
+//! load); the embedding table stays in the checkpoint's dtype and only the looked-up rows are
+//! widened, which is exact.
 
 use candle_core::{D, DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -12,22 +13,22 @@ use super::attention::BlockDims;
 use super::checkpoint::WeightSource;
 use super::lora::{LoraSet, Target};
 use super::ops::{
-    BlockParams, RopeTables, after_prefix, attention, attention_after, attention_block, frozen_linear, lora_linear,
-    mlp_block, norm_rope, rms_norm, swiglu,
+    BlockParams, Frozen, MlpWeights, RopeTables, after_prefix, attention, attention_after, attention_block,
+    frozen_linear, lora_linear, mlp_block, norm_rope, rms_norm, swiglu,
 };
 use super::{Qwen3Config, Result};
 
-/// One decoder layer. gate/up are stored fused so the MLP without LoRA is one matmul feeding the
-/// fused SwiGLU; with LoRA on gate or up, each uses its slice.
+/// One decoder layer: its projections frozen (`Frozen`: AMX tiles or f32), its norms f32.
 struct Layer {
-    q_proj: Tensor,       // [q, hidden]
-    k_proj: Tensor,       // [kv, hidden]
-    v_proj: Tensor,       // [kv, hidden]
-    o_proj: Tensor,       // [hidden, q]
-    gate_up_proj: Tensor, // [2 inter, hidden]
-    down_proj: Tensor,    // [hidden, inter]
-    q_norm: Tensor,       // [head_dim]
-    k_norm: Tensor,       // [head_dim]
+    q_proj: Frozen,    // [q, hidden]
+    k_proj: Frozen,    // [kv, hidden]
+    v_proj: Frozen,    // [kv, hidden]
+    o_proj: Frozen,    // [hidden, q]
+    gate_proj: Frozen, // [inter, hidden]
+    up_proj: Frozen,   // [inter, hidden]
+    down_proj: Frozen, // [hidden, inter]
+    q_norm: Tensor,    // [head_dim]
+    k_norm: Tensor,    // [head_dim]
     input_layernorm: Tensor,
     post_attention_layernorm: Tensor,
 }
@@ -142,24 +143,19 @@ impl Qwen3 {
         let (d, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
         let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
         let f32w = |name: &str, shape: &[usize]| -> Result<Tensor> { Ok(w.get(name, shape)?.to_dtype(DType::F32)?) };
+        let frozen = |name: &str, shape: &[usize]| -> Result<Frozen> { Ok(Frozen::new(&w.get(name, shape)?)?) };
         let embed_tokens = w.get("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
-                let gate_up = Tensor::cat(
-                    &[
-                        f32w(&format!("{p}.mlp.gate_proj.weight"), &[inter, d])?,
-                        f32w(&format!("{p}.mlp.up_proj.weight"), &[inter, d])?,
-                    ],
-                    0,
-                )?;
                 Ok(Layer {
-                    q_proj: f32w(&format!("{p}.self_attn.q_proj.weight"), &[q, d])?,
-                    k_proj: f32w(&format!("{p}.self_attn.k_proj.weight"), &[kv, d])?,
-                    v_proj: f32w(&format!("{p}.self_attn.v_proj.weight"), &[kv, d])?,
-                    o_proj: f32w(&format!("{p}.self_attn.o_proj.weight"), &[d, q])?,
-                    gate_up_proj: gate_up,
-                    down_proj: f32w(&format!("{p}.mlp.down_proj.weight"), &[d, inter])?,
+                    q_proj: frozen(&format!("{p}.self_attn.q_proj.weight"), &[q, d])?,
+                    k_proj: frozen(&format!("{p}.self_attn.k_proj.weight"), &[kv, d])?,
+                    v_proj: frozen(&format!("{p}.self_attn.v_proj.weight"), &[kv, d])?,
+                    o_proj: frozen(&format!("{p}.self_attn.o_proj.weight"), &[d, q])?,
+                    gate_proj: frozen(&format!("{p}.mlp.gate_proj.weight"), &[inter, d])?,
+                    up_proj: frozen(&format!("{p}.mlp.up_proj.weight"), &[inter, d])?,
+                    down_proj: frozen(&format!("{p}.mlp.down_proj.weight"), &[d, inter])?,
                     q_norm: f32w(&format!("{p}.self_attn.q_norm.weight"), &[hd])?,
                     k_norm: f32w(&format!("{p}.self_attn.k_norm.weight"), &[hd])?,
                     input_layernorm: f32w(&format!("{p}.input_layernorm.weight"), &[d])?,
@@ -263,7 +259,7 @@ impl Qwen3 {
     }
 
     /// Projection `t` of layer `i` over `x` with frozen weight `w`, plus its LoRA if it has one.
-    fn proj(&self, i: usize, t: Target, x: &Tensor, w: &Tensor, ad: &mut Adapters) -> Result<Tensor> {
+    fn proj(&self, i: usize, t: Target, x: &Tensor, w: &Frozen, ad: &mut Adapters) -> Result<Tensor> {
         let Some(p) = ad.lora.and_then(|l| l.get(i, t)) else { return Ok(frozen_linear(x, w)?) };
         let scale = ad.lora.map(|l| l.cfg.scale()).unwrap_or(1.0);
         let mask = match ad.dropout.as_deref_mut() {
@@ -346,17 +342,19 @@ impl Qwen3 {
         let lora_any =
             ad.lora.is_some_and(|lo| [Target::Gate, Target::Up, Target::Down].iter().any(|&t| lo.get(i, t).is_some()));
         if !lora_any {
-            return Ok(mlp_block(x, &l.post_attention_layernorm, c.rms_norm_eps, &l.gate_up_proj, &l.down_proj)?);
+            let w = MlpWeights { gate: &l.gate_proj, up: &l.up_proj, down: &l.down_proj };
+            return Ok(mlp_block(x, &l.post_attention_layernorm, c.rms_norm_eps, &w)?);
         }
         let hn = rms_norm(x, &l.post_attention_layernorm, c.rms_norm_eps)?;
-        let inter = c.intermediate_size;
         let lora_mlp = ad.lora.is_some_and(|lo| lo.get(i, Target::Gate).is_some() || lo.get(i, Target::Up).is_some());
         let a = if lora_mlp {
-            let g = self.proj(i, Target::Gate, &hn, &l.gate_up_proj.narrow(0, 0, inter)?, ad)?;
-            let u = self.proj(i, Target::Up, &hn, &l.gate_up_proj.narrow(0, inter, inter)?, ad)?;
+            let g = self.proj(i, Target::Gate, &hn, &l.gate_proj, ad)?;
+            let u = self.proj(i, Target::Up, &hn, &l.up_proj, ad)?;
             (g.silu()? * u)?
         } else {
-            swiglu(&frozen_linear(&hn, &l.gate_up_proj)?)? // [b*t, inter]
+            // gate|up side by side, what the fused SwiGLU reads.
+            let gu = Tensor::cat(&[frozen_linear(&hn, &l.gate_proj)?, frozen_linear(&hn, &l.up_proj)?], 1)?;
+            swiglu(&gu)? // [b*t, inter]
         };
         let m = self.proj(i, Target::Down, &a, &l.down_proj, ad)?;
         Ok((x + m)?)

@@ -1,0 +1,169 @@
+//! Frozen projection weights (`w [out, in]`, never trained) and the two products taken against
+//! them: `x w^T` (every projection's forward) and `g w` (the backward's input gradient).
+//!
+//! A weight is held one of two ways. Where AMX is usable (x86_64 Linux, see [`super::amx`]) and
+//! every value of the weight is a bf16 (a bf16 checkpoint's are, once widened), it is packed once
+//! into AMX tiles ([`super::amx::Packed`]), which are then its only copy: 2 bytes a value for the
+//! forward, 2 more once a backward has asked for its layout, against the f32 weight's 4. Its
+//! products take the other operand as `hi + lo` (two bf16, 16 significant bits) against the
+//! exact weight, with f32 sums. Anywhere else (other CPUs, `RERANKD_AMX=off`, a weight with
+//! f32-only values, a GPU) it is an f32 tensor, and its products are [`sgemm`]'s (or the device's
+//! matmul).
+
+use std::sync::Arc;
+
+use candle_core::{DType, Result, Tensor, bail};
+
+use super::kernels::{Mat, Threads, sgemm};
+use super::ops::with_host;
+
+/// A frozen weight `[out, in]`; cloning shares it.
+#[derive(Clone)]
+pub struct Frozen(Arc<Repr>);
+
+enum Repr {
+    /// f32, on its device.
+    Tensor(Tensor),
+    /// Packed once for AMX (CPU), its values bf16s.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    Tiles(super::amx::Packed, candle_core::Device),
+}
+
+impl Frozen {
+    /// The weight as loaded (any float dtype, `[out, in]`): packed for AMX where it can be,
+    /// otherwise widened to f32.
+    pub fn new(w: &Tensor) -> Result<Self> {
+        let w = w.to_dtype(DType::F32)?.contiguous()?;
+        let (n, k) = w.dims2()?;
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if w.device().is_cpu()
+            && let Some(p) = with_host(&w, "frozen weight", |v| Ok(super::amx::Packed::new(v, n, k)))?
+        {
+            return Ok(Self(Arc::new(Repr::Tiles(p, w.device().clone()))));
+        }
+        let _ = (n, k);
+        Ok(Self(Arc::new(Repr::Tensor(w))))
+    }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        match &*self.0 {
+            Repr::Tensor(t) => t.dims2().unwrap_or((0, 0)),
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            Repr::Tiles(p, _) => p.dims(),
+        }
+    }
+
+    /// Whether the weight is held as AMX tiles.
+    pub fn packed(&self) -> bool {
+        !matches!(&*self.0, Repr::Tensor(_))
+    }
+
+    /// The weight as an f32 tensor (for the compositions of other devices and for tests): itself
+    /// when it is one, rebuilt from the tiles (exactly, as a new tensor) when packed.
+    pub fn tensor(&self) -> Result<Tensor> {
+        match &*self.0 {
+            Repr::Tensor(t) => Ok(t.clone()),
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            Repr::Tiles(p, device) => Tensor::from_vec(p.to_f32(), p.dims(), device),
+        }
+    }
+
+    /// `dst[m x out] (ld per row) = (accumulate ? dst : 0) + x w^T` on the CPU, `x [m x in]`
+    /// with rows `ldx` apart.
+    pub fn forward_into(
+        &self,
+        m: usize,
+        x: &[f32],
+        ldx: usize,
+        dst: &mut [f32],
+        ld: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let (n, k) = self.dims();
+        check(m, k, x.len(), ldx, "x")?;
+        check(m, n, dst.len(), ld, "x w^T")?;
+        match &*self.0 {
+            Repr::Tensor(t) => with_host(t, "frozen weight", |w| {
+                sgemm(m, n, k, dst, ld, Mat::rows(x, ldx), Mat::rows_t(w, k), 1.0, accumulate, Threads::All);
+                Ok(())
+            }),
+            // SAFETY: `check` saw x hold m rows of k at ldx, and dst m rows of n at ld.
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            Repr::Tiles(p, _) => {
+                unsafe { p.forward(m, Mat::rows(x, ldx), dst.as_mut_ptr(), ld, accumulate) };
+                Ok(())
+            }
+        }
+    }
+
+    /// `dst[m x in] (ld per row) = (accumulate ? dst : 0) + g w` on the CPU, `g [m x out]`
+    /// with rows `ldg` apart.
+    pub fn backward_into(
+        &self,
+        m: usize,
+        g: &[f32],
+        ldg: usize,
+        dst: &mut [f32],
+        ld: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let (n, k) = self.dims();
+        check(m, n, g.len(), ldg, "g")?;
+        check(m, k, dst.len(), ld, "g w")?;
+        match &*self.0 {
+            Repr::Tensor(t) => with_host(t, "frozen weight", |w| {
+                sgemm(m, k, n, dst, ld, Mat::rows(g, ldg), Mat::rows(w, k), 1.0, accumulate, Threads::All);
+                Ok(())
+            }),
+            // SAFETY: `check` saw g hold m rows of n at ldg, and dst m rows of k at ld.
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            Repr::Tiles(p, _) => {
+                unsafe { p.backward(m, Mat::rows(g, ldg), dst.as_mut_ptr(), ld, accumulate) };
+                Ok(())
+            }
+        }
+    }
+
+    /// `x [m, in] w^T -> [m, out]`, recording nothing (see `ops::frozen_linear` for the op
+    /// that records a backward).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, k) = self.dims();
+        self.apply(x, n, |m, x, dst| self.forward_into(m, x, k, dst, n, false), |w| x.matmul(&w.t()?))
+    }
+
+    /// `g [m, out] w -> [m, in]`, recording nothing.
+    pub fn backward(&self, g: &Tensor) -> Result<Tensor> {
+        let (n, k) = self.dims();
+        self.apply(g, k, |m, g, dst| self.backward_into(m, g, n, dst, k, false), |w| g.matmul(w))
+    }
+
+    /// `a [m, _]` through `cpu` into a new `[m, cols]` on the CPU (f32), or `other` on the
+    /// weight's tensor.
+    fn apply(
+        &self,
+        a: &Tensor,
+        cols: usize,
+        cpu: impl FnOnce(usize, &[f32], &mut [f32]) -> Result<()>,
+        other: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        if let Repr::Tensor(w) = &*self.0
+            && !(a.device().is_cpu() && a.dtype() == DType::F32 && w.device().is_cpu())
+        {
+            return other(w);
+        }
+        let a = a.to_dtype(DType::F32)?.contiguous()?;
+        let m = a.dims2()?.0;
+        let mut out = vec![0f32; m * cols];
+        with_host(&a, "frozen weight", |a| cpu(m, a, &mut out))?;
+        Tensor::from_vec(out, (m, cols), a.device())
+    }
+}
+
+/// That `len` values hold `m` rows of `cols` at `ld` per row.
+fn check(m: usize, cols: usize, len: usize, ld: usize, what: &str) -> Result<()> {
+    if ld < cols || (m > 0 && len < (m - 1) * ld + cols) {
+        bail!("frozen weight: {what} has {len} values, not {m} rows of {cols} at {ld} apart");
+    }
+    Ok(())
+}
