@@ -125,6 +125,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         "steps": a.steps,
         "device": format!("{:?}", device.location()),
         "threads": rayon::current_num_threads(),
+        "weights": model.weights_kind(),
         "matmul": rerankd::model::kernels::training(rerankd::model::kernels::matmul_kind),
         "score_matmul": rerankd::model::kernels::matmul_kind(),
     });
@@ -180,6 +181,7 @@ fn score_mode(
         "speedup": (w / s * 1000.0).round() / 1000.0,
         "lora_r": a.lora_r, "steps": a.steps, "peak_rss_mb": rerankd::sys::peak_memory_mb(),
         "device": format!("{:?}", device.location()), "threads": rayon::current_num_threads(),
+        "weights": model.weights_kind(),
         "matmul": rerankd::model::kernels::matmul_kind(),
     });
     if super::json() {

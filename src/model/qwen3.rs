@@ -183,6 +183,20 @@ impl Qwen3 {
         &self.device
     }
 
+    /// How the projections' weights are held, for reports: `amx-tiles` (every one packed for
+    /// AMX), `f32` (none), or `mixed`.
+    pub fn weights_kind(&self) -> &'static str {
+        let all = self.layers.iter().flat_map(|l| {
+            [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj].map(Frozen::packed)
+        });
+        let (packed, total) = all.fold((0, 0), |(p, t), x| (p + usize::from(x), t + 1));
+        match packed {
+            0 => "f32",
+            p if p == total => "amx-tiles",
+            _ => "mixed",
+        }
+    }
+
     /// `[batch, 2]` logits `[no, yes]` at each row's last real token.
     /// `ids: [batch, seq]` right-padded; `last[b]` is the index of row b's last real token.
     pub fn yes_no_logits(&self, batch: &Batch, ad: &mut Adapters) -> Result<Tensor> {

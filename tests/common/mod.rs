@@ -404,8 +404,19 @@ pub fn agent() -> ureq::Agent {
 
 /// `rerankd score ... --json`: per input document, (score, yes - no).
 pub fn score_cli(root: &Root, extra: &[&str], query: &str, docs: &[String]) -> Vec<(f64, f64)> {
+    score_cli_env(root, extra, query, docs, &[])
+}
+
+/// [`score_cli`] with `env` set for the process.
+pub fn score_cli_env(
+    root: &Root,
+    extra: &[&str],
+    query: &str,
+    docs: &[String],
+    env: &[(&str, &str)],
+) -> Vec<(f64, f64)> {
     let mut c = root.cli_cmd(["score", "--device", "cpu", "--json", "--query", query]);
-    c.args(extra);
+    c.args(extra).envs(env.iter().copied());
     for d in docs {
         c.arg("--doc").arg(d);
     }
