@@ -1,23 +1,31 @@
-//! Intel AMX for [`super::kernels::sgemm`]'s large products, as "bf16x3".
+//! Intel AMX: the products against frozen weights packed once ([`Packed`], what
+//! `super::frozen::Frozen` holds for a bf16 checkpoint), and [`super::kernels::sgemm`]'s other
+//! large products as "bf16x3".
 //!
-//! AMX multiplies tiles of bf16 into f32 sums. A bf16 keeps 8 bits of an f32's 24-bit significand,
-//! so each f32 operand is split as `hi + lo` (two bf16, 16 bits of the value) and the product
-//! taken as `hi·hi + lo·hi + hi·lo`, three tile products whose sums AMX keeps in f32. What is
-//! dropped is `lo·lo` and the bits past the 16th of each operand: a relative error near 2^-16 per
-//! term, about six times f32's on the layer's products (measured by `cargo bench --bench amx`).
+//! AMX multiplies tiles of bf16 into f32 sums. A bf16 keeps 8 bits of an f32's 24-bit
+//! significand, so an f32 operand is split as `hi + lo` (two bf16, 16 bits of the value).
+//! - Against a [`Packed`] weight, whose values are bf16s already (`lo` zero), a product is
+//!   `hi·w + lo·w`: two tile products, the weight exact, only the other operand packed per call.
+//! - bf16x3, for two f32 operands: `hi·hi + lo·hi + hi·lo`, three tile products, both operands
+//!   packed per call.
 //!
-//! Both operands are packed per call into tiles (the activation as rows of 32 consecutive k, the
-//! other operand as pairs of consecutive k for 16 columns), zero-padded to whole tiles; the
-//! threads split the output's columns, 32 x 32 blocks of four accumulator tiles, 256 rows of the
-//! activation at a time so they stay in L2 while the thread's columns pass over them.
+//! What is dropped is `lo·lo` (bf16x3) and the bits past the 16th of a split operand: a relative
+//! error near 2^-16 per term, a few times f32's on the layer's products (measured by
+//! `cargo bench --bench amx`).
 //!
-//! Where: [`takes`] (by default the forward's large products, `x w^T` with 1024 rows or more;
-//! `RERANKD_AMX=all` every product of a layout it takes, whatever its size, as CI runs the fixture
-//! tests; `RERANKD_AMX=off` none), and only where the CPU has AMX-BF16 and AVX-512 and Linux grants
-//! the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); anywhere else sgemm stays in f32. On the
-//! virtual Xeon this was measured on, the tile unit ran at two speeds, 1.9-2.7 TFLOP/s (bf16, one
-//! core) part of the time and 0.6-1.0 the rest, switching within a run with no steal time counted;
-//! the gains quoted at [`takes`] are over both.
+//! Tiles: the activation as rows of 32 consecutive k, the other operand as pairs of consecutive k
+//! for 16 columns, zero-padded to whole tiles; the threads split the output's columns, 32 x 32
+//! blocks of four accumulator tiles, 256 rows of the activation at a time so they stay in L2
+//! while the thread's columns pass over them.
+//!
+//! Where: [`Packed`] weights whenever AMX is on ([`mode`] not `Off`); bf16x3 where [`takes`] says
+//! (by default the forward's large products, `x w^T` with 1024 rows or more; `RERANKD_AMX=all`
+//! every product of a layout it takes, whatever its size, as CI runs the fixture tests;
+//! `RERANKD_AMX=off` none), and only where the CPU has AMX-BF16 and AVX-512 and Linux grants the
+//! tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); anywhere else weights stay f32 and sgemm in
+//! f32. On the virtual Xeon this was measured on, the tile unit ran at two speeds, 1.9-2.7
+//! TFLOP/s (bf16, one core) part of the time and 0.6-1.0 the rest, switching within a run with no
+//! steal time counted; the gains quoted are over both.
 
 use std::arch::asm;
 use std::sync::OnceLock;

@@ -133,7 +133,8 @@ pub fn sgemm(
 
 /// What carries [`sgemm`]'s large products on this thread now, for reports: `f32` (gemm), or
 /// AMX's bf16x3 for the large forward products (the default where the CPU has AMX, outside
-/// [`training`]) or for all (`RERANKD_AMX=all`).
+/// [`training`]) or for all (`RERANKD_AMX=all`). Products against packed frozen weights are
+/// AMX's whatever this says (`Qwen3::weights_kind`).
 pub fn matmul_kind() -> &'static str {
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     match super::amx::active() {
@@ -144,8 +145,10 @@ pub fn matmul_kind() -> &'static str {
     "f32"
 }
 
-/// `f`, a training step's forward and backward, with its products in f32: AMX's products stay
-/// for scoring (see `amx::suspended` for why); `RERANKD_AMX=all` still sends them through it.
+/// `f`, a training step's forward and backward, with [`sgemm`]'s products in f32: AMX's bf16x3
+/// stays for scoring (see `amx::suspended` for why); `RERANKD_AMX=all` still sends them through
+/// it. The products against packed frozen weights (`frozen::Frozen`) run on AMX here too: they
+/// pack nothing of the weight per call, which is what bf16x3 lost on.
 pub fn training<T>(f: impl FnOnce() -> T) -> T {
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     return super::amx::suspended(f);
