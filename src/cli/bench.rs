@@ -75,6 +75,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     let weights = vec![1.0 / a.batch as f32; a.batch];
 
     let (mut step_ms, mut fwd_ms) = (Vec::new(), Vec::new());
+    if a.only != Some(Only::Score) {
+        model.ready_for_training();
+    }
     for i in 0..=a.steps {
         if a.only == Some(Only::Score) {
             break;

@@ -59,6 +59,16 @@ impl Frozen {
         !matches!(&*self.0, Repr::Tensor(_))
     }
 
+    /// Makes the backward's product ready now (a packed weight's second layout), not at the
+    /// first backward: packed then, between the activations a step keeps, its 2 bytes a value
+    /// land among them in the heap.
+    pub fn ready_for_backward(&self) {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if let Repr::Tiles(p, _) = &*self.0 {
+            p.backward_tiles_ready();
+        }
+    }
+
     /// The weight as an f32 tensor (for the compositions of other devices and for tests): itself
     /// when it is one, rebuilt from the tiles (exactly, as a new tensor) when packed.
     pub fn tensor(&self) -> Result<Tensor> {

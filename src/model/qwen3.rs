@@ -183,6 +183,16 @@ impl Qwen3 {
         &self.device
     }
 
+    /// Readies the frozen weights for backward passes (a packed weight's second layout, see
+    /// `Frozen::ready_for_backward`); [`Qwen3::micro_step`] calls it, and once done it is free.
+    pub fn ready_for_training(&self) {
+        for l in &self.layers {
+            for w in [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj] {
+                w.ready_for_backward();
+            }
+        }
+    }
+
     /// How the projections' weights are held, for reports: `amx-tiles` (every one packed for
     /// AMX), `f32` (none), or `mixed`.
     pub fn weights_kind(&self) -> &'static str {
@@ -450,6 +460,7 @@ impl Qwen3 {
         lora: &LoraSet,
         dropout: Option<&mut Dropout>,
     ) -> Result<(f32, Vec<Tensor>)> {
+        self.ready_for_training();
         let mut ad = Adapters { lora: Some(lora), dropout, train: true };
         let (loss, mut grads) = super::kernels::training(|| -> Result<_> {
             let logits = self.yes_no_logits(batch, &mut ad)?;
