@@ -89,27 +89,21 @@ fn compare(name: &str, m: usize, n: usize, k: usize) {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     });
-    // Largest |c - x w^T| against f64 over a sample of entries.
-    let error = |c: &[f32]| {
-        let mut worst = 0f64;
-        for i in (0..m).step_by(7) {
-            for j in (0..n).step_by(13) {
-                let exact: f64 = (0..k).map(|kk| f64::from(x[i * k + kk]) * f64::from(w[j * k + kk])).sum();
-                worst = worst.max((f64::from(c[i * n + j]) - exact).abs());
+    // Largest |c - lhs rhs| against f64 over a sample of entries, `c` of `cols` columns, the
+    // sum over `inner`: the forward's x w^T and the backward's g w.
+    let worst =
+        |c: &[f32], cols: usize, inner: usize, lhs: &dyn Fn(usize, usize) -> f32, rhs: &dyn Fn(usize, usize) -> f32| {
+            let mut worst = 0f64;
+            for i in (0..m).step_by(7) {
+                for j in (0..cols).step_by(13) {
+                    let exact: f64 = (0..inner).map(|kk| f64::from(lhs(i, kk)) * f64::from(rhs(kk, j))).sum();
+                    worst = worst.max((f64::from(c[i * cols + j]) - exact).abs());
+                }
             }
-        }
-        worst
-    };
-    let error_back = |c: &[f32]| {
-        let mut worst = 0f64;
-        for i in (0..m).step_by(7) {
-            for j in (0..k).step_by(13) {
-                let exact: f64 = (0..n).map(|nn| f64::from(g[i * n + nn]) * f64::from(w[nn * k + j])).sum();
-                worst = worst.max((f64::from(c[i * k + j]) - exact).abs());
-            }
-        }
-        worst
-    };
+            worst
+        };
+    let error = |c: &[f32]| worst(c, n, k, &|i, kk| x[i * k + kk], &|kk, j| w[j * k + kk]);
+    let error_back = |c: &[f32]| worst(c, k, n, &|i, nn| g[i * n + nn], &|nn, j| w[nn * k + j]);
     let flop = 2.0 * (m * n * k) as f64;
     let ms = |t: f64| (t * 1e5).round() / 100.0;
     let gf = |t: f64| (flop / t / 1e9).round();

@@ -398,13 +398,7 @@ unsafe fn drive(
             for nb in blocks * t / parts..blocks * (t + 1) / parts {
                 for mb in first..(first + ROWS_PER_PASS / 32).min(mp / 32) {
                     // SAFETY: tiles configured; a and b packed for kt; c is 32 x 32.
-                    unsafe {
-                        if b_lo {
-                            block(a, b, &mut c, 2 * mb, 2 * nb, kt)
-                        } else {
-                            block2(a, b, &mut c, 2 * mb, 2 * nb, kt)
-                        }
-                    };
+                    unsafe { block(a, b, &mut c, 2 * mb, 2 * nb, kt, b_lo) };
                     let (rows, cols) = ((m - 32 * mb).min(32), (n - 32 * nb).min(32));
                     // SAFETY: rows 32 mb.. below m, columns 32 nb.. below n: inside dst, and this
                     // thread's columns only; AVX-512 checked by mode().
@@ -549,17 +543,20 @@ fn release() {
     unsafe { asm!("tilerelease") };
 }
 
-/// The 32 x 32 block at row panel `pa` (16 rows each) and column panel `pb` into `c`: per 32 of k,
-/// ten tile loads and twelve products (`hi·hi`, `lo·hi`, `hi·lo` for each of the four
-/// accumulators, the `hi` of B kept for the second and the `hi` of A loaded again for the third).
+/// The 32 x 32 block at row panel `pa` (16 rows each) and column panel `pb` into `c`. With `b`'s
+/// `lo` tiles (`b_lo`, bf16x3), per 32 of k ten tile loads and twelve products (`hi·hi`, `lo·hi`,
+/// `hi·lo` for each of the four accumulators, the `hi` of B kept for the second and the `hi` of A
+/// loaded again for the third); without (a [`Packed`] weight), six loads and eight products
+/// (`hi·w` and `lo·w`).
 ///
 /// # Safety
-/// Tiles configured on this thread; `a`, `b` packed for `kt`.
-unsafe fn block(a: &[u16], b: &[u16], c: &mut Block, pa: usize, pb: usize, kt: usize) {
-    let panel = 2 * kt * TILE;
-    assert!(a.len() >= (pa + 2) * panel && b.len() >= (pb + 2) * panel);
+/// Tiles configured on this thread; `a` packed for `kt` with `lo` tiles, `b` for `kt` with them
+/// or not as `b_lo` says.
+unsafe fn block(a: &[u16], b: &[u16], c: &mut Block, pa: usize, pb: usize, kt: usize, b_lo: bool) {
+    let (panel, b_panel) = (2 * kt * TILE, if b_lo { 2 } else { 1 } * kt * TILE);
+    assert!(a.len() >= (pa + 2) * panel && b.len() >= (pb + 2) * b_panel);
     let (a0, a1) = (a[pa * panel..].as_ptr(), a[(pa + 1) * panel..].as_ptr());
-    let (b0, b1) = (b[pb * panel..].as_ptr(), b[(pb + 1) * panel..].as_ptr());
+    let (b0, b1) = (b[pb * b_panel..].as_ptr(), b[(pb + 1) * b_panel..].as_ptr());
     let lo = kt * TILE;
     // SAFETY: every load stays inside the four panels asserted above; the stores inside `c`.
     unsafe {
@@ -581,79 +578,31 @@ unsafe fn block(a: &[u16], b: &[u16], c: &mut Block, pa: usize, pb: usize, kt: u
                 "tileloadd tmm5, [{a1l} + {s}*1]",
                 "tdpbf16ps tmm2, tmm5, tmm6",
                 "tdpbf16ps tmm3, tmm5, tmm7",
-                "tileloadd tmm4, [{a0h} + {s}*1]",
-                "tileloadd tmm6, [{b0l} + {s}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tileloadd tmm7, [{b1l} + {s}*1]",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tileloadd tmm5, [{a1h} + {s}*1]",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
                 a0h = in(reg) a0.add(o),
                 a1h = in(reg) a1.add(o),
                 a0l = in(reg) a0.add(lo + o),
                 a1l = in(reg) a1.add(lo + o),
                 b0h = in(reg) b0.add(o),
                 b1h = in(reg) b1.add(o),
-                b0l = in(reg) b0.add(lo + o),
-                b1l = in(reg) b1.add(lo + o),
                 s = in(reg) 64usize,
             );
-        }
-        let cp = c.0.as_mut_ptr();
-        asm!(
-            "tilestored [{c0} + {s}*1], tmm0",
-            "tilestored [{c1} + {s}*1], tmm1",
-            "tilestored [{c2} + {s}*1], tmm2",
-            "tilestored [{c3} + {s}*1], tmm3",
-            c0 = in(reg) cp,
-            c1 = in(reg) cp.add(16),
-            c2 = in(reg) cp.add(16 * 32),
-            c3 = in(reg) cp.add(16 * 32 + 16),
-            s = in(reg) 128usize,
-        );
-    }
-}
-
-/// [`block`] for B without `lo` tiles (a [`Packed`] weight): per 32 of k, six tile loads and
-/// eight products (`hi·w` and `lo·w` for each of the four accumulators).
-///
-/// # Safety
-/// Tiles configured on this thread; `a` packed for `kt` with `lo` tiles, `b` without.
-unsafe fn block2(a: &[u16], b: &[u16], c: &mut Block, pa: usize, pb: usize, kt: usize) {
-    let (panel, b_panel) = (2 * kt * TILE, kt * TILE);
-    assert!(a.len() >= (pa + 2) * panel && b.len() >= (pb + 2) * b_panel);
-    let (a0, a1) = (a[pa * panel..].as_ptr(), a[(pa + 1) * panel..].as_ptr());
-    let (b0, b1) = (b[pb * b_panel..].as_ptr(), b[(pb + 1) * b_panel..].as_ptr());
-    let lo = kt * TILE;
-    // SAFETY: every load stays inside the four panels asserted above; the stores inside `c`.
-    unsafe {
-        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3");
-        for t in 0..kt {
-            let o = t * TILE;
-            asm!(
-                "tileloadd tmm4, [{a0h} + {s}*1]",
-                "tileloadd tmm6, [{b0} + {s}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tileloadd tmm7, [{b1} + {s}*1]",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tileloadd tmm5, [{a1h} + {s}*1]",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                "tileloadd tmm4, [{a0l} + {s}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tileloadd tmm5, [{a1l} + {s}*1]",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                a0h = in(reg) a0.add(o),
-                a1h = in(reg) a1.add(o),
-                a0l = in(reg) a0.add(lo + o),
-                a1l = in(reg) a1.add(lo + o),
-                b0 = in(reg) b0.add(o),
-                b1 = in(reg) b1.add(o),
-                s = in(reg) 64usize,
-            );
+            if b_lo {
+                asm!(
+                    "tileloadd tmm4, [{a0h} + {s}*1]",
+                    "tileloadd tmm6, [{b0l} + {s}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{b1l} + {s}*1]",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm5, [{a1h} + {s}*1]",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0h = in(reg) a0.add(o),
+                    a1h = in(reg) a1.add(o),
+                    b0l = in(reg) b0.add(lo + o),
+                    b1l = in(reg) b1.add(lo + o),
+                    s = in(reg) 64usize,
+                );
+            }
         }
         let cp = c.0.as_mut_ptr();
         asm!(
@@ -707,7 +656,7 @@ pub fn tile_rates() -> Option<(f64, f64)> {
     let t0 = std::time::Instant::now();
     for _ in 0..reps {
         // SAFETY: tiles configured; a and b hold two panels packed for kt = 4.
-        unsafe { block(a.as_slice(), b.as_slice(), &mut c, 0, 0, 4) };
+        unsafe { block(a.as_slice(), b.as_slice(), &mut c, 0, 0, 4, true) };
     }
     let with_loads = flop(48) / t0.elapsed().as_secs_f64() / 1e9;
     release();

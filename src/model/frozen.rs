@@ -81,55 +81,46 @@ impl Frozen {
 
     /// `dst[m x out] (ld per row) = (accumulate ? dst : 0) + x w^T` on the CPU, `x [m x in]`
     /// with rows `ldx` apart.
-    pub fn forward_into(
-        &self,
-        m: usize,
-        x: &[f32],
-        ldx: usize,
-        dst: &mut [f32],
-        ld: usize,
-        accumulate: bool,
-    ) -> Result<()> {
-        let (n, k) = self.dims();
-        check(m, k, x.len(), ldx, "x")?;
-        check(m, n, dst.len(), ld, "x w^T")?;
-        match &*self.0 {
-            Repr::Tensor(t) => with_host(t, "frozen weight", |w| {
-                sgemm(m, n, k, dst, ld, Mat::rows(x, ldx), Mat::rows_t(w, k), 1.0, accumulate, Threads::All);
-                Ok(())
-            }),
-            // SAFETY: `check` saw x hold m rows of k at ldx, and dst m rows of n at ld.
-            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-            Repr::Tiles(p, _) => {
-                unsafe { p.forward(m, Mat::rows(x, ldx), dst.as_mut_ptr(), ld, accumulate) };
-                Ok(())
-            }
-        }
+    pub fn forward_into(&self, m: usize, x: &[f32], ldx: usize, dst: &mut [f32], ld: usize, acc: bool) -> Result<()> {
+        self.product_into(false, m, x, ldx, dst, ld, acc)
     }
 
     /// `dst[m x in] (ld per row) = (accumulate ? dst : 0) + g w` on the CPU, `g [m x out]`
     /// with rows `ldg` apart.
-    pub fn backward_into(
+    pub fn backward_into(&self, m: usize, g: &[f32], ldg: usize, dst: &mut [f32], ld: usize, acc: bool) -> Result<()> {
+        self.product_into(true, m, g, ldg, dst, ld, acc)
+    }
+
+    /// `dst (+)= a w^T` (the forward) or `a w` (`backward`), `a` with `m` rows `lda` apart.
+    #[allow(clippy::too_many_arguments)]
+    fn product_into(
         &self,
+        backward: bool,
         m: usize,
-        g: &[f32],
-        ldg: usize,
+        a: &[f32],
+        lda: usize,
         dst: &mut [f32],
         ld: usize,
         accumulate: bool,
     ) -> Result<()> {
         let (n, k) = self.dims();
-        check(m, n, g.len(), ldg, "g")?;
-        check(m, k, dst.len(), ld, "g w")?;
+        // Columns of `a` (summed over) and of the result.
+        let (inner, cols) = if backward { (n, k) } else { (k, n) };
+        check(m, inner, a.len(), lda, "the input")?;
+        check(m, cols, dst.len(), ld, "the output")?;
         match &*self.0 {
             Repr::Tensor(t) => with_host(t, "frozen weight", |w| {
-                sgemm(m, k, n, dst, ld, Mat::rows(g, ldg), Mat::rows(w, k), 1.0, accumulate, Threads::All);
+                let rhs = if backward { Mat::rows(w, k) } else { Mat::rows_t(w, k) };
+                sgemm(m, cols, inner, dst, ld, Mat::rows(a, lda), rhs, 1.0, accumulate, Threads::All);
                 Ok(())
             }),
-            // SAFETY: `check` saw g hold m rows of n at ldg, and dst m rows of k at ld.
+            // SAFETY: `check` saw `a` hold m rows of inner at lda, and dst m rows of cols at ld.
             #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
             Repr::Tiles(p, _) => {
-                unsafe { p.backward(m, Mat::rows(g, ldg), dst.as_mut_ptr(), ld, accumulate) };
+                let (a, d) = (Mat::rows(a, lda), dst.as_mut_ptr());
+                unsafe {
+                    if backward { p.backward(m, a, d, ld, accumulate) } else { p.forward(m, a, d, ld, accumulate) }
+                };
                 Ok(())
             }
         }
