@@ -666,102 +666,138 @@ pub fn tile_rates() -> Option<(f64, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::{Rng, SeedableRng};
 
-    /// A weight of bf16 values packed once: both products at sizes that cross tile borders,
-    /// against f64 (the same 2^-16 bar: only the other operand is split), and the weight read
-    /// back exactly. A weight with a value that is not a bf16 is not packed.
+    /// Odd sizes that cross tile borders in every dimension.
+    const SIZES: [(usize, usize, usize); 5] = [(1, 1, 1), (17, 33, 31), (45, 70, 100), (300, 97, 65), (33, 260, 513)];
+
+    /// Values in [-1, 1) from a seeded generator.
+    fn values(seed: u64) -> impl FnMut() -> f32 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        move || rng.random_range(-1.0f32..1.0)
+    }
+
+    /// Runs `product(dst, ld, accumulate)` into `m` rows of `cols` (at `ld = cols + 3`, from
+    /// random contents, accumulating and not) and holds every entry to `init + scale Σ lhs rhs`
+    /// over `inner`, computed in f64, within 2^-16 of `scale Σ |terms|`; the columns past `cols`
+    /// untouched.
+    #[allow(clippy::too_many_arguments)]
+    fn check_product(
+        what: &str,
+        m: usize,
+        cols: usize,
+        inner: usize,
+        scale: f64,
+        next: &mut impl FnMut() -> f32,
+        lhs: impl Fn(usize, usize) -> f32,
+        rhs: impl Fn(usize, usize) -> f32,
+        product: impl Fn(*mut f32, usize, bool),
+    ) {
+        for accumulate in [false, true] {
+            let ld = cols + 3;
+            let init: Vec<f32> = (0..m * ld).map(|_| next()).collect();
+            let mut d = init.clone();
+            product(d.as_mut_ptr(), ld, accumulate);
+            for i in 0..m {
+                for j in 0..cols {
+                    let terms = (0..inner).map(|kk| f64::from(lhs(i, kk)) * f64::from(rhs(kk, j)));
+                    let (sum, mag) = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
+                    let want = if accumulate { f64::from(init[i * ld + j]) } else { 0.0 } + scale * sum;
+                    let got = f64::from(d[i * ld + j]);
+                    assert!(
+                        (got - want).abs() <= scale * mag / 65536.0 + 1e-6,
+                        "{what} acc {accumulate} at ({i},{j}): {got} against {want}"
+                    );
+                }
+                for j in cols..ld {
+                    assert_eq!(d[i * ld + j], init[i * ld + j], "{what}: wrote past column {cols}");
+                }
+            }
+        }
+    }
+
+    /// A weight of bf16 values packed once: both products against f64 (the same 2^-16 bar: only
+    /// the other operand is split), and the weight read back exactly. A weight with a value that
+    /// is not a bf16 is not packed.
     #[test]
     fn packed_weight_products_match_f64() {
         if let Some(why) = unusable() {
             eprintln!("nothing to test: {why}");
             return;
         }
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        let mut next = move || rng.random_range(-1.0f32..1.0);
+        let mut next = values(11);
         let bf16 = |v: f32| f32::from_bits(u32::from(split(v).0) << 16);
-        for (m, n, k) in [(1, 1, 1), (17, 33, 31), (45, 70, 100), (300, 97, 65), (33, 260, 513)] {
+        for (m, n, k) in SIZES {
             let w: Vec<f32> = (0..n * k).map(|_| bf16(next())).collect();
             let p = Packed::new(&w, n, k).expect("bf16 values are packed");
             assert_eq!(p.to_f32(), w, "{m}x{n}x{k}: the weight read back");
             let mut off = w.clone();
             off[n * k / 2] = f32::from_bits(off[n * k / 2].to_bits() | 1);
             assert!(Packed::new(&off, n, k).is_none(), "{m}x{n}x{k}: a value that is not a bf16 was packed");
-            for backward in [false, true] {
-                let (cols, inner) = if backward { (k, n) } else { (n, k) };
-                let x: Vec<f32> = (0..m * inner).map(|_| next()).collect();
-                for accumulate in [false, true] {
-                    let ld = cols + 3;
-                    let init: Vec<f32> = (0..m * ld).map(|_| next()).collect();
-                    let mut d = init.clone();
-                    // SAFETY: x holds m x inner; d holds m rows of ld >= cols.
-                    unsafe {
-                        if backward {
-                            p.backward(m, Mat::rows(&x, inner), d.as_mut_ptr(), ld, accumulate)
-                        } else {
-                            p.forward(m, Mat::rows(&x, inner), d.as_mut_ptr(), ld, accumulate)
-                        }
-                    }
-                    for i in 0..m {
-                        for j in 0..cols {
-                            let wv = |kk: usize| if backward { w[kk * k + j] } else { w[j * k + kk] };
-                            let terms = (0..inner).map(|kk| f64::from(x[i * inner + kk]) * f64::from(wv(kk)));
-                            let (sum, mag) = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
-                            let want = if accumulate { f64::from(init[i * ld + j]) } else { 0.0 } + sum;
-                            let got = f64::from(d[i * ld + j]);
-                            assert!(
-                                (got - want).abs() <= mag / 65536.0 + 1e-6,
-                                "backward {backward} {m}x{n}x{k} acc {accumulate} at ({i},{j}): {got} against {want}"
-                            );
-                        }
-                        for j in cols..ld {
-                            assert_eq!(d[i * ld + j], init[i * ld + j], "wrote past column {cols}");
-                        }
-                    }
-                }
-            }
+            let x: Vec<f32> = (0..m * k).map(|_| next()).collect();
+            let g: Vec<f32> = (0..m * n).map(|_| next()).collect();
+            let what = format!("forward {m}x{n}x{k}");
+            check_product(
+                &what,
+                m,
+                n,
+                k,
+                1.0,
+                &mut next,
+                |i, kk| x[i * k + kk],
+                |kk, j| w[j * k + kk],
+                |d, ld, acc| {
+                    // SAFETY: x holds m x k; d holds m rows of ld >= n.
+                    unsafe { p.forward(m, Mat::rows(&x, k), d, ld, acc) }
+                },
+            );
+            let what = format!("backward {m}x{n}x{k}");
+            check_product(
+                &what,
+                m,
+                k,
+                n,
+                1.0,
+                &mut next,
+                |i, nn| g[i * n + nn],
+                |nn, j| w[nn * k + j],
+                |d, ld, acc| {
+                    // SAFETY: g holds m x n; d holds m rows of ld >= k.
+                    unsafe { p.backward(m, Mat::rows(&g, n), d, ld, acc) }
+                },
+            );
         }
     }
 
-    /// Through AMX where this machine has it (otherwise nothing to test): odd sizes that cross
-    /// tile borders in every dimension, both layouts of the right-hand side, scale and
-    /// accumulate, against an f64 product. The bar is bf16x3's: 2^-16 of the sum of |terms|.
+    /// bf16x3 through AMX where this machine has it (otherwise nothing to test): both layouts of
+    /// the right-hand side, scale and accumulate, against an f64 product.
     #[test]
     fn amx_products_match_f64_at_odd_sizes() {
         if let Some(why) = unusable() {
             eprintln!("nothing to test: {why}");
             return;
         }
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let mut next = move || rng.random_range(-1.0f32..1.0);
-        for (m, n, k) in [(1, 1, 1), (17, 33, 31), (45, 70, 100), (300, 97, 65), (33, 260, 513)] {
+        let mut next = values(7);
+        for (m, n, k) in SIZES {
             let x: Vec<f32> = (0..m * k).map(|_| next()).collect();
             let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
             let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
             for (rhs, what) in [(Mat::rows_t(&w, k), "transposed"), (Mat::rows(&wt, n), "row-major")] {
-                for accumulate in [false, true] {
-                    let ld = n + 3;
-                    let init: Vec<f32> = (0..m * ld).map(|_| next()).collect();
-                    let mut d = init.clone();
-                    // SAFETY: x, w and wt hold the shapes; d holds m rows of ld.
-                    unsafe { product(m, n, k, d.as_mut_ptr(), ld, Mat::rows(&x, k), rhs, 0.5, accumulate) };
-                    for i in 0..m {
-                        for j in 0..n {
-                            let terms = (0..k).map(|kk| f64::from(x[i * k + kk]) * f64::from(w[j * k + kk]));
-                            let (sum, mag) = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
-                            let want = if accumulate { f64::from(init[i * ld + j]) } else { 0.0 } + 0.5 * sum;
-                            let got = f64::from(d[i * ld + j]);
-                            assert!(
-                                (got - want).abs() <= mag * 0.5 / 32768.0 + 1e-6,
-                                "{what} {m}x{n}x{k} acc {accumulate} at ({i},{j}): {got} against {want}"
-                            );
-                        }
-                        for j in n..ld {
-                            assert_eq!(d[i * ld + j], init[i * ld + j], "{what}: wrote past column {n}");
-                        }
-                    }
-                }
+                let what = format!("{what} {m}x{n}x{k}");
+                check_product(
+                    &what,
+                    m,
+                    n,
+                    k,
+                    0.5,
+                    &mut next,
+                    |i, kk| x[i * k + kk],
+                    |kk, j| w[j * k + kk],
+                    |d, ld, acc| {
+                        // SAFETY: x, w and wt hold the shapes; d holds m rows of ld.
+                        unsafe { product(m, n, k, d, ld, Mat::rows(&x, k), rhs, 0.5, acc) }
+                    },
+                );
             }
         }
     }
