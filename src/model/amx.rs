@@ -486,11 +486,6 @@ impl Packed {
             pack_cols(Mat::rows(&w, self.k), self.k, self.n, false)
         })
     }
-
-    /// Bytes the tiles hold (the backward's once packed).
-    pub fn bytes(&self) -> usize {
-        2 * (self.fwd.len + self.bwd.get().map_or(0, |b| b.len))
-    }
 }
 
 /// `rows x cols` of `c` into `d` (`ld` per row): `d = (accumulate ? d : 0) + scale c`.

@@ -129,34 +129,31 @@ impl Frozen {
     /// `x [m, in] w^T -> [m, out]`, recording nothing (see `ops::frozen_linear` for the op
     /// that records a backward).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, k) = self.dims();
-        self.apply(x, n, |m, x, dst| self.forward_into(m, x, k, dst, n, false), |w| x.matmul(&w.t()?))
+        self.apply(false, x, |w| x.matmul(&w.t()?))
     }
 
     /// `g [m, out] w -> [m, in]`, recording nothing.
     pub fn backward(&self, g: &Tensor) -> Result<Tensor> {
-        let (n, k) = self.dims();
-        self.apply(g, k, |m, g, dst| self.backward_into(m, g, n, dst, k, false), |w| g.matmul(w))
+        self.apply(true, g, |w| g.matmul(w))
     }
 
-    /// `a [m, _]` through `cpu` into a new `[m, cols]` on the CPU (f32), or `other` on the
-    /// weight's tensor.
-    fn apply(
-        &self,
-        a: &Tensor,
-        cols: usize,
-        cpu: impl FnOnce(usize, &[f32], &mut [f32]) -> Result<()>,
-        other: impl FnOnce(&Tensor) -> Result<Tensor>,
-    ) -> Result<Tensor> {
+    /// `a w` (`backward`) or `a w^T` into a new tensor: on the CPU (f32) through
+    /// [`Frozen::product_into`], elsewhere `other` on the weight's tensor.
+    fn apply(&self, backward: bool, a: &Tensor, other: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
         if let Repr::Tensor(w) = &*self.0
             && !(a.device().is_cpu() && a.dtype() == DType::F32 && w.device().is_cpu())
         {
             return other(w);
         }
+        let (n, k) = self.dims();
+        let (inner, cols) = if backward { (n, k) } else { (k, n) };
         let a = a.to_dtype(DType::F32)?.contiguous()?;
-        let m = a.dims2()?.0;
+        let (m, ac) = a.dims2()?;
+        if ac != inner {
+            bail!("frozen weight: input has {ac} columns, the weight {n} x {k} takes {inner}");
+        }
         let mut out = vec![0f32; m * cols];
-        with_host(&a, "frozen weight", |a| cpu(m, a, &mut out))?;
+        with_host(&a, "frozen weight", |a| self.product_into(backward, m, a, inner, &mut out, cols, false))?;
         Tensor::from_vec(out, (m, cols), a.device())
     }
 }

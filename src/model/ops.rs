@@ -25,10 +25,8 @@ struct FrozenMatmul {
     w: Frozen,
 }
 
-/// `(m, k, n)` of `x [m, k] @ w[n, k]^T`, or why they do not fit.
-fn wt_dims(xl: &Layout, wl: &Layout) -> Result<(usize, usize, usize)> {
-    let (m, k) = xl.shape().dims2()?;
-    let (n, kw) = wl.shape().dims2()?;
+/// `(m, k, n)` of `x [m, k] @ w[n, k]^T` from the two shapes, or why they do not fit.
+fn wt_dims((m, k): (usize, usize), (n, kw): (usize, usize)) -> Result<(usize, usize, usize)> {
     if k != kw {
         bail!("frozen_linear: input has {k} features, weight expects {kw}");
     }
@@ -36,7 +34,7 @@ fn wt_dims(xl: &Layout, wl: &Layout) -> Result<(usize, usize, usize)> {
 }
 
 fn matmul_wt<S: BackendStorage>(x: &S, xl: &Layout, w: &S, wl: &Layout) -> Result<(S, Shape)> {
-    let (m, k, n) = wt_dims(xl, wl)?;
+    let (m, k, n) = wt_dims(xl.shape().dims2()?, wl.shape().dims2()?)?;
     let wt = wl.transpose(0, 1)?;
     Ok((x.matmul(w, (1, m, n, k), xl, &wt)?, Shape::from((m, n))))
 }
@@ -55,8 +53,7 @@ impl CustomOp1 for FrozenMatmul {
             let Storage::Cpu(w) = &*ws else { bail!("frozen_linear: weight is not on the CPU") };
             return matmul_wt(x, l, w, wl);
         }
-        let (m, k) = l.shape().dims2()?;
-        let n = self.w.dims().0;
+        let (m, k, n) = wt_dims(l.shape().dims2()?, self.w.dims())?;
         let mut out = vec![0f32; m * n];
         self.w.forward_into(m, cpu_f32(x, l, "frozen_linear")?, k, &mut out, n, false)?;
         Ok((CpuStorage::F32(out), Shape::from((m, n))))

@@ -33,6 +33,13 @@ struct Layer {
     post_attention_layernorm: Tensor,
 }
 
+impl Layer {
+    /// The seven projection weights.
+    fn projections(&self) -> [&Frozen; 7] {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj, &self.gate_proj, &self.up_proj, &self.down_proj]
+    }
+}
+
 /// Dropout on LoRA inputs during training: seeded, so runs are reproducible.
 pub struct Dropout {
     pub p: f64,
@@ -186,19 +193,13 @@ impl Qwen3 {
     /// Readies the frozen weights for backward passes (a packed weight's second layout, see
     /// `Frozen::ready_for_backward`); [`Qwen3::micro_step`] calls it, and once done it is free.
     pub fn ready_for_training(&self) {
-        for l in &self.layers {
-            for w in [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj] {
-                w.ready_for_backward();
-            }
-        }
+        self.layers.iter().flat_map(Layer::projections).for_each(Frozen::ready_for_backward);
     }
 
     /// How the projections' weights are held, for reports: `amx-tiles` (every one packed for
     /// AMX), `f32` (none), or `mixed`.
     pub fn weights_kind(&self) -> &'static str {
-        let all = self.layers.iter().flat_map(|l| {
-            [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj].map(Frozen::packed)
-        });
+        let all = self.layers.iter().flat_map(Layer::projections).map(Frozen::packed);
         let (packed, total) = all.fold((0, 0), |(p, t), x| (p + usize::from(x), t + 1));
         match packed {
             0 => "f32",
