@@ -558,45 +558,10 @@ unsafe fn block(a: &[u16], b: &[u16], c: &mut Block, pa: usize, pb: usize, kt: u
         asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3");
         for t in 0..kt {
             let o = t * TILE;
-            asm!(
-                "tileloadd tmm4, [{a0h} + {s}*1]",
-                "tileloadd tmm6, [{b0h} + {s}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tileloadd tmm7, [{b1h} + {s}*1]",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tileloadd tmm5, [{a1h} + {s}*1]",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                "tileloadd tmm4, [{a0l} + {s}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tileloadd tmm5, [{a1l} + {s}*1]",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                a0h = in(reg) a0.add(o),
-                a1h = in(reg) a1.add(o),
-                a0l = in(reg) a0.add(lo + o),
-                a1l = in(reg) a1.add(lo + o),
-                b0h = in(reg) b0.add(o),
-                b1h = in(reg) b1.add(o),
-                s = in(reg) 64usize,
-            );
+            four_products(a0.add(o), a1.add(o), b0.add(o), b1.add(o));
+            with_b_kept(a0.add(lo + o), a1.add(lo + o));
             if b_lo {
-                asm!(
-                    "tileloadd tmm4, [{a0h} + {s}*1]",
-                    "tileloadd tmm6, [{b0l} + {s}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tileloadd tmm7, [{b1l} + {s}*1]",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tileloadd tmm5, [{a1h} + {s}*1]",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0h = in(reg) a0.add(o),
-                    a1h = in(reg) a1.add(o),
-                    b0l = in(reg) b0.add(lo + o),
-                    b1l = in(reg) b1.add(lo + o),
-                    s = in(reg) 64usize,
-                );
+                four_products(a0.add(o), a1.add(o), b0.add(lo + o), b1.add(lo + o));
             }
         }
         let cp = c.0.as_mut_ptr();
@@ -611,6 +576,56 @@ unsafe fn block(a: &[u16], b: &[u16], c: &mut Block, pa: usize, pb: usize, kt: u
             c3 = in(reg) cp.add(16 * 32 + 16),
             s = in(reg) 128usize,
         );
+    }
+}
+
+/// Loads A tiles `a0`, `a1` and B tiles `b0`, `b1` and adds their four products to the
+/// accumulators `tmm0..tmm3` (`tmm0 += a0 b0`, `tmm1 += a0 b1`, `tmm2 += a1 b0`, `tmm3 += a1 b1`).
+///
+/// # Safety
+/// Tiles configured on this thread; each pointer valid for one packed tile (16 rows of 64 bytes).
+#[inline(always)]
+unsafe fn four_products(a0: *const u16, a1: *const u16, b0: *const u16, b1: *const u16) {
+    // SAFETY: the caller's.
+    unsafe {
+        asm!(
+            "tileloadd tmm4, [{a0} + {s}*1]",
+            "tileloadd tmm6, [{b0} + {s}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{b1} + {s}*1]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm5, [{a1} + {s}*1]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            a0 = in(reg) a0,
+            a1 = in(reg) a1,
+            b0 = in(reg) b0,
+            b1 = in(reg) b1,
+            s = in(reg) 64usize,
+        )
+    }
+}
+
+/// [`four_products`] with new A tiles `a0`, `a1` against the B tiles it loaded last (still in
+/// `tmm6`, `tmm7`).
+///
+/// # Safety
+/// As for [`four_products`], right after it on this thread.
+#[inline(always)]
+unsafe fn with_b_kept(a0: *const u16, a1: *const u16) {
+    // SAFETY: the caller's.
+    unsafe {
+        asm!(
+            "tileloadd tmm4, [{a0} + {s}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm5, [{a1} + {s}*1]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            a0 = in(reg) a0,
+            a1 = in(reg) a1,
+            s = in(reg) 64usize,
+        )
     }
 }
 
@@ -731,36 +746,27 @@ mod tests {
             assert!(Packed::new(&off, n, k).is_none(), "{m}x{n}x{k}: a value that is not a bf16 was packed");
             let x: Vec<f32> = (0..m * k).map(|_| next()).collect();
             let g: Vec<f32> = (0..m * n).map(|_| next()).collect();
-            let what = format!("forward {m}x{n}x{k}");
-            check_product(
-                &what,
-                m,
-                n,
-                k,
-                1.0,
-                &mut next,
-                |i, kk| x[i * k + kk],
-                |kk, j| w[j * k + kk],
-                |d, ld, acc| {
-                    // SAFETY: x holds m x k; d holds m rows of ld >= n.
-                    unsafe { p.forward(m, Mat::rows(&x, k), d, ld, acc) }
-                },
-            );
-            let what = format!("backward {m}x{n}x{k}");
-            check_product(
-                &what,
-                m,
-                k,
-                n,
-                1.0,
-                &mut next,
-                |i, nn| g[i * n + nn],
-                |nn, j| w[nn * k + j],
-                |d, ld, acc| {
-                    // SAFETY: g holds m x n; d holds m rows of ld >= k.
-                    unsafe { p.backward(m, Mat::rows(&g, n), d, ld, acc) }
-                },
-            );
+            for backward in [false, true] {
+                // x w^T sums over k into n columns; g w over n into k.
+                let (a, cols, inner) = if backward { (&g, k, n) } else { (&x, n, k) };
+                let what = format!("backward {backward} {m}x{n}x{k}");
+                let wv = |kk: usize, j: usize| if backward { w[kk * k + j] } else { w[j * k + kk] };
+                check_product(
+                    &what,
+                    m,
+                    cols,
+                    inner,
+                    1.0,
+                    &mut next,
+                    |i, kk| a[i * inner + kk],
+                    wv,
+                    |d, ld, acc| {
+                        let a = Mat::rows(a, inner);
+                        // SAFETY: `a` holds m x inner; d holds m rows of ld >= cols.
+                        unsafe { if backward { p.backward(m, a, d, ld, acc) } else { p.forward(m, a, d, ld, acc) } }
+                    },
+                );
+            }
         }
     }
 
