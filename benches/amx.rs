@@ -75,14 +75,12 @@ fn compare(name: &str, m: usize, n: usize, k: usize) {
                 sgemm(m, n, k, out, n, Mat::rows(&x, k), Mat::rows_t(&w, k), 1.0, false, Threads::All)
             }));
         }
-        // SAFETY: x holds m x k, the output m x n.
-        times[2].push(timed(&mut || unsafe { packed.forward(m, Mat::rows(&x, k), outs[2].as_mut_ptr(), n, false) }));
+        times[2].push(timed(&mut || packed.forward(m, Mat::rows(&x, k), &mut outs[2], n, false)));
         set_mode(Mode::Off);
         let out = &mut back[0];
         times[3]
             .push(timed(&mut || sgemm(m, k, n, out, k, Mat::rows(&g, n), Mat::rows(&w, k), 1.0, false, Threads::All)));
-        // SAFETY: g holds m x n, the output m x k.
-        times[4].push(timed(&mut || unsafe { packed.backward(m, Mat::rows(&g, n), back[1].as_mut_ptr(), k, false) }));
+        times[4].push(timed(&mut || packed.backward(m, Mat::rows(&g, n), &mut back[1], k, false)));
     }
     set_mode(Mode::Off);
     let [f, a, p, fb, pb] = times.map(|mut v| {

@@ -2,7 +2,7 @@
 # On a machine with an NVIDIA GPU, in one go: the `cuda` build, the fixture tests on the GPU (same
 # tolerances as on the CPU), and `rerankd bench` beside the PyTorch peer on the same card at
 # 1x256 / 8x256 / 1x1024 (training) and 8x256 / 1x1024 (scoring), alternating, with the card's name.
-# Every line it prints is JSON or a table row; paste the table into README (Performance, GPU).
+# Every line it prints is JSON or a table row; paste the table into docs/performance.md (GPU).
 #
 #   benches/gpu.sh [ROUNDS]        PEER_PY=python with torch+transformers+peft (skipped if absent)
 set -uo pipefail

@@ -163,7 +163,7 @@ pub enum Origin {
 /// The effective job: what `runs/<id>/job.json` holds. Data paths are absolute.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
-    pub corpus: String,
+    pub corpus: CorpusName,
     pub model: String,
     pub data: Data,
     pub train: Train,
@@ -190,7 +190,7 @@ pub const METRICS: [&str; 4] = ["ndcg@10", "mrr@10", "recall@10", "map"];
 pub const MAX_JOB_BYTES: u64 = 1 << 20;
 
 /// `[A-Za-z0-9._-]{1,64}`, no leading dot.
-pub use crate::store::paths::valid_corpus_name;
+use crate::ids::CorpusName;
 
 /// A JSON object whose keys are checked off as they are read, so unknown ones can be named.
 struct Obj<'a> {
@@ -280,19 +280,18 @@ fn budget_or_default<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::E
 
 /// Validates a spool job file into the effective job; `default_budget_mb` fills a missing
 /// `memory_budget_mb`.
-pub fn parse_job(text: &str, corpus_home: impl Fn(&str) -> PathBuf, default_budget_mb: u64) -> Result<Job, JobError> {
+pub fn parse_job(
+    text: &str,
+    corpus_home: impl Fn(&CorpusName) -> PathBuf,
+    default_budget_mb: u64,
+) -> Result<Job, JobError> {
     let v: Value = serde_json::from_str(text).map_err(|e| {
-        JobError::whole(format!("not valid JSON: {e}"), Some("a job file is one JSON object, see README"))
+        JobError::whole(format!("not valid JSON: {e}"), Some("a job file is one JSON object, see docs/operations.md"))
     })?;
     let mut o = Obj::new(&v, "")?;
-    let corpus = o.string("corpus")?.ok_or_else(|| JobError::at("corpus", "is required", None))?.to_string();
-    if !valid_corpus_name(&corpus) {
-        return Err(JobError::at(
-            "corpus",
-            format!("`{corpus}` is not a valid corpus name"),
-            Some("1 to 64 of A-Z a-z 0-9 . _ -, not starting with a dot"),
-        ));
-    }
+    let corpus = o.string("corpus")?.ok_or_else(|| JobError::at("corpus", "is required", None))?;
+    let corpus = CorpusName::parse(corpus)
+        .map_err(|e| JobError::at("corpus", format!("`{}` is not a valid corpus name", e.shown), Some(e.rule)))?;
     let home = corpus_home(&corpus);
     let model = o.string("model")?.unwrap_or(DEFAULT_MODEL).to_string();
     if model.is_empty() {

@@ -1,5 +1,5 @@
 //! rerankd: fine-tunes a Qwen3 yes/no cross-encoder reranker with LoRA on a user's own relevance
-//! feedback, as a job-queue daemon. See README.md.
+//! feedback, as a job-queue daemon. See README.md and docs/.
 //!
 //! - [`model`]: Qwen3 + LoRA + fused differentiable ops + prompt + scoring (pure candle).
 //! - [`train`]: optimizer, schedule, clipping, accumulation, the training loop.
@@ -9,6 +9,7 @@
 //! - [`store`]: the run store; the only code that touches files under the state root.
 
 pub mod daemon;
+pub mod ids;
 pub mod job;
 pub mod model;
 pub mod report;

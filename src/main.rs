@@ -1,5 +1,5 @@
 //! The `rerankd` binary: thin glue from the command line to the library. Exit codes are chosen
-//! here, in one place (see README "Exit codes").
+//! here, in one place (see docs/operations.md, "Exit codes").
 
 use std::process::ExitCode;
 

@@ -64,8 +64,8 @@ impl RunData {
         let st = Status::read(&files.status()).with_context(|| format!("reading {}", files.status().display()))?;
         let events = read_events(&files.metrics())?;
         let mut d = RunData {
-            run_id: st.run_id.clone(),
-            corpus: st.corpus.clone(),
+            run_id: st.run_id.to_string(),
+            corpus: st.corpus.to_string(),
             state: st.state.as_str().to_string(),
             ended: st.error.clone().or(st.reason.clone()),
             primary: "ndcg@10".into(),

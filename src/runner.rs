@@ -20,7 +20,7 @@ use crate::store::checkpoint;
 use crate::store::feedback::CorpusFeedback;
 use crate::store::models;
 use crate::store::paths::RunFiles;
-use crate::store::{self, FileLock, MetricsLog, Root, RunState, Status};
+use crate::store::{self, FileLock, MetricsLog, Root, RunState, Status, StopRequest};
 use crate::testhooks;
 use crate::train::Cancelled;
 use crate::train::data::TrainPair;
@@ -34,22 +34,6 @@ use crate::train::optim::AdamW;
 use crate::train::promotion::{self, Evidence, Paired, Settings};
 use crate::train::trainer::{Cursor, Reporter, Resume, TrainConfig, train};
 use crate::train::{hard_negatives, mining};
-
-const PAUSED: &str = "paused by `rerankd pause`";
-const TERMINATED: &str = "terminated by a signal (SIGTERM/SIGINT)";
-
-/// How a run that stopped on request ends: for good (cancelled), paused, or back in the queue
-/// (interrupted: the daemon shut down or the process was told to stop), to resume from its
-/// checkpoint.
-fn stop_kind(files: &RunFiles, terminated: bool) -> RunState {
-    match files.cancel_requested() {
-        Some(r) if r != crate::daemon::SHUTDOWN_REASON => RunState::Cancelled,
-        Some(_) => RunState::Queued,
-        None if files.pause().exists() => RunState::Paused,
-        None if terminated => RunState::Queued,
-        None => RunState::Cancelled,
-    }
-}
 
 /// The run's view of its files while it runs.
 pub struct RunContext {
@@ -93,14 +77,13 @@ impl Reporter for RunContext {
         Ok(())
     }
 
-    fn cancel_requested(&mut self) -> Option<String> {
+    fn stop_requested(&mut self) -> Option<StopRequest> {
         if self.ignore_cancel {
             return None;
         }
         self.files
-            .cancel_requested()
-            .or_else(|| self.files.pause().exists().then(|| PAUSED.to_string()))
-            .or_else(|| self.terminated.load(Ordering::Relaxed).then(|| TERMINATED.to_string()))
+            .stop_request(Some(self.status.attempt))
+            .or_else(|| self.terminated.load(Ordering::Relaxed).then_some(StopRequest::Terminated))
     }
 
     fn peak_mem_mb(&mut self) -> u64 {
@@ -173,11 +156,13 @@ pub fn run(root: &Root, run_dir: &Path, nice: Option<i32>) -> anyhow::Result<i32
             if let Err(u) = models::undo(root, &ctx.status.corpus, &ctx.status.run_id, &why) {
                 eprintln!("rerankd run: undoing the promotion: {u}");
             }
-            let stopped = e.downcast_ref::<Cancelled>().map(|Cancelled(reason)| {
-                (reason.clone(), stop_kind(&ctx.files, ctx.terminated.load(Ordering::Relaxed)))
+            // The strongest request standing now wins over the one that stopped the run (a
+            // cancel that came while it was pausing is still a cancel).
+            let stopped = e.downcast_ref::<Cancelled>().map(|Cancelled(seen)| {
+                ctx.files.stop_request(Some(ctx.status.attempt)).unwrap_or_else(|| seen.clone())
             });
-            match stopped {
-                Some((reason, kind @ (RunState::Queued | RunState::Paused))) => {
+            match stopped.as_ref().map(|req| (req, req.outcome())) {
+                Some((req, kind @ (RunState::Queued | RunState::Paused))) => {
                     let at = match checkpoint::latest(&ctx.files) {
                         Some((_, s)) => format!("at step {}; resumes from its checkpoint", s["cursor"]["step"]),
                         None => "before its first checkpoint; starts over".to_string(),
@@ -185,19 +170,17 @@ pub fn run(root: &Root, run_dir: &Path, nice: Option<i32>) -> anyhow::Result<i32
                     let why = if kind == RunState::Paused {
                         format!("paused {at}")
                     } else {
-                        format!("interrupted ({reason}) {at}")
+                        format!("interrupted ({req}) {at}")
                     };
                     let r = ctx.set_state(kind, Some(why), None);
                     // The request is answered: a resumed run must not stop on it again.
-                    let _ = std::fs::remove_file(ctx.files.pause());
-                    if ctx.files.cancel_requested().as_deref() == Some(crate::daemon::SHUTDOWN_REASON) {
-                        let _ = std::fs::remove_file(ctx.files.cancel());
-                    }
+                    ctx.files.clear_pause();
+                    ctx.files.clear_shutdown();
                     r
                 }
-                Some((reason, _)) => {
+                Some((req, _)) => {
                     checkpoint::remove(&ctx.files);
-                    ctx.set_state(RunState::Cancelled, Some(reason), None)
+                    ctx.set_state(RunState::Cancelled, Some(req.reason().to_string()), None)
                 }
                 None => {
                     checkpoint::remove(&ctx.files);
@@ -286,7 +269,7 @@ fn execute(ctx: &mut RunContext, root: &Root, shrink: bool) -> anyhow::Result<Va
     let trained = train_and_select(ctx, &job, &r, &pairs, &data, &baseline, resume)?;
     let cand_heldout = match (&trained.best, heldout.is_empty()) {
         (Some(_), false) => {
-            let res = evaluate(&r, Some(&trained.candidate), &heldout, max_len, &mut || ctx.cancel_requested())?;
+            let res = evaluate(&r, Some(&trained.candidate), &heldout, max_len, &mut || ctx.stop_requested())?;
             ctx.log.append(
                 "eval",
                 json!({"split": "heldout", "which": "candidate", "queries": res.queries,
@@ -426,7 +409,7 @@ fn mine_hard_negatives(
     let t0 = std::time::Instant::now();
     let max_len = job.train.max_length as usize;
     let m = hard_negatives::mine(r, adapter, &mut train, &data.pool, cfg, max_len, job.train.seed, &mut || {
-        ctx.cancel_requested()
+        ctx.stop_requested()
     })?;
     for (q, i) in train.into_iter().zip(at) {
         data.queries[i] = q;
@@ -501,7 +484,7 @@ fn evaluate_baseline(
     let dev = match &data.no_dev {
         Some(why) => Err(format!("no evaluation ({why})")),
         None => {
-            let res = evaluate(r, adapter, &data.dev_lists, max_len, &mut || ctx.cancel_requested())?;
+            let res = evaluate(r, adapter, &data.dev_lists, max_len, &mut || ctx.stop_requested())?;
             ctx.log.append(
                 "eval",
                 json!({"split": "dev", "which": "baseline", "metrics": res.metrics, "adapter": what}),
@@ -512,7 +495,7 @@ fn evaluate_baseline(
     let heldout = if heldout.is_empty() {
         None
     } else {
-        let res = evaluate(r, adapter, heldout, max_len, &mut || ctx.cancel_requested())?;
+        let res = evaluate(r, adapter, heldout, max_len, &mut || ctx.stop_requested())?;
         ctx.log.append(
             "eval",
             json!({"split": "heldout", "which": "baseline", "queries": res.queries,
@@ -591,7 +574,7 @@ fn train_and_select(
         if lists.is_empty() {
             return Ok(());
         }
-        let res = evaluate(r, Some(&lora), lists, max_len, &mut || rep.cancel_requested())?;
+        let res = evaluate(r, Some(&lora), lists, max_len, &mut || rep.stop_requested())?;
         rep.event("eval", json!({"split": "dev", "which": "epoch", "epoch": epoch, "metrics": res.metrics}))?;
         let mut sel = sel.borrow_mut();
         sel.epochs.push(json!({"epoch": epoch, "metrics": res.metrics}));

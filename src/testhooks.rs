@@ -1,6 +1,6 @@
 //! Test-only fault injection, in one place. Each hook is an environment variable that the test
 //! suite sets on the process it starts; nothing here is read unless that variable is set, and
-//! none of them may be set outside tests (the README lists them so an operator can check).
+//! none of them may be set outside tests (docs/guarantees.md lists them so an operator can check).
 //!
 //! - `RERANKD_TEST_CRASH_AT=<point>`: the process kills itself with SIGKILL when it reaches the
 //!   named crash point (a real, uncatchable death at an exact step: intake, recording a state,

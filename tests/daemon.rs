@@ -126,7 +126,8 @@ fn sigterm_stops_the_daemon_and_its_run_waits_queued_to_resume() {
         why.starts_with("interrupted (daemon shutdown) at step ") && why.ends_with("resumes from its checkpoint"),
         "{st}"
     );
-    assert!(!root.dir.join("runs").join(&a).join("cancel").exists(), "the shutdown's request is answered");
+    let files = root.dir.join("runs").join(&a);
+    assert!(!files.join("cancel").exists() && !files.join("shutdown").exists(), "the shutdown's request is answered");
 }
 
 #[test]
@@ -170,7 +171,7 @@ fn bad_job_files_are_rejected_with_the_problem_named() {
         .map(|(n, t, s)| (*n, t, *s))
         .chain([("dir.json", &String::new(), "directory"), ("zero.json", &String::new(), "link")])
     {
-        // The reason is written before the file is moved (README, Intake): once the file is in
+        // The reason is written before the file is moved (docs/design.md, Intake): once the file is in
         // `rejected/`, its reason is there too.
         let kept = root.dir.join("spool/rejected").join(name);
         wait_for(&format!("{name} kept in rejected/"), Duration::from_secs(15), || {
@@ -353,7 +354,10 @@ fn after_a_crash_claimed_files_are_reprocessed_and_queued_runs_keep_their_order(
     std::fs::write(root.dir.join("spool/.claimed/123-1-1__claimed.json"), root.job("c1", 1).to_string()).unwrap();
     let d2 = root.daemon();
     let claimed = run_id_of(&root, "claimed.json");
-    assert!(std::fs::read_dir(root.dir.join("spool/.claimed")).unwrap().next().is_none());
+    // The receipt is written before the claim is let go: wait for the claim itself.
+    wait_for("the claim to be let go", Duration::from_secs(10), || {
+        std::fs::read_dir(root.dir.join("spool/.claimed")).unwrap().next().is_none().then_some(())
+    });
     for id in [&q1, &q2, &claimed] {
         wait_state(&root, id, &["completed"], Duration::from_secs(90));
     }

@@ -272,8 +272,9 @@ fn four_writers_append_while_a_run_reads_a_consistent_snapshot() {
     assert!(before > 1 && before < all.len(), "the run did not read while appends went on ({before} of {})", all.len());
 }
 
-#[test]
-fn bad_feedback_is_refused_with_a_message_and_nothing_is_written() {
+/// A root whose corpus `c` captures, serve on it, and one ranking of two documents captured:
+/// (root, the corpus's home, serve, an agent, the event id).
+fn serve_one_captured_ranking() -> (Root, std::path::PathBuf, Serve, ureq::Agent, String) {
     let root = Root::new("");
     let home = root.dir.join("corpora/c");
     std::fs::create_dir_all(&home).unwrap();
@@ -281,6 +282,12 @@ fn bad_feedback_is_refused_with_a_message_and_nothing_is_written() {
     let s = Serve::fixture(&root, &[]);
     let a = agent();
     let event = capture_one(&a, &s.url, "c", &[("d1", "first text"), ("d2", "second text")]);
+    (root, home, s, a, event)
+}
+
+#[test]
+fn bad_feedback_is_refused_with_a_message_and_nothing_is_written() {
+    let (root, home, s, a, event) = serve_one_captured_ranking();
     let snapshot =
         || (std::fs::read(home.join("feedback.jsonl")).unwrap(), std::fs::read(home.join("documents.jsonl")).unwrap());
     let before = snapshot();
@@ -343,6 +350,45 @@ fn bad_feedback_is_refused_with_a_message_and_nothing_is_written() {
     std::fs::create_dir_all(root.dir.join("corpora/quiet")).unwrap();
     capture_one(&a, &s.url, "quiet", &[("x", "y")]);
     assert!(!root.dir.join("corpora/quiet/feedback.jsonl").exists());
+}
+
+/// `POST /v1/feedback`'s `corpus` is a name, never a path: an absolute path or one with `..` is
+/// refused with a 4xx and nothing is written or created anywhere, even where the path holds a
+/// feedback file with the very event named (which an attacker could plant).
+#[test]
+fn a_feedback_corpus_that_is_a_path_is_refused_and_writes_nothing() {
+    let (root, home, s, a, event) = serve_one_captured_ranking();
+    // A copy of the corpus's files outside the root, reachable by an absolute path or by `..`.
+    let outside = root.dir.parent().unwrap().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    for f in ["feedback.jsonl", "documents.jsonl", "policy.json"] {
+        std::fs::copy(home.join(f), outside.join(f)).unwrap();
+    }
+    let listing = |dir: &Path| {
+        let mut v: Vec<(String, u64)> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().unwrap().len()))
+            .filter(|(name, _)| !name.ends_with(".log")) // the servers' own logs beside the root
+            .collect();
+        v.sort();
+        v
+    };
+    let parent = root.dir.parent().unwrap().to_path_buf();
+    let before = (listing(&parent), listing(&outside), listing(&root.dir), listing(&home));
+    let url = format!("{}/v1/feedback", s.url);
+    for corpus in [outside.display().to_string(), "../../outside".into(), "..".into(), "c/../c".into(), "/".into()] {
+        let (status, reply) =
+            post_json(&a, &url, &json!({"id": event, "signal": "thumbsup", "index": 0, "corpus": corpus}));
+        assert!((400..500).contains(&status), "{corpus}: {status} {reply}");
+        assert!(reply["error"]["message"].as_str().is_some_and(|m| m.contains("corpus")), "{corpus}: {reply}");
+        let after = (listing(&parent), listing(&outside), listing(&root.dir), listing(&home));
+        assert!(after == before, "{corpus}: something was written or created: {before:?} -> {after:?}");
+    }
+    // The same event with its real corpus is recorded.
+    let (status, reply) = post_json(&a, &url, &json!({"id": event, "signal": "thumbsup", "index": 0, "corpus": "c"}));
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(lines(&home.join("feedback.jsonl")).len(), 2);
 }
 
 #[test]

@@ -267,3 +267,49 @@ fn a_queued_run_pauses_before_it_starts_and_resume_starts_it() {
     drop(d);
     assert_gap_free(&root, &second);
 }
+
+/// A daemon that has to kill a run at its shutdown timeout leaves it queued to resume, and the
+/// next daemon resumes it: the shutdown's request does not outlive the attempt it stopped. Then
+/// `pause` followed at once by stopping the daemon: the run ends paused (at once, or by the next
+/// daemon), never cancelled, and `resume` completes it.
+#[test]
+fn a_run_killed_at_the_shutdown_timeout_and_a_pause_then_stop_resume_and_complete() {
+    let root = Root::new("shutdown_timeout_s = 1\n");
+    // Each micro-step sleeps 2.5 s, so the run cannot reach a boundary within the timeout.
+    let sleepy = [("RERANKD_TEST_STEP_SLEEP_MS", "2500")];
+    let run = |d: &mut std::process::Child| {
+        signal(d, libc::SIGTERM);
+        let code = wait_for("daemon exit", Duration::from_secs(30), || d.try_wait().unwrap());
+        assert!(code.success(), "{code:?}");
+    };
+    let mut d = root.daemon_env(&sleepy);
+    let id = root.submit("a.json", &job(&root, 4, 1));
+    let checkpoints = || root.events(&id).iter().filter(|e| e["type"] == "checkpoint").count();
+    wait_for("the first checkpoint", LONG, || (checkpoints() >= 1).then_some(()));
+    run(&mut d);
+    let st = root.status(&id);
+    assert_eq!(st["state"], "queued", "{st}");
+    let why = st["reason"].as_str().unwrap();
+    assert!(why.contains("daemon shutdown") && why.contains("resumes from its checkpoint"), "{st}");
+    let files = root.dir.join("runs").join(&id);
+    assert!(!files.join("cancel").exists() && !files.join("shutdown").exists(), "no request outlives the attempt");
+
+    // The next daemon resumes it; a pause asked for and the daemon stopped at once.
+    let mut d = root.daemon_env(&sleepy);
+    wait_for("attempt 2 running", LONG, || {
+        let st = root.status(&id);
+        (st["attempt"] == 2 && st["state"] == "running").then_some(())
+    });
+    let out = root.cli_cmd(["pause", &id, "--wait", "0"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    run(&mut d);
+    let d = DaemonGuard(root.daemon());
+    let st = wait_state(&root, &id, &["paused", "cancelled", "failed", "completed"], LONG);
+    assert_eq!(st["state"], "paused", "{st}");
+    let out = root.cli_cmd(["resume", &id]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let st = wait_state(&root, &id, &["cancelled", "failed", "completed"], LONG);
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_gap_free(&root, &id);
+    drop(d);
+}

@@ -34,7 +34,8 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     let root = Root { dir: a.demo_root.clone() };
     root.ensure()?;
-    let home = root.corpus_home("demo");
+    let corpus = rerankd::ids::CorpusName::parse("demo")?;
+    let home = root.corpus_home(&corpus);
     std::fs::create_dir_all(&home)?;
     for f in ["documents.jsonl", "feedback.jsonl"] {
         std::fs::copy(demo.join(f), home.join(f)).with_context(|| format!("copying {f}"))?;
@@ -52,7 +53,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         &std::fs::read_to_string(root.accepted().join("demo.json")).context("the demo job was not accepted")?,
     )?;
     let run_id = receipt["run_id"].as_str().context("receipt without run_id")?;
-    let files = RunFiles::new(&root.run_dir(run_id));
+    let files = RunFiles::new(&root.run_dir(&rerankd::ids::RunId::parse(run_id)?));
     let st = Status::read(&files.status())?;
     println!("\nrun {run_id}: {}", st.state.as_str());
     if let Some(s) = &st.summary {
@@ -70,7 +71,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             _ => {}
         }
     }
-    if let Some((id, dir)) = rerankd::store::models::current(&root, "demo") {
+    if let Some((id, dir)) = rerankd::store::models::current(&root, &corpus) {
         println!("models/demo/current -> {id}");
         show_scores(&model, &dir)?;
     }

@@ -65,13 +65,14 @@ pub fn run(root: &Root, a: ExportArgs) -> anyhow::Result<ExitCode> {
                 super::complain(format!("run {run} ({}) has no adapter to export", st.state.as_str()));
                 return Ok(ExitCode::from(super::EXIT_NOT_FOUND));
             }
-            (run.clone(), files.adapter())
+            (st.run_id, files.adapter())
         }
         (None, Some(c)) => {
-            if let Err(code) = super::check_corpus(c) {
-                return Ok(code);
-            }
-            match models::current(root, c) {
+            let c = match super::check_corpus(c) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            match models::current(root, &c) {
                 Some(x) => x,
                 None => {
                     super::complain(format!("corpus `{c}` has no promoted adapter"));
@@ -128,8 +129,8 @@ pub fn run(root: &Root, a: ExportArgs) -> anyhow::Result<ExitCode> {
         let mut written = export::write_weights(&spec, &tmp)?;
         written.files.extend(export::copy_tokenizer(&base, format, &tmp)?);
         let info = ExportInfo {
-            run_id: run_id.clone(),
-            corpus: run_id.split_once("__").map(|(c, _)| c.to_string()),
+            run_id: run_id.to_string(),
+            corpus: run_id.corpus().map(String::from),
             adapter_digest: sha256_file(&adapter.join("adapter_model.safetensors"))?,
             base_model: manifest.model.clone(),
             instruction: manifest.instruction.clone().unwrap_or_else(|| DEFAULT_INSTRUCTION.to_string()),

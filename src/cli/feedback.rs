@@ -32,10 +32,11 @@ pub struct AddArgs {
 
 pub fn run(root: &Root, cmd: FeedbackCmd) -> anyhow::Result<ExitCode> {
     let FeedbackCmd::Add(a) = cmd;
-    if let Err(code) = super::check_corpus(&a.corpus) {
-        return Ok(code);
-    }
-    let fb = CorpusFeedback::new(root, &a.corpus);
+    let corpus = match super::check_corpus(&a.corpus) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let fb = CorpusFeedback::new(root, &corpus);
     let Some(ev) = find_event(&fb, &a.event)? else {
         super::complain(format!("no query event `{}` in {}", a.event, fb.feedback.display()));
         return Ok(ExitCode::from(super::EXIT_NOT_FOUND));

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use rerankd::store::paths::{RunFiles, valid_corpus_name, valid_run_id};
+use rerankd::ids::{CorpusName, RunId};
+use rerankd::store::paths::RunFiles;
 use rerankd::store::{Root, Status};
 
 mod bench;
@@ -58,11 +59,11 @@ pub fn complain(message: impl std::fmt::Display) {
 /// A run named on the command line: its files and status, or the exit code already reported
 /// (a malformed id, or no such run). The one "no run `X`" lookup of the CLI.
 pub fn find_run(root: &Root, run: &str) -> Result<(RunFiles, Status), ExitCode> {
-    if !valid_run_id(run) {
+    let Ok(run) = RunId::parse(run) else {
         complain(format!("`{run}` is not a run id (like corpus__20261127_120000)"));
         return Err(ExitCode::from(EXIT_FAILURE));
-    }
-    let files = RunFiles::new(&root.run_dir(run));
+    };
+    let files = RunFiles::new(&root.run_dir(&run));
     match Status::read(&files.status()) {
         Ok(st) => Ok((files, st)),
         Err(_) => {
@@ -72,13 +73,12 @@ pub fn find_run(root: &Root, run: &str) -> Result<(RunFiles, Status), ExitCode> 
     }
 }
 
-/// A corpus named on the command line must be a corpus name, never a path (review F15).
-pub fn check_corpus(corpus: &str) -> Result<(), ExitCode> {
-    if valid_corpus_name(corpus) {
-        return Ok(());
-    }
-    complain(format!("`{corpus}` is not a corpus name (1-64 of A-Z a-z 0-9 . _ -, not starting with a dot)"));
-    Err(ExitCode::from(EXIT_FAILURE))
+/// A corpus named on the command line, parsed: a corpus name, never a path.
+pub fn check_corpus(corpus: &str) -> Result<CorpusName, ExitCode> {
+    CorpusName::parse(corpus).map_err(|e| {
+        complain(e);
+        ExitCode::from(EXIT_FAILURE)
+    })
 }
 
 /// Commands that only read the root refuse one that is not a directory, instead of printing

@@ -3,10 +3,11 @@
 
 use std::process::ExitCode;
 
+use rerankd::ids::CorpusName;
 use rerankd::store::{FileLock, Root, RunState, models};
 use serde_json::json;
 
-fn lock(root: &Root, corpus: &str) -> anyhow::Result<Option<FileLock>> {
+fn lock(root: &Root, corpus: &CorpusName) -> anyhow::Result<Option<FileLock>> {
     root.ensure()?;
     let l = FileLock::try_acquire(&root.corpus_lock(corpus))?;
     if l.is_none() {
@@ -26,8 +27,14 @@ pub fn promote(root: &Root, run: &str) -> anyhow::Result<ExitCode> {
     }
     let Some(_lock) = lock(root, &st.corpus)? else { return Ok(ExitCode::from(super::EXIT_REFUSED)) };
     models::reconcile(root, &st.corpus)?;
-    let dest =
-        models::promote(root, &st.corpus, run, &files.adapter(), "manual", json!({"reason": "promoted by hand"}))?;
+    let dest = models::promote(
+        root,
+        &st.corpus,
+        &st.run_id,
+        &files.adapter(),
+        "manual",
+        json!({"reason": "promoted by hand"}),
+    )?;
     super::say(
         format!("{} now serves {run} ({})", st.corpus, dest.display()),
         json!({"corpus": st.corpus, "current": run, "path": dest}),
@@ -36,9 +43,11 @@ pub fn promote(root: &Root, run: &str) -> anyhow::Result<ExitCode> {
 }
 
 pub fn rollback(root: &Root, corpus: &str) -> anyhow::Result<ExitCode> {
-    if let Err(code) = super::check_corpus(corpus) {
-        return Ok(code);
-    }
+    let corpus = match super::check_corpus(corpus) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let corpus = &corpus;
     if !root.models(corpus).is_dir() {
         super::complain(format!("corpus `{corpus}` has no promoted adapter"));
         return Ok(ExitCode::from(super::EXIT_REFUSED));

@@ -1,5 +1,6 @@
 //! `status`, `runs`, `report`, `cancel`, `stop`: reading and poking the run store.
 
+use rerankd::ids::CorpusName;
 use std::process::ExitCode;
 
 use clap::Args;
@@ -39,18 +40,21 @@ pub fn status(root: &Root, a: StatusArgs) -> anyhow::Result<ExitCode> {
             Ok((_, s)) => vec![s],
             Err(code) => return Ok(code),
         },
-        (None, Some(c)) => all_runs(root).into_iter().filter(|s| &s.corpus == c).collect(),
+        (None, Some(c)) => match super::check_corpus(c) {
+            Ok(c) => all_runs(root).into_iter().filter(|s| s.corpus == c).collect(),
+            Err(code) => return Ok(code),
+        },
         (None, None) => all_runs(root),
     };
     print(&runs, super::json());
     if let (None, Some(c)) = (&a.run, &a.corpus) {
-        print_online(root, c, super::json())?;
+        print_online(root, &CorpusName::parse(c)?, super::json())?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// Per adapter that served the corpus: impressions and signals, from its feedback.jsonl.
-fn print_online(root: &Root, corpus: &str, json: bool) -> anyhow::Result<()> {
+fn print_online(root: &Root, corpus: &CorpusName, json: bool) -> anyhow::Result<()> {
     let fb = rerankd::store::feedback::CorpusFeedback::new(root, corpus);
     let online = rerankd::store::feedback::online(&fb.feedback)?;
     if json {
@@ -110,7 +114,7 @@ pub fn cancel(root: &Root, run: &str) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     // A failure to write the sentinel is the command's failure, never a silent "requested".
-    files.request_cancel(rerankd::store::paths::DEFAULT_CANCEL_REASON)?;
+    files.request_cancel(rerankd::store::stop::DEFAULT_CANCEL_REASON)?;
     if st.state == RunState::Paused {
         // No process holds a paused run: the daemon cancels it on its next look.
         poke_daemon(root);
@@ -145,8 +149,7 @@ pub fn pause(root: &Root, run: &str, wait: u64) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    std::fs::write(files.pause(), b"paused by rerankd pause\n")
-        .map_err(|e| anyhow::anyhow!("writing {}: {e}", files.pause().display()))?;
+    files.request_pause()?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
     let mut now = st;
     while now.state != RunState::Paused && !now.state.is_terminal() && std::time::Instant::now() < deadline {
@@ -170,7 +173,7 @@ pub fn resume(root: &Root, run: &str) -> anyhow::Result<ExitCode> {
     };
     if st.state != RunState::Paused {
         // A pause not yet taken is withdrawn; anything else has nothing to resume.
-        if std::fs::remove_file(files.pause()).is_ok() {
+        if files.clear_pause() {
             super::say(
                 format!("{run} is {}: pause request withdrawn", st.state.as_str()),
                 serde_json::json!({"run_id": run, "resume": "pause request withdrawn", "state": st.state.as_str()}),
@@ -180,7 +183,7 @@ pub fn resume(root: &Root, run: &str) -> anyhow::Result<ExitCode> {
         super::complain(format!("{run} is {}, not paused: nothing to resume", st.state.as_str()));
         return Ok(ExitCode::from(super::EXIT_REFUSED));
     }
-    let _ = std::fs::remove_file(files.pause());
+    files.clear_pause();
     rerankd::store::settle(&files, &mut st, RunState::Queued, Some("resumed by rerankd resume".into()), None)?;
     poke_daemon(root);
     super::say(
@@ -191,9 +194,10 @@ pub fn resume(root: &Root, run: &str) -> anyhow::Result<ExitCode> {
 }
 
 pub fn stop(root: &Root, corpus: &str) -> anyhow::Result<ExitCode> {
-    if let Err(code) = super::check_corpus(corpus) {
-        return Ok(code);
-    }
+    let corpus = match super::check_corpus(corpus) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
     let live: Vec<Status> =
         all_runs(root).into_iter().filter(|s| s.corpus == corpus && !s.state.is_terminal()).collect();
     for s in &live {

@@ -46,7 +46,7 @@ pub struct ScoreArgs {
 
 pub fn run(root: &Root, a: ScoreArgs) -> anyhow::Result<ExitCode> {
     let adapter_dir = match (&a.corpus, &a.adapter) {
-        (Some(c), _) => match models::current(root, c) {
+        (Some(c), _) => match models::current(root, &rerankd::ids::CorpusName::parse(c)?) {
             Some((_, dir)) => Some(dir),
             None if a.model.is_some() => {
                 super::complain(format!("corpus `{c}` has no promoted adapter; scoring with the base model"));

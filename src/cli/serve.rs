@@ -41,18 +41,24 @@ pub struct ServeArgs {
 }
 
 pub fn run(root: &Root, a: ServeArgs) -> anyhow::Result<ExitCode> {
-    for c in a.corpora.iter().chain(&a.default_corpus) {
-        if let Err(code) = super::check_corpus(c) {
-            return Ok(code);
+    let mut corpora = Vec::new();
+    for c in &a.corpora {
+        match super::check_corpus(c) {
+            Ok(c) => corpora.push(c),
+            Err(code) => return Ok(code),
         }
     }
+    let default_corpus = match a.default_corpus.as_deref().map(super::check_corpus).transpose() {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
     super::daemon::init_logging(a.log_format);
     let o = Options {
         listen: a.listen,
         socket: a.socket,
         api_key_file: a.api_key_file,
-        corpora: a.corpora,
-        default_corpus: a.default_corpus,
+        corpora,
+        default_corpus,
         model: a.model,
         device: a.device.open()?,
         capture: a.capture,

@@ -4,6 +4,7 @@
 //! above it; in a pipe, one plain line per step and per event; with `--json`, the events as they
 //! are.
 
+use rerankd::ids::{CorpusName, RunId};
 use std::io::{BufRead, BufReader, IsTerminal, Seek, SeekFrom};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,17 +14,17 @@ use rerankd::store::{Root, RunState, Status};
 use serde_json::Value;
 
 /// `watch --corpus C`: the corpus's run to follow: one not yet ended, else the next one created.
-fn next_run_of(root: &Root, corpus: &str) -> String {
-    let before: Vec<String> = rerankd::store::all_runs(root).into_iter().map(|s| s.run_id).collect();
+fn next_run_of(root: &Root, corpus: &CorpusName) -> String {
+    let before: Vec<RunId> = rerankd::store::all_runs(root).into_iter().map(|s| s.run_id).collect();
     loop {
         let runs = rerankd::store::all_runs(root);
-        let mine = runs.iter().filter(|s| s.corpus == corpus);
+        let mine = runs.iter().filter(|s| &s.corpus == corpus);
         if let Some(s) = mine.clone().filter(|s| !s.state.is_terminal()).min_by(|a, b| a.created_at.cmp(&b.created_at))
         {
-            return s.run_id.clone();
+            return s.run_id.to_string();
         }
         if let Some(s) = mine.filter(|s| !before.contains(&s.run_id)).min_by(|a, b| a.created_at.cmp(&b.created_at)) {
-            return s.run_id.clone();
+            return s.run_id.to_string();
         }
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -33,10 +34,11 @@ pub fn run(root: &Root, run: Option<&str>, corpus: Option<&str>) -> anyhow::Resu
     let run = match (run, corpus) {
         (Some(r), _) => r.to_string(),
         (None, Some(c)) => {
-            if let Err(code) = super::check_corpus(c) {
-                return Ok(code);
-            }
-            let r = next_run_of(root, c);
+            let c = match super::check_corpus(c) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let r = next_run_of(root, &c);
             if !super::json() {
                 println!("following {r}");
             }

@@ -195,7 +195,7 @@ fn resolve_serve(f: ServeFile) -> Result<ServeConfig, (&'static str, String)> {
 mod tests {
     use super::*;
 
-    /// Every key the README documents is accepted (a derive cannot forget one; this proves it).
+    /// Every key docs/operations.md documents is accepted (a derive cannot forget one; this proves it).
     #[test]
     fn every_documented_key() {
         let c = DaemonConfig::parse(

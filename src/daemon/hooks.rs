@@ -5,6 +5,7 @@
 //! `on_finish_timeout_s`) never touches the run or delays the next one. Its exit status and output
 //! tail become a `log` event of the run.
 
+use crate::ids::RunId;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -23,7 +24,7 @@ pub const HOOK_TICK: Duration = Duration::from_millis(250);
 const TAIL_BYTES: usize = 2000;
 
 struct Running {
-    run_id: String,
+    run_id: RunId,
     command: String,
     child: Child,
     output: PathBuf,
@@ -38,7 +39,7 @@ pub struct Hooks {
 
 impl Hooks {
     /// Starts the hook of a run that just reached its terminal state, if it has one.
-    pub fn start(&mut self, root: &Root, run_id: &str, default: Option<&str>, timeout: Duration) {
+    pub fn start(&mut self, root: &Root, run_id: &RunId, default: Option<&str>, timeout: Duration) {
         let files = RunFiles::new(&root.run_dir(run_id));
         let job: Option<Job> = read_json(&files.job()).ok();
         let Some(command) = job.as_ref().and_then(|j| j.on_finish.clone()).or_else(|| default.map(str::to_string))
@@ -51,7 +52,7 @@ impl Hooks {
         let out = match std::fs::File::create(&output) {
             Ok(f) => f,
             Err(e) => {
-                tracing::error!(run_id, "on_finish: cannot create {}: {e}", output.display());
+                tracing::error!(run_id = %run_id, "on_finish: cannot create {}: {e}", output.display());
                 return;
             }
         };
@@ -82,10 +83,10 @@ impl Hooks {
             .process_group(0);
         match c.spawn() {
             Ok(child) => {
-                tracing::info!(run_id, pid = child.id(), "on_finish hook started");
+                tracing::info!(run_id = %run_id, pid = child.id(), "on_finish hook started");
                 let now = Instant::now();
                 self.running.push(Running {
-                    run_id: run_id.to_string(),
+                    run_id: run_id.clone(),
                     command,
                     child,
                     output,
@@ -155,12 +156,12 @@ impl Hooks {
     }
 }
 
-fn record(root: &Root, run_id: &str, level: &str, message: String, hook: Value) {
-    tracing::info!(run_id, "{message}");
+fn record(root: &Root, run_id: &RunId, level: &str, message: String, hook: Value) {
+    tracing::info!(run_id = %run_id, "{message}");
     let files = RunFiles::new(&root.run_dir(run_id));
     let logged = MetricsLog::open(&files.metrics(), run_id)
         .and_then(|mut log| log.append("log", json!({"level": level, "message": message, "hook": hook})));
     if let Err(e) = logged {
-        tracing::error!(run_id, error = %e, "recording the on_finish hook");
+        tracing::error!(run_id = %run_id, error = %e, "recording the on_finish hook");
     }
 }

@@ -9,6 +9,7 @@
 //! been stable for a second, or for ten when it looks cut short (a writer that paused). A name
 //! that is not UTF-8 or is longer than [`MAX_NAME_BYTES`] is rejected under a safe name.
 
+use crate::ids::RunId;
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
@@ -26,7 +27,7 @@ use crate::testhooks::crash_point;
 /// A job that passed validation and now has a queued run.
 #[derive(Debug)]
 pub struct Accepted {
-    pub run_id: String,
+    pub run_id: RunId,
     pub job: Job,
 }
 
@@ -110,7 +111,7 @@ impl Intake {
         }
         claimed.sort();
         // Which claims already became runs: read every run's status once for the whole batch.
-        let made: HashMap<String, String> =
+        let made: HashMap<String, RunId> =
             all_runs(root).into_iter().filter_map(|s| Some((s.source?, s.run_id))).collect();
         let mut out = Vec::new();
         for path in claimed {
@@ -221,7 +222,7 @@ impl Intake {
         root: &Root,
         claimed: &Path,
         adm: &mut dyn Admission,
-        existing: Option<String>,
+        existing: Option<RunId>,
     ) -> Verdict {
         let cname = claimed.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let original = cname.split_once("__").map(|(_, n)| n.to_string()).unwrap_or(cname.clone());
@@ -330,14 +331,14 @@ fn reject_bad_name(root: &Root, name: &std::ffi::OsStr, why: &str) -> Verdict {
 /// The receipt `accepted/<name>.json` (or `name.N.json` on a collision). Written once per run:
 /// walking the names a receipt for `original` may have, one that already holds this run (a crash
 /// after the receipt, before the claim was removed) is kept rather than doubled (review F12).
-fn write_receipt(root: &Root, original: &str, run_id: &str, job: Option<&Job>) -> crate::store::Result<()> {
+fn write_receipt(root: &Root, original: &str, run_id: &RunId, job: Option<&Job>) -> crate::store::Result<()> {
     let dir = root.accepted();
     for name in name_variants(original) {
         let path = dir.join(&name);
         if path.symlink_metadata().is_err() {
             return write_json(&path, &json!({"run_id": run_id, "run_dir": root.run_dir(run_id), "job": job}));
         }
-        if read_json::<serde_json::Value>(&path).is_ok_and(|v| v["run_id"] == run_id) {
+        if read_json::<serde_json::Value>(&path).is_ok_and(|v| v["run_id"] == run_id.as_str()) {
             return Ok(());
         }
     }
@@ -348,10 +349,10 @@ fn write_receipt(root: &Root, original: &str, run_id: &str, job: Option<&Job>) -
 /// metric, then the `queued` state) and status.json, all inside a hidden temporary directory
 /// renamed into place at the end: a crash leaves either a whole run or a temp that the boot
 /// sweep removes, never a run directory without a status (review F12).
-fn create_run(root: &Root, job: &Job, source: &str) -> anyhow::Result<String> {
-    let base = format!("{}__{}", job.corpus, crate::store::time::compact(SystemTime::now()));
+fn create_run(root: &Root, job: &Job, source: &str) -> anyhow::Result<RunId> {
+    let time = crate::store::time::compact(SystemTime::now());
     let run_id = (1..)
-        .map(|n| if n == 1 { base.clone() } else { format!("{base}__{n}") })
+        .map(|n| RunId::new(&job.corpus, &time, n))
         .find(|id| root.run_dir(id).symlink_metadata().is_err())
         .expect("a free run id");
     let tmp = root.runs().join(temp_name(&run_id));

@@ -16,6 +16,7 @@ pub mod policy;
 pub mod supervise;
 pub mod sweep;
 
+use crate::ids::{CorpusName, RunId};
 use std::collections::VecDeque;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -25,12 +26,10 @@ use anyhow::Context;
 
 use crate::job::{IfBusy, Job, JobError};
 use crate::store::paths::RunFiles;
-use crate::store::{FileLock, Root, RunState, Status};
+use crate::store::{FileLock, Root, RunState, Status, StopRequest};
 use config::DaemonConfig;
 use intake::{Accepted, Admission, Intake};
 use supervise::{Active, Proc, Unsettled};
-
-pub const SHUTDOWN_REASON: &str = "daemon shutdown";
 
 /// The least default budget left to runs however large serve grows (the job file's minimum).
 const MIN_BUDGET_MB: u64 = 256;
@@ -49,8 +48,8 @@ enum Wake {
 
 /// A run waiting to start.
 struct Queued {
-    run_id: String,
-    corpus: String,
+    run_id: RunId,
+    corpus: CorpusName,
     budget_mb: u64,
 }
 
@@ -63,7 +62,7 @@ struct Daemon {
     /// Ends of runs that could not be recorded yet (a full disk); their corpora stay busy.
     unsettled: Vec<Unsettled>,
     /// Paused runs: (run id, corpus). Each keeps its corpus until resumed or cancelled.
-    paused: Vec<(String, String)>,
+    paused: Vec<(RunId, CorpusName)>,
     /// Shutting down: interrupted runs stay queued for the next daemon.
     stopping: bool,
     intake: Intake,
@@ -172,7 +171,7 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
 
 /// The corpora that are busy (active or queued) when a job arrives.
 struct Busy<'a> {
-    corpora: &'a [String],
+    corpora: &'a [CorpusName],
 }
 
 impl Admission for Busy<'_> {
@@ -226,13 +225,13 @@ impl Daemon {
     }
 
     /// The effective memory budget a run's job.json holds.
-    fn budget_of(&self, run_id: &str) -> u64 {
+    fn budget_of(&self, run_id: &RunId) -> u64 {
         crate::store::atomic::read_json::<Job>(&RunFiles::new(&self.root.run_dir(run_id)).job())
             .map(|j| j.memory_budget_mb)
             .unwrap_or(self.cfg.memory_budget_mb)
     }
 
-    fn busy_corpora(&self) -> Vec<String> {
+    fn busy_corpora(&self) -> Vec<CorpusName> {
         let active = self.active.iter().map(|a| &a.corpus);
         let queued = self.queue.iter().map(|q| &q.corpus);
         let paused = self.paused.iter().map(|p| &p.1);
@@ -342,15 +341,16 @@ impl Daemon {
         let mut paused = Vec::new();
         self.queue.retain(|q| {
             let files = RunFiles::new(&root.run_dir(&q.run_id));
-            let (state, reason) = match files.cancel_requested() {
-                Some(reason) => (RunState::Cancelled, reason),
-                None if files.pause().exists() => (RunState::Paused, "paused while queued".to_string()),
-                None => return true,
+            // A queued run has no live attempt: only a user's cancel or pause stops it.
+            let (state, reason) = match files.stop_request(None) {
+                Some(StopRequest::Cancel { reason }) => (RunState::Cancelled, reason),
+                Some(StopRequest::Pause) => (RunState::Paused, "paused while queued".to_string()),
+                _ => return true,
             };
             match Status::read(&files.status()) {
                 Ok(mut st) => match crate::store::settle(&files, &mut st, state, Some(reason), None) {
                     Ok(_) if state == RunState::Paused => {
-                        let _ = std::fs::remove_file(files.pause());
+                        files.clear_pause();
                         tracing::info!(run_id = %q.run_id, "queued run paused");
                         paused.push((q.run_id.clone(), q.corpus.clone()));
                     }
@@ -418,7 +418,7 @@ impl Daemon {
         }
     }
 
-    fn spawn(&self, run_id: &str) -> anyhow::Result<std::process::Child> {
+    fn spawn(&self, run_id: &RunId) -> anyhow::Result<std::process::Child> {
         let exe = std::env::current_exe().context("finding the rerankd executable")?;
         Command::new(exe)
             .arg("--root")
@@ -458,26 +458,36 @@ impl Daemon {
 
     /// A run's terminal state is recorded: draw its report.svg (before the hook, which may
     /// want it), then start its on_finish hook.
-    fn finished(&mut self, run_id: &str) {
+    fn finished(&mut self, run_id: &RunId) {
         let files = RunFiles::new(&self.root.run_dir(run_id));
         // A picture is never worth the daemon: a failure (or a panic in the plotting crate) is
         // logged and the run stays as recorded.
         match std::panic::catch_unwind(|| crate::report::draw(&files, None)) {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(run_id, error = %e, "drawing report.svg"),
-            Err(_) => tracing::error!(run_id, "drawing report.svg panicked"),
+            Ok(Err(e)) => tracing::warn!(run_id = %run_id, error = %e, "drawing report.svg"),
+            Err(_) => tracing::error!(run_id = %run_id, "drawing report.svg panicked"),
         }
         self.hooks.start(&self.root, run_id, self.cfg.on_finish.as_deref(), self.cfg.on_finish_timeout);
     }
 
-    /// Cancels every active run as "daemon shutdown", waits (bounded) for them to record it,
-    /// kills what is left and records it. Queued runs stay queued for the next start.
+    /// Asks every active run's attempt to stop for the shutdown (it checkpoints and goes back to
+    /// the queue), waits (bounded) for them to record it, kills what is left and records it as
+    /// interrupted. Queued runs stay queued for the next start.
     fn shutdown(&mut self) {
         self.stopping = true;
         self.hooks.stop_all(&self.root);
-        for a in &self.active {
-            if let Err(e) = RunFiles::new(&self.root.run_dir(&a.run_id)).request_cancel(SHUTDOWN_REASON) {
-                tracing::error!(run_id = %a.run_id, error = %e, "writing the cancel sentinel");
+        for a in &mut self.active {
+            a.shutdown = true;
+            let files = RunFiles::new(&self.root.run_dir(&a.run_id));
+            // The attempt running now, or the one about to start (its process has not yet
+            // recorded `running`, which counts the attempt).
+            let attempt = match Status::read(&files.status()) {
+                Ok(st) if st.state == RunState::Running => st.attempt,
+                Ok(st) => st.attempt + 1,
+                Err(_) => continue,
+            };
+            if let Err(e) = files.request_shutdown(attempt) {
+                tracing::error!(run_id = %a.run_id, error = %e, "writing the shutdown request");
             }
         }
         let deadline = Instant::now() + self.cfg.shutdown_timeout;
@@ -486,7 +496,6 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(50));
         }
         for a in &mut self.active {
-            a.shutdown_kill = true;
             a.signal(&self.root, libc::SIGKILL);
         }
         let deadline = Instant::now() + Duration::from_secs(5);

@@ -10,6 +10,7 @@
 //! Looked at on the daemon's rescan timer (and at SIGHUP), never in a busy loop; a corpus whose
 //! feedback file and runs have not changed since the last look is not read again.
 
+use crate::ids::{CorpusName, RunId};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -34,10 +35,10 @@ struct Watched {
 
 #[derive(Default)]
 pub struct Policies {
-    watched: HashMap<String, Watched>,
+    watched: HashMap<CorpusName, Watched>,
     /// Corpus -> why its policy job was dropped and the file, until the job is accepted (the
     /// reason is then logged in the run) or leaves the spool otherwise (rejected).
-    pub reasons: HashMap<String, (String, PathBuf)>,
+    pub reasons: HashMap<CorpusName, (String, PathBuf)>,
 }
 
 /// The byte offset where the newest run of the corpus that took a feedback snapshot stopped
@@ -61,14 +62,14 @@ fn last_snapshot(root: &Root, runs: &[&Status], feedback: &std::path::Path) -> u
 }
 
 /// When a run was created: its job.json, which is never rewritten.
-fn created(root: &Root, run_id: &str) -> Option<SystemTime> {
+fn created(root: &Root, run_id: &RunId) -> Option<SystemTime> {
     std::fs::metadata(RunFiles::new(&root.run_dir(run_id)).job()).and_then(|m| m.modified()).ok()
 }
 
 impl Policies {
     /// One look at every corpus with a policy; `busy` are the corpora with a run active, queued,
     /// or waiting to be recorded. Returns the jobs it dropped.
-    pub fn pass(&mut self, root: &Root, busy: &[String]) {
+    pub fn pass(&mut self, root: &Root, busy: &[CorpusName]) {
         // Every run's status, read only once a corpus with a retraining policy needs it.
         let mut all: Option<Vec<Status>> = None;
         // A dropped job that left the spool without being accepted (rejected): forget it; the
@@ -123,7 +124,7 @@ impl Policies {
             let signals = match signals_after(&fb.feedback, from) {
                 Ok((n, _)) => n,
                 Err(e) => {
-                    tracing::error!(corpus, "counting new feedback: {e}");
+                    tracing::error!(corpus = %corpus, "counting new feedback: {e}");
                     continue;
                 }
             };
@@ -139,7 +140,7 @@ impl Policies {
             match drop_job(root, &corpus, &p.job) {
                 Ok(file) => {
                     w.last_error = None;
-                    tracing::info!(corpus, file = %file.display(), "{reason}");
+                    tracing::info!(corpus = %corpus, file = %file.display(), "{reason}");
                     self.reasons.insert(corpus, (reason, file));
                 }
                 Err(e) => {
@@ -156,7 +157,7 @@ impl Policies {
 
 /// Writes the corpus's job template, with `"origin": "policy"`, into the spool (through
 /// spool/tmp and a rename, as any writer must).
-fn drop_job(root: &Root, corpus: &str, template: &std::path::Path) -> Result<PathBuf, String> {
+fn drop_job(root: &Root, corpus: &CorpusName, template: &std::path::Path) -> Result<PathBuf, String> {
     let path = root.corpus_home(corpus).join(template);
     let text = std::fs::read(&path).map_err(|e| format!("reading the job template {}: {e}", path.display()))?;
     let mut job: Value =
@@ -168,7 +169,7 @@ fn drop_job(root: &Root, corpus: &str, template: &std::path::Path) -> Result<Pat
         None => {
             o.insert("corpus".into(), json!(corpus));
         }
-        Some(c) if c == corpus => {}
+        Some(c) if c == corpus.as_str() => {}
         Some(c) => return Err(format!("the job template {} is for corpus `{c}`", path.display())),
     }
     o.insert("origin".into(), json!("policy"));

@@ -4,6 +4,7 @@
 //! (SIGTERM after `cancel_grace_s`, SIGKILL 3 s later). A state that cannot be recorded (a full
 //! disk) is kept and retried until it is, and the corpus stays busy until then (review F4).
 
+use crate::ids::{CorpusName, RunId};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, ExitStatus};
@@ -12,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::store::paths::RunFiles;
-use crate::store::{Root, RunState, Status};
+use crate::store::{Root, RunState, Status, StopRequest};
 
 use super::sweep::{run_is_alive, settle_dead};
 
@@ -39,8 +40,8 @@ pub enum Proc {
 
 /// A run whose process is alive (or was, until this tick).
 pub struct Active {
-    pub run_id: String,
-    pub corpus: String,
+    pub run_id: RunId,
+    pub corpus: CorpusName,
     pub proc: Proc,
     /// When this daemon first saw the cancel sentinel.
     pub cancel_seen: Option<Instant>,
@@ -49,14 +50,15 @@ pub struct Active {
     pub hard_limit_mb: u64,
     /// Why the daemon killed it, if it did (recorded as the run's error).
     pub killed_for: Option<String>,
-    /// The daemon killed it while shutting down (it did not stop in time): resumable.
-    pub shutdown_kill: bool,
+    /// The daemon asked it to stop because the daemon is shutting down: however it ends
+    /// without recording it, it may resume.
+    pub shutdown: bool,
 }
 
 /// A run's end that could not be recorded yet; retried every tick.
 pub struct Unsettled {
-    pub run_id: String,
-    pub corpus: String,
+    pub run_id: RunId,
+    pub corpus: CorpusName,
     pub state: RunState,
     pub reason: Option<String>,
     pub error: Option<String>,
@@ -76,7 +78,7 @@ pub enum Resume {
 }
 
 impl Active {
-    pub fn new(run_id: String, corpus: String, proc: Proc, budget_mb: u64) -> Self {
+    pub fn new(run_id: RunId, corpus: CorpusName, proc: Proc, budget_mb: u64) -> Self {
         Self {
             run_id,
             corpus,
@@ -85,7 +87,7 @@ impl Active {
             term_sent: None,
             hard_limit_mb: hard_limit_mb(budget_mb),
             killed_for: None,
-            shutdown_kill: false,
+            shutdown: false,
         }
     }
 
@@ -164,7 +166,7 @@ impl Active {
 
 /// Reads a child's stderr on a thread: every line goes on to the daemon's stderr (the log), and
 /// the last [`LAST_WORDS_BYTES`] are kept for the run's error if it dies without a result.
-pub fn capture_stderr(run_id: &str, child: &mut Child) -> Option<StderrTail> {
+pub fn capture_stderr(run_id: &RunId, child: &mut Child) -> Option<StderrTail> {
     let pipe = child.stderr.take()?;
     let buf = Arc::new(Mutex::new(VecDeque::with_capacity(LAST_WORDS_BYTES)));
     let keep = Arc::clone(&buf);
@@ -203,18 +205,18 @@ fn describe(exit: ExitStatus) -> String {
 #[derive(Default)]
 pub struct Reaped {
     /// Runs whose terminal state is now recorded.
-    pub settled: Vec<String>,
+    pub settled: Vec<RunId>,
     /// Runs back in the queue (interrupted, to resume from their checkpoint): (run id, corpus).
-    pub requeued: Vec<(String, String)>,
+    pub requeued: Vec<(RunId, CorpusName)>,
     /// Runs that paused: (run id, corpus).
-    pub paused: Vec<(String, String)>,
+    pub paused: Vec<(RunId, CorpusName)>,
     /// Ends that could not be recorded yet (retried every tick).
     pub unsettled: Vec<Unsettled>,
 }
 
 impl Reaped {
     /// Files a run by the state it is now in.
-    pub fn file(&mut self, run_id: String, corpus: String, state: Result<RunState, Unsettled>) {
+    pub fn file(&mut self, run_id: RunId, corpus: CorpusName, state: Result<RunState, Unsettled>) {
         match state {
             Ok(RunState::Queued) => self.requeued.push((run_id, corpus)),
             Ok(RunState::Paused) => self.paused.push((run_id, corpus)),
@@ -245,14 +247,12 @@ pub fn supervise(root: &Root, active: &mut Vec<Active>, grace: Duration) -> Reap
 /// resume from its checkpoint. Returns the state the run is in now, or the pending record.
 pub fn finish(root: &Root, a: &Active, how: &str) -> Result<RunState, Unsettled> {
     let files = RunFiles::new(&root.run_dir(&a.run_id));
-    let shutdown = Some(super::SHUTDOWN_REASON.to_string());
     let (state, reason, error, resume) = match (&a.killed_for, files.cancel_requested()) {
         (Some(why), _) => (RunState::Failed, None, Some(why.clone()), Resume::No),
-        (None, Some(reason)) if Some(&reason) != shutdown.as_ref() => {
-            (RunState::Cancelled, Some(reason), None, Resume::No)
+        (None, Some(reason)) => (RunState::Cancelled, Some(reason), None, Resume::No),
+        (None, None) if a.shutdown => {
+            (RunState::Cancelled, Some(StopRequest::Shutdown.reason().to_string()), None, Resume::Explained)
         }
-        (None, Some(_)) => (RunState::Cancelled, shutdown, None, Resume::Explained),
-        (None, None) if a.shutdown_kill => (RunState::Cancelled, shutdown, None, Resume::Explained),
         (None, None) => {
             (RunState::Failed, None, Some(format!("run process died without a result ({how})")), Resume::Unexplained)
         }

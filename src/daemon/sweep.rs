@@ -10,6 +10,7 @@
 //! - temporary files left by crashed writers are removed (review F19);
 //! - `queued` runs are returned in their original order.
 
+use crate::ids::{CorpusName, RunId};
 use crate::store::atomic::remove_stale_temps;
 use crate::store::checkpoint;
 use crate::store::lock::is_held;
@@ -17,15 +18,15 @@ use crate::store::metrics::{read_events, terminal_state};
 use crate::store::paths::RunFiles;
 
 use super::supervise::Resume;
-use crate::store::{FileLock, Root, RunState, Status, all_runs, models, settle};
+use crate::store::{FileLock, Root, RunState, Status, StopRequest, all_runs, models, settle};
 
 pub const ORPHANED: &str = "orphaned: found running at boot with no live owner";
 
 /// A run whose process outlived a previous daemon.
 #[derive(Debug, Clone)]
 pub struct Adopted {
-    pub run_id: String,
-    pub corpus: String,
+    pub run_id: RunId,
+    pub corpus: CorpusName,
     pub pid: u32,
 }
 
@@ -38,7 +39,7 @@ pub struct Swept {
     /// Paused runs: they keep their corpus.
     pub paused: Vec<Status>,
     /// Runs settled as orphaned (or completed from their log).
-    pub settled: Vec<String>,
+    pub settled: Vec<RunId>,
     pub temps_removed: usize,
 }
 
@@ -64,9 +65,11 @@ pub fn sweep(root: &Root) -> anyhow::Result<Swept> {
                     out.adopted.push(Adopted { run_id: st.run_id.clone(), corpus: st.corpus.clone(), pid });
                     continue;
                 }
-                // A cancel asked for while no daemon ran is answered; otherwise it may resume.
-                let (reason, resume) = match files.cancel_requested() {
-                    Some(r) if r != super::SHUTDOWN_REASON => (r, Resume::No),
+                // A cancel asked for while no daemon ran is answered; an attempt the last daemon
+                // stopped for its shutdown resumes as interrupted; any other orphan may resume.
+                let (reason, resume) = match files.stop_request(Some(st.attempt)) {
+                    Some(StopRequest::Cancel { reason }) => (reason, Resume::No),
+                    Some(StopRequest::Shutdown) => (StopRequest::Shutdown.reason().to_string(), Resume::Explained),
                     _ => (ORPHANED.to_string(), Resume::Unexplained),
                 };
                 settle_dead(root, &files, &mut st, RunState::Cancelled, Some(reason), None, resume)?;
@@ -83,7 +86,7 @@ pub fn sweep(root: &Root) -> anyhow::Result<Swept> {
         if let Ok(Some(_lock)) = FileLock::try_acquire(&root.corpus_lock(&corpus))
             && let Some(fixed) = models::reconcile(root, &corpus)?
         {
-            tracing::warn!(corpus, current = %fixed, "`current` did not match the promotion log; repaired");
+            tracing::warn!(corpus = %corpus, current = %fixed, "`current` did not match the promotion log; repaired");
         }
     }
     Ok(out)
@@ -91,7 +94,7 @@ pub fn sweep(root: &Root) -> anyhow::Result<Swept> {
 
 /// Whether a run's process is alive: its pid exists and its corpus lock is held (a recycled pid
 /// holds no lock).
-pub fn run_is_alive(root: &Root, corpus: &str, pid: u32) -> bool {
+pub fn run_is_alive(root: &Root, corpus: &CorpusName, pid: u32) -> bool {
     crate::sys::pid_alive(pid) && is_held(&root.corpus_lock(corpus)).unwrap_or(true)
 }
 
@@ -134,6 +137,8 @@ pub fn settle_dead(
     if st.state.is_terminal() {
         checkpoint::remove(files);
     }
+    // Whatever stopped the attempt that died is answered with it.
+    files.clear_shutdown();
     // A promotion made by an attempt that did not complete is given back, also when the run
     // resumes: the next attempt promotes again if it gets that far.
     if st.state != RunState::Completed

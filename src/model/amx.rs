@@ -115,7 +115,7 @@ fn enable() -> Result<(), String> {
 /// 23-31% more (both operands are packed per call, which few rows do not repay) and at 1024 rows,
 /// with the backward's products through it too, 6% more.
 pub fn takes(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat) -> bool {
-    let layout = lhs.cs == 1 && (rhs.rs == 1 || rhs.cs == 1);
+    let layout = lhs.cs() == 1 && (rhs.rs() == 1 || rhs.cs() == 1);
     layout
         && match active() {
             Mode::Off => false,
@@ -234,26 +234,17 @@ fn split32(src: &[f32]) -> ([u16; 32], [u16; 32]) {
     (hi, lo)
 }
 
-/// `k` elements from `ptr`, or none for a row past the matrix.
-///
-/// # Safety
-/// With `inside`, `ptr` valid for `len` contiguous elements.
-unsafe fn run<'a>(inside: bool, ptr: *const f32, len: usize) -> &'a [f32] {
-    // SAFETY: the caller's.
-    if inside { unsafe { std::slice::from_raw_parts(ptr, len) } } else { &[] }
-}
-
 /// One 16-row panel of `lhs` (rows `r0..r0 + 16`, those past `m` zero) as A tiles: `[hi, lo][kt]`
 /// tiles of 16 rows of 32 consecutive k, past `k` zero.
 ///
 /// # Safety
-/// AVX-512 available; `lhs` rows contiguous and valid for `m x k`.
+/// AVX-512 available on this CPU (the rows are read through `lhs`'s slice, bounds-checked).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn pack_rows_panel(panel: &mut [u16], lhs: Mat, m: usize, k: usize, r0: usize, kt: usize) {
     let (hi, lo) = panel.split_at_mut(kt * TILE);
     for r in 0..16 {
-        // SAFETY: a row below m has its k elements inside lhs (the caller's contract).
-        let src = unsafe { run(r0 + r < m, lhs.ptr.wrapping_offset((r0 + r) as isize * lhs.rs), k) };
+        // A row below m has its k elements inside lhs (checked by `line`).
+        let src = if r0 + r < m { lhs.line((r0 + r) * lhs.rs(), k) } else { &[] };
         for t in 0..kt {
             let (h, l) = split32(src.get(t * 32..).unwrap_or(&[]));
             hi[t * TILE + r * 32..][..32].copy_from_slice(&h);
@@ -266,17 +257,18 @@ unsafe fn pack_rows_panel(panel: &mut [u16], lhs: Mat, m: usize, k: usize, r0: u
 /// `[hi, lo][kt]` tiles whose row `p` holds the pairs (k = 2p, 2p + 1) of the 16 columns.
 ///
 /// # Safety
-/// AVX-512 available; `rhs` valid for `k x n` with either its rows or its columns contiguous.
+/// AVX-512 available on this CPU (`rhs` is read through its slice, bounds-checked; its rows or
+/// its columns contiguous).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn pack_cols_panel(panel: &mut [u16], rhs: Mat, n: usize, k: usize, c0: usize, kt: usize) {
     let (hi, lo) = panel.split_at_mut(kt * TILE);
     let cols = n.saturating_sub(c0).min(16);
-    if rhs.rs == 1 {
+    if rhs.rs() == 1 {
         // A transposed weight: column c is the weight's row, k contiguous. Each column's 32 k
         // split, as 16 pairs, then the 16 x 16 pairs transposed into the tile.
         let src: [&[f32]; 16] = std::array::from_fn(|c| {
-            // SAFETY: a column below n has its k elements contiguous (the caller's contract).
-            unsafe { run(c < cols, rhs.ptr.wrapping_offset((c0 + c) as isize * rhs.cs), k) }
+            // A column below n has its k elements contiguous (checked by `line`).
+            if c < cols { rhs.line((c0 + c) * rhs.cs(), k) } else { &[] }
         });
         for t in 0..kt {
             let (mut h, mut l) = ([[0u32; 16]; 16], [[0u32; 16]; 16]);
@@ -298,9 +290,8 @@ unsafe fn pack_cols_panel(panel: &mut [u16], rhs: Mat, n: usize, k: usize, c0: u
         let mut rows = [[0f32; 16]; 2];
         for kk in (0..kt * 32).step_by(2) {
             for (i, row) in rows.iter_mut().enumerate() {
-                // SAFETY: a row below k has columns c0..c0 + cols (below n) contiguous.
-                let src =
-                    unsafe { run(kk + i < k, rhs.ptr.wrapping_offset((kk + i) as isize * rhs.rs + c0 as isize), cols) };
+                // A row below k has columns c0..c0 + cols (below n) contiguous (checked by `line`).
+                let src = if kk + i < k { rhs.line((kk + i) * rhs.rs() + c0, cols) } else { &[] };
                 *row = [0.0; 16];
                 row[..src.len()].copy_from_slice(src);
             }
@@ -318,7 +309,13 @@ unsafe fn pack_cols_panel(panel: &mut [u16], rhs: Mat, n: usize, k: usize, c0: u
 /// caller checked [`takes`] and that `dst` holds the rows.
 ///
 /// # Safety
-/// `lhs` and `rhs` valid for the shapes and strides given; `dst` for `m` rows of `ld_dst >= n`.
+/// - AMX and AVX-512 are usable: the CPU has them and the kernel let this process use the tile
+///   data ([`takes`] is true only then: [`mode`] is `Off` otherwise);
+/// - `dst` is valid for writes of `m` rows of `ld_dst >= n` elements and nothing else reads or
+///   writes them meanwhile.
+///
+/// `lhs` and `rhs` are read through their slices, bounds-checked, so a shape that does not fit
+/// them panics rather than reads past them.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn product(
     m: usize,
@@ -344,7 +341,7 @@ fn pack_cols(rhs: Mat, n: usize, k: usize, with_lo: bool) -> Lines {
     let mut b = Lines::zeroed(n.next_multiple_of(32) / 16 * panel);
     b.as_mut_slice().par_chunks_mut(panel).enumerate().for_each(|(p, s)| {
         if with_lo {
-            // SAFETY: AVX-512 checked by the caller's mode; rhs as the caller vouches.
+            // SAFETY: AVX-512 checked by mode() (the caller's, or Packed's existence).
             unsafe { pack_cols_panel(s, rhs, n, k, 16 * p, kt) }
         } else {
             let mut both = vec![0u16; 2 * kt * TILE];
@@ -360,8 +357,14 @@ fn pack_cols(rhs: Mat, n: usize, k: usize, with_lo: bool) -> Lines {
 /// as A panels, then the threads' columns of 32 x 32 blocks.
 ///
 /// # Safety
-/// `lhs` valid for `m x k` with its rows contiguous; `b` packed for `n` and `k`; `dst` for `m`
-/// rows of `ld_dst >= n`.
+/// AMX and AVX-512 usable (as for [`product`]); `b` packed for `n` and `k`; `dst` valid for
+/// writes of `m` rows of `ld_dst >= n`, touched by no one else meanwhile.
+///
+/// INVARIANT (the tile registers): each thread configures the tiles, runs its blocks and
+/// releases them, and nothing in between calls into rayon: a nested `join` could run another
+/// product's task on this thread, which would reconfigure and release the tiles under it. The
+/// accumulators and B tiles that [`block`] keeps across its separate `asm!` blocks stay as left
+/// only because LLVM allocates no `tmm` register in this crate and no other code runs there.
 #[allow(clippy::too_many_arguments)]
 unsafe fn drive(
     m: usize,
@@ -383,7 +386,7 @@ unsafe fn drive(
     let mut kept = Lines::kept(mp / 16 * panel);
     // Every element of the panels is written (rows past m and k past its end as zeros).
     kept.as_mut_slice().par_chunks_mut(panel).enumerate().for_each(|(p, s)| {
-        // SAFETY: mode() checked AVX-512; lhs as the caller vouches.
+        // SAFETY: mode() checked AVX-512; lhs is read through its slice.
         unsafe { pack_rows_panel(s, lhs, m, k, 16 * p, kt) }
     });
     let a = kept.as_slice();
@@ -411,6 +414,13 @@ unsafe fn drive(
         release();
     });
     kept.keep();
+}
+
+/// That `a [m x inner]` (rows contiguous) and `dst` (`m` rows of `cols` at `ld`) fit the product.
+fn check_operands(m: usize, inner: usize, cols: usize, a: Mat, dst: &[f32], ld: usize) {
+    assert!(a.cs() == 1, "amx: the activation's rows must be contiguous");
+    a.check(m, inner, "amx: activation");
+    assert!(ld >= cols && (m == 0 || dst.len() >= (m - 1) * ld + cols), "amx: destination too small");
 }
 
 /// A frozen weight `w [n x k]` whose every value is a bf16 (as a bf16 checkpoint's are once
@@ -457,22 +467,22 @@ impl Packed {
         w
     }
 
-    /// `dst[m x n] (ld_dst per row) = (accumulate ? dst : 0) + x w^T`.
-    ///
-    /// # Safety
-    /// `x` valid for `m x k` with its rows contiguous; `dst` for `m` rows of `ld_dst >= n`.
-    pub unsafe fn forward(&self, m: usize, x: Mat, dst: *mut f32, ld_dst: usize, accumulate: bool) {
-        // SAFETY: the caller's; fwd holds w^T's panels without lo tiles.
-        unsafe { drive(m, self.n, self.k, dst, ld_dst, x, self.fwd.as_slice(), false, 1.0, accumulate) }
+    /// `dst[m x n] (ld_dst per row) = (accumulate ? dst : 0) + x w^T`, `x [m x k]` with its rows
+    /// contiguous. Panics if `x` or `dst` is too small for the shape.
+    pub fn forward(&self, m: usize, x: Mat, dst: &mut [f32], ld_dst: usize, accumulate: bool) {
+        check_operands(m, self.k, self.n, x, dst, ld_dst);
+        // SAFETY: a Packed exists only where AMX is usable (`new`); dst checked above; fwd holds
+        // w^T's panels without lo tiles.
+        unsafe { drive(m, self.n, self.k, dst.as_mut_ptr(), ld_dst, x, self.fwd.as_slice(), false, 1.0, accumulate) }
     }
 
-    /// `dst[m x k] (ld_dst per row) = (accumulate ? dst : 0) + g w`.
-    ///
-    /// # Safety
-    /// `g` valid for `m x n` with its rows contiguous; `dst` for `m` rows of `ld_dst >= k`.
-    pub unsafe fn backward(&self, m: usize, g: Mat, dst: *mut f32, ld_dst: usize, accumulate: bool) {
-        // SAFETY: the caller's; the backward's tiles hold w's panels without lo tiles.
-        unsafe { drive(m, self.k, self.n, dst, ld_dst, g, self.backward_tiles().as_slice(), false, 1.0, accumulate) }
+    /// `dst[m x k] (ld_dst per row) = (accumulate ? dst : 0) + g w`, `g [m x n]` with its rows
+    /// contiguous. Panics if `g` or `dst` is too small for the shape.
+    pub fn backward(&self, m: usize, g: Mat, dst: &mut [f32], ld_dst: usize, accumulate: bool) {
+        check_operands(m, self.n, self.k, g, dst, ld_dst);
+        let b = self.backward_tiles().as_slice();
+        // SAFETY: as in `forward`; the backward's tiles hold w's panels without lo tiles.
+        unsafe { drive(m, self.k, self.n, dst.as_mut_ptr(), ld_dst, g, b, false, 1.0, accumulate) }
     }
 
     /// The backward's tiles (`w` as `g w` reads it), packed at the first call.
@@ -701,13 +711,13 @@ mod tests {
         next: &mut impl FnMut() -> f32,
         lhs: impl Fn(usize, usize) -> f32,
         rhs: impl Fn(usize, usize) -> f32,
-        product: impl Fn(*mut f32, usize, bool),
+        product: impl Fn(&mut [f32], usize, bool),
     ) {
         for accumulate in [false, true] {
             let ld = cols + 3;
             let init: Vec<f32> = (0..m * ld).map(|_| next()).collect();
             let mut d = init.clone();
-            product(d.as_mut_ptr(), ld, accumulate);
+            product(&mut d, ld, accumulate);
             for i in 0..m {
                 for j in 0..cols {
                     let terms = (0..inner).map(|kk| f64::from(lhs(i, kk)) * f64::from(rhs(kk, j)));
@@ -762,12 +772,28 @@ mod tests {
                     wv,
                     |d, ld, acc| {
                         let a = Mat::rows(a, inner);
-                        // SAFETY: `a` holds m x inner; d holds m rows of ld >= cols.
-                        unsafe { if backward { p.backward(m, a, d, ld, acc) } else { p.forward(m, a, d, ld, acc) } }
+                        if backward { p.backward(m, a, d, ld, acc) } else { p.forward(m, a, d, ld, acc) }
                     },
                 );
             }
         }
+    }
+
+    /// A packed weight's products check their operands before anything runs (on every CPU: the
+    /// check is the same code whether or not AMX is here).
+    #[test]
+    fn packed_products_refuse_operands_that_do_not_fit() {
+        let x = vec![0f32; 10];
+        let d = vec![0f32; 12];
+        let caught = |what: &str, f: &mut dyn FnMut()| {
+            let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).expect_err(what);
+            let msg = err.downcast_ref::<String>().cloned().or(err.downcast_ref::<&str>().map(|s| s.to_string()));
+            assert!(msg.unwrap_or_default().contains(what), "{what}");
+        };
+        caught("activation", &mut || check_operands(3, 4, 4, Mat::rows(&x, 4), &d, 4));
+        caught("contiguous", &mut || check_operands(2, 4, 4, Mat::rows_t(&x, 2), &d, 4));
+        caught("destination", &mut || check_operands(2, 4, 7, Mat::rows(&x, 4), &d, 7));
+        check_operands(2, 4, 4, Mat::rows(&x, 4), &d, 4);
     }
 
     /// bf16x3 through AMX where this machine has it (otherwise nothing to test): both layouts of
@@ -795,8 +821,8 @@ mod tests {
                     |i, kk| x[i * k + kk],
                     |kk, j| w[j * k + kk],
                     |d, ld, acc| {
-                        // SAFETY: x, w and wt hold the shapes; d holds m rows of ld.
-                        unsafe { product(m, n, k, d, ld, Mat::rows(&x, k), rhs, 0.5, acc) }
+                        // SAFETY: AMX usable (checked above); d holds m rows of ld.
+                        unsafe { product(m, n, k, d.as_mut_ptr(), ld, Mat::rows(&x, k), rhs, 0.5, acc) }
                     },
                 );
             }

@@ -114,12 +114,13 @@ impl Frozen {
                 sgemm(m, cols, inner, dst, ld, Mat::rows(a, lda), rhs, 1.0, accumulate, Threads::All);
                 Ok(())
             }),
-            // SAFETY: `check` saw `a` hold m rows of inner at lda, and dst m rows of cols at ld.
             #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
             Repr::Tiles(p, _) => {
-                let (a, d) = (Mat::rows(a, lda), dst.as_mut_ptr());
-                unsafe {
-                    if backward { p.backward(m, a, d, ld, accumulate) } else { p.forward(m, a, d, ld, accumulate) }
+                let a = Mat::rows(a, lda);
+                if backward {
+                    p.backward(m, a, dst, ld, accumulate)
+                } else {
+                    p.forward(m, a, dst, ld, accumulate)
                 };
                 Ok(())
             }

@@ -7,35 +7,74 @@
 //! libm's `expf` is scalar, and on long sequences the softmax's exponentials cost as much as a
 //! matmul.
 
-/// A matrix view: `ptr` to element (0, 0), `rs` / `cs` the strides (in elements) between rows
-/// and between columns.
-#[derive(Clone, Copy)]
-pub struct Mat {
-    pub ptr: *const f32,
-    pub rs: isize,
-    pub cs: isize,
+/// A matrix view over a slice: element (i, j) is `data[i rs + j cs]`. It borrows the slice, so it
+/// cannot outlive it, and every product checks ([`Mat::check`]) that its shape lies inside the
+/// slice before reading: no safe call can read past a buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct Mat<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
 }
 
-// SAFETY: a read-only view; whoever builds one vouches for the memory it points at for as long
-// as it is used, on whichever thread.
-unsafe impl Send for Mat {}
-unsafe impl Sync for Mat {}
-
-impl Mat {
+impl<'a> Mat<'a> {
     /// A row-major matrix with `ld` elements per row, starting at `data[0]`.
-    pub fn rows(data: &[f32], ld: usize) -> Self {
-        Self { ptr: data.as_ptr(), rs: ld as isize, cs: 1 }
+    pub fn rows(data: &'a [f32], ld: usize) -> Self {
+        Self { data, rs: ld, cs: 1 }
     }
 
     /// The transpose of a row-major matrix with `ld` elements per row.
-    pub fn rows_t(data: &[f32], ld: usize) -> Self {
-        Self { ptr: data.as_ptr(), rs: 1, cs: ld as isize }
+    pub fn rows_t(data: &'a [f32], ld: usize) -> Self {
+        Self { data, rs: 1, cs: ld }
+    }
+
+    /// The stride between rows, in elements.
+    pub fn rs(&self) -> usize {
+        self.rs
+    }
+
+    /// The stride between columns, in elements.
+    pub fn cs(&self) -> usize {
+        self.cs
     }
 
     /// Whether this is such a transpose (a weight `w [n x k]` viewed as `w^T`, as `x w^T` reads
     /// it): rows one element apart, columns further.
     pub(crate) fn is_transposed(&self) -> bool {
         self.rs == 1 && self.cs != 1
+    }
+
+    /// Panics (naming `what`) unless a `rows x cols` matrix at these strides lies inside the
+    /// slice: its last element, `(rows - 1) rs + (cols - 1) cs`, is below the slice's length.
+    /// O(1); with both strides non-negative every other element lies below the last.
+    pub fn check(&self, rows: usize, cols: usize, what: &str) {
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        let last =
+            (rows - 1).checked_mul(self.rs).zip((cols - 1).checked_mul(self.cs)).and_then(|(a, b)| a.checked_add(b));
+        assert!(
+            last.is_some_and(|l| l < self.data.len()),
+            "{what}: a {rows} x {cols} matrix with strides ({}, {}) does not fit in {} elements",
+            self.rs,
+            self.cs,
+            self.data.len()
+        );
+    }
+
+    /// The view from element `at` of the slice on (a block of rows or columns); panics past its end.
+    pub fn from(&self, at: usize) -> Self {
+        Self { data: &self.data[at..], ..*self }
+    }
+
+    /// `len` consecutive elements from `start` (a contiguous row or column); panics past the end.
+    pub fn line(&self, start: usize, len: usize) -> &'a [f32] {
+        &self.data[start..start + len]
+    }
+
+    /// Where element (0, 0) lies, for the foreign kernel; valid as far as [`Mat::check`] said.
+    fn ptr(&self) -> *const f32 {
+        self.data.as_ptr()
     }
 }
 
@@ -68,6 +107,8 @@ pub fn sgemm(
         return;
     }
     assert!(ld_dst >= n && dst.len() >= (m - 1) * ld_dst + n, "sgemm: destination too small");
+    lhs.check(m, k, "sgemm: lhs");
+    rhs.check(k, n, "sgemm: rhs");
     if k == 0 {
         if !accumulate {
             for r in 0..m {
@@ -78,7 +119,8 @@ pub fn sgemm(
     }
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     if threads == Threads::All && super::amx::takes(m, n, k, lhs, rhs) {
-        // SAFETY: dst is bounds-checked above; lhs and rhs as below.
+        // SAFETY: dst, lhs and rhs are bounds-checked above; `takes` is true only where the CPU
+        // has AMX and AVX-512 and this thread may use the tiles.
         unsafe { super::amx::product(m, n, k, dst.as_mut_ptr(), ld_dst, lhs, rhs, scale, accumulate) };
         return;
     }
@@ -87,7 +129,7 @@ pub fn sgemm(
         // it transposed), then transposed into place.
         let mut t = SCRATCH.with(std::cell::Cell::take);
         t.resize(t.len().max(m * n), 0.0);
-        // SAFETY: t holds m x n elements, column-major (m contiguous); lhs and rhs as below.
+        // SAFETY: t holds m x n elements, column-major (m contiguous); lhs and rhs are checked.
         unsafe { raw_gemm(m, n, k, t.as_mut_ptr(), 1, m as isize, false, lhs, rhs, scale, threads) };
         transpose_into(&t[..m * n], n, m, dst, ld_dst, accumulate);
         SCRATCH.with(|s| s.set(t));
@@ -103,7 +145,7 @@ pub fn sgemm(
             for j0 in (0..n).step_by(per) {
                 s.spawn(move |_| {
                     let cols = per.min(n - j0);
-                    let part = Mat { ptr: rhs.ptr.wrapping_offset(j0 as isize * rhs.cs), ..*rhs };
+                    let part = rhs.from(j0 * rhs.cs);
                     // SAFETY: columns j0..j0+cols of dst and of rhs (inside both, as checked
                     // above); the parts' columns are disjoint.
                     unsafe {
@@ -126,8 +168,7 @@ pub fn sgemm(
         });
         return;
     }
-    // SAFETY: dst is bounds-checked above; lhs and rhs are views the callers built over slices
-    // holding m x k and k x n elements at the given strides.
+    // SAFETY: dst, lhs (m x k) and rhs (k x n) are bounds-checked above.
     unsafe { raw_gemm(m, n, k, dst.as_mut_ptr(), ld_dst as isize, 1, accumulate, lhs, rhs, scale, threads) }
 }
 
@@ -185,7 +226,7 @@ thread_local! {
 /// transposed right-hand side (a weight `w [n x k]` used as `x w^T`, as every projection's
 /// forward is) with few rows. gemm packs such a weight transposed, which at 256 rows cost more
 /// than the product (80-150 GFLOP/s, against 130-195 this way, the two alternating on the Xeon
-/// the README's numbers come from); with `m` small against `k` the transposed result is the
+/// docs/performance.md's numbers come from); with `m` small against `k` the transposed result is the
 /// smaller thing to move. At 8 rows (the last layer's, one per sequence) this way is 2.5-4x
 /// faster; at 1 row the two are even (gemm has a vector path).
 fn through_transpose(m: usize, n: usize, k: usize, rhs: Mat, threads: Threads) -> bool {
@@ -195,7 +236,9 @@ fn through_transpose(m: usize, n: usize, k: usize, rhs: Mat, threads: Threads) -
 /// gemm's call: `dst (rows rs_dst apart, columns cs_dst) = (accumulate ? dst : 0) + scale lhs rhs`.
 ///
 /// # Safety
-/// `dst`, `lhs` and `rhs` must be valid for the shapes and strides given.
+/// `dst` must be valid for writes of `m x n` at its strides, and no other reference may alias
+/// those elements; `lhs` ([`Mat::check`]ed for `m x k`) and `rhs` (for `k x n`) must lie inside
+/// their slices.
 #[allow(clippy::too_many_arguments)]
 unsafe fn raw_gemm(
     m: usize,
@@ -224,12 +267,12 @@ unsafe fn raw_gemm(
             cs_dst,
             rs_dst,
             accumulate,
-            lhs.ptr,
-            lhs.cs,
-            lhs.rs,
-            rhs.ptr,
-            rhs.cs,
-            rhs.rs,
+            lhs.ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
             1.0,
             scale,
             false,
@@ -500,11 +543,7 @@ mod tests {
         for (m, n, k, transposed) in [(19, 70, 96, true), (3, 70, 96, true), (40, 600, 32, true), (40, 600, 32, false)]
         {
             let t = Threads::All;
-            let probe = Mat {
-                ptr: std::ptr::null(),
-                rs: if transposed { 1 } else { n as isize },
-                cs: if transposed { k as isize } else { 1 },
-            };
+            let probe = Mat { data: &[], rs: if transposed { 1 } else { n }, cs: if transposed { k } else { 1 } };
             let split = through_transpose(m, n, k, probe, t) || column_parts(n, probe, t) > 1;
             assert_eq!(split, transposed && rayon::current_num_threads() > 1 || 4 * m <= k, "{m}x{n}x{k}");
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
@@ -524,6 +563,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Every safe entry point refuses a shape its slices cannot hold: a clean panic naming the
+    /// operand, never a read or write past a buffer.
+    #[test]
+    fn too_short_operands_panic_cleanly_and_never_read_past_them() {
+        let caught = |what: &str, f: &mut dyn FnMut()| {
+            let err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).expect_err(what);
+            let msg = err.downcast_ref::<String>().cloned().or(err.downcast_ref::<&str>().map(|s| s.to_string()));
+            let msg = msg.unwrap_or_default();
+            assert!(msg.contains(what), "{what}: {msg}");
+        };
+        let (a, b) = (vec![1.0f32; 12], vec![1.0f32; 12]);
+        let mut d = vec![0.0f32; 16];
+        for t in [Threads::One, Threads::All] {
+            caught("lhs", &mut || sgemm(4, 4, 4, &mut d, 4, Mat::rows(&a, 4), Mat::rows(&b, 3), 1.0, false, t));
+            caught("rhs", &mut || sgemm(3, 4, 4, &mut d, 4, Mat::rows(&a, 4), Mat::rows(&b, 4), 1.0, false, t));
+            caught("rhs", &mut || sgemm(3, 4, 4, &mut d, 4, Mat::rows(&a, 4), Mat::rows_t(&b, 4), 1.0, false, t));
+            caught("lhs", &mut || sgemm(4, 4, 4, &mut d, 4, Mat::rows(&[0.0], 4), Mat::rows(&b, 3), 1.0, false, t));
+            caught("destination", &mut || {
+                sgemm(3, 4, 3, &mut d[..10], 4, Mat::rows(&a, 3), Mat::rows(&b, 4), 1.0, false, t)
+            });
+        }
+        // Strides whose product overflows are refused, not wrapped around.
+        caught("lhs", &mut || {
+            sgemm(3, 1, 1, &mut d, 1, Mat::rows(&a, usize::MAX / 2 + 1), Mat::rows(&b, 1), 1.0, false, Threads::One)
+        });
+        caught("source", &mut || transpose_into(&a, 4, 4, &mut d, 4, false));
+        caught("destination", &mut || transpose_into(&a, 3, 4, &mut d[..12], 4, false));
+        // What fits is fine, the last element exactly at the end included.
+        sgemm(3, 3, 4, &mut d, 3, Mat::rows(&a, 4), Mat::rows(&b, 3).from(0), 1.0, false, Threads::One);
+        assert_eq!(&d[..9], &[4.0; 9]);
+        Mat::rows(&a, 4).check(3, 4, "exact");
     }
 
     #[test]

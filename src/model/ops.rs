@@ -246,7 +246,7 @@ pub fn causal_softmax_composed(s: &Tensor, scale: f64, offset: usize) -> Result<
 // ---------------------------------------------------------------------------------------------
 // Fused blocks that keep only their inputs for the backward pass and recompute the rest there.
 // candle's graph retains every intermediate of a composition until the backward is done; these
-// keep the memory of a training step to its inputs (see README "Performance").
+// keep the memory of a training step to its inputs (see docs/performance.md).
 
 /// `y = x w^T + scale ((x ⊙ mask) a^T) b^T`: a projection with its LoRA adapter.
 struct LoraLinear {

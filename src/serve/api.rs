@@ -3,6 +3,7 @@
 //! `serve.max_body_kb` and parsed with serde (unknown fields ignored); every error is JSON
 //! `{"error": {"message", "type"}}` with its 4xx/5xx status.
 
+use crate::ids::CorpusName;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
@@ -36,7 +37,7 @@ pub struct App {
     pub settings: RwLock<ServeConfig>,
     /// The bearer token every endpoint but `/health` requires, when one is configured.
     pub api_key: RwLock<Option<Vec<u8>>>,
-    pub default_corpus: Option<String>,
+    pub default_corpus: Option<CorpusName>,
     pub capture: Arc<Capture>,
     /// Set by SIGTERM: new scoring requests get 503 while in-flight ones finish.
     pub draining: AtomicBool,
@@ -345,7 +346,7 @@ fn tokenize(s: &Scorer, ask: &Ask) -> Result<Vec<Vec<u32>>, ApiError> {
 }
 
 fn default_model(app: &App) -> String {
-    app.default_corpus.clone().unwrap_or_else(|| "base".to_string())
+    app.default_corpus.as_deref().unwrap_or("base").to_string()
 }
 
 #[derive(Deserialize)]
@@ -479,7 +480,7 @@ struct FeedbackRequest {
     signal: String,
     index: Option<usize>,
     doc_id: Option<String>,
-    corpus: Option<String>,
+    corpus: Option<CorpusName>,
 }
 
 /// `POST /v1/feedback {id, signal, index | doc_id}`: a signal on a captured ranking.
@@ -487,13 +488,13 @@ async fn feedback(State(app): State<Arc<App>>, body: Body) -> Result<Response, A
     let req: FeedbackRequest = read_json(body, MAX_FEEDBACK_BODY).await?;
     let capture = app.capture.clone();
     let (corpus, doc) = tokio::task::spawn_blocking(move || {
-        capture.signal(req.corpus.as_deref(), &req.id, &req.signal, req.index, req.doc_id.as_deref()).map(|r| (r, req))
+        capture.signal(req.corpus.as_ref(), &req.id, &req.signal, req.index, req.doc_id.as_deref()).map(|r| (r, req))
     })
     .await
     .map_err(|e| ApiError::internal(format!("recording feedback: {e}")))?
     .map(|((corpus, doc), req)| (corpus, json!({"event_id": req.id, "signal": req.signal, "doc_id": doc})))?;
     let mut out = doc;
-    out["corpus"] = corpus.into();
+    out["corpus"] = corpus.as_str().into();
     out["status"] = "recorded".into();
     Ok(Json(out).into_response())
 }

@@ -4,6 +4,7 @@
 //! documents.jsonl, and `POST /v1/feedback` appends signals on those events. Every append goes
 //! through `store::feedback` (the corpus's lock, one write per line).
 
+use crate::ids::CorpusName;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
@@ -42,7 +43,7 @@ pub struct Capture {
     root: Root,
     /// `--capture`: every corpus, whatever its policy says.
     all: bool,
-    corpora: Mutex<HashMap<String, Arc<Mutex<CorpusState>>>>,
+    corpora: Mutex<HashMap<CorpusName, Arc<Mutex<CorpusState>>>>,
     recent: Mutex<Recent>,
 }
 
@@ -65,7 +66,7 @@ impl Capture {
 
     /// Whether rankings of `corpus` are captured: `--capture`, or `"capture": true` in its
     /// policy.json (read each time, so turning it on needs no restart).
-    pub fn enabled(&self, corpus: &str) -> bool {
+    pub fn enabled(&self, corpus: &CorpusName) -> bool {
         self.all
             || match policy::read(&self.root, corpus) {
                 Ok(p) => p.is_some_and(|p| p.capture),
@@ -76,9 +77,9 @@ impl Capture {
             }
     }
 
-    fn state(&self, corpus: &str) -> Arc<Mutex<CorpusState>> {
+    fn state(&self, corpus: &CorpusName) -> Arc<Mutex<CorpusState>> {
         let mut map = self.corpora.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(corpus.to_string())
+        map.entry(corpus.clone())
             .or_insert_with(|| {
                 Arc::new(Mutex::new(CorpusState {
                     fb: CorpusFeedback::new(&self.root, corpus),
@@ -108,7 +109,7 @@ impl Capture {
     /// corpus's lock; a document id recorded with another text refuses the whole record.
     pub fn record(
         &self,
-        corpus: &str,
+        corpus: &CorpusName,
         event_id: &str,
         query: &str,
         docs: &[(String, &str)],
@@ -149,7 +150,7 @@ impl Capture {
         drop(st);
         self.remember(
             event_id,
-            Impression { corpus: corpus.to_string(), docs: ids.iter().map(|s| s.to_string()).collect() },
+            Impression { corpus: corpus.clone(), docs: ids.iter().map(|s| s.to_string()).collect() },
         );
         Ok(())
     }
@@ -158,12 +159,12 @@ impl Capture {
     /// server captured or that has capture on). Returns the corpus and the document signalled.
     pub fn signal(
         &self,
-        corpus: Option<&str>,
+        corpus: Option<&CorpusName>,
         event_id: &str,
         signal: &str,
         index: Option<usize>,
         doc_id: Option<&str>,
-    ) -> Result<(String, Option<String>), CaptureError> {
+    ) -> Result<(CorpusName, Option<String>), CaptureError> {
         let ev = self.find(corpus, event_id)?;
         let doc = check_signal(&ev, signal, index, doc_id).map_err(CaptureError::Invalid)?;
         let state = self.state(&ev.corpus);
@@ -174,7 +175,7 @@ impl Capture {
         Ok((ev.corpus, doc))
     }
 
-    fn find(&self, corpus: Option<&str>, event_id: &str) -> Result<Impression, CaptureError> {
+    fn find(&self, corpus: Option<&CorpusName>, event_id: &str) -> Result<Impression, CaptureError> {
         let unknown = || {
             let shown: String = event_id.chars().take(80).collect();
             CaptureError::Unknown(format!("unknown event id `{shown}`: give the `id` of a captured rerank response"))
@@ -183,12 +184,12 @@ impl Capture {
             return Err(unknown());
         }
         if let Some(ev) = self.recent.lock().unwrap_or_else(|e| e.into_inner()).map.get(event_id)
-            && corpus.is_none_or(|c| c == ev.corpus)
+            && corpus.is_none_or(|c| *c == ev.corpus)
         {
             return Ok(ev.clone());
         }
-        let candidates: Vec<String> = match corpus {
-            Some(c) => vec![c.to_string()],
+        let candidates: Vec<CorpusName> = match corpus {
+            Some(c) => vec![c.clone()],
             // Feedback files live in the corpus homes.
             None => self.root.corpus_homes().into_iter().filter(|c| self.enabled(c)).collect(),
         };

@@ -17,6 +17,7 @@ pub mod capture;
 pub mod models;
 pub mod telemetry;
 
+use crate::ids::CorpusName;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -49,8 +50,8 @@ pub struct Options {
     pub listen: Option<SocketAddr>,
     pub socket: Option<PathBuf>,
     pub api_key_file: Option<PathBuf>,
-    pub corpora: Vec<String>,
-    pub default_corpus: Option<String>,
+    pub corpora: Vec<CorpusName>,
+    pub default_corpus: Option<CorpusName>,
     pub model: String,
     pub device: Device,
     /// Capture every corpus's rankings (else only those whose policy.json says `capture`).
@@ -123,7 +124,7 @@ pub fn run(root: &Root, o: Options) -> anyhow::Result<()> {
     let cfg = DaemonConfig::load(&root.config())?.serve;
     tracing::info!(root = %root.dir.display(), pid = std::process::id(), "serve starting");
 
-    let only: BTreeSet<String> = o.corpora.iter().cloned().collect();
+    let only: BTreeSet<CorpusName> = o.corpora.iter().cloned().collect();
     let models = Arc::new(Models::new(root, o.device.clone(), o.model.clone(), only));
     for c in models.startup_corpora() {
         models.load_corpus(&c);
@@ -283,11 +284,11 @@ fn watch_models(root: &Root, app: &App, mut info: ServeInfo, hup: &mpsc::Receive
             let result = if r.error.is_some() { "failed" } else { "ok" };
             app.telemetry
                 .reloads
-                .get_or_create(&ReloadLabels { corpus: r.corpus.clone(), result: result.into() })
+                .get_or_create(&ReloadLabels { corpus: r.corpus.to_string(), result: result.into() })
                 .inc();
             match &r.error {
-                None => tracing::info!(corpus = r.corpus, from = r.from, to = r.to, "adapter reloaded"),
-                Some(e) => tracing::error!(corpus = r.corpus, from = r.from, to = r.to, "keeping {}: {e}", r.from),
+                None => tracing::info!(corpus = %r.corpus, from = r.from, to = r.to, "adapter reloaded"),
+                Some(e) => tracing::error!(corpus = %r.corpus, from = r.from, to = r.to, "keeping {}: {e}", r.from),
             }
         }
         if !reloads.is_empty() || retry || written.elapsed() >= INFO_EVERY {
@@ -303,10 +304,10 @@ fn describe(root: &Root, app: &App, info: &mut ServeInfo) {
     info.load_errors.clear();
     for (corpus, s, e) in app.models.snapshot() {
         if let Some(s) = s {
-            info.adapters.insert(corpus.clone(), s.adapter().to_string());
+            info.adapters.insert(corpus.to_string(), s.adapter().to_string());
         }
         if let Some(e) = e {
-            info.load_errors.insert(corpus, e);
+            info.load_errors.insert(corpus.to_string(), e);
         }
     }
     info.rss_mb = crate::sys::process_memory_mb(std::process::id()).unwrap_or(0);

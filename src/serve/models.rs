@@ -6,6 +6,7 @@
 //! that one: a swap between batches can neither fail nor mix a request in flight, and the
 //! response names the adapter that really scored it.
 
+use crate::ids::{CorpusName, RunId};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
@@ -14,7 +15,6 @@ use candle_core::Device;
 use crate::model::prompt::DEFAULT_INSTRUCTION;
 use crate::model::qwen3::PrefixCache;
 use crate::model::{LoraSet, Reranker};
-use crate::store::paths::valid_corpus_name;
 use crate::store::{Root, models};
 
 /// max_length for the base model with no manifest to say otherwise (as `rerankd score`).
@@ -29,9 +29,9 @@ pub struct Base {
 /// One servable model: a base, an optional LoRA set, and how prompts are built for it.
 pub struct Scorer {
     /// The corpus it serves; `None` for the bare `base` model.
-    pub corpus: Option<String>,
+    pub corpus: Option<CorpusName>,
     /// The promoted run whose adapter this is, or `None` for the base model.
-    pub run_id: Option<String>,
+    pub run_id: Option<RunId>,
     pub base: Arc<Base>,
     pub lora: Option<LoraSet>,
     pub instruction: String,
@@ -62,14 +62,14 @@ struct Entry {
     /// What requests for the corpus get now; `None` only when nothing could ever be loaded.
     serving: Option<Arc<Scorer>>,
     /// The run `current` pointed at when last looked (`None`: nothing promoted).
-    seen: Option<String>,
+    seen: Option<RunId>,
     /// Why the promoted adapter is not the one serving.
     error: Option<String>,
 }
 
 /// One reload's outcome, for the log and the metrics.
 pub struct Reload {
-    pub corpus: String,
+    pub corpus: CorpusName,
     pub from: String,
     pub to: String,
     pub error: Option<String>,
@@ -81,9 +81,9 @@ pub struct Models {
     /// The base model of a corpus with nothing promoted, and of `base`.
     default_model: String,
     /// `--corpus`: only these are served (any corpus with a home or models when empty).
-    only: BTreeSet<String>,
+    only: BTreeSet<CorpusName>,
     bases: Mutex<HashMap<String, Weak<Base>>>,
-    corpora: RwLock<BTreeMap<String, Entry>>,
+    corpora: RwLock<BTreeMap<CorpusName, Entry>>,
     /// `<corpus>@<run_id>` scorers asked for by name, most recent last (a few kept).
     pinned: Mutex<Vec<Arc<Scorer>>>,
     bare: Mutex<Option<Arc<Scorer>>>,
@@ -94,7 +94,7 @@ pub struct Models {
 const PINNED_KEPT: usize = 4;
 
 impl Models {
-    pub fn new(root: &Root, device: Device, default_model: String, only: BTreeSet<String>) -> Self {
+    pub fn new(root: &Root, device: Device, default_model: String, only: BTreeSet<CorpusName>) -> Self {
         Self {
             root: root.clone(),
             device,
@@ -113,7 +113,7 @@ impl Models {
     }
 
     /// The corpora to load at start: `--corpus`, else every corpus with a promoted adapter.
-    pub fn startup_corpora(&self) -> Vec<String> {
+    pub fn startup_corpora(&self) -> Vec<CorpusName> {
         if !self.only.is_empty() {
             return self.only.iter().cloned().collect();
         }
@@ -122,15 +122,11 @@ impl Models {
 
     /// Whether `corpus` may be served: a valid name, allowed by `--corpus`, and known here (it has
     /// a home under corpora/ or promoted models), so a typo is a 404, not the base model.
-    fn servable(&self, corpus: &str) -> Result<(), ResolveError> {
-        if !valid_corpus_name(corpus) {
-            return Err(ResolveError::Unknown(format!(
-                "`{corpus}` is not a corpus name (1-64 of A-Z a-z 0-9 . _ -, not starting with a dot)"
-            )));
-        }
+    fn servable(&self, name: &str) -> Result<CorpusName, ResolveError> {
+        let corpus = CorpusName::parse(name).map_err(|e| ResolveError::Unknown(e.to_string()))?;
         if !self.only.is_empty() {
-            return if self.only.contains(corpus) {
-                Ok(())
+            return if self.only.contains(&corpus) {
+                Ok(corpus)
             } else {
                 Err(ResolveError::Unknown(format!(
                     "corpus `{corpus}` is not served here (serving: {})",
@@ -138,12 +134,12 @@ impl Models {
                 )))
             };
         }
-        if self.root.models(corpus).is_dir() || self.root.corpus_home(corpus).is_dir() {
-            Ok(())
+        if self.root.models(&corpus).is_dir() || self.root.corpus_home(&corpus).is_dir() {
+            Ok(corpus)
         } else {
             Err(ResolveError::Unknown(format!(
                 "unknown corpus `{corpus}`: it has no {} and no promoted models",
-                self.root.corpus_home(corpus).display()
+                self.root.corpus_home(&corpus).display()
             )))
         }
     }
@@ -155,22 +151,22 @@ impl Models {
             return self.bare();
         }
         if let Some((corpus, run)) = name.split_once('@') {
-            self.servable(corpus)?;
-            return self.pinned(corpus, run);
+            let corpus = self.servable(corpus)?;
+            return self.pinned(&corpus, run);
         }
-        self.servable(name)?;
-        if let Some(s) = self.serving(name)? {
+        let name = self.servable(name)?;
+        if let Some(s) = self.serving(&name)? {
             return Ok(s);
         }
         let _one = self.loading.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = self.serving(name)? {
+        if let Some(s) = self.serving(&name)? {
             return Ok(s);
         }
-        self.load_corpus(name);
-        self.serving(name)?.ok_or_else(|| ResolveError::Unavailable(format!("corpus `{name}` could not be loaded")))
+        self.load_corpus(&name);
+        self.serving(&name)?.ok_or_else(|| ResolveError::Unavailable(format!("corpus `{name}` could not be loaded")))
     }
 
-    fn serving(&self, corpus: &str) -> Result<Option<Arc<Scorer>>, ResolveError> {
+    fn serving(&self, corpus: &CorpusName) -> Result<Option<Arc<Scorer>>, ResolveError> {
         let map = self.corpora.read().unwrap_or_else(|e| e.into_inner());
         match map.get(corpus) {
             None => Ok(None),
@@ -183,20 +179,17 @@ impl Models {
     }
 
     /// Loads a corpus's entry for the first time (its promoted adapter, else the base model).
-    pub fn load_corpus(&self, corpus: &str) {
+    pub fn load_corpus(&self, corpus: &CorpusName) {
         let seen = models::current_run(&self.root, corpus);
-        let (serving, error) = match self.build(corpus, seen.as_deref()) {
+        let (serving, error) = match self.build(corpus, seen.as_ref()) {
             Ok(s) => (Some(Arc::new(s)), None),
             Err(e) => (None, Some(e)),
         };
         match &error {
-            None => tracing::info!(corpus, adapter = seen.as_deref().unwrap_or("base"), "serving"),
-            Some(e) => tracing::error!(corpus, "cannot serve: {e}"),
+            None => tracing::info!(corpus = %corpus, adapter = seen.as_deref().unwrap_or("base"), "serving"),
+            Some(e) => tracing::error!(corpus = %corpus, "cannot serve: {e}"),
         }
-        self.corpora
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(corpus.to_string(), Entry { serving, seen, error });
+        self.corpora.write().unwrap_or_else(|e| e.into_inner()).insert(corpus.clone(), Entry { serving, seen, error });
     }
 
     fn bare(&self) -> Result<Arc<Scorer>, ResolveError> {
@@ -209,17 +202,19 @@ impl Models {
         Ok(s)
     }
 
-    fn pinned(&self, corpus: &str, run: &str) -> Result<Arc<Scorer>, ResolveError> {
+    fn pinned(&self, corpus: &CorpusName, run: &str) -> Result<Arc<Scorer>, ResolveError> {
         let mut pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = pinned.iter().position(|s| s.corpus.as_deref() == Some(corpus) && s.adapter() == run) {
+        if let Some(i) = pinned.iter().position(|s| s.corpus.as_ref() == Some(corpus) && s.adapter() == run) {
             let s = pinned.remove(i);
             pinned.push(s.clone());
             return Ok(s);
         }
-        if models::adapter_dir(&self.root, corpus, run).is_none() {
-            return Err(ResolveError::Unknown(format!("corpus `{corpus}` has no promoted adapter `{run}`")));
+        let unknown = || ResolveError::Unknown(format!("corpus `{corpus}` has no promoted adapter `{run}`"));
+        let run = RunId::parse(run).map_err(|_| unknown())?;
+        if models::adapter_dir(&self.root, corpus, &run).is_none() {
+            return Err(unknown());
         }
-        let s = Arc::new(self.build(corpus, Some(run)).map_err(ResolveError::Unavailable)?);
+        let s = Arc::new(self.build(corpus, Some(&run)).map_err(ResolveError::Unavailable)?);
         if pinned.len() >= PINNED_KEPT {
             pinned.remove(0);
         }
@@ -241,11 +236,11 @@ impl Models {
         Ok(b)
     }
 
-    fn build_base(&self, corpus: Option<&str>) -> Result<Scorer, String> {
+    fn build_base(&self, corpus: Option<&CorpusName>) -> Result<Scorer, String> {
         // An exported checkpoint carries its own instruction and max_length (rerankd_export.json).
         let base = self.base(&self.default_model)?;
         Ok(Scorer {
-            corpus: corpus.map(str::to_string),
+            corpus: corpus.cloned(),
             run_id: None,
             instruction: base.reranker.instruction.clone(),
             max_length: base.reranker.max_length.unwrap_or(DEFAULT_MAX_LENGTH),
@@ -257,7 +252,7 @@ impl Models {
 
     /// The scorer of `corpus` at a promoted run (its manifest's base, instruction, max_length, and
     /// its LoRA set), or the base model when no run is named.
-    fn build(&self, corpus: &str, run: Option<&str>) -> Result<Scorer, String> {
+    fn build(&self, corpus: &CorpusName, run: Option<&RunId>) -> Result<Scorer, String> {
         let Some(run) = run else { return self.build_base(Some(corpus)) };
         let dir = models::adapter_dir(&self.root, corpus, run)
             .ok_or_else(|| format!("adapter {run} is missing under {}", self.root.models(corpus).display()))?;
@@ -266,8 +261,8 @@ impl Models {
         let lora = LoraSet::load(&dir, &base.reranker.model.cfg, &self.device)
             .map_err(|e| format!("loading adapter {}: {e}", dir.display()))?;
         Ok(Scorer {
-            corpus: Some(corpus.to_string()),
-            run_id: Some(run.to_string()),
+            corpus: Some(corpus.clone()),
+            run_id: Some(run.clone()),
             base,
             lora: Some(lora),
             instruction: manifest.instruction.unwrap_or_else(|| DEFAULT_INSTRUCTION.to_string()),
@@ -280,7 +275,7 @@ impl Models {
     /// scorer, which keeps serving until the swap and stays if the new one fails). `retry` also
     /// retries a promoted adapter that failed to load before (SIGHUP).
     pub fn refresh(&self, retry: bool) -> Vec<Reload> {
-        let seen: Vec<(String, Option<String>, bool)> = {
+        let seen: Vec<(CorpusName, Option<RunId>, bool)> = {
             let map = self.corpora.read().unwrap_or_else(|e| e.into_inner());
             map.iter().map(|(c, e)| (c.clone(), e.seen.clone(), e.error.is_some())).collect()
         };
@@ -291,11 +286,11 @@ impl Models {
                 continue;
             }
             let _one = self.loading.lock().unwrap_or_else(|e| e.into_inner());
-            let built = self.build(&corpus, now.as_deref());
+            let built = self.build(&corpus, now.as_ref());
             let mut map = self.corpora.write().unwrap_or_else(|e| e.into_inner());
             let Some(entry) = map.get_mut(&corpus) else { continue };
             let from = entry.serving.as_ref().map_or("none", |s| s.adapter()).to_string();
-            let to = now.clone().unwrap_or_else(|| "base".into());
+            let to = now.as_deref().unwrap_or("base").to_string();
             entry.seen = now;
             match built {
                 Ok(s) => {
@@ -313,7 +308,7 @@ impl Models {
     }
 
     /// What `/v1/models` and serve.json show: per corpus, the scorer serving and any load error.
-    pub fn snapshot(&self) -> Vec<(String, Option<Arc<Scorer>>, Option<String>)> {
+    pub fn snapshot(&self) -> Vec<(CorpusName, Option<Arc<Scorer>>, Option<String>)> {
         let map = self.corpora.read().unwrap_or_else(|e| e.into_inner());
         map.iter().map(|(c, e)| (c.clone(), e.serving.clone(), e.error.clone())).collect()
     }

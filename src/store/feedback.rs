@@ -8,6 +8,7 @@
 //! nothing is ever glued onto half a line. A run reads a snapshot: the file's length taken under
 //! the lock, cut back to its last complete line.
 
+use crate::ids::CorpusName;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -47,17 +48,17 @@ fn text_digest(text: &str) -> [u8; 32] {
 /// The feedback files of one corpus.
 #[derive(Debug, Clone)]
 pub struct CorpusFeedback {
-    pub corpus: String,
+    pub corpus: CorpusName,
     pub feedback: PathBuf,
     pub documents: PathBuf,
     lock: PathBuf,
 }
 
 impl CorpusFeedback {
-    pub fn new(root: &Root, corpus: &str) -> Self {
+    pub fn new(root: &Root, corpus: &CorpusName) -> Self {
         let home = root.corpus_home(corpus);
         Self {
-            corpus: corpus.to_string(),
+            corpus: corpus.clone(),
             feedback: home.join("feedback.jsonl"),
             documents: home.join("documents.jsonl"),
             lock: root.locks().join("feedback").join(format!("{corpus}.lock")),
@@ -200,7 +201,7 @@ pub fn signals_after(path: &Path, from: u64) -> Result<(u64, u64)> {
 /// A query event as captured: its id, the documents in request order, the adapter.
 #[derive(Debug, Clone)]
 pub struct Impression {
-    pub corpus: String,
+    pub corpus: CorpusName,
     pub docs: Vec<String>,
 }
 
@@ -391,7 +392,7 @@ mod tests {
     fn a_torn_tail_is_cut_before_the_next_append_and_left_out_of_snapshots() {
         let dir = tempfile::tempdir().unwrap();
         let root = Root { dir: dir.path().to_path_buf() };
-        let fb = CorpusFeedback::new(&root, "c");
+        let fb = CorpusFeedback::new(&root, &crate::ids::CorpusName::parse("c").unwrap());
         std::fs::create_dir_all(fb.feedback.parent().unwrap()).unwrap();
         std::fs::write(&fb.feedback, "{\"event_id\": \"a\", \"query\": \"q\"}\n{\"event_id\": \"b\", \"sig").unwrap();
         let s = fb.snapshot().unwrap();
@@ -409,7 +410,7 @@ mod tests {
     fn documents_are_recorded_once_and_an_id_with_other_text_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let root = Root { dir: dir.path().to_path_buf() };
-        let fb = CorpusFeedback::new(&root, "c");
+        let fb = CorpusFeedback::new(&root, &crate::ids::CorpusName::parse("c").unwrap());
         let mut idx = DocumentIndex::default();
         let docs = vec![("a".to_string(), "alpha"), ("b".to_string(), "beta"), ("a".to_string(), "alpha")];
         let lines = idx.new_lines(&fb.documents, &docs).unwrap().unwrap();

@@ -2,6 +2,7 @@
 //! single `write` of the whole line, numbered by `seq`. A torn last line (a crash mid-write) is
 //! truncated when the log is reopened and skipped by every reader.
 
+use crate::ids::RunId;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ use super::{Result, StoreError};
 pub struct MetricsLog {
     file: File,
     path: PathBuf,
-    run_id: String,
+    run_id: RunId,
     next_seq: u64,
     /// Bytes of complete lines in the file: where a torn write is cut back to.
     len: u64,
@@ -26,7 +27,7 @@ pub struct MetricsLog {
 
 impl MetricsLog {
     /// Opens (creating) the log, cutting a torn last line and continuing the `seq` numbering.
-    pub fn open(path: &Path, run_id: &str) -> Result<Self> {
+    pub fn open(path: &Path, run_id: &RunId) -> Result<Self> {
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -41,7 +42,7 @@ impl MetricsLog {
         if good < bytes.len() {
             file.set_len(good as u64).map_err(|e| StoreError::io(path, "truncating a torn line", e))?;
         }
-        Ok(Self { file, path: path.to_path_buf(), run_id: run_id.to_string(), next_seq, len: good as u64, terminal })
+        Ok(Self { file, path: path.to_path_buf(), run_id: run_id.clone(), next_seq, len: good as u64, terminal })
     }
 
     /// Appends one event of `kind` with `fields`; `ts`, `seq`, `run_id` and `type` are added.
@@ -115,7 +116,7 @@ mod tests {
     fn torn_line_is_cut_on_reopen_and_seq_continues() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("metrics.jsonl");
-        let mut log = MetricsLog::open(&p, "r1").unwrap();
+        let mut log = MetricsLog::open(&p, &RunId::parse("r1").unwrap()).unwrap();
         log.append("log", json!({"level": "info", "message": "a"})).unwrap();
         log.append("log", json!({"level": "info", "message": "b"})).unwrap();
         drop(log);
@@ -123,7 +124,7 @@ mod tests {
         f.write_all(b"{\"ts\": \"2026-").unwrap();
         drop(f);
         assert_eq!(read_events(&p).unwrap().len(), 2);
-        let mut log = MetricsLog::open(&p, "r1").unwrap();
+        let mut log = MetricsLog::open(&p, &RunId::parse("r1").unwrap()).unwrap();
         log.append("log", json!({"level": "info", "message": "c"})).unwrap();
         let ev = read_events(&p).unwrap();
         assert_eq!(ev.iter().map(|e| e["seq"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 1, 2]);

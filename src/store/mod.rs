@@ -11,6 +11,7 @@ pub mod paths;
 pub mod policy;
 pub mod serving;
 pub mod status;
+pub mod stop;
 pub mod time;
 
 pub use atomic::write_atomic;
@@ -18,6 +19,7 @@ pub use lock::FileLock;
 pub use metrics::MetricsLog;
 pub use paths::Root;
 pub use status::{RunState, Status, all_runs, record, settle};
+pub use stop::StopRequest;
 
 use std::path::{Path, PathBuf};
 

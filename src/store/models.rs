@@ -12,17 +12,18 @@ use serde_json::{Value, json};
 use super::atomic::sync_dir;
 use super::time::now_rfc3339;
 use super::{Result, Root, StoreError};
+use crate::ids::{CorpusName, RunId};
 
-fn adapters_dir(root: &Root, corpus: &str) -> PathBuf {
+fn adapters_dir(root: &Root, corpus: &CorpusName) -> PathBuf {
     root.models(corpus).join("adapters")
 }
 
-fn heldout_dir(root: &Root, corpus: &str) -> PathBuf {
+fn heldout_dir(root: &Root, corpus: &CorpusName) -> PathBuf {
     root.models(corpus).join("heldout")
 }
 
 /// Freezes a run's dev lists (its `dev_lists.jsonl`, if it has one) as held-out lists.
-fn freeze_heldout(root: &Root, corpus: &str, run_id: &str) -> Result<()> {
+fn freeze_heldout(root: &Root, corpus: &CorpusName, run_id: &RunId) -> Result<()> {
     let src = super::paths::RunFiles::new(&root.run_dir(run_id)).dev_lists();
     let bytes = match std::fs::read(&src) {
         Ok(b) => b,
@@ -36,15 +37,15 @@ fn freeze_heldout(root: &Root, corpus: &str, run_id: &str) -> Result<()> {
 
 /// The held-out lists of the corpus's promotions, oldest promotion first: (run id, file). Only
 /// runs the promotion log names count (a file left by a crash before the log entry does not).
-pub fn heldout_files(root: &Root, corpus: &str) -> Vec<(String, PathBuf)> {
+pub fn heldout_files(root: &Root, corpus: &CorpusName) -> Vec<(RunId, PathBuf)> {
     let history = promotions(root, corpus);
-    let mut seen = Vec::new();
+    let mut seen: Vec<RunId> = Vec::new();
     for e in &history {
-        if let Some(id) = e["run_id"].as_str()
+        if let Some(id) = e["run_id"].as_str().and_then(|s| RunId::parse(s).ok())
             && e["how"] != "rollback"
-            && !seen.iter().any(|s| s == id)
+            && !seen.contains(&id)
         {
-            seen.push(id.to_string());
+            seen.push(id);
         }
     }
     let dir = heldout_dir(root, corpus);
@@ -77,27 +78,27 @@ impl Manifest {
 }
 
 /// The run id `current` points at, read from the link alone (a cheap probe for a change).
-pub fn current_run(root: &Root, corpus: &str) -> Option<String> {
+pub fn current_run(root: &Root, corpus: &CorpusName) -> Option<RunId> {
     let target = std::fs::read_link(root.models(corpus).join("current")).ok()?;
-    Some(target.file_name()?.to_string_lossy().into_owned())
+    RunId::parse(target.file_name()?.to_str()?).ok()
 }
 
 /// A promoted adapter (current or not) of a corpus: `models/<corpus>/adapters/<run_id>`.
-pub fn adapter_dir(root: &Root, corpus: &str, run_id: &str) -> Option<PathBuf> {
-    let dir = adapters_dir(root, corpus).join(run_id);
-    (super::paths::valid_run_id(run_id) && dir.is_dir()).then_some(dir)
+pub fn adapter_dir(root: &Root, corpus: &CorpusName, run_id: &RunId) -> Option<PathBuf> {
+    let dir = adapters_dir(root, corpus).join(run_id.as_str());
+    dir.is_dir().then_some(dir)
 }
 
 /// The promoted run and its adapter directory, if the corpus has one.
-pub fn current(root: &Root, corpus: &str) -> Option<(String, PathBuf)> {
+pub fn current(root: &Root, corpus: &CorpusName) -> Option<(RunId, PathBuf)> {
     let run_id = current_run(root, corpus)?;
-    let dir = adapters_dir(root, corpus).join(&run_id);
+    let dir = adapters_dir(root, corpus).join(run_id.as_str());
     dir.is_dir().then_some((run_id, dir))
 }
 
 /// Copies a run's adapter directory into `models/<corpus>/adapters/<run_id>/` (once).
-fn install(root: &Root, corpus: &str, run_id: &str, src: &Path) -> Result<PathBuf> {
-    let dest = adapters_dir(root, corpus).join(run_id);
+fn install(root: &Root, corpus: &CorpusName, run_id: &RunId, src: &Path) -> Result<PathBuf> {
+    let dest = adapters_dir(root, corpus).join(run_id.as_str());
     if dest.is_dir() {
         return Ok(dest);
     }
@@ -121,11 +122,11 @@ fn install(root: &Root, corpus: &str, run_id: &str, src: &Path) -> Result<PathBu
 }
 
 /// Points `current` at `adapters/<run_id>` by renaming a fresh symlink over it.
-fn point_current(root: &Root, corpus: &str, run_id: &str) -> Result<()> {
-    super::atomic::swap_symlink(&root.models(corpus), "current", &Path::new("adapters").join(run_id))
+fn point_current(root: &Root, corpus: &CorpusName, run_id: &RunId) -> Result<()> {
+    super::atomic::swap_symlink(&root.models(corpus), "current", &Path::new("adapters").join(run_id.as_str()))
 }
 
-fn log(root: &Root, corpus: &str, mut entry: Value) -> Result<()> {
+fn log(root: &Root, corpus: &CorpusName, mut entry: Value) -> Result<()> {
     let path = root.models(corpus).join("promotions.jsonl");
     entry["ts"] = now_rfc3339().into();
     let mut line = entry.to_string();
@@ -140,7 +141,7 @@ fn log(root: &Root, corpus: &str, mut entry: Value) -> Result<()> {
 }
 
 /// Every promotion, rollback and undo of a corpus, oldest first (torn lines skipped).
-pub fn promotions(root: &Root, corpus: &str) -> Vec<Value> {
+pub fn promotions(root: &Root, corpus: &CorpusName) -> Vec<Value> {
     std::fs::read_to_string(root.models(corpus).join("promotions.jsonl"))
         .map(|t| t.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
         .unwrap_or_default()
@@ -150,13 +151,13 @@ pub fn promotions(root: &Root, corpus: &str) -> Vec<Value> {
 /// rollback or an undo pops the run it replaced. The top is what `current` must point at.
 /// Replaying a stack (rather than following `previous` links) is what makes rollback walk back
 /// one promotion per call and stop at the first, however often a run was promoted (review F14).
-pub fn served(history: &[Value]) -> Vec<String> {
-    let mut stack: Vec<String> = Vec::new();
+pub fn served(history: &[Value]) -> Vec<RunId> {
+    let mut stack: Vec<RunId> = Vec::new();
     for e in history {
-        let run = e["run_id"].as_str().map(str::to_string);
+        let run = e["run_id"].as_str().and_then(|s| RunId::parse(s).ok());
         match e["how"].as_str() {
             Some("rollback" | "undo") => {
-                if stack.last().map(String::as_str) == e["previous"].as_str() {
+                if stack.last().map(|r| r.as_str()) == e["previous"].as_str() {
                     stack.pop();
                 }
                 if let Some(r) = run
@@ -175,7 +176,14 @@ pub fn served(history: &[Value]) -> Vec<String> {
 /// Order: copy the adapter in, log the promotion (write-ahead), then swap `current`. A crash
 /// after the log line and before the swap is repaired by [`reconcile`] (or undone by [`undo`]
 /// if the run never completed). Returns the promoted adapter directory.
-pub fn promote(root: &Root, corpus: &str, run_id: &str, adapter: &Path, how: &str, details: Value) -> Result<PathBuf> {
+pub fn promote(
+    root: &Root,
+    corpus: &CorpusName,
+    run_id: &RunId,
+    adapter: &Path,
+    how: &str,
+    details: Value,
+) -> Result<PathBuf> {
     let previous = current(root, corpus).map(|(id, _)| id);
     let dest = install(root, corpus, run_id, adapter)?;
     freeze_heldout(root, corpus, run_id)?;
@@ -195,21 +203,21 @@ pub fn promote(root: &Root, corpus: &str, run_id: &str, adapter: &Path, how: &st
 #[derive(Debug, thiserror::Error)]
 pub enum RollbackError {
     #[error("corpus `{0}` has no promoted adapter")]
-    NothingPromoted(String),
+    NothingPromoted(CorpusName),
     #[error("nothing to roll back to: {0} is the first adapter promoted for `{1}`")]
-    First(String, String),
+    First(RunId, CorpusName),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
 /// Restores the adapter that was served before the current one: one promotion back per call,
 /// stopping at the first. Returns (from, to).
-pub fn rollback(root: &Root, corpus: &str) -> std::result::Result<(String, String), RollbackError> {
+pub fn rollback(root: &Root, corpus: &CorpusName) -> std::result::Result<(RunId, RunId), RollbackError> {
     reconcile(root, corpus)?;
     let stack = served(&promotions(root, corpus));
     let (cur, prev) = match stack.as_slice() {
-        [] => return Err(RollbackError::NothingPromoted(corpus.to_string())),
-        [only] => return Err(RollbackError::First(only.clone(), corpus.to_string())),
+        [] => return Err(RollbackError::NothingPromoted(corpus.clone())),
+        [only] => return Err(RollbackError::First(only.clone(), corpus.clone())),
         [.., p, c] => (c.clone(), p.clone()),
     };
     log(root, corpus, json!({"run_id": prev, "previous": cur, "how": "rollback"}))?;
@@ -221,12 +229,12 @@ pub fn rollback(root: &Root, corpus: &str) -> std::result::Result<(String, Strin
 /// write that failed after the swap) must not stay current: restore what was served before it
 /// (or no adapter, if it was the first) and log an `undo` with the reason. Idempotent; does
 /// nothing unless `run_id` is on top of the served stack. Returns whether it changed anything.
-pub fn undo(root: &Root, corpus: &str, run_id: &str, reason: &str) -> Result<bool> {
+pub fn undo(root: &Root, corpus: &CorpusName, run_id: &RunId, reason: &str) -> Result<bool> {
     let stack = served(&promotions(root, corpus));
-    if stack.last().map(String::as_str) != Some(run_id) {
+    if stack.last() != Some(run_id) {
         // Not logged as promoted: `current` cannot point at it (the log comes first), unless an
         // older build swapped first; repair that too.
-        if current(root, corpus).is_some_and(|(c, _)| c == run_id) {
+        if current(root, corpus).is_some_and(|(c, _)| &c == run_id) {
             return reconcile(root, corpus).map(|r| r.is_some());
         }
         return Ok(false);
@@ -250,9 +258,9 @@ pub fn undo(root: &Root, corpus: &str, run_id: &str, reason: &str) -> Result<boo
 
 /// Points `current` at the top of the served stack if it points elsewhere (a crash between the
 /// log line and the swap). Returns the run now current when it changed anything.
-pub fn reconcile(root: &Root, corpus: &str) -> Result<Option<String>> {
+pub fn reconcile(root: &Root, corpus: &CorpusName) -> Result<Option<RunId>> {
     let Some(top) = served(&promotions(root, corpus)).pop() else { return Ok(None) };
-    if current(root, corpus).is_some_and(|(c, _)| c == top) || !adapters_dir(root, corpus).join(&top).is_dir() {
+    if current(root, corpus).is_some_and(|(c, _)| c == top) || !adapters_dir(root, corpus).join(top.as_str()).is_dir() {
         return Ok(None);
     }
     point_current(root, corpus, &top)?;
@@ -260,10 +268,8 @@ pub fn reconcile(root: &Root, corpus: &str) -> Result<Option<String>> {
 }
 
 /// The corpora that have a `models/<corpus>/` directory.
-pub fn corpora(root: &Root) -> Vec<String> {
-    std::fs::read_dir(root.dir.join("models"))
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default()
+pub fn corpora(root: &Root) -> Vec<CorpusName> {
+    super::paths::names_in(&root.dir.join("models"))
 }
 
 #[cfg(test)]

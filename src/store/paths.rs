@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{Result, StoreError};
+use crate::ids::{CorpusName, RunId};
 
 #[derive(Debug, Clone)]
 pub struct Root {
@@ -117,29 +118,24 @@ impl Root {
     pub fn runs(&self) -> PathBuf {
         self.dir.join("runs")
     }
-    pub fn run_dir(&self, run_id: &str) -> PathBuf {
-        self.runs().join(run_id)
+    pub fn run_dir(&self, run_id: &RunId) -> PathBuf {
+        self.runs().join(run_id.as_str())
     }
     pub fn locks(&self) -> PathBuf {
         self.dir.join("locks")
     }
-    pub fn corpus_lock(&self, corpus: &str) -> PathBuf {
+    pub fn corpus_lock(&self, corpus: &CorpusName) -> PathBuf {
         self.locks().join(format!("{corpus}.lock"))
     }
-    pub fn models(&self, corpus: &str) -> PathBuf {
-        self.dir.join("models").join(corpus)
+    pub fn models(&self, corpus: &CorpusName) -> PathBuf {
+        self.dir.join("models").join(corpus.as_str())
     }
-    pub fn corpus_home(&self, corpus: &str) -> PathBuf {
-        self.dir.join("corpora").join(corpus)
+    pub fn corpus_home(&self, corpus: &CorpusName) -> PathBuf {
+        self.dir.join("corpora").join(corpus.as_str())
     }
     /// The corpora with a home under `corpora/` (valid names only).
-    pub fn corpus_homes(&self) -> Vec<String> {
-        std::fs::read_dir(self.dir.join("corpora"))
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok()?.file_name().to_str().map(str::to_string))
-            .filter(|c| valid_corpus_name(c))
-            .collect()
+    pub fn corpus_homes(&self) -> Vec<CorpusName> {
+        names_in(&self.dir.join("corpora"))
     }
 }
 
@@ -186,9 +182,15 @@ impl RunFiles {
     pub fn adapter(&self) -> PathBuf {
         self.dir.join("adapter")
     }
-    /// `rerankd pause` asks a run to checkpoint and stop as `paused` by creating this file.
+    /// `rerankd pause` asks a run to checkpoint and stop as `paused` by creating this file
+    /// (see [`super::stop`]).
     pub fn pause(&self) -> PathBuf {
         self.dir.join("pause")
+    }
+    /// The daemon asks one attempt of a run to stop because it is shutting down (see
+    /// [`super::stop`]).
+    pub fn shutdown(&self) -> PathBuf {
+        self.dir.join("shutdown")
     }
     /// The held-out lists of earlier promotions this run evaluates on, fixed at its start.
     pub fn heldout_lists(&self) -> PathBuf {
@@ -201,64 +203,18 @@ impl RunFiles {
     pub fn report(&self) -> PathBuf {
         self.dir.join("report.svg")
     }
-    /// The cancel sentinel's reason, if it exists. Whatever stands at that path (a FIFO, a link
-    /// to `/dev/zero`, a directory) means "cancel"; only a regular file is read, without following
-    /// links, without blocking, and at most [`MAX_CANCEL_BYTES`] of it.
-    pub fn cancel_requested(&self) -> Option<String> {
-        use std::io::Read;
-        use std::os::unix::fs::OpenOptionsExt;
-        let p = self.cancel();
-        let meta = match p.symlink_metadata() {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-            Err(_) => return Some(DEFAULT_CANCEL_REASON.to_string()),
-            Ok(m) => m,
-        };
-        let mut text = Vec::new();
-        if meta.is_file() {
-            let opened = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
-                .open(&p)
-                .and_then(|f| Ok((f.metadata()?.is_file(), f)));
-            if let Ok((true, f)) = opened {
-                let _ = f.take(MAX_CANCEL_BYTES).read_to_end(&mut text);
-            }
-        }
-        let s = String::from_utf8_lossy(&text);
-        Some(if s.trim().is_empty() { DEFAULT_CANCEL_REASON.to_string() } else { s.trim().to_string() })
-    }
-
-    /// Writes the cancel sentinel with `reason`, unless one exists already (the first reason
-    /// stands). Returns whether this call wrote it. The one writer of the file read above.
-    pub fn request_cancel(&self, reason: &str) -> Result<bool> {
-        let p = self.cancel();
-        if p.symlink_metadata().is_ok() {
-            return Ok(false);
-        }
-        super::write_atomic(&p, reason.as_bytes())?;
-        Ok(true)
-    }
 }
 
-/// The reason recorded when the sentinel gives none.
-pub const DEFAULT_CANCEL_REASON: &str = "cancelled by user";
-/// How much of a cancel sentinel is read as its reason.
-pub const MAX_CANCEL_BYTES: u64 = 4096;
-
-/// A corpus name: 1-64 of `[A-Za-z0-9._-]`, not starting with a dot (so never `.` or `..`).
-pub fn valid_corpus_name(s: &str) -> bool {
-    valid_name(s, 64)
-}
-
-/// A run id (`<corpus>__<UTC time>[__N]`): the corpus alphabet, at most 128 bytes.
-pub fn valid_run_id(s: &str) -> bool {
-    valid_name(s, 128)
-}
-
-fn valid_name(s: &str, max: usize) -> bool {
-    (1..=max).contains(&s.len())
-        && !s.starts_with('.')
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+/// The entries of `dir` whose names parse as `T` (a corpus name, a run id), sorted; anything
+/// else there is not ours and is skipped.
+pub fn names_in<T: std::str::FromStr + Ord>(dir: &Path) -> Vec<T> {
+    let mut out: Vec<T> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    out.sort();
+    out
 }
 
 /// The rejection reason's name beside a rejected job file: `x.json` -> `x.error.json` (exactly
@@ -298,15 +254,5 @@ mod tests {
         std::fs::write(d.path().join("y.json"), "").unwrap();
         assert_eq!(free_rejection_name(d.path(), "y.json"), "y.2.json");
         assert_eq!(free_rejection_name(d.path(), "z.json"), "z.json");
-    }
-
-    #[test]
-    fn names() {
-        assert!(valid_corpus_name("demo-1.x_y"));
-        for bad in ["", ".", "..", "../x", "a/b", ".x", "caf\u{e9}"] {
-            assert!(!valid_corpus_name(bad), "{bad}");
-        }
-        assert!(valid_run_id("demo__20261127_120000__2"));
-        assert!(!valid_run_id("../runs/x"));
     }
 }

@@ -5,6 +5,7 @@
 //! {"capture": true, "retrain_after_events": 20, "min_interval_s": 600, "job": "job.json"}
 //! ```
 
+use crate::ids::CorpusName;
 use std::path::PathBuf;
 
 use serde::Deserialize;
@@ -42,12 +43,12 @@ pub struct PolicyError {
 
 pub const DEFAULT_MIN_INTERVAL_S: f64 = 600.0;
 
-pub fn path(root: &Root, corpus: &str) -> PathBuf {
+pub fn path(root: &Root, corpus: &CorpusName) -> PathBuf {
     root.corpus_home(corpus).join("policy.json")
 }
 
 /// The corpus's policy, `None` when it has no policy.json.
-pub fn read(root: &Root, corpus: &str) -> Result<Option<Policy>, PolicyError> {
+pub fn read(root: &Root, corpus: &CorpusName) -> Result<Option<Policy>, PolicyError> {
     let path = path(root, corpus);
     let err = |message: String| PolicyError { path: path.clone(), message };
     let text = match std::fs::read(&path) {
@@ -85,11 +86,12 @@ mod tests {
     fn policies_parse_and_bad_ones_name_the_field() {
         let dir = tempfile::tempdir().unwrap();
         let root = Root { dir: dir.path().to_path_buf() };
-        assert_eq!(read(&root, "c").unwrap(), None);
-        std::fs::create_dir_all(root.corpus_home("c")).unwrap();
-        let write = |t: &str| std::fs::write(path(&root, "c"), t).unwrap();
+        let c = CorpusName::parse("c").unwrap();
+        assert_eq!(read(&root, &c).unwrap(), None);
+        std::fs::create_dir_all(root.corpus_home(&c)).unwrap();
+        let write = |t: &str| std::fs::write(path(&root, &c), t).unwrap();
         write(r#"{"capture": true, "retrain_after_events": 5, "min_interval_s": 0}"#);
-        let p = read(&root, "c").unwrap().unwrap();
+        let p = read(&root, &c).unwrap().unwrap();
         assert!(p.capture && p.retrain_after_events == Some(5) && p.min_interval_s == 0.0);
         assert_eq!(p.job, PathBuf::from("job.json"));
         for (text, needle) in [
@@ -100,7 +102,7 @@ mod tests {
             (r#"{"job": "../x.json"}"#, "job"),
         ] {
             write(text);
-            let e = read(&root, "c").unwrap_err().to_string();
+            let e = read(&root, &c).unwrap_err().to_string();
             assert!(e.contains(needle) && e.contains("policy.json"), "{text}: {e}");
         }
     }

@@ -11,6 +11,7 @@ use super::metrics::MetricsLog;
 use super::paths::RunFiles;
 use super::time::now_rfc3339;
 use super::{Result, Root};
+use crate::ids::{CorpusName, RunId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -49,8 +50,8 @@ impl RunState {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
-    pub run_id: String,
-    pub corpus: String,
+    pub run_id: RunId,
+    pub corpus: CorpusName,
     pub state: RunState,
     pub reason: Option<String>,
     pub error: Option<String>,
@@ -70,10 +71,10 @@ pub struct Status {
 }
 
 impl Status {
-    pub fn new_queued(run_id: &str, corpus: &str, source: Option<String>) -> Self {
+    pub fn new_queued(run_id: &RunId, corpus: &CorpusName, source: Option<String>) -> Self {
         Self {
-            run_id: run_id.into(),
-            corpus: corpus.into(),
+            run_id: run_id.clone(),
+            corpus: corpus.clone(),
             state: RunState::Queued,
             reason: None,
             error: None,
@@ -198,9 +199,9 @@ mod tests {
     fn a_logged_terminal_state_wins() {
         let d = tempfile::tempdir().unwrap();
         let files = RunFiles::new(d.path());
-        let st = Status::new_queued("r", "c", None);
+        let st = Status::new_queued(&RunId::parse("r").unwrap(), &CorpusName::parse("c").unwrap(), None);
         st.write(&files.status()).unwrap();
-        let mut log = MetricsLog::open(&files.metrics(), "r").unwrap();
+        let mut log = MetricsLog::open(&files.metrics(), &RunId::parse("r").unwrap()).unwrap();
         log.append("state", serde_json::json!({"state": "failed", "reason": null, "error": "boom"})).unwrap();
         drop(log);
         // status.json still says queued, as after the crash.

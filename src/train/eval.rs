@@ -42,20 +42,20 @@ impl EvalResult {
 
 const METRIC_NAMES: [&str; 4] = ["ndcg@10", "mrr@10", "recall@10", "map"];
 
-/// Scores and measures `lists`; a [`super::Cancelled`] error if `cancelled()` gives a reason
+/// Scores and measures `lists`; a [`super::Cancelled`] error if `cancelled()` gives a stop request
 /// between lists.
 pub fn evaluate(
     r: &Reranker,
     lora: Option<&LoraSet>,
     lists: &[DevList],
     max_length: usize,
-    cancelled: &mut dyn FnMut() -> Option<String>,
+    cancelled: &mut dyn FnMut() -> Option<crate::store::StopRequest>,
 ) -> anyhow::Result<EvalResult> {
     let mut sums = [0f64; 4];
     let mut scored = Vec::with_capacity(lists.len());
     for l in lists {
-        if let Some(reason) = cancelled() {
-            return Err(super::Cancelled(reason).into());
+        if let Some(req) = cancelled() {
+            return Err(super::Cancelled(req).into());
         }
         let pairs: Vec<(&str, &str)> = l.docs.iter().map(|d| (l.query.as_str(), d.as_str())).collect();
         let scores: Vec<f32> = r.score_pairs(&pairs, max_length, SCORE_BATCH, lora)?.iter().map(|s| s.score).collect();

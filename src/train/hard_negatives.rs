@@ -79,13 +79,13 @@ pub fn mine(
     cfg: &HardNegatives,
     max_length: usize,
     seed: u64,
-    cancelled: &mut dyn FnMut() -> Option<String>,
+    cancelled: &mut dyn FnMut() -> Option<crate::store::StopRequest>,
 ) -> anyhow::Result<Mined> {
     let size = pool_size(cfg, queries.len(), corpus.len());
     let mut m = Mined { queries: queries.len(), pool: size, ..Mined::default() };
     for (i, q) in queries.iter_mut().enumerate() {
-        if let Some(reason) = cancelled() {
-            return Err(super::Cancelled(reason).into());
+        if let Some(req) = cancelled() {
+            return Err(super::Cancelled(req).into());
         }
         let cands = candidates(q, corpus, size, seed.wrapping_add(i as u64));
         let pairs: Vec<(&str, &str)> = cands.iter().map(|d| (q.query.as_str(), d.1.as_str())).collect();

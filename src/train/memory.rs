@@ -5,7 +5,7 @@
 //! The estimate is per token, not per batch: the fused ops keep only their inputs for the
 //! backward, so what stays alive is a fixed set of hidden-sized tensors per layer and token
 //! (counted in [`Estimate::for_model`]), plus the weights. The constants were fitted to the
-//! measured peaks of `rerankd bench` on the Qwen3-0.6B shape (README, Performance) and err high.
+//! measured peaks of `rerankd bench` on the Qwen3-0.6B shape (docs/performance.md) and err high.
 //!
 //! On the CPU, attention is the tiled op (`model::attention`): it holds no `[heads, length,
 //! length]` tensor, so the estimate has no quadratic term there. On other devices attention is a
@@ -181,7 +181,7 @@ mod tests {
 
     #[test]
     fn estimate_is_close_to_the_measured_peaks_and_errs_high() {
-        // rerankd bench on the CPU, LoRA r16 q/k/v/o (README, Performance): peak RSS.
+        // rerankd bench on the CPU, LoRA r16 q/k/v/o (docs/performance.md): peak RSS.
         let lora = 28 * 16 * ((1024 + 2048) + 2 * (1024 + 1024) + (2048 + 1024)) as u64;
         let qkvo = [Target::Q, Target::K, Target::V, Target::O];
         let e = Estimate::for_model(&qwen06(), lora, 2, Blocks::for_run(true, &qkvo));

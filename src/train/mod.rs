@@ -13,17 +13,19 @@ pub mod promotion;
 pub mod significance;
 pub mod trainer;
 
-/// Cancellation, the one shape it takes: an error carrying the reason, raised at a boundary
-/// (before an epoch, a micro-batch, a dev list) and carried by `?` up to the run, which records
-/// `cancelled` with the reason (found with `downcast_ref`). Nothing else means "cancelled".
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("cancelled: {0}")]
-pub struct Cancelled(pub String);
+use crate::store::StopRequest;
 
-/// `Err(Cancelled)` once the reporter says cancellation was requested.
+/// A stop, the one shape it takes inside training: an error carrying the request, raised at a
+/// boundary (before an epoch, a micro-batch, a dev list) and carried by `?` up to the run, which
+/// records the state the request asks for (found with `downcast_ref`).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("stopped: {0}")]
+pub struct Cancelled(pub StopRequest);
+
+/// `Err(Cancelled)` once the reporter says a stop was requested.
 pub fn check_cancel(rep: &mut dyn trainer::Reporter) -> anyhow::Result<()> {
-    match rep.cancel_requested() {
-        Some(reason) => Err(Cancelled(reason).into()),
+    match rep.stop_requested() {
+        Some(req) => Err(Cancelled(req).into()),
         None => Ok(()),
     }
 }

@@ -16,8 +16,8 @@ use crate::model::{LoraSet, Reranker};
 pub trait Reporter {
     /// A metrics event (`step`, `log`, `cap`, ...), fields as in DESIGN §6.
     fn event(&mut self, kind: &str, fields: Value) -> anyhow::Result<()>;
-    /// `Some(reason)` once cancellation was requested.
-    fn cancel_requested(&mut self) -> Option<String>;
+    /// `Some(request)` once the run was asked to stop.
+    fn stop_requested(&mut self) -> Option<crate::store::StopRequest>;
     /// Peak memory of this process so far, in MB.
     fn peak_mem_mb(&mut self) -> u64 {
         0
