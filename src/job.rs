@@ -173,7 +173,7 @@ pub struct Job {
     pub device: DeviceChoice,
     /// The effective budget: the job's own, else the daemon's default at intake. Never absent in
     /// a run's job.json (an old one without it reads as the machine's default).
-    #[serde(deserialize_with = "budget_or_default", default = "crate::train::memory::default_budget_mb")]
+    #[serde(deserialize_with = "budget_or_default", default = "crate::budget::machine_default_mb")]
     pub memory_budget_mb: u64,
     pub if_busy: IfBusy,
     pub instruction: Option<String>,
@@ -275,7 +275,7 @@ impl<'a> Obj<'a> {
 /// Parses and validates a job file's text. `corpus_home(corpus)` is where relative data paths
 /// resolve (ROOT/corpora/<corpus>/); data files must exist and be readable.
 fn budget_or_default<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    Ok(Option::<u64>::deserialize(d)?.unwrap_or_else(crate::train::memory::default_budget_mb))
+    Ok(Option::<u64>::deserialize(d)?.unwrap_or_else(crate::budget::machine_default_mb))
 }
 
 /// Validates a spool job file into the effective job; `default_budget_mb` fills a missing
@@ -330,7 +330,8 @@ pub fn parse_job(
             ("metal", DeviceChoice::Metal),
         ],
     )?;
-    let memory_budget_mb = o.opt_int("memory_budget_mb", 256, 1 << 20)?.unwrap_or(default_budget_mb);
+    let memory_budget_mb =
+        o.opt_int("memory_budget_mb", crate::budget::MIN_MB, crate::budget::MAX_MB)?.unwrap_or(default_budget_mb);
     let if_busy = o.choice(
         "if_busy",
         IfBusy::Queue,

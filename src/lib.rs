@@ -8,6 +8,7 @@
 //! - [`serve`]: the resident HTTP rerank service with hot reload.
 //! - [`store`]: the run store; the only code that touches files under the state root.
 
+pub mod budget;
 pub mod daemon;
 pub mod ids;
 pub mod job;

@@ -701,7 +701,7 @@ struct Saved {
 fn replan(ctx: &mut RunContext, mut job: Job, plan: &Plan, shrink: bool) -> anyhow::Result<Job> {
     let mut micro = plan.micro;
     if shrink {
-        let to = (plan.micro * 3 / 4).max(1);
+        let to = crate::budget::shrunk_micro_batch(plan.micro);
         let why = if to < plan.micro {
             "the previous attempt died without recording why (killed, or the machine went down): resumed with \
              at most 3/4 of its micro-batch, the same effective batch"

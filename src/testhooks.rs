@@ -20,6 +20,29 @@ pub const IGNORE_CANCEL_ENV: &str = "RERANKD_TEST_IGNORE_CANCEL";
 pub const ALLOC_MB_ENV: &str = "RERANKD_TEST_ALLOC_MB";
 pub const STEP_SLEEP_MS_ENV: &str = "RERANKD_TEST_STEP_SLEEP_MS";
 pub const SCORE_SLEEP_MS_ENV: &str = "RERANKD_TEST_SCORE_SLEEP_MS";
+/// A file every skipped test appends a line to (`.ci/run` prints it at the end).
+pub const SKIPPED_ENV: &str = "RERANKD_SKIPPED";
+/// Comma-separated capabilities a test may not skip for lack of (`amx`, `jq`, ...): `.ci/run`
+/// requires what the machine has, so a skip there is a failure.
+pub const REQUIRE_ENV: &str = "RERANKD_REQUIRE";
+
+/// A test that cannot exercise its subject here says so, visibly: a `SKIPPED` line on stderr and
+/// in the file `RERANKD_SKIPPED` names, or a panic if `RERANKD_REQUIRE` lists `needs`.
+pub fn skipped(test: &str, needs: &str, why: &str) {
+    let line = format!("SKIPPED {test} (needs {needs}): {why}");
+    let required = std::env::var(REQUIRE_ENV).unwrap_or_default();
+    if required.split(',').any(|r| r.trim() == needs) {
+        panic!("{line}, but {REQUIRE_ENV} requires {needs}");
+    }
+    eprintln!("{line}");
+    if let Some(path) = std::env::var_os(SKIPPED_ENV) {
+        use std::io::Write;
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path);
+        if let Ok(mut f) = file {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
 
 /// Dies at once (SIGKILL to itself) if `RERANKD_TEST_CRASH_AT` names this point (and, with
 /// `#n`, this is the n-th time it is reached).

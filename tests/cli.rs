@@ -1,8 +1,6 @@
 //! The command line's own surface: shell completions and the man page.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[test]
 fn completions_and_the_man_page_are_generated_from_the_real_commands() {

@@ -5,12 +5,10 @@
 //! shutting down had to kill (left queued, with that daemon's `cancel` note "daemon shutdown").
 //! `status`, `watch`, `report`, `sweep`, serve with the policy's capture, and resume all read them.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 fn repo() -> PathBuf {

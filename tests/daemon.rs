@@ -1,8 +1,7 @@
 //! The daemon as users drive it: the real binary on a temp root, real child processes, signals,
 //! flock locks and files. Tests wait for conditions with timeouts; they never sleep-and-hope.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 use std::time::Duration;
 use std::time::Instant;

@@ -2,12 +2,10 @@
 //! tensors and config are what transformers' Qwen3ForCausalLM / Qwen3ForSequenceClassification
 //! expect, an untied and a sharded base work, and a refused or failed export leaves nothing.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 const RUN: &str = "docs__20261127_120000";

@@ -2,8 +2,7 @@
 //! every fault a user, a crash or a full disk can cause leaves the documented invariants. All on
 //! the fixture model, with the real binary, real signals, a real tmpfs and real FIFOs.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

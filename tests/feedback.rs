@@ -2,14 +2,12 @@
 //! retraining by policy with no manual step, concurrent appends against a run's snapshot, bad
 //! feedback, and kill -9 of serve in the middle of appends.
 
-mod common;
-
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 fn post(a: &ureq::Agent, url: &str, body: &[u8]) -> (u16, Value) {

@@ -188,7 +188,8 @@ fn amx_carries_the_fixture_where_it_is_on() {
     {
         use rerankd::model::amx;
         if amx::mode() == amx::Mode::Off {
-            eprintln!("RERANKD_AMX=off or this machine has no AMX: nothing to check");
+            let why = amx::unusable().unwrap_or("RERANKD_AMX=off");
+            rerankd::testhooks::skipped("fixture::amx_carries_the_fixture_where_it_is_on", "amx", why);
             return;
         }
         let before = amx::products_run();

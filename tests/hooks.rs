@@ -1,11 +1,9 @@
 //! on_finish hooks: once per run, with the run in the environment, and a hook that hangs is
 //! killed after its timeout without delaying the next run.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 #[test]

@@ -4,11 +4,9 @@
 //! (The decision rules themselves are tested on constructed values in `train::promotion`, the
 //! statistics in `train::significance`.)
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 const TOPICS: [&str; 12] = [

@@ -4,11 +4,9 @@
 //! without interruption; a run interrupted twice without progress fails; an unexplained death
 //! shrinks the memory plan.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(180);

@@ -1,13 +1,11 @@
 //! The spool as a directory: the example job files and the two example scripts, run as a user
 //! would from a fresh root.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -28,7 +26,11 @@ fn the_example_jobs_and_scripts_work_from_a_fresh_root() {
     std::fs::copy(root.dir.parent().unwrap().join("triplets.jsonl"), home.join("triplets.jsonl")).unwrap();
     let _d = DaemonGuard(root.daemon());
     if !has("inotifywait") {
-        eprintln!("inotifywait is not installed: submit_and_wait.sh polls (its inotify branch is not exercised)");
+        rerankd::testhooks::skipped(
+            "scripts: submit_and_wait.sh's inotify branch",
+            "inotifywait",
+            "inotifywait is not installed: submit_and_wait.sh polls",
+        );
     }
     let submit = |job: &str| {
         Command::new(repo().join("examples/submit_and_wait.sh"))
@@ -53,7 +55,7 @@ fn the_example_jobs_and_scripts_work_from_a_fresh_root() {
                 let text = String::from_utf8(out.stdout).unwrap();
                 assert!(text.contains("step 1 ") && text.lines().last() == Some("state completed"), "{text}");
             } else {
-                eprintln!("jq is not installed: tail_metrics.sh not run");
+                rerankd::testhooks::skipped("scripts: tail_metrics.sh", "jq", "jq is not installed");
             }
         }
     }

@@ -3,8 +3,6 @@
 //! concurrency and overload, bad input, the API key, a Unix socket, SIGTERM draining, kill -9
 //! isolation from the daemon, and serve's idle CPU.
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::Path;
@@ -12,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 /// A response: status, the adapter header, the JSON body (Null when not JSON), Retry-After.

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::budget::{MAX_MB, MIN_MB};
+
 /// What `config.toml` says, as typed (absent keys are `None`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -102,7 +104,7 @@ impl Default for DaemonConfig {
             cancel_grace: Duration::from_secs(30),
             rescan: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(20),
-            memory_budget_mb: crate::train::memory::default_budget_mb(),
+            memory_budget_mb: crate::budget::machine_default_mb(),
             run_nice: 10,
             on_finish: None,
             on_finish_timeout: Duration::from_secs(60),
@@ -156,8 +158,13 @@ impl DaemonConfig {
             cancel_grace: secs("cancel_grace_s", f.cancel_grace_s, 0.0, d.cancel_grace)?,
             rescan: secs("rescan_s", f.rescan_s, 1.0, d.rescan)?,
             shutdown_timeout: secs("shutdown_timeout_s", f.shutdown_timeout_s, 1.0, d.shutdown_timeout)?,
-            memory_budget_mb: int("memory_budget_mb", f.memory_budget_mb, 256, 1 << 20, d.memory_budget_mb as i64)?
-                as u64,
+            memory_budget_mb: int(
+                "memory_budget_mb",
+                f.memory_budget_mb,
+                MIN_MB as i64,
+                MAX_MB as i64,
+                d.memory_budget_mb as i64,
+            )? as u64,
             run_nice: int("run_nice", f.run_nice, 0, 19, d.run_nice as i64)? as i32,
             on_finish: match f.on_finish {
                 Some(c) if c.trim().is_empty() => {

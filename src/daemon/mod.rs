@@ -31,9 +31,6 @@ use config::DaemonConfig;
 use intake::{Accepted, Admission, Intake};
 use supervise::{Active, Proc, Unsettled};
 
-/// The least default budget left to runs however large serve grows (the job file's minimum).
-const MIN_BUDGET_MB: u64 = 256;
-
 /// The watchdog's sampling interval while runs are active.
 const ACTIVE_TICK: Duration = Duration::from_millis(500);
 /// The tick while runs wait (for a corpus lock, a cancel of a queued run) or ends wait to be
@@ -219,7 +216,7 @@ impl Daemon {
     /// what a running `rerankd serve` holds resident, since both share one machine.
     fn default_budget_mb(&self) -> u64 {
         match crate::store::serving::resident_mb(&self.root) {
-            Some((_, serve_mb)) => self.cfg.memory_budget_mb.saturating_sub(serve_mb).max(MIN_BUDGET_MB),
+            Some((_, serve_mb)) => crate::budget::beside_serve_mb(self.cfg.memory_budget_mb, serve_mb),
             None => self.cfg.memory_budget_mb,
         }
     }

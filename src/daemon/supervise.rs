@@ -22,11 +22,6 @@ pub const TERM_TO_KILL: Duration = Duration::from_secs(3);
 /// How much of a run's stderr is kept as its last words.
 const LAST_WORDS_BYTES: usize = 2048;
 
-/// The hard limit for a run with this budget: a quarter above it, and at least 512 MB above.
-pub fn hard_limit_mb(budget_mb: u64) -> u64 {
-    (budget_mb + budget_mb / 4).max(budget_mb + 512)
-}
-
 /// The last bytes a child wrote to stderr, and the thread that reads them.
 pub type StderrTail = (Arc<Mutex<VecDeque<u8>>>, JoinHandle<()>);
 
@@ -85,7 +80,7 @@ impl Active {
             proc,
             cancel_seen: None,
             term_sent: None,
-            hard_limit_mb: hard_limit_mb(budget_mb),
+            hard_limit_mb: crate::budget::hard_limit_mb(budget_mb),
             killed_for: None,
             shutdown: false,
         }

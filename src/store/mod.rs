@@ -32,6 +32,8 @@ pub enum StoreError {
     Io { path: PathBuf, action: &'static str, cause: std::io::Error },
     #[error("{path}: {message}")]
     Corrupt { path: PathBuf, message: String },
+    #[error("run {run_id} cannot go from {from:?} to {to:?}")]
+    Transition { run_id: crate::ids::RunId, from: RunState, to: RunState },
 }
 
 impl StoreError {

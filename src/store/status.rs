@@ -31,6 +31,25 @@ impl RunState {
         matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
     }
 
+    /// Whether a run may move from `self` to `to`: the state machine's one table, checked by
+    /// [`record`] for every state change of every process.
+    ///
+    /// - queued: started, paused or cancelled before it starts, or failed (its corpus stayed
+    ///   locked);
+    /// - running: ends (completed, failed, cancelled), pauses, or goes back to the queue
+    ///   (interrupted, to resume from its checkpoint);
+    /// - paused: queued again by `resume`, or cancelled;
+    /// - completed, failed and cancelled are final.
+    pub fn allows(self, to: RunState) -> bool {
+        use RunState::*;
+        matches!(
+            (self, to),
+            (Queued, Running | Paused | Cancelled | Failed)
+                | (Running, Queued | Paused | Completed | Failed | Cancelled)
+                | (Paused, Queued | Cancelled)
+        )
+    }
+
     /// The state a `state` event or status.json names (serde's own mapping, so there is one).
     pub fn parse(s: &str) -> Option<Self> {
         Self::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(s)).ok()
@@ -97,8 +116,9 @@ impl Status {
         write_json(path, self)
     }
 
-    /// Moves to `state`; refuses to leave a terminal state (returns false, nothing changes).
-    pub fn transition(&mut self, state: RunState, reason: Option<String>, error: Option<String>) -> bool {
+    /// Moves to `state` (the fields that come with it); refuses to leave a terminal state
+    /// (returns false, nothing changes). Only [`record`] calls it, after checking the table.
+    fn transition(&mut self, state: RunState, reason: Option<String>, error: Option<String>) -> bool {
         if self.state.is_terminal() {
             return false;
         }
@@ -124,7 +144,8 @@ impl Status {
 /// A crash in between leaves a terminal event with a non-terminal status; the next `record` for
 /// that run finds the event ([`MetricsLog::terminal`]) and completes *that* commit instead of
 /// writing a second terminal event, so a run has exactly one. Returns whether `state` was
-/// recorded (false when the run had already ended, or had ended in the log).
+/// recorded (false when the run had already ended, or had ended in the log); a change that
+/// [`RunState::allows`] refuses is an error, and nothing is written.
 pub fn record(
     files: &RunFiles,
     log: &mut MetricsLog,
@@ -144,6 +165,9 @@ pub fn record(
         done.write(&files.status())?;
         *st = done;
         return Ok(false);
+    }
+    if !st.state.allows(state) {
+        return Err(super::StoreError::Transition { run_id: st.run_id.clone(), from: st.state, to: state });
     }
     let mut next = st.clone();
     next.transition(state, reason.clone(), error.clone());
@@ -192,6 +216,7 @@ pub fn all_runs(root: &Root) -> Vec<Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::StoreError;
 
     /// A crash after the terminal event and before status.json: the next record completes the
     /// logged state and never adds a second terminal event (review F9).
@@ -211,5 +236,65 @@ mod tests {
         assert_eq!((st.state, st.error.as_deref()), (RunState::Failed, Some("boom")));
         let ev = super::super::metrics::read_events(&files.metrics()).unwrap();
         assert_eq!(ev.iter().filter(|e| e["type"] == "state").count(), 1);
+    }
+
+    fn arb_state() -> impl proptest::strategy::Strategy<Value = RunState> {
+        use RunState::*;
+        proptest::sample::select(vec![Queued, Running, Paused, Completed, Failed, Cancelled])
+    }
+
+    proptest::proptest! {
+        /// Random sequences of state changes through `record`: what the table refuses is an
+        /// error that writes nothing, a change after the end is ignored, and after every step
+        /// status.json and the log's last `state` event agree, with at most one terminal event.
+        #[test]
+        fn record_follows_the_table_and_the_log_agrees_with_the_status(
+            seq in proptest::collection::vec((arb_state(), proptest::bool::ANY), 0..12)
+        ) {
+            let d = tempfile::tempdir().unwrap();
+            let files = RunFiles::new(d.path());
+            let id = RunId::parse("c__20261203_120000").unwrap();
+            let mut st = Status::new_queued(&id, &CorpusName::parse("c").unwrap(), None);
+            st.write(&files.status()).unwrap();
+            let mut log = MetricsLog::open(&files.metrics(), &id).unwrap();
+            log.append("state", serde_json::json!({"state": "queued", "reason": null})).unwrap();
+            let mut model = RunState::Queued;
+            for (to, with_error) in seq {
+                let error = with_error.then(|| "boom".to_string());
+                let lines = super::super::metrics::read_events(&files.metrics()).unwrap().len();
+                let got = record(&files, &mut log, &mut st, to, Some("why".into()), error);
+                let now = super::super::metrics::read_events(&files.metrics()).unwrap();
+                if model.is_terminal() {
+                    proptest::prop_assert!(matches!(got, Ok(false)));
+                    proptest::prop_assert_eq!(now.len(), lines);
+                } else if model.allows(to) {
+                    proptest::prop_assert!(matches!(got, Ok(true)), "{:?} -> {:?}: {:?}", model, to, got);
+                    model = to;
+                } else {
+                    proptest::prop_assert!(matches!(got, Err(StoreError::Transition { .. })), "{:?} -> {:?}", model, to);
+                    proptest::prop_assert_eq!(now.len(), lines, "a refused change writes nothing");
+                }
+                let on_disk = Status::read(&files.status()).unwrap();
+                proptest::prop_assert_eq!(on_disk.state, model);
+                proptest::prop_assert_eq!(&on_disk, &st);
+                let last = now.iter().rev().find(|e| e["type"] == "state").unwrap();
+                proptest::prop_assert_eq!(last["state"].as_str(), Some(model.as_str()));
+                let ends = now.iter().filter(|e| e["type"] == "state").filter(|e| {
+                    e["state"].as_str().and_then(RunState::parse).is_some_and(RunState::is_terminal)
+                });
+                proptest::prop_assert!(ends.count() <= 1);
+            }
+        }
+    }
+
+    #[test]
+    fn the_table_allows_exactly_the_documented_changes() {
+        use RunState::*;
+        let all = [Queued, Running, Paused, Completed, Failed, Cancelled];
+        let allowed: Vec<(RunState, RunState)> =
+            all.iter().flat_map(|&a| all.iter().map(move |&b| (a, b))).filter(|&(a, b)| a.allows(b)).collect();
+        assert_eq!(allowed.len(), 4 + 5 + 2);
+        assert!(all.iter().filter(|s| s.is_terminal()).all(|&t| all.iter().all(|&b| !t.allows(b))));
+        assert!(!Queued.allows(Completed) && !Paused.allows(Running) && !Running.allows(Running));
     }
 }

@@ -160,16 +160,6 @@ pub fn plan(est: &Estimate, budget_mb: u64, micro: usize, accum: usize, max_leng
     Ok(Plan { micro_batch: m, grad_accum: a, max_length: length, estimate_mb: est.step_mb(m, length), budget_mb, caps })
 }
 
-/// The default budget: half the machine, and never within 4 GB of all of it, so the desktop
-/// keeps room whatever a job asks for.
-pub fn default_budget_mb() -> u64 {
-    let total = crate::sys::machine_memory_mb();
-    if total == 0 {
-        return 4096;
-    }
-    (total / 2).min(total.saturating_sub(4096)).max(1024)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,12 +229,5 @@ mod tests {
         assert!(composed.row_mb(8192) - 8192.0 * composed.per_token_mb > 16_000.0);
         let p = plan(&composed, 16_000, 4, 1, 8192).unwrap();
         assert!(p.max_length < 8192 && p.estimate_mb <= 16_000.0, "{p:?}");
-    }
-
-    #[test]
-    fn default_budget_leaves_the_machine_room() {
-        let total = crate::sys::machine_memory_mb();
-        let b = default_budget_mb();
-        assert!(total == 0 || (b <= total / 2 + 1 && b >= 1024.min(total)));
     }
 }
