@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::store::Status;
 use crate::store::atomic::write_atomic;
+use crate::store::events::{Event, Logged, Split, Which};
 use crate::store::metrics::read_events;
 use crate::store::paths::RunFiles;
 
@@ -82,44 +83,38 @@ impl RunData {
         Ok(d)
     }
 
-    fn add(&mut self, e: &Value) {
-        let f = |k: &str| e[k].as_f64().filter(|v| v.is_finite());
-        match e["type"].as_str().unwrap_or("") {
-            "step" => {
-                if let (Some(step), Some(loss)) = (f("step"), f("loss")) {
+    fn add(&mut self, e: &Logged) {
+        let finite = |v: f64| Some(v).filter(|v| v.is_finite());
+        match &e.event {
+            Event::Step(s) => {
+                if let Some(loss) = finite(f64::from(s.loss)) {
+                    let step = s.step as f64 + 1.0;
                     // A run resumed from an earlier checkpoint redoes steps: the later attempt's
                     // record of a step replaces the earlier one.
-                    self.steps.retain(|s| s.step < step + 1.0);
+                    self.steps.retain(|x| x.step < step);
                     self.steps.push(Step {
-                        step: step + 1.0,
+                        step,
                         loss,
-                        lr: f("lr").unwrap_or(f64::NAN),
-                        grad_norm: f("grad_norm").unwrap_or(f64::NAN),
-                        step_time_ms: f("step_time_ms").unwrap_or(f64::NAN),
-                        peak_mem_mb: f("peak_mem_mb").unwrap_or(f64::NAN),
+                        lr: s.lr,
+                        grad_norm: s.grad_norm,
+                        step_time_ms: s.step_time_ms,
+                        peak_mem_mb: s.peak_mem_mb.map_or(f64::NAN, |m| m as f64),
                     });
                 }
             }
-            "eval" => {
-                let m = e["metrics"][&self.primary].as_f64().filter(|v| v.is_finite());
-                match (e["which"].as_str(), m) {
-                    (Some("baseline"), Some(m)) => self.baseline = Some(m),
-                    (Some("epoch"), Some(m)) => self.epochs.push((f("epoch").unwrap_or(0.0) + 1.0, m)),
-                    (Some("candidate"), Some(m)) => self.candidate = Some((f("epoch").unwrap_or(0.0) + 1.0, m)),
-                    _ => {}
+            Event::Eval(ev) => {
+                // The baseline and candidate on dev (held-out evaluations are not drawn).
+                let m = ev.metrics.get(&self.primary).copied().and_then(finite);
+                let epoch = ev.epoch.unwrap_or(0) as f64 + 1.0;
+                match (ev.split, ev.which, m) {
+                    (Split::Heldout, ..) | (_, _, None) => {}
+                    (Split::Dev, Which::Baseline, Some(m)) => self.baseline = Some(m),
+                    (Split::Dev, Which::Epoch, Some(m)) => self.epochs.push((epoch, m)),
+                    (Split::Dev, Which::Candidate, Some(m)) => self.candidate = Some((epoch, m)),
                 }
             }
-            "promote" => {
-                let why = e["reason"].as_str().unwrap_or("").to_string();
-                self.promotion = Some((e["promoted"].as_bool().unwrap_or(false), why));
-            }
-            "cap" => self.caps.push(format!(
-                "{} {} -> {} ({})",
-                e["field"].as_str().unwrap_or("?"),
-                e["from"],
-                e["to"],
-                e["why"].as_str().unwrap_or("")
-            )),
+            Event::Promote(p) => self.promotion = Some((p.promoted, p.reason.clone())),
+            Event::Cap(c) => self.caps.push(format!("{} {} -> {} ({})", c.field, c.from, c.to, c.why)),
             _ => {}
         }
     }
@@ -407,13 +402,27 @@ fn short(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+
+    fn step(i: u64, loss: f32) -> Logged {
+        let s = crate::store::events::Step {
+            step: i,
+            epoch: 0,
+            loss,
+            lr: 1e-4,
+            grad_norm: 1.0,
+            step_time_ms: 1.0,
+            pairs: 1,
+            tokens: 1,
+            peak_mem_mb: None,
+        };
+        Logged { ts: String::new(), seq: i, run_id: "r".into(), event: Event::Step(s) }
+    }
 
     #[test]
     fn smoothed_loss_is_debiased_and_thinning_keeps_the_ends() {
         let mut d = RunData::default();
         for i in 0..5000 {
-            d.add(&json!({"type": "step", "step": i, "loss": 1.0, "lr": 1e-4}));
+            d.add(&step(i, 1.0));
         }
         // A constant loss stays constant under debiased smoothing (no ramp up from zero).
         assert!(d.smoothed_loss().iter().all(|v| (v - 1.0).abs() < 1e-12));
@@ -429,10 +438,10 @@ mod tests {
     fn steps_redone_after_a_resume_replace_the_earlier_ones() {
         let mut d = RunData::default();
         for i in 0..10 {
-            d.add(&json!({"type": "step", "step": i, "loss": 1.0}));
+            d.add(&step(i, 1.0));
         }
         for i in 6..12 {
-            d.add(&json!({"type": "step", "step": i, "loss": 2.0}));
+            d.add(&step(i, 2.0));
         }
         let xs: Vec<f64> = d.steps.iter().map(|s| s.step).collect();
         assert_eq!(xs, (1..=12).map(f64::from).collect::<Vec<_>>());

@@ -17,6 +17,7 @@ use crate::model::lora::LoraConfig;
 use crate::model::{LoraSet, Reranker};
 use crate::store::atomic::{read_json, write_json};
 use crate::store::checkpoint;
+use crate::store::events::{self, Cap, Event, FeedbackSnapshot, Level, Log, SnapshotFields, Split, Which};
 use crate::store::feedback::CorpusFeedback;
 use crate::store::models;
 use crate::store::paths::RunFiles;
@@ -52,16 +53,12 @@ impl RunContext {
     }
 
     pub fn info(&mut self, message: &str) -> anyhow::Result<()> {
-        self.log.append("log", json!({"level": "info", "message": message}))?;
+        self.log.append(Event::Log(Log::info(message)))?;
         Ok(())
     }
 
-    fn warn(&mut self, message: &str, extra: Value) -> anyhow::Result<()> {
-        let mut ev = json!({"level": "warn", "message": message});
-        if let (Value::Object(e), Value::Object(x)) = (&mut ev, extra) {
-            e.extend(x);
-        }
-        self.log.append("log", ev)?;
+    fn warn(&mut self, log: Log) -> anyhow::Result<()> {
+        self.log.append(Event::Log(Log { level: Level::Warn, ..log }))?;
         Ok(())
     }
 
@@ -72,8 +69,8 @@ impl RunContext {
 }
 
 impl Reporter for RunContext {
-    fn event(&mut self, kind: &str, fields: Value) -> anyhow::Result<()> {
-        self.log.append(kind, fields)?;
+    fn event(&mut self, event: Event) -> anyhow::Result<()> {
+        self.log.append(event)?;
         Ok(())
     }
 
@@ -253,13 +250,15 @@ fn execute(ctx: &mut RunContext, root: &Root, shrink: bool) -> anyhow::Result<Va
     let train_q: Vec<&QueryRows> = data.queries.iter().zip(&data.dev).filter(|(_, d)| !**d).map(|(q, _)| q).collect();
     let (text_pairs, sources) = train_pairs(&train_q, job.train.negative_ratio as usize);
     if resume.is_none() {
-        let used: Vec<String> =
-            sources.iter().map(|(s, n)| format!("{n} {}", json!(s).as_str().unwrap_or(""))).collect();
-        ctx.event(
-            "log",
-            json!({"level": "info", "message": format!("{} training pairs; negatives by source: {}", text_pairs.len(),
-                if used.is_empty() { "none".to_string() } else { used.join(", ") }), "negatives": sources}),
-        )?;
+        let negatives: BTreeMap<String, u64> =
+            sources.iter().map(|(s, n)| (json!(s).as_str().unwrap_or("").to_string(), *n as u64)).collect();
+        let used: Vec<String> = negatives.iter().map(|(s, n)| format!("{n} {s}")).collect();
+        let message = format!(
+            "{} training pairs; negatives by source: {}",
+            text_pairs.len(),
+            if used.is_empty() { "none".to_string() } else { used.join(", ") }
+        );
+        ctx.event(Event::Log(Log { negatives: Some(negatives), ..Log::info(message) }))?;
     }
     let pairs: Vec<TrainPair> = text_pairs
         .iter()
@@ -270,11 +269,7 @@ fn execute(ctx: &mut RunContext, root: &Root, shrink: bool) -> anyhow::Result<Va
     let cand_heldout = match (&trained.best, heldout.is_empty()) {
         (Some(_), false) => {
             let res = evaluate(&r, Some(&trained.candidate), &heldout, max_len, &mut || ctx.stop_requested())?;
-            ctx.log.append(
-                "eval",
-                json!({"split": "heldout", "which": "candidate", "queries": res.queries,
-                "metrics": res.metrics}),
-            )?;
+            ctx.log.append(eval_event(Split::Heldout, Which::Candidate, None, Some(res.queries), &res, None))?;
             Some(res)
         }
         _ => None,
@@ -308,19 +303,26 @@ fn execute(ctx: &mut RunContext, root: &Root, shrink: bool) -> anyhow::Result<Va
 
     let eps = job.eval.epsilon;
     let promote = decision.promoted;
-    let mut path = Value::Null;
+    let mut path = None;
     if promote {
         let details = json!({"primary": primary, "candidate": cand_metric, "baseline": base_metric,
             "reason": decision.reason, "dev": decision.dev});
-        let dest = models::promote(root, &job.corpus, &ctx.status.run_id, &ctx.files.adapter(), "auto", details)?;
-        path = dest.display().to_string().into();
+        path = Some(models::promote(root, &job.corpus, &ctx.status.run_id, &ctx.files.adapter(), "auto", details)?);
     }
-    ctx.log.append(
-        "promote",
-        json!({"promoted": promote, "primary": primary, "candidate": cand_metric,
-        "baseline": base_metric, "epsilon": eps, "path": path, "reason": decision.reason, "rule": decision.rule,
-        "policy": job.promote, "dev_queries": data.dev_lists.len(), "dev": decision.dev, "heldout": decision.heldout}),
-    )?;
+    ctx.log.append(Event::Promote(events::Promote {
+        promoted: promote,
+        primary: primary.clone(),
+        candidate: cand_metric,
+        baseline: base_metric,
+        epsilon: eps,
+        path,
+        reason: decision.reason.clone(),
+        rule: decision.rule.clone(),
+        policy: json!(job.promote).as_str().unwrap_or_default().to_string(),
+        dev_queries: data.dev_lists.len() as u64,
+        dev: decision.dev.clone(),
+        heldout: decision.heldout.clone(),
+    }))?;
     testhooks::crash_point("run.after_promote_event");
     Ok(json!({"steps": trained.steps, "last_loss": trained.last_loss, "pairs": pairs.len(),
         "dev_queries": data.dev_lists.len(), "primary_metric": primary, "candidate": cand_metric,
@@ -349,7 +351,7 @@ fn govern(ctx: &mut RunContext, mut job: Job, ck: &CheckpointDir, cpu: bool) -> 
         p.micro_batch, p.max_length, p.estimate_mb
     ))?;
     for cap in &p.caps {
-        ctx.log.append("cap", serde_json::to_value(cap)?)?;
+        ctx.log.append(Event::Cap(cap.clone()))?;
     }
     job.train.batch_size = p.micro_batch as u64;
     job.train.grad_accum = p.grad_accum as u64;
@@ -369,7 +371,7 @@ fn baseline_model(ctx: &mut RunContext, root: &Root, job: &Job, r: &Reranker) ->
         Some((id, dir)) => (format!("promoted adapter of {id}"), load_baseline_adapter(&dir, job, r).map(Some)),
     };
     if let Err(why) = &adapter {
-        ctx.warn(&format!("baseline unknown: {why}"), Value::Null)?;
+        ctx.warn(Log::info(format!("baseline unknown: {why}")))?;
     }
     Ok(BaselineModel { what, adapter })
 }
@@ -386,7 +388,7 @@ fn mine_hard_negatives(
     let adapter = match &base.adapter {
         Ok(a) => a.as_ref(),
         Err(why) => {
-            ctx.warn(&format!("hard negatives skipped: the baseline is unknown ({why})"), Value::Null)?;
+            ctx.warn(Log::info(format!("hard negatives skipped: the baseline is unknown ({why})")))?;
             return Ok(());
         }
     };
@@ -415,11 +417,11 @@ fn mine_hard_negatives(
         data.queries[i] = q;
     }
     let secs = t0.elapsed().as_secs_f64();
-    ctx.event(
-        "log",
-        json!({"level": "info", "message": format!("hard negatives: {} mined for {} queries from {} pairs scored in {secs:.1} s",
-            m.added, m.queries, m.pairs_scored), "hard_negatives": m, "seconds": secs}),
-    )?;
+    let message = format!(
+        "hard negatives: {} mined for {} queries from {} pairs scored in {secs:.1} s",
+        m.added, m.queries, m.pairs_scored
+    );
+    ctx.event(Event::Log(Log { hard_negatives: Some(m), seconds: Some(secs), ..Log::info(message) }))?;
     Ok(())
 }
 
@@ -485,10 +487,7 @@ fn evaluate_baseline(
         Some(why) => Err(format!("no evaluation ({why})")),
         None => {
             let res = evaluate(r, adapter, &data.dev_lists, max_len, &mut || ctx.stop_requested())?;
-            ctx.log.append(
-                "eval",
-                json!({"split": "dev", "which": "baseline", "metrics": res.metrics, "adapter": what}),
-            )?;
+            ctx.log.append(eval_event(Split::Dev, Which::Baseline, None, None, &res, Some(&what)))?;
             Ok(res)
         }
     };
@@ -496,11 +495,7 @@ fn evaluate_baseline(
         None
     } else {
         let res = evaluate(r, adapter, heldout, max_len, &mut || ctx.stop_requested())?;
-        ctx.log.append(
-            "eval",
-            json!({"split": "heldout", "which": "baseline", "queries": res.queries,
-            "metrics": res.metrics, "adapter": what}),
-        )?;
+        ctx.log.append(eval_event(Split::Heldout, Which::Baseline, None, Some(res.queries), &res, Some(&what)))?;
         Some(res)
     };
     Ok(Baseline { what, dev, heldout })
@@ -575,7 +570,7 @@ fn train_and_select(
             return Ok(());
         }
         let res = evaluate(r, Some(&lora), lists, max_len, &mut || rep.stop_requested())?;
-        rep.event("eval", json!({"split": "dev", "which": "epoch", "epoch": epoch, "metrics": res.metrics}))?;
+        rep.event(eval_event(Split::Dev, Which::Epoch, Some(epoch), None, &res, None))?;
         let mut sel = sel.borrow_mut();
         sel.epochs.push(json!({"epoch": epoch, "metrics": res.metrics}));
         let m = |r: &EvalResult| r.metrics.get(primary).copied().unwrap_or(f64::NEG_INFINITY);
@@ -611,11 +606,13 @@ fn train_and_select(
         };
         let best = sel.best.as_ref().map(|(_, _, b)| b);
         let size = write_checkpoint(&files, &lora, best, opt, &serde_json::to_value(&state)?, cur.step as u64)?;
-        rep.event(
-            "checkpoint",
-            json!({"step": cur.step, "epoch": cur.epoch, "size_bytes": size, "attempt": attempt,
-                   "ms": t0.elapsed().as_secs_f64() * 1e3}),
-        )?;
+        rep.event(Event::Checkpoint(events::Checkpoint {
+            step: cur.step as u64,
+            epoch: cur.epoch as u64,
+            size_bytes: size,
+            attempt,
+            ms: t0.elapsed().as_secs_f64() * 1e3,
+        }))?;
         last = std::time::Instant::now();
         Ok(())
     };
@@ -632,8 +629,7 @@ fn train_and_select(
         None => (None, lora),
     };
     if let Some((epoch, res)) = &best {
-        ctx.log
-            .append("eval", json!({"split": "dev", "which": "candidate", "epoch": epoch, "metrics": res.metrics}))?;
+        ctx.log.append(eval_event(Split::Dev, Which::Candidate, Some(*epoch), None, res, None))?;
     }
     Ok(Trained { steps, last_loss, best, candidate, epochs })
 }
@@ -709,7 +705,7 @@ fn replan(ctx: &mut RunContext, mut job: Job, plan: &Plan, shrink: bool) -> anyh
         } else {
             "the previous attempt died without recording why, but one row per micro-batch cannot shrink".to_string()
         };
-        ctx.log.append("cap", json!({"field": "train.batch_size", "from": plan.micro, "to": to, "why": why}))?;
+        ctx.log.append(Event::Cap(Cap { field: "train.batch_size".into(), from: plan.micro, to, why }))?;
         micro = to;
     }
     job.train.batch_size = micro;
@@ -806,11 +802,11 @@ fn materialise(ctx: &mut RunContext, root: &Root, job: &Job) -> anyhow::Result<M
             // Writers append while this reads: the complete lines as of now, under the lock.
             let snap = CorpusFeedback::new(root, &job.corpus).snapshot_at(f)?;
             anyhow::ensure!(snap.offset > 0 || f.exists(), "reading {}: no such file", f.display());
-            let fields = json!({"path": f, "events": snap.events, "offset": snap.offset});
+            let at = SnapshotFields { path: f.clone(), events: snap.events as u64, offset: snap.offset };
             let message =
                 format!("feedback snapshot: {} events, bytes 0..{} of {}", snap.events, snap.offset, f.display());
-            ctx.event("log", json!({"level": "info", "message": message, "feedback": fields}))?;
-            snapshot = Some(fields);
+            ctx.event(Event::FeedbackSnapshot(FeedbackSnapshot { message, at: at.clone() }))?;
+            snapshot = Some(json!(at));
             let bytes = snap.bytes;
             // Feedback is appended by many writers: a line that is not UTF-8 is skipped and
             // counted like any other garbage line, never the end of the run (review F18).
@@ -844,7 +840,8 @@ fn materialise(ctx: &mut RunContext, root: &Root, job: &Job) -> anyhow::Result<M
         (None, None) => anyhow::bail!("the job has no data source"),
     };
     if !skipped.is_empty() {
-        ctx.warn("skipped feedback events", json!({"skipped": skipped}))?;
+        let skipped = skipped.iter().map(|(k, n)| (k.clone(), *n as u64)).collect();
+        ctx.warn(Log { skipped: Some(skipped), ..Log::info("skipped feedback events") })?;
     }
     let queries = group_by_query(rows);
     anyhow::ensure!(!queries.is_empty(), "no usable training data (no query with a positive)");
@@ -950,4 +947,23 @@ fn write_lines<T: serde::Serialize>(path: &Path, items: &[T]) -> anyhow::Result<
     }
     crate::store::write_atomic(path, out.as_bytes())?;
     Ok(())
+}
+
+/// An `eval` event of `res`.
+fn eval_event(
+    split: Split,
+    which: Which,
+    epoch: Option<usize>,
+    queries: Option<usize>,
+    res: &EvalResult,
+    adapter: Option<&str>,
+) -> Event {
+    Event::Eval(events::Eval {
+        split,
+        which,
+        epoch: epoch.map(|e| e as u64),
+        queries: queries.map(|q| q as u64),
+        metrics: res.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        adapter: adapter.map(str::to_string),
+    })
 }

@@ -124,4 +124,14 @@ fn an_old_root_reads_serves_and_resumes() {
             .any(|e| e["message"].as_str().is_some_and(|m| m.starts_with("training resumed at step")));
         assert!(resumed, "{id} resumed from its checkpoint");
     }
+    // Every line of every log, the old code's and today's, reads as a typed event of a type
+    // this build knows: no field was renamed under either.
+    for id in [&done, &paused, &interrupted] {
+        let text = std::fs::read_to_string(root.dir.join("runs").join(id).join("metrics.jsonl")).unwrap();
+        for line in text.lines() {
+            let e: rerankd::store::Logged =
+                serde_json::from_str(line).unwrap_or_else(|err| panic!("{id}: {err}: {line}"));
+            assert_ne!(e.event, rerankd::store::Event::Other, "{id}: {line}");
+        }
+    }
 }

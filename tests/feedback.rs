@@ -157,7 +157,7 @@ fn the_loop_closes_with_no_manual_step_and_the_served_ranking_improves() {
     let why = events.iter().find(|e| e["origin"] == "policy").expect("a log event saying why the policy started it");
     assert!(why["message"].as_str().unwrap().contains(&format!("{signals_needed} new signal events")), "{why}");
     // It mined exactly what was captured: every line written before it, and nothing else.
-    let snap = events.iter().find_map(|e| e.get("feedback").cloned()).expect("a feedback snapshot event");
+    let snap = events.iter().find(|e| e["type"] == "feedback_snapshot").cloned().expect("a feedback snapshot event");
     assert_eq!(snap["events"].as_u64().unwrap() as usize, written, "{snap}");
     let triplets = std::fs::read_to_string(root.dir.join("runs").join(&run).join("triplets.jsonl")).unwrap();
     assert_eq!(
@@ -260,7 +260,8 @@ fn four_writers_append_while_a_run_reads_a_consistent_snapshot() {
     let snap = root
         .events(&run)
         .iter()
-        .find_map(|e| e.get("feedback").cloned())
+        .find(|e| e["type"] == "feedback_snapshot")
+        .cloned()
         .unwrap_or_else(|| panic!("no snapshot: {st}"));
     let offset = snap["offset"].as_u64().unwrap() as usize;
     assert_eq!(bytes[offset - 1], b'\n', "the snapshot ends inside a line");

@@ -65,9 +65,13 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     println!("events: {}", files.metrics().display());
     println!("report: {}", files.report().display());
     for e in rerankd::store::metrics::read_events(&files.metrics())? {
-        match e["type"].as_str() {
-            Some("eval") => println!("eval {:<9} {}", e["which"].as_str().unwrap_or(""), e["metrics"]),
-            Some("promote") => println!("promote: {} ({})", e["promoted"], e["reason"].as_str().unwrap_or("")),
+        use rerankd::store::Event;
+        match e.event {
+            Event::Eval(ev) => {
+                let which = serde_json::to_value(ev.which)?;
+                println!("eval {:<9} {}", which.as_str().unwrap_or(""), serde_json::to_string(&ev.metrics)?)
+            }
+            Event::Promote(p) => println!("promote: {} ({})", p.promoted, p.reason),
             _ => {}
         }
     }

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use rerankd::store::{Root, RunState, Status};
+use rerankd::store::{Event, Logged, Root, RunState, Status};
 use serde_json::Value;
 
 /// `watch --corpus C`: the corpus's run to follow: one not yet ended, else the next one created.
@@ -70,10 +70,10 @@ pub fn run(root: &Root, run: Option<&str>, corpus: Option<&str>) -> anyhow::Resu
                 break; // a line still being written: read it whole next time
             }
             pos += line.len() as u64;
-            if let Ok(e) = serde_json::from_str::<Value>(&line) {
+            if let Ok(e) = serde_json::from_str::<Logged>(&line) {
                 // --json: the run's events as they are, one a line, from the start.
                 let code = if super::json() {
-                    println!("{e}");
+                    println!("{}", line.trim_end());
                     terminal_code(&e)
                 } else {
                     view.show(&e)
@@ -120,12 +120,8 @@ fn exit_code(state: RunState) -> u8 {
 }
 
 /// The exit code of a terminal `state` event.
-fn terminal_code(e: &Value) -> Option<u8> {
-    (e["type"] == "state")
-        .then(|| RunState::parse(e["state"].as_str()?))
-        .flatten()
-        .filter(|s| s.is_terminal())
-        .map(exit_code)
+fn terminal_code(e: &Logged) -> Option<u8> {
+    e.event.state().filter(|s| s.is_terminal()).map(exit_code)
 }
 
 /// What watch shows of a run: plain lines, or on a terminal a progress bar with the other events
@@ -177,28 +173,28 @@ impl View {
     }
 
     /// Shows one event; returns an exit code when the run is over.
-    fn show(&mut self, e: &Value) -> Option<u8> {
-        let ts = e["ts"].as_str().unwrap_or("").get(11..19).unwrap_or("");
-        match e["type"].as_str()? {
-            "log" => {
-                if let Some(t) = e["total_steps"].as_u64() {
+    fn show(&mut self, e: &Logged) -> Option<u8> {
+        let ts = e.ts.get(11..19).unwrap_or("");
+        match &e.event {
+            Event::Log(l) => {
+                if let Some(t) = l.total_steps {
                     self.total = Some(t);
                     if let Some(bar) = &self.bar {
                         bar.set_length(t);
                     }
                 }
-                self.line(format!("{ts} {}", e["message"].as_str().unwrap_or("")));
+                self.line(format!("{ts} {}", l.message));
             }
-            "step" => {
-                let step = e["step"].as_u64().unwrap_or(0) + 1;
-                self.step_ms.push(e["step_time_ms"].as_f64().unwrap_or(0.0));
+            Event::FeedbackSnapshot(s) => self.line(format!("{ts} {}", s.message)),
+            Event::Step(s) => {
+                let step = s.step + 1;
+                self.step_ms.push(s.step_time_ms);
                 let eta = self.eta_s(step);
-                let loss = e["loss"].as_f64().unwrap_or(f64::NAN);
-                let lr = e["lr"].as_f64().unwrap_or(0.0);
+                let (loss, lr) = (s.loss, s.lr);
                 if let Some(bar) = &self.bar {
                     bar.set_position(step);
-                    let mut msg = format!("ep {} · loss {loss:.4} · lr {lr:.1e}", e["epoch"].as_u64().unwrap_or(0) + 1);
-                    if let Some(mb) = e["peak_mem_mb"].as_u64() {
+                    let mut msg = format!("ep {} · loss {loss:.4} · lr {lr:.1e}", s.epoch + 1);
+                    if let Some(mb) = s.peak_mem_mb {
                         msg += &format!(" · {mb} MB");
                     }
                     if let Some(s) = eta {
@@ -220,46 +216,36 @@ impl View {
                 let eta = eta.map(|s| format!("ETA {s:.0}s")).unwrap_or_default();
                 println!(
                     "{ts} {progress} epoch {} loss {loss:.4} lr {lr:.2e} grad {:.3} {:.0} ms {eta}",
-                    e["epoch"],
-                    e["grad_norm"].as_f64().unwrap_or(0.0),
-                    e["step_time_ms"].as_f64().unwrap_or(0.0)
+                    s.epoch, s.grad_norm, s.step_time_ms
                 );
             }
-            "eval" => {
-                let which = e["which"].as_str().unwrap_or("");
-                if let Some(m) = e["metrics"][&self.primary].as_f64() {
-                    let at = match e["epoch"].as_u64() {
+            Event::Eval(ev) => {
+                let which = serde_json::to_value(ev.which).ok();
+                let which = which.as_ref().and_then(Value::as_str).unwrap_or("");
+                if let Some(m) = ev.metrics.get(&self.primary) {
+                    let at = match ev.epoch {
                         Some(ep) => format!("ep {}", ep + 1),
                         None => which.to_string(),
                     };
                     self.last_eval = Some(format!("{} {m:.4} ({at})", self.primary));
                 }
-                self.line(format!("{ts} eval {which} {}", e["metrics"]));
+                self.line(format!("{ts} eval {which} {}", serde_json::to_string(&ev.metrics).unwrap_or_default()));
             }
-            "promote" => {
-                self.line(format!("{ts} promoted: {} ({})", e["promoted"], e["reason"].as_str().unwrap_or("")))
-            }
-            "cap" => self.line(format!(
-                "{ts} cap: {} {} -> {} ({})",
-                e["field"].as_str().unwrap_or(""),
-                e["from"],
-                e["to"],
-                e["why"].as_str().unwrap_or("")
-            )),
-            "error" => self.line(format!("{ts} error: {}", e["message"].as_str().unwrap_or(""))),
-            "state" => {
-                let state = e["state"].as_str().unwrap_or("");
-                let code = RunState::parse(state).filter(|s| s.is_terminal()).map(exit_code);
+            Event::Promote(p) => self.line(format!("{ts} promoted: {} ({})", p.promoted, p.reason)),
+            Event::Cap(c) => self.line(format!("{ts} cap: {} {} -> {} ({})", c.field, c.from, c.to, c.why)),
+            Event::Error { message } => self.line(format!("{ts} error: {message}")),
+            Event::State { state, reason, .. } => {
+                let code = state.is_terminal().then(|| exit_code(*state));
                 if code.is_some() {
                     self.finish();
                 }
-                match e["reason"].as_str() {
-                    Some(r) => self.line(format!("{ts} {state} ({r})")),
-                    None => self.line(format!("{ts} {state}")),
+                match reason {
+                    Some(r) => self.line(format!("{ts} {} ({r})", state.as_str())),
+                    None => self.line(format!("{ts} {}", state.as_str())),
                 }
                 return code;
             }
-            _ => {}
+            Event::Checkpoint(_) | Event::Other => {}
         }
         None
     }

@@ -11,10 +11,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::job::Job;
 use crate::store::atomic::read_json;
+use crate::store::events::{Event, Hook, Level, Log};
 use crate::store::paths::RunFiles;
 use crate::store::{MetricsLog, Root, Status};
 
@@ -97,9 +98,9 @@ impl Hooks {
             Err(e) => record(
                 root,
                 run_id,
-                "warn",
+                Level::Warn,
                 format!("on_finish hook could not start: {e}"),
-                json!({"command": command}),
+                Hook { command, output_tail: None },
             ),
         }
     }
@@ -111,18 +112,18 @@ impl Hooks {
             let h = &mut self.running[i];
             let outcome = match h.child.try_wait() {
                 Ok(Some(status)) => Some(match status.code() {
-                    Some(0) => ("info", "exited 0".to_string()),
-                    Some(c) => ("warn", format!("exited {c}")),
-                    None => ("warn", format!("ended by a signal ({status})")),
+                    Some(0) => (Level::Info, "exited 0".to_string()),
+                    Some(c) => (Level::Warn, format!("exited {c}")),
+                    None => (Level::Warn, format!("ended by a signal ({status})")),
                 }),
                 Ok(None) if Instant::now() >= h.deadline => {
                     // The whole group: `sh -c` and whatever it started.
                     let _ = crate::sys::signal_group(h.child.id(), libc::SIGKILL);
                     let _ = h.child.wait();
-                    Some(("warn", format!("killed after its timeout of {:?}", h.deadline - h.started)))
+                    Some((Level::Warn, format!("killed after its timeout of {:?}", h.deadline - h.started)))
                 }
                 Ok(None) => None,
-                Err(e) => Some(("warn", format!("could not be waited for: {e}"))),
+                Err(e) => Some((Level::Warn, format!("could not be waited for: {e}"))),
             };
             let Some((level, what)) = outcome else {
                 i += 1;
@@ -137,7 +138,7 @@ impl Hooks {
                 &h.run_id,
                 level,
                 format!("on_finish hook {what} after {secs} s"),
-                json!({"command": h.command, "output_tail": tail}),
+                Hook { command: h.command, output_tail: Some(tail) },
             );
         }
     }
@@ -156,11 +157,11 @@ impl Hooks {
     }
 }
 
-fn record(root: &Root, run_id: &RunId, level: &str, message: String, hook: Value) {
+fn record(root: &Root, run_id: &RunId, level: Level, message: String, hook: Hook) {
     tracing::info!(run_id = %run_id, "{message}");
     let files = RunFiles::new(&root.run_dir(run_id));
-    let logged = MetricsLog::open(&files.metrics(), run_id)
-        .and_then(|mut log| log.append("log", json!({"level": level, "message": message, "hook": hook})));
+    let event = Event::Log(Log { hook: Some(hook), ..Log::new(level, message) });
+    let logged = MetricsLog::open(&files.metrics(), run_id).and_then(|mut log| log.append(event));
     if let Err(e) = logged {
         tracing::error!(run_id = %run_id, error = %e, "recording the on_finish hook");
     }

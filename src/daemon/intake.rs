@@ -20,8 +20,9 @@ use serde_json::json;
 
 use crate::job::{Job, JobError, MAX_JOB_BYTES, parse_job};
 use crate::store::atomic::{read_json, sync_dir, temp_name, write_json};
+use crate::store::events::{Event, Log};
 use crate::store::paths::{RunFiles, error_name, free_rejection_name, name_variants};
-use crate::store::{MetricsLog, Root, Status, all_runs};
+use crate::store::{MetricsLog, Root, RunState, Status, all_runs};
 use crate::testhooks::crash_point;
 
 /// A job that passed validation and now has a queued run.
@@ -361,11 +362,8 @@ fn create_run(root: &Root, job: &Job, source: &str) -> anyhow::Result<RunId> {
     let files = RunFiles::new(&tmp);
     write_json(&files.job(), job)?;
     let mut log = MetricsLog::open(&files.metrics(), &run_id)?;
-    log.append(
-        "log",
-        json!({"level": "info", "message": format!("primary metric locked: {}", job.eval.primary_metric)}),
-    )?;
-    log.append("state", json!({"state": "queued", "reason": null}))?;
+    log.append(Event::Log(Log::info(format!("primary metric locked: {}", job.eval.primary_metric))))?;
+    log.append(Event::State { state: RunState::Queued, reason: None, attempt: None, error: None })?;
     log.sync()?;
     Status::new_queued(&run_id, &job.corpus, Some(source.to_string())).write(&files.status())?;
     crash_point("intake.before_publish_run");

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::job::{IfBusy, Job, JobError};
+use crate::store::events::{Event, Log};
 use crate::store::paths::RunFiles;
 use crate::store::{FileLock, Root, RunState, Status, StopRequest};
 use config::DaemonConfig;
@@ -309,7 +310,7 @@ impl Daemon {
             let message = reason.unwrap_or_else(|| "started by the corpus's retraining policy".into());
             let files = RunFiles::new(&self.root.run_dir(&a.run_id));
             let logged = crate::store::MetricsLog::open(&files.metrics(), &a.run_id).and_then(|mut log| {
-                log.append("log", serde_json::json!({"level": "info", "message": message, "origin": "policy"}))
+                log.append(Event::Log(Log { origin: Some("policy".into()), ..Log::info(message) }))
             });
             if let Err(e) = logged {
                 tracing::error!(run_id = %a.run_id, error = %e, "logging why the policy started this run");

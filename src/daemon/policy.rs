@@ -42,7 +42,7 @@ pub struct Policies {
 }
 
 /// The byte offset where the newest run of the corpus that took a feedback snapshot stopped
-/// reading (0 when none did), from that run's `log` event with a `feedback` object.
+/// reading (0 when none did), from that run's snapshot event.
 fn last_snapshot(root: &Root, runs: &[&Status], feedback: &std::path::Path) -> u64 {
     let same = |p: &str| {
         let (a, b) = (std::fs::canonicalize(p), std::fs::canonicalize(feedback));
@@ -51,8 +51,8 @@ fn last_snapshot(root: &Root, runs: &[&Status], feedback: &std::path::Path) -> u
     for st in runs {
         let events = read_events(&RunFiles::new(&root.run_dir(&st.run_id)).metrics()).unwrap_or_default();
         let snap = events.iter().rev().find_map(|e| {
-            let f = e.get("feedback")?;
-            same(f.get("path")?.as_str()?).then(|| f.get("offset")?.as_u64())?
+            let at = e.event.snapshot()?;
+            same(at.path.to_str()?).then_some(at.offset)
         });
         if let Some(off) = snap {
             return off;

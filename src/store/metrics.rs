@@ -7,9 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use serde_json::{Map, Value};
-
-use super::status::RunState;
+use super::events::{Event, Logged};
 use super::time::now_rfc3339;
 use super::{Result, StoreError};
 
@@ -22,7 +20,7 @@ pub struct MetricsLog {
     len: u64,
     /// The last `state` event that was terminal, if the log has one: a state recorded in the
     /// log but perhaps not yet in status.json (see `status::record`).
-    terminal: Option<Value>,
+    terminal: Option<Logged>,
 }
 
 impl MetricsLog {
@@ -34,9 +32,11 @@ impl MetricsLog {
             Err(e) => return Err(StoreError::io(path, "reading", e)),
         };
         let good = bytes.iter().rposition(|&b| b == b'\n').map(|i| i + 1).unwrap_or(0);
-        let events = parse_lines(&bytes[..good]);
-        let next_seq = events.len() as u64;
-        let terminal = terminal_state(&events).cloned();
+        let complete = &bytes[..good];
+        // Every complete JSON line took a `seq`, whether this build knows its shape or not.
+        let next_seq = lines(complete).filter(|l| serde_json::from_slice::<serde::de::IgnoredAny>(l).is_ok()).count();
+        let next_seq = next_seq as u64;
+        let terminal = terminal_state(&parse_lines(complete)).cloned();
         let file =
             OpenOptions::new().create(true).append(true).open(path).map_err(|e| StoreError::io(path, "opening", e))?;
         if good < bytes.len() {
@@ -45,18 +45,11 @@ impl MetricsLog {
         Ok(Self { file, path: path.to_path_buf(), run_id: run_id.clone(), next_seq, len: good as u64, terminal })
     }
 
-    /// Appends one event of `kind` with `fields`; `ts`, `seq`, `run_id` and `type` are added.
-    pub fn append(&mut self, kind: &str, fields: Value) -> Result<()> {
-        let mut obj = Map::new();
-        obj.insert("ts".into(), now_rfc3339().into());
-        obj.insert("seq".into(), self.next_seq.into());
-        obj.insert("run_id".into(), self.run_id.clone().into());
-        obj.insert("type".into(), kind.into());
-        if let Value::Object(f) = fields {
-            obj.extend(f);
-        }
-        let event = Value::Object(obj);
-        let mut line = event.to_string();
+    /// Appends one event, numbered and stamped (`ts`, `seq`, `run_id`).
+    pub fn append(&mut self, event: Event) -> Result<()> {
+        let logged = Logged { ts: now_rfc3339(), seq: self.next_seq, run_id: self.run_id.to_string(), event };
+        let mut line = serde_json::to_string(&logged)
+            .map_err(|e| StoreError::Corrupt { path: self.path.clone(), message: format!("an event: {e}") })?;
         line.push('\n');
         if let Err(e) = self.file.write_all(line.as_bytes()) {
             // A short write (disk full) leaves a torn line: cut it now (best effort), so the next
@@ -67,14 +60,14 @@ impl MetricsLog {
         self.file.flush().map_err(|e| StoreError::io(&self.path, "flushing", e))?;
         self.next_seq += 1;
         self.len += line.len() as u64;
-        if is_terminal_state(&event) {
-            self.terminal = Some(event);
+        if logged.event.is_terminal_state() {
+            self.terminal = Some(logged);
         }
         Ok(())
     }
 
     /// The terminal `state` event this log holds, if any.
-    pub fn terminal(&self) -> Option<&Value> {
+    pub fn terminal(&self) -> Option<&Logged> {
         self.terminal.as_ref()
     }
 
@@ -84,22 +77,21 @@ impl MetricsLog {
     }
 }
 
-fn parse_lines(bytes: &[u8]) -> Vec<Value> {
-    bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()).filter_map(|l| serde_json::from_slice(l).ok()).collect()
+fn lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty())
 }
 
-/// Whether an event is a `state` event naming a terminal state.
-fn is_terminal_state(e: &Value) -> bool {
-    e["type"] == "state" && e["state"].as_str().and_then(RunState::parse).is_some_and(RunState::is_terminal)
+fn parse_lines(bytes: &[u8]) -> Vec<Logged> {
+    lines(bytes).filter_map(|l| serde_json::from_slice(l).ok()).collect()
 }
 
 /// The log's terminal `state` event, if the last `state` event is one.
-pub fn terminal_state(events: &[Value]) -> Option<&Value> {
-    events.iter().rev().find(|e| e["type"] == "state").filter(|e| is_terminal_state(e))
+pub fn terminal_state(events: &[Logged]) -> Option<&Logged> {
+    events.iter().rev().find(|e| e.event.state().is_some()).filter(|e| e.event.is_terminal_state())
 }
 
 /// Every complete event of a log (a torn or garbled line is skipped).
-pub fn read_events(path: &Path) -> Result<Vec<Value>> {
+pub fn read_events(path: &Path) -> Result<Vec<Logged>> {
     match std::fs::read(path) {
         Ok(b) => Ok(parse_lines(&b)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
@@ -110,25 +102,25 @@ pub fn read_events(path: &Path) -> Result<Vec<Value>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::store::events::Log;
 
     #[test]
     fn torn_line_is_cut_on_reopen_and_seq_continues() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("metrics.jsonl");
         let mut log = MetricsLog::open(&p, &RunId::parse("r1").unwrap()).unwrap();
-        log.append("log", json!({"level": "info", "message": "a"})).unwrap();
-        log.append("log", json!({"level": "info", "message": "b"})).unwrap();
+        log.append(Event::Log(Log::info("a"))).unwrap();
+        log.append(Event::Log(Log::info("b"))).unwrap();
         drop(log);
         let mut f = OpenOptions::new().append(true).open(&p).unwrap();
         f.write_all(b"{\"ts\": \"2026-").unwrap();
         drop(f);
         assert_eq!(read_events(&p).unwrap().len(), 2);
         let mut log = MetricsLog::open(&p, &RunId::parse("r1").unwrap()).unwrap();
-        log.append("log", json!({"level": "info", "message": "c"})).unwrap();
+        log.append(Event::Log(Log::info("c"))).unwrap();
         let ev = read_events(&p).unwrap();
-        assert_eq!(ev.iter().map(|e| e["seq"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 1, 2]);
-        assert_eq!(ev[2]["message"], "c");
+        assert_eq!(ev.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert!(matches!(&ev[2].event, Event::Log(l) if l.message == "c"));
         assert!(std::fs::read_to_string(&p).unwrap().ends_with("}\n"));
     }
 }

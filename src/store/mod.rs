@@ -3,6 +3,7 @@
 
 pub mod atomic;
 pub mod checkpoint;
+pub mod events;
 pub mod feedback;
 pub mod lock;
 pub mod metrics;
@@ -15,6 +16,7 @@ pub mod stop;
 pub mod time;
 
 pub use atomic::write_atomic;
+pub use events::{Event, Logged};
 pub use lock::FileLock;
 pub use metrics::MetricsLog;
 pub use paths::Root;

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::atomic::{read_json, write_json};
+use super::events::Event;
 use super::metrics::MetricsLog;
 use super::paths::RunFiles;
 use super::time::now_rfc3339;
@@ -157,11 +158,9 @@ pub fn record(
     if st.state.is_terminal() {
         return Ok(false);
     }
-    if let Some(ev) = log.terminal().cloned() {
-        let logged = ev["state"].as_str().and_then(RunState::parse).unwrap_or(RunState::Failed);
-        let text = |k: &str| ev[k].as_str().map(str::to_string);
+    if let Some(Event::State { state: logged, reason, error, .. }) = log.terminal().map(|l| l.event.clone()) {
         let mut done = st.clone();
-        done.transition(logged, text("reason"), text("error"));
+        done.transition(logged, reason, error);
         done.write(&files.status())?;
         *st = done;
         return Ok(false);
@@ -172,13 +171,9 @@ pub fn record(
     let mut next = st.clone();
     next.transition(state, reason.clone(), error.clone());
     if let Some(e) = &error {
-        log.append("error", serde_json::json!({"message": e}))?;
+        log.append(Event::Error { message: e.clone() })?;
     }
-    let mut ev = serde_json::json!({"state": state.as_str(), "reason": reason, "attempt": next.attempt});
-    if let Some(e) = &error {
-        ev["error"] = e.clone().into();
-    }
-    log.append("state", ev)?;
+    log.append(Event::State { state, reason, attempt: Some(next.attempt), error })?;
     log.sync()?;
     crate::testhooks::crash_point(&format!("record.{}.after_event", state.as_str()));
     next.write(&files.status())?;
@@ -227,7 +222,8 @@ mod tests {
         let st = Status::new_queued(&RunId::parse("r").unwrap(), &CorpusName::parse("c").unwrap(), None);
         st.write(&files.status()).unwrap();
         let mut log = MetricsLog::open(&files.metrics(), &RunId::parse("r").unwrap()).unwrap();
-        log.append("state", serde_json::json!({"state": "failed", "reason": null, "error": "boom"})).unwrap();
+        let failed = Event::State { state: RunState::Failed, reason: None, attempt: None, error: Some("boom".into()) };
+        log.append(failed).unwrap();
         drop(log);
         // status.json still says queued, as after the crash.
         let mut st = Status::read(&files.status()).unwrap();
@@ -235,7 +231,7 @@ mod tests {
         let st = Status::read(&files.status()).unwrap();
         assert_eq!((st.state, st.error.as_deref()), (RunState::Failed, Some("boom")));
         let ev = super::super::metrics::read_events(&files.metrics()).unwrap();
-        assert_eq!(ev.iter().filter(|e| e["type"] == "state").count(), 1);
+        assert_eq!(ev.iter().filter(|e| e.event.state().is_some()).count(), 1);
     }
 
     fn arb_state() -> impl proptest::strategy::Strategy<Value = RunState> {
@@ -257,7 +253,7 @@ mod tests {
             let mut st = Status::new_queued(&id, &CorpusName::parse("c").unwrap(), None);
             st.write(&files.status()).unwrap();
             let mut log = MetricsLog::open(&files.metrics(), &id).unwrap();
-            log.append("state", serde_json::json!({"state": "queued", "reason": null})).unwrap();
+            log.append(Event::State { state: RunState::Queued, reason: None, attempt: None, error: None }).unwrap();
             let mut model = RunState::Queued;
             for (to, with_error) in seq {
                 let error = with_error.then(|| "boom".to_string());
@@ -277,11 +273,9 @@ mod tests {
                 let on_disk = Status::read(&files.status()).unwrap();
                 proptest::prop_assert_eq!(on_disk.state, model);
                 proptest::prop_assert_eq!(&on_disk, &st);
-                let last = now.iter().rev().find(|e| e["type"] == "state").unwrap();
-                proptest::prop_assert_eq!(last["state"].as_str(), Some(model.as_str()));
-                let ends = now.iter().filter(|e| e["type"] == "state").filter(|e| {
-                    e["state"].as_str().and_then(RunState::parse).is_some_and(RunState::is_terminal)
-                });
+                let last = now.iter().rev().find_map(|e| e.event.state()).unwrap();
+                proptest::prop_assert_eq!(last, model);
+                let ends = now.iter().filter(|e| e.event.is_terminal_state());
                 proptest::prop_assert!(ends.count() <= 1);
             }
         }

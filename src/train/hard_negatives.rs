@@ -14,15 +14,8 @@ use super::eval::SCORE_BATCH;
 use crate::job::HardNegatives;
 use crate::model::{LoraSet, Reranker};
 
-/// What mining did.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct Mined {
-    pub queries: usize,
-    /// Candidates scored per query (at most).
-    pub pool: usize,
-    pub pairs_scored: usize,
-    pub added: usize,
-}
+/// What mining did: the type the run's `log` event carries.
+pub use crate::store::events::Mined;
 
 /// The candidates per query that fit the budget: `pool`, shrunk so all queries together score
 /// at most `max_pairs` pairs (never below 2).

@@ -88,14 +88,8 @@ impl Estimate {
     }
 }
 
-/// One change the governor made: a `cap` event.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Cap {
-    pub field: String,
-    pub from: u64,
-    pub to: u64,
-    pub why: String,
-}
+/// One change the governor made: the `cap` event's type.
+pub use crate::store::events::Cap;
 
 /// What training will run with.
 #[derive(Debug, Clone, PartialEq, Serialize)]

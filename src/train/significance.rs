@@ -13,23 +13,12 @@
 //! Both are deterministic for a seed.
 
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
 
 /// Up to this many queries the randomization test enumerates every sign assignment (2^16).
 pub const EXACT_MAX_QUERIES: usize = 16;
 
-/// What the comparison found.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Comparison {
-    /// Mean of the per-query differences (candidate - baseline).
-    pub difference: f64,
-    /// The bootstrap interval of that mean, at `level`.
-    pub ci: [f64; 2],
-    pub level: f64,
-    pub p_value: f64,
-    pub queries: usize,
-    pub resamples: usize,
-}
+/// What the comparison found: the event log's type, since the `promote` event carries it.
+pub use crate::store::events::Comparison;
 
 /// Compares per-query values of the same queries, in the same order.
 pub fn compare(candidate: &[f64], baseline: &[f64], resamples: usize, level: f64, seed: u64) -> Comparison {

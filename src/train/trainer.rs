@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use serde_json::{Value, json};
+use crate::store::events::{self, Event, Log};
 
 use super::data::{TrainPair, epoch_groups};
 use super::optim::{Accumulator, AdamW, Schedule, clip_grad_norm};
@@ -14,8 +14,8 @@ use crate::model::{LoraSet, Reranker};
 
 /// Where the loop sends its events and asks whether to stop.
 pub trait Reporter {
-    /// A metrics event (`step`, `log`, `cap`, ...), fields as in DESIGN §6.
-    fn event(&mut self, kind: &str, fields: Value) -> anyhow::Result<()>;
+    /// An event of the run's log.
+    fn event(&mut self, event: Event) -> anyhow::Result<()>;
     /// `Some(request)` once the run was asked to stop.
     fn stop_requested(&mut self) -> Option<crate::store::StopRequest>;
     /// Peak memory of this process so far, in MB.
@@ -96,17 +96,18 @@ pub fn train(
         Some(res) => {
             opt.restore(res.m, res.v, res.t)?;
             cur = res.cursor;
-            rep.event(
-                "log",
-                json!({"level": "info", "message": format!("training resumed at step {} of {total} (epoch {}, step {} of {per_epoch} in it)",
-                    cur.step, cur.epoch + 1, cur.group), "total_steps": total, "pairs": pairs.len()}),
-            )?;
+            let message = format!(
+                "training resumed at step {} of {total} (epoch {}, step {} of {per_epoch} in it)",
+                cur.step,
+                cur.epoch + 1,
+                cur.group
+            );
+            rep.event(training_log(message, total, pairs.len()))?;
         }
-        None => rep.event(
-            "log",
-            json!({"level": "info", "message": format!("training: {total} optimizer steps over {} epochs", cfg.epochs),
-                   "total_steps": total, "pairs": pairs.len()}),
-        )?,
+        None => {
+            let message = format!("training: {total} optimizer steps over {} epochs", cfg.epochs);
+            rep.event(training_log(message, total, pairs.len()))?
+        }
     }
     match run_epochs(r, lora, pairs, cfg, rep, after_epoch, &mut opt, &mut cur, &sched, checkpoint) {
         Err(e) if e.downcast_ref::<super::Cancelled>().is_some() => {
@@ -166,12 +167,17 @@ fn run_epochs(
                 *cur =
                     Cursor { step: step + 1, epoch, group: cur.group + 1, eval_pending: false, last_loss: Some(loss) };
                 let peak = rep.peak_mem_mb();
-                rep.event(
-                    "step",
-                    json!({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                           "step_time_ms": t0.elapsed().as_secs_f64() * 1e3, "pairs": n_pairs, "tokens": tokens,
-                           "peak_mem_mb": peak}),
-                )?;
+                rep.event(Event::Step(events::Step {
+                    step: step as u64,
+                    epoch: epoch as u64,
+                    loss,
+                    lr,
+                    grad_norm,
+                    step_time_ms: t0.elapsed().as_secs_f64() * 1e3,
+                    pairs: n_pairs as u64,
+                    tokens: tokens as u64,
+                    peak_mem_mb: Some(peak),
+                }))?;
                 checkpoint(cur, opt, false, rep)?;
             }
             cur.eval_pending = true;
@@ -181,4 +187,9 @@ fn run_epochs(
         super::check_cancel(rep)?;
     }
     Ok(())
+}
+
+/// The `log` event that says how many optimizer steps the run takes (what `watch` sizes its bar by).
+fn training_log(message: String, total: usize, pairs: usize) -> Event {
+    Event::Log(Log { total_steps: Some(total as u64), pairs: Some(pairs as u64), ..Log::info(message) })
 }
