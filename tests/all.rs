@@ -22,6 +22,8 @@ mod feedback;
 mod fixture;
 /// on_finish hooks.
 mod hooks;
+/// The layers docs/design.md states, checked on the source: no circles, nothing imported upward.
+mod layers;
 /// Learning you can trust: hard negatives, held-out lists, promotion.
 mod learning;
 /// The learning pipeline end to end through the daemon.

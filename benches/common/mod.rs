@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use rerankd::model::Qwen3Config;
-use rerankd::model::checkpoint::write_random_checkpoint;
 use rerankd::model::lora::{LoraConfig, LoraSet, Target};
+use rerankd::model::random::write_random_checkpoint;
 use serde_json::json;
 
 pub const RUN: &str = "bench__20261127_000000";

@@ -10,10 +10,10 @@ use std::time::Instant;
 use clap::Args;
 use rand::{Rng, SeedableRng};
 use rerankd::model::Qwen3Config;
-use rerankd::model::checkpoint::RandomWeights;
 use rerankd::model::device::DeviceChoice;
 use rerankd::model::lora::{LoraConfig, LoraSet, Target};
 use rerankd::model::qwen3::{Adapters, Batch, Qwen3, yes_no_loss};
+use rerankd::model::random::RandomWeights;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {

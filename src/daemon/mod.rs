@@ -10,6 +10,7 @@
 //! half-second tick; while runs wait, a one-second tick).
 
 pub mod config;
+pub mod ending;
 pub mod hooks;
 pub mod intake;
 pub mod policy;
@@ -29,8 +30,9 @@ use crate::store::events::{Event, Log};
 use crate::store::paths::RunFiles;
 use crate::store::{FileLock, Root, RunState, Status, StopRequest};
 use config::DaemonConfig;
+use ending::Unsettled;
 use intake::{Accepted, Admission, Intake};
-use supervise::{Active, Proc, Unsettled};
+use supervise::{Active, Proc};
 
 /// The watchdog's sampling interval while runs are active.
 const ACTIVE_TICK: Duration = Duration::from_millis(500);
@@ -406,9 +408,9 @@ impl Daemon {
                         state: RunState::Failed,
                         reason: None,
                         error,
-                        resume: supervise::Resume::No,
+                        resume: ending::Resume::No,
                     };
-                    if let Err(u) = supervise::retry(&self.root, u) {
+                    if let Err(u) = ending::retry(&self.root, u) {
                         self.unsettled.push(u);
                     }
                 }
@@ -435,7 +437,7 @@ impl Daemon {
         let mut reaped = supervise::supervise(&self.root, &mut self.active, self.cfg.cancel_grace);
         for u in std::mem::take(&mut self.unsettled) {
             let (id, corpus) = (u.run_id.clone(), u.corpus.clone());
-            reaped.file(id, corpus, supervise::retry(&self.root, u));
+            reaped.file(id, corpus, ending::retry(&self.root, u));
         }
         self.unsettled.extend(reaped.unsettled);
         // Interrupted runs go back in line (a shutting-down daemon leaves them for the next one).

@@ -13,9 +13,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::store::paths::RunFiles;
-use crate::store::{Root, RunState, Status, StopRequest};
+use crate::store::{Root, RunState, StopRequest};
 
-use super::sweep::{run_is_alive, settle_dead};
+use super::ending::{Resume, Unsettled, retry, run_is_alive};
 
 /// How long after SIGTERM a run that ignores it gets SIGKILL.
 pub const TERM_TO_KILL: Duration = Duration::from_secs(3);
@@ -48,28 +48,6 @@ pub struct Active {
     /// The daemon asked it to stop because the daemon is shutting down: however it ends
     /// without recording it, it may resume.
     pub shutdown: bool,
-}
-
-/// A run's end that could not be recorded yet; retried every tick.
-pub struct Unsettled {
-    pub run_id: RunId,
-    pub corpus: CorpusName,
-    pub state: RunState,
-    pub reason: Option<String>,
-    pub error: Option<String>,
-    /// Whether the run may resume from a checkpoint instead.
-    pub resume: Resume,
-}
-
-/// Whether a run whose process died may go back to the queue to resume from its checkpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resume {
-    /// No: it was cancelled, or killed for a reason that would recur.
-    No,
-    /// Yes; the daemon knows why it died (its own shutdown).
-    Explained,
-    /// Yes, under a smaller memory plan: it died without anyone recording why.
-    Unexplained,
 }
 
 impl Active {
@@ -254,30 +232,4 @@ pub fn finish(root: &Root, a: &Active, how: &str) -> Result<RunState, Unsettled>
     };
     let u = Unsettled { run_id: a.run_id.clone(), corpus: a.corpus.clone(), state, reason, error, resume };
     retry(root, u)
-}
-
-/// Tries to record an unsettled end; gives it back if that failed again.
-pub fn retry(root: &Root, u: Unsettled) -> Result<RunState, Unsettled> {
-    let files = RunFiles::new(&root.run_dir(&u.run_id));
-    let mut st = match Status::read(&files.status()) {
-        Ok(st) => st,
-        Err(e) => {
-            tracing::error!(run_id = %u.run_id, error = %e, "reading a finished run's status; will retry");
-            return Err(u);
-        }
-    };
-    if st.state != RunState::Running {
-        tracing::info!(run_id = %u.run_id, state = st.state.as_str(), "run process ended");
-        return Ok(st.state);
-    }
-    match settle_dead(root, &files, &mut st, u.state, u.reason.clone(), u.error.clone(), u.resume) {
-        Ok(()) => {
-            tracing::warn!(run_id = %u.run_id, state = st.state.as_str(), "run ended without recording it; recorded for it");
-            Ok(st.state)
-        }
-        Err(e) => {
-            tracing::error!(run_id = %u.run_id, error = %e, "recording the end of a run failed; will retry");
-            Err(u)
-        }
-    }
 }

@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
-use super::kernels::{Mat, SendPtr};
+use super::mat::{Mat, SendPtr};
 
 /// bf16 elements of one tile: 16 rows of 64 bytes.
 const TILE: usize = 512;

@@ -17,8 +17,8 @@ use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
+use super::host::{RopeTables, cpu_f32, norm_rope_to_heads, norm_rope_to_heads_bwd, with_host};
 use super::kernels::{Mat, Threads, exp_shifted_sum, max_of, sgemm, vectorized};
-use super::ops::{RopeTables, cpu_f32, norm_rope_to_heads, norm_rope_to_heads_bwd, with_host};
 
 /// Query rows and key columns per tile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Result, Tensor, bail};
 
+use super::host::with_host;
 use super::kernels::{Mat, Threads, sgemm};
-use super::ops::with_host;
 
 /// A frozen weight `[out, in]`; cloning shares it.
 #[derive(Clone)]

@@ -7,76 +7,8 @@
 //! libm's `expf` is scalar, and on long sequences the softmax's exponentials cost as much as a
 //! matmul.
 
-/// A matrix view over a slice: element (i, j) is `data[i rs + j cs]`. It borrows the slice, so it
-/// cannot outlive it, and every product checks ([`Mat::check`]) that its shape lies inside the
-/// slice before reading: no safe call can read past a buffer.
-#[derive(Clone, Copy, Debug)]
-pub struct Mat<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> Mat<'a> {
-    /// A row-major matrix with `ld` elements per row, starting at `data[0]`.
-    pub fn rows(data: &'a [f32], ld: usize) -> Self {
-        Self { data, rs: ld, cs: 1 }
-    }
-
-    /// The transpose of a row-major matrix with `ld` elements per row.
-    pub fn rows_t(data: &'a [f32], ld: usize) -> Self {
-        Self { data, rs: 1, cs: ld }
-    }
-
-    /// The stride between rows, in elements.
-    pub fn rs(&self) -> usize {
-        self.rs
-    }
-
-    /// The stride between columns, in elements.
-    pub fn cs(&self) -> usize {
-        self.cs
-    }
-
-    /// Whether this is such a transpose (a weight `w [n x k]` viewed as `w^T`, as `x w^T` reads
-    /// it): rows one element apart, columns further.
-    pub(crate) fn is_transposed(&self) -> bool {
-        self.rs == 1 && self.cs != 1
-    }
-
-    /// Panics (naming `what`) unless a `rows x cols` matrix at these strides lies inside the
-    /// slice: its last element, `(rows - 1) rs + (cols - 1) cs`, is below the slice's length.
-    /// O(1); with both strides non-negative every other element lies below the last.
-    pub fn check(&self, rows: usize, cols: usize, what: &str) {
-        if rows == 0 || cols == 0 {
-            return;
-        }
-        let last =
-            (rows - 1).checked_mul(self.rs).zip((cols - 1).checked_mul(self.cs)).and_then(|(a, b)| a.checked_add(b));
-        assert!(
-            last.is_some_and(|l| l < self.data.len()),
-            "{what}: a {rows} x {cols} matrix with strides ({}, {}) does not fit in {} elements",
-            self.rs,
-            self.cs,
-            self.data.len()
-        );
-    }
-
-    /// The view from element `at` of the slice on (a block of rows or columns); panics past its end.
-    pub fn from(&self, at: usize) -> Self {
-        Self { data: &self.data[at..], ..*self }
-    }
-
-    /// `len` consecutive elements from `start` (a contiguous row or column); panics past the end.
-    pub fn line(&self, start: usize, len: usize) -> &'a [f32] {
-        &self.data[start..start + len]
-    }
-
-    /// Where element (0, 0) lies, for the foreign kernel; valid as far as [`Mat::check`] said.
-    fn ptr(&self) -> *const f32 {
-        self.data.as_ptr()
-    }
-}
+pub use super::mat::Mat;
+pub(crate) use super::mat::SendPtr;
 
 /// Who runs a product: the calling thread (callers that parallelize over independent tiles) or
 /// all of rayon's threads (one large product).
@@ -145,7 +77,7 @@ pub fn sgemm(
             for j0 in (0..n).step_by(per) {
                 s.spawn(move |_| {
                     let cols = per.min(n - j0);
-                    let part = rhs.from(j0 * rhs.cs);
+                    let part = rhs.from(j0 * rhs.cs());
                     // SAFETY: columns j0..j0+cols of dst and of rhs (inside both, as checked
                     // above); the parts' columns are disjoint.
                     unsafe {
@@ -208,14 +140,6 @@ fn column_parts(n: usize, rhs: Mat, threads: Threads) -> usize {
     if t > 1 && rhs.is_transposed() && n >= 256 * t && n <= 1024 { t } else { 1 }
 }
 
-/// A raw pointer to a product's destination handed to the threads of [`sgemm`]'s column split
-/// (and of AMX's product), each writing its own columns.
-pub(crate) struct SendPtr(pub(crate) *mut f32);
-// SAFETY: only used for disjoint column blocks of one destination, inside a rayon scope that
-// ends before the product returns (so never past the borrow of its destination).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
 thread_local! {
     /// [`sgemm`]'s column-major scratch for products against a transposed weight; kept per
     /// thread (at most `m x n` of the largest such product, with `4 m <= k`).
@@ -268,11 +192,11 @@ unsafe fn raw_gemm(
             rs_dst,
             accumulate,
             lhs.ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
+            lhs.cs() as isize,
+            lhs.rs() as isize,
             rhs.ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
+            rhs.cs() as isize,
+            rhs.rs() as isize,
             1.0,
             scale,
             false,
@@ -543,7 +467,7 @@ mod tests {
         for (m, n, k, transposed) in [(19, 70, 96, true), (3, 70, 96, true), (40, 600, 32, true), (40, 600, 32, false)]
         {
             let t = Threads::All;
-            let probe = Mat { data: &[], rs: if transposed { 1 } else { n }, cs: if transposed { k } else { 1 } };
+            let probe = if transposed { Mat::rows_t(&[], k) } else { Mat::rows(&[], n) };
             let split = through_transpose(m, n, k, probe, t) || column_parts(n, probe, t) > 1;
             assert_eq!(split, transposed && rayon::current_num_threads() > 1 || 4 * m <= k, "{m}x{n}x{k}");
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();

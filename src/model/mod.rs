@@ -11,11 +11,14 @@ pub mod config;
 pub mod device;
 pub mod export;
 pub mod frozen;
+pub mod host;
 pub mod kernels;
 pub mod lora;
+pub mod mat;
 pub mod ops;
 pub mod prompt;
 pub mod qwen3;
+pub mod random;
 pub mod reranker;
 
 use std::path::{Path, PathBuf};

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::status::RunState;
+use super::state::RunState;
 
 /// One line of the log as read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -11,6 +11,7 @@ pub mod models;
 pub mod paths;
 pub mod policy;
 pub mod serving;
+pub mod state;
 pub mod status;
 pub mod stop;
 pub mod time;
@@ -20,7 +21,8 @@ pub use events::{Event, Logged};
 pub use lock::FileLock;
 pub use metrics::MetricsLog;
 pub use paths::Root;
-pub use status::{RunState, Status, all_runs, record, settle};
+pub use state::RunState;
+pub use status::{Status, all_runs, record, settle};
 pub use stop::StopRequest;
 
 use std::path::{Path, PathBuf};

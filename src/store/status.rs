@@ -10,63 +10,10 @@ use super::atomic::{read_json, write_json};
 use super::events::Event;
 use super::metrics::MetricsLog;
 use super::paths::RunFiles;
+use super::state::RunState;
 use super::time::now_rfc3339;
 use super::{Result, Root};
 use crate::ids::{CorpusName, RunId};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RunState {
-    Queued,
-    Running,
-    /// Stopped by `rerankd pause` with a checkpoint; `rerankd resume` queues it again. Holds
-    /// its corpus like an active run.
-    Paused,
-    Completed,
-    Failed,
-    Cancelled,
-}
-
-impl RunState {
-    pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
-    }
-
-    /// Whether a run may move from `self` to `to`: the state machine's one table, checked by
-    /// [`record`] for every state change of every process.
-    ///
-    /// - queued: started, paused or cancelled before it starts, or failed (its corpus stayed
-    ///   locked);
-    /// - running: ends (completed, failed, cancelled), pauses, or goes back to the queue
-    ///   (interrupted, to resume from its checkpoint);
-    /// - paused: queued again by `resume`, or cancelled;
-    /// - completed, failed and cancelled are final.
-    pub fn allows(self, to: RunState) -> bool {
-        use RunState::*;
-        matches!(
-            (self, to),
-            (Queued, Running | Paused | Cancelled | Failed)
-                | (Running, Queued | Paused | Completed | Failed | Cancelled)
-                | (Paused, Queued | Cancelled)
-        )
-    }
-
-    /// The state a `state` event or status.json names (serde's own mapping, so there is one).
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(s)).ok()
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Queued => "queued",
-            Self::Running => "running",
-            Self::Paused => "paused",
-            Self::Completed => "completed",
-            Self::Failed => "failed",
-            Self::Cancelled => "cancelled",
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {

@@ -1,0 +1,81 @@
+//! The matrix view the CPU kernels ([`super::kernels`], [`super::amx`]) take: a slice with its
+//! strides, checked before every product; and the destination pointer their threads share.
+
+/// A matrix view over a slice: element (i, j) is `data[i rs + j cs]`. It borrows the slice, so it
+/// cannot outlive it, and every product checks ([`Mat::check`]) that its shape lies inside the
+/// slice before reading: no safe call can read past a buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct Mat<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A row-major matrix with `ld` elements per row, starting at `data[0]`.
+    pub fn rows(data: &'a [f32], ld: usize) -> Self {
+        Self { data, rs: ld, cs: 1 }
+    }
+
+    /// The transpose of a row-major matrix with `ld` elements per row.
+    pub fn rows_t(data: &'a [f32], ld: usize) -> Self {
+        Self { data, rs: 1, cs: ld }
+    }
+
+    /// The stride between rows, in elements.
+    pub fn rs(&self) -> usize {
+        self.rs
+    }
+
+    /// The stride between columns, in elements.
+    pub fn cs(&self) -> usize {
+        self.cs
+    }
+
+    /// Whether this is such a transpose (a weight `w [n x k]` viewed as `w^T`, as `x w^T` reads
+    /// it): rows one element apart, columns further.
+    pub(crate) fn is_transposed(&self) -> bool {
+        self.rs == 1 && self.cs != 1
+    }
+
+    /// Panics (naming `what`) unless a `rows x cols` matrix at these strides lies inside the
+    /// slice: its last element, `(rows - 1) rs + (cols - 1) cs`, is below the slice's length.
+    /// O(1); with both strides non-negative every other element lies below the last.
+    pub fn check(&self, rows: usize, cols: usize, what: &str) {
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        let last =
+            (rows - 1).checked_mul(self.rs).zip((cols - 1).checked_mul(self.cs)).and_then(|(a, b)| a.checked_add(b));
+        assert!(
+            last.is_some_and(|l| l < self.data.len()),
+            "{what}: a {rows} x {cols} matrix with strides ({}, {}) does not fit in {} elements",
+            self.rs,
+            self.cs,
+            self.data.len()
+        );
+    }
+
+    /// The view from element `at` of the slice on (a block of rows or columns); panics past its end.
+    pub fn from(&self, at: usize) -> Self {
+        Self { data: &self.data[at..], ..*self }
+    }
+
+    /// `len` consecutive elements from `start` (a contiguous row or column); panics past the end.
+    pub fn line(&self, start: usize, len: usize) -> &'a [f32] {
+        &self.data[start..start + len]
+    }
+
+    /// Where element (0, 0) lies, for the foreign kernel; valid as far as [`Mat::check`] said.
+    pub(crate) fn ptr(&self) -> *const f32 {
+        self.data.as_ptr()
+    }
+}
+
+/// A raw pointer to a product's destination handed to the threads of [`sgemm`]'s column split
+/// (and of AMX's product), each writing its own columns.
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: only used for disjoint column blocks of one destination, inside a rayon scope that
+// ends before the product returns (so never past the borrow of its destination).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
