@@ -1,4 +1,4 @@
-//! The job file (DESIGN §7): parsed from what a user dropped into plain values, validated once
+//! The job file: parsed from what a user dropped into plain values, validated once
 //! into an effective [`Job`] with every default filled in. Every rejection names the field.
 
 use std::path::{Path, PathBuf};
@@ -386,7 +386,7 @@ fn data_path(o: &mut Obj, k: &'static str, home: &Path, dir_ok: bool) -> Result<
         std::fs::read_dir(&p)
             .map_err(|e| JobError::at(&o.field(k), format!("cannot list {}: {e}", p.display()), None))?;
     } else if !meta.is_file() {
-        // A FIFO would block whoever opens it (review F2); a device could stream forever.
+        // A FIFO would block whoever opens it; a device could stream forever.
         return Err(JobError::at(
             &o.field(k),
             format!("{} is not a regular file (a FIFO, device or socket)", p.display()),
@@ -532,7 +532,7 @@ mod tests {
             r#"{"corpus": "c", "data": {"triplets": "t.jsonl"}, "lora": {"target_modules": ["q_proj", "lm_head"]}}"#;
         let e = parse(text, dir.path()).unwrap_err();
         assert!(e.error.contains("lm_head"), "{e}");
-        // A FIFO as a data file is refused at intake, never opened (review F2).
+        // A FIFO as a data file is refused at intake, never opened.
         let fifo = dir.path().join("f.jsonl");
         assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
         let e = parse(r#"{"corpus": "c", "data": {"triplets": "f.jsonl"}}"#, dir.path()).unwrap_err();

@@ -160,9 +160,9 @@ pub fn run(root: &Root, run_dir: &Path, nice: Option<i32>) -> anyhow::Result<i32
             });
             match stopped.as_ref().map(|req| (req, req.outcome())) {
                 Some((req, kind @ (RunState::Queued | RunState::Paused))) => {
-                    let at = match checkpoint::latest(&ctx.files) {
-                        Some((_, s)) => format!("at step {}; resumes from its checkpoint", s["cursor"]["step"]),
-                        None => "before its first checkpoint; starts over".to_string(),
+                    let at = match checkpoint::latest::<checkpoint::Header>(&ctx.files) {
+                        Some((_, Ok(h))) => format!("at step {}; resumes from its checkpoint", h.cursor.step),
+                        _ => "before its first checkpoint; starts over".to_string(),
                     };
                     let why = if kind == RunState::Paused {
                         format!("paused {at}")
@@ -211,8 +211,8 @@ fn execute(ctx: &mut RunContext, root: &Root, shrink: bool) -> anyhow::Result<Va
     let job: Job = read_json(&ctx.files.job())?;
     let device = job.device.open()?;
     let ck = CheckpointDir::resolve(&job.model)?; // its errors name the model already
-    let saved = checkpoint::latest(&ctx.files)
-        .map(|(dir, state)| serde_json::from_value::<Saved>(state).map(|s| (dir, s)))
+    let saved = checkpoint::latest::<Saved>(&ctx.files)
+        .map(|(dir, state)| state.map(|s| (dir, s)))
         .transpose()
         .context("reading the run's checkpoint")?;
     let job = match &saved {
@@ -605,7 +605,7 @@ fn train_and_select(
             best: sel.best.as_ref().map(|(e, res, _)| (*e, res.clone())),
         };
         let best = sel.best.as_ref().map(|(_, _, b)| b);
-        let size = write_checkpoint(&files, &lora, best, opt, &serde_json::to_value(&state)?, cur.step as u64)?;
+        let size = write_checkpoint(&files, &lora, best, opt, &state, cur.step as u64)?;
         rep.event(Event::Checkpoint(events::Checkpoint {
             step: cur.step as u64,
             epoch: cur.epoch as u64,
@@ -641,7 +641,7 @@ pub fn write_checkpoint(
     lora: &LoraSet,
     best: Option<&LoraSet>,
     opt: &AdamW,
-    state: &Value,
+    state: &impl serde::Serialize,
     step: u64,
 ) -> anyhow::Result<u64> {
     let p = checkpoint::begin(files)?;
@@ -733,11 +733,18 @@ fn write_outputs(
 ) -> anyhow::Result<()> {
     let cand = t.best.as_ref().map(|(_, res)| res);
     let best_epoch = t.best.as_ref().map(|(e, _)| *e);
-    let manifest = json!({"model": job.model, "corpus": job.corpus, "run_id": ctx.status.run_id,
-        "max_length": job.train.max_length, "instruction": r.instruction, "primary_metric": job.eval.primary_metric,
-        "metrics": cand.map(|c| &c.metrics), "best_epoch": best_epoch});
+    let manifest = models::Manifest {
+        model: job.model.clone(),
+        corpus: Some(job.corpus.clone()),
+        run_id: Some(ctx.status.run_id.clone()),
+        max_length: Some(job.train.max_length as usize),
+        instruction: Some(r.instruction.clone()),
+        primary_metric: Some(job.eval.primary_metric.clone()),
+        metrics: cand.map(|c| c.metrics.iter().map(|(k, v)| (k.clone(), Some(*v).filter(|v| v.is_finite()))).collect()),
+        best_epoch,
+    };
     t.candidate.save(&ctx.files.adapter(), Some(&job.model))?;
-    write_json(&ctx.files.adapter().join("manifest.json"), &manifest)?;
+    manifest.write(&ctx.files.adapter())?;
     let base_what = match &baseline.dev {
         Ok(_) => baseline.what.clone(),
         Err(why) => format!("{}: {why}", baseline.what),
@@ -761,11 +768,11 @@ fn write_outputs(
 
 /// The promoted adapter, if it belongs to this job's base model and loads.
 fn load_baseline_adapter(dir: &Path, job: &Job, r: &Reranker) -> Result<LoraSet, String> {
-    let manifest: Value = read_json(&dir.join("manifest.json")).map_err(|e| e.to_string())?;
-    if manifest["model"].as_str() != Some(job.model.as_str()) {
+    let manifest = models::Manifest::read(dir).map_err(|e| e.to_string())?;
+    if manifest.model != job.model {
         return Err(format!(
             "the promoted adapter was trained on model `{}`, this job uses `{}`",
-            manifest["model"], job.model
+            manifest.model, job.model
         ));
     }
     LoraSet::load(dir, &r.model.cfg, r.model.device()).map_err(|e| e.to_string())
@@ -809,7 +816,7 @@ fn materialise(ctx: &mut RunContext, root: &Root, job: &Job) -> anyhow::Result<M
             snapshot = Some(json!(at));
             let bytes = snap.bytes;
             // Feedback is appended by many writers: a line that is not UTF-8 is skipped and
-            // counted like any other garbage line, never the end of the run (review F18).
+            // counted like any other garbage line, never the end of the run.
             let mut not_utf8 = 0;
             let text: String = bytes
                 .split(|&b| b == b'\n')

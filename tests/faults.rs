@@ -619,7 +619,7 @@ fn an_in_place_writer_that_pauses_three_seconds_gets_its_job_accepted() {
     f.write_all(b.as_bytes()).unwrap();
     drop(f);
     let id = run_id_of(&root, "slow.json");
-    assert!(!root.dir.join("spool/rejected/slow.json").exists(), "rejected as cut short (review F13)");
+    assert!(!root.dir.join("spool/rejected/slow.json").exists(), "rejected as cut short");
     wait_state(&root, &id, &["completed"], Duration::from_secs(60));
     stop(d);
 }

@@ -140,7 +140,7 @@ pub fn run(root: &Root, a: ExportArgs) -> anyhow::Result<ExitCode> {
                 Format::SeqCls => "seq-cls".into(),
             },
             dtype: written.dtype.clone(),
-            metrics: manifest.metrics.clone(),
+            metrics: serde_json::to_value(&manifest.metrics)?,
             primary_metric: manifest.primary_metric.clone(),
         };
         info.write(&tmp)?;

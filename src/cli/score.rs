@@ -77,7 +77,7 @@ pub fn run(root: &Root, a: ScoreArgs) -> anyhow::Result<ExitCode> {
     };
     let (ids, texts): (Vec<Option<String>>, Vec<String>) = match &a.docs {
         Some(path) => {
-            // Every input line, duplicates included: one output line per input (review F18).
+            // Every input line, duplicates included: one output line per input.
             jsonl_documents(path, usize::MAX)?.into_iter().map(|(_, id, text)| (Some(id), text)).unzip()
         }
         None => a.doc.iter().map(|t| (None, t.clone())).unzip(),

@@ -26,7 +26,7 @@ fn parse_wait(s: &str) -> Result<f64, String> {
 }
 
 /// The spool name for a submitted file: its stem made safe (no leading dots, which intake
-/// ignores by design (review F6); only the corpus alphabet; short), stamped and unique.
+/// ignores by design; only the corpus alphabet; short), stamped and unique.
 fn spool_name(file: &std::path::Path) -> String {
     let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let safe: String = stem

@@ -51,10 +51,10 @@ pub fn settle_dead(
     error: Option<String>,
     resume: Resume,
 ) -> crate::store::Result<()> {
-    let ckpt = (resume != Resume::No).then(|| checkpoint::latest(files)).flatten();
-    if let Some((_, ck)) = ckpt {
-        let step = ck["cursor"]["step"].as_u64().unwrap_or(0);
-        let written_in = ck["attempt"].as_u64().unwrap_or(0) as u32;
+    let ckpt = (resume != Resume::No).then(|| checkpoint::latest::<checkpoint::Header>(files)).flatten();
+    if let Some((_, Ok(ck))) = ckpt {
+        let step = ck.cursor.step;
+        let written_in = ck.attempt;
         let how = error.clone().or(reason.clone()).unwrap_or_default();
         if written_in == st.attempt {
             st.shrink_memory = resume == Resume::Unexplained;

@@ -56,7 +56,7 @@ pub struct Intake {
 
 const SETTLE: Duration = Duration::from_secs(1);
 /// A file that parses as the start of a JSON document (cut short) waits longer: its writer may
-/// have paused, and rejecting it would split the job in two (review F13).
+/// have paused, and rejecting it would split the job in two.
 const SETTLE_TRUNCATED: Duration = Duration::from_secs(10);
 /// How often settling in-place files are looked at.
 const RECHECK: Duration = Duration::from_millis(250);
@@ -298,7 +298,7 @@ fn read_claimed(path: &Path) -> Result<String, JobError> {
 /// Moves `from` (a claimed file, or a spool file whose name cannot be kept) into `rejected/` as
 /// `original` (or a free variant). The reason first, then the file: if the reason cannot be
 /// written (a full disk), the file stays where it is and is judged again later, so a rejection
-/// never lacks its reason (review F5).
+/// never lacks its reason.
 fn reject(root: &Root, from: &Path, original: &str, err: &JobError) -> Verdict {
     let dest_name = free_rejection_name(&root.rejected(), original);
     if let Err(e) = write_json(&root.rejected().join(error_name(&dest_name)), err) {
@@ -331,7 +331,7 @@ fn reject_bad_name(root: &Root, name: &std::ffi::OsStr, why: &str) -> Verdict {
 
 /// The receipt `accepted/<name>.json` (or `name.N.json` on a collision). Written once per run:
 /// walking the names a receipt for `original` may have, one that already holds this run (a crash
-/// after the receipt, before the claim was removed) is kept rather than doubled (review F12).
+/// after the receipt, before the claim was removed) is kept rather than doubled.
 fn write_receipt(root: &Root, original: &str, run_id: &RunId, job: Option<&Job>) -> crate::store::Result<()> {
     let dir = root.accepted();
     for name in name_variants(original) {
@@ -349,7 +349,7 @@ fn write_receipt(root: &Root, original: &str, run_id: &RunId, job: Option<&Job>)
 /// Creates `runs/<corpus>__<UTC time>[__N]/` with job.json, metrics.jsonl (the locked primary
 /// metric, then the `queued` state) and status.json, all inside a hidden temporary directory
 /// renamed into place at the end: a crash leaves either a whole run or a temp that the boot
-/// sweep removes, never a run directory without a status (review F12).
+/// sweep removes, never a run directory without a status.
 fn create_run(root: &Root, job: &Job, source: &str) -> anyhow::Result<RunId> {
     let time = crate::store::time::compact(SystemTime::now());
     let run_id = (1..)

@@ -5,7 +5,7 @@
 //! its pid.
 //!
 //! It sleeps until something happens: a file created, moved or written in `spool/` (the watcher
-//! ignores opens and reads, including the daemon's own scans: review F1), a signal, a child's
+//! ignores opens and reads, including the daemon's own scans), a signal, a child's
 //! exit, or a timer it set itself (the next rescan; while runs are active, the watchdog's
 //! half-second tick; while runs wait, a one-second tick).
 
@@ -529,7 +529,7 @@ fn install_signals(tx: mpsc::Sender<Wake>) -> anyhow::Result<std::thread::JoinHa
 }
 
 /// Whether a watcher event can mean a new or changed job file. Opens, reads and closes without
-/// writing are what the daemon's own scans cause: waking on them was a busy loop (review F1).
+/// writing are what the daemon's own scans cause: waking on them was a busy loop.
 fn is_spool_change(kind: &notify::EventKind) -> bool {
     use notify::EventKind;
     use notify::event::{AccessKind, AccessMode, ModifyKind};

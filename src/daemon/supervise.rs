@@ -2,7 +2,7 @@
 //! Reaps them, records the end of a run that could not record it itself (with the process's
 //! last words from stderr), enforces the hard memory limit, and escalates ignored cancels
 //! (SIGTERM after `cancel_grace_s`, SIGKILL 3 s later). A state that cannot be recorded (a full
-//! disk) is kept and retried until it is, and the corpus stays busy until then (review F4).
+//! disk) is kept and retried until it is, and the corpus stays busy until then.
 
 use crate::ids::{CorpusName, RunId};
 use std::collections::VecDeque;

@@ -1,13 +1,13 @@
 //! The boot sweep, before new work starts:
 //! - a run left `running` whose process is alive and still holds its corpus lock is *adopted*:
 //!   the daemon supervises it from now on (memory watchdog, cancel escalation, and recording its
-//!   end if it dies without doing so: review F3);
+//!   end if it dies without doing so);
 //! - any other `running` run becomes `cancelled` (reason `orphaned: ...`), and if it had made
 //!   itself current its promotion is undone;
 //! - a run whose log already holds its terminal state gets status.json to match (a crash
 //!   between the two writes), through the one recorder;
 //! - every corpus's `current` is reconciled with its promotion log;
-//! - temporary files left by crashed writers are removed (review F19);
+//! - temporary files left by crashed writers are removed;
 //! - `queued` runs are returned in their original order.
 
 use crate::ids::{CorpusName, RunId};

@@ -79,7 +79,7 @@ impl PromptBuilder {
         let floor = self.template_len(instruction)?;
         if floor >= max_length {
             // At the template's own length the query and the document would both be cut to
-            // nothing and every pair would score the same (review F18).
+            // nothing and every pair would score the same.
             return Err(ModelError::Invalid(format!(
                 "max_length {max_length} leaves no room for the query and the document: the prompt template \
                  alone is {floor} tokens"

@@ -56,7 +56,7 @@ pub fn temp_name(name: &str) -> String {
 }
 
 /// Removes `.<name>.tmp.<pid>` files and directories in `dir` whose writer (`pid`) is dead: the
-/// leftovers of crashes (review F19). A live pid's temp is left alone. Returns how many went.
+/// leftovers of crashes. A live pid's temp is left alone. Returns how many went.
 pub fn remove_stale_temps(dir: &Path) -> usize {
     let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
     let mut removed = 0;

@@ -7,22 +7,50 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
-use super::atomic::{read_json, remove_stale_temps, swap_symlink, sync_dir, temp_name, write_atomic};
+use super::atomic::{remove_stale_temps, swap_symlink, sync_dir, temp_name, write_atomic};
 use super::paths::RunFiles;
 use super::{Result, StoreError};
 
 const LINK: &str = "checkpoint";
 const STATE: &str = "state.json";
 
-/// The latest complete checkpoint of a run: its directory and `state.json`.
-pub fn latest(files: &RunFiles) -> Option<(PathBuf, Value)> {
+/// What every checkpoint's `state.json` holds besides the run's own state: the attempt that
+/// wrote it and where training stood. Those who do not resume the run (the daemon settling a dead
+/// one, a run saying where it stopped) read only this.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
+pub struct Header {
+    #[serde(default)]
+    pub version: u32,
+    #[serde(default)]
+    pub attempt: u32,
+    pub cursor: Position,
+}
+
+/// Where training stood: optimizer steps done, and the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
+pub struct Position {
+    pub step: u64,
+    #[serde(default)]
+    pub epoch: u64,
+}
+
+/// The latest complete checkpoint of a run: its directory and its `state.json` read as `T` (the
+/// run's whole state, or just the [`Header`]), or the error naming the file when it does not have
+/// `T`'s shape. A `state.json` that cannot be read or is not JSON at all counts as no checkpoint.
+pub fn latest<T: DeserializeOwned>(files: &RunFiles) -> Option<(PathBuf, Result<T>)> {
     let link = files.dir.join(LINK);
     let target = std::fs::read_link(&link).ok()?;
     let dir = files.dir.join(target);
-    let state: Value = read_json(&dir.join(STATE)).ok()?;
-    Some((dir, state))
+    let path = dir.join(STATE);
+    let bytes = std::fs::read(&path).ok()?;
+    match serde_json::from_slice::<T>(&bytes) {
+        Ok(state) => Some((dir, Ok(state))),
+        Err(e) if e.is_data() => Some((dir, Err(StoreError::Corrupt { path, message: e.to_string() }))),
+        Err(_) => None,
+    }
 }
 
 /// A checkpoint being written: files go into [`Pending::dir`]; [`Pending::commit`] makes it the
@@ -45,7 +73,7 @@ pub fn begin(files: &RunFiles) -> Result<Pending> {
 impl Pending {
     /// Writes `state` last, syncs everything, and swaps the run's `checkpoint` link to it.
     /// Returns the checkpoint's size in bytes.
-    pub fn commit(self, state: &Value, step: u64) -> Result<u64> {
+    pub fn commit(self, state: &impl Serialize, step: u64) -> Result<u64> {
         let mut bytes = serde_json::to_vec_pretty(state)
             .map_err(|e| StoreError::Corrupt { path: self.dir.clone(), message: e.to_string() })?;
         bytes.push(b'\n');
@@ -109,19 +137,22 @@ mod tests {
     fn only_a_committed_checkpoint_is_loaded_and_only_the_latest_is_kept() {
         let d = tempfile::tempdir().unwrap();
         let files = RunFiles::new(d.path());
-        assert!(latest(&files).is_none());
+        assert!(latest::<Header>(&files).is_none());
         let p = begin(&files).unwrap();
         std::fs::write(p.dir.join("a"), b"one").unwrap();
-        p.commit(&serde_json::json!({"step": 1}), 1).unwrap();
+        p.commit(&serde_json::json!({"attempt": 1, "cursor": {"step": 1}}), 1).unwrap();
         // A second one, torn before its commit: never seen.
         let p = begin(&files).unwrap();
         std::fs::write(p.dir.join("a"), b"two").unwrap();
-        let (dir, state) = latest(&files).unwrap();
-        assert_eq!(state["step"], 1);
+        let (dir, state) = latest::<Header>(&files).unwrap();
+        assert_eq!(state.unwrap().cursor.step, 1);
         assert_eq!(std::fs::read(dir.join("a")).unwrap(), b"one");
-        p.commit(&serde_json::json!({"step": 2}), 2).unwrap();
-        let (dir, state) = latest(&files).unwrap();
-        assert_eq!(state["step"], 2);
+        p.commit(&serde_json::json!({"attempt": 1, "cursor": {"step": 2}}), 2).unwrap();
+        let (dir, state) = latest::<Header>(&files).unwrap();
+        assert_eq!(state.unwrap().cursor.step, 2);
+        // A state of another shape is an error naming the file, not "no checkpoint".
+        let (_, wrong) = latest::<Position>(&files).unwrap();
+        assert!(wrong.unwrap_err().to_string().contains("state.json"));
         assert_eq!(std::fs::read(dir.join("a")).unwrap(), b"two");
         let ckpts = std::fs::read_dir(d.path())
             .unwrap()
@@ -130,6 +161,6 @@ mod tests {
             .count();
         assert_eq!(ckpts, 1);
         remove(&files);
-        assert!(latest(&files).is_none());
+        assert!(latest::<Header>(&files).is_none());
     }
 }

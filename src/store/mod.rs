@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The cause is part of the message and deliberately not a `source()`: error chains print
-    /// it once, not twice (review F18).
+    /// it once, not twice.
     #[error("I/O error at {path} while {action}: {cause}")]
     Io { path: PathBuf, action: &'static str, cause: std::io::Error },
     #[error("{path}: {message}")]

@@ -57,23 +57,34 @@ pub fn heldout_files(root: &Root, corpus: &CorpusName) -> Vec<(RunId, PathBuf)> 
         .collect()
 }
 
-/// How an adapter must be scored, from its `manifest.json` (written by the run beside the
-/// adapter): the base model it was trained on, the instruction and the max_length.
-#[derive(Debug, Clone, serde::Deserialize)]
+/// An adapter's `manifest.json`, written by its run beside it and read by everyone who scores
+/// with it: the base model it was trained on, the instruction and max_length, what it was
+/// trained for and how it did. One type for writing and reading.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Manifest {
     pub model: String,
-    pub instruction: Option<String>,
+    #[serde(default)]
+    pub corpus: Option<CorpusName>,
+    #[serde(default)]
+    pub run_id: Option<RunId>,
     pub max_length: Option<usize>,
+    pub instruction: Option<String>,
     #[serde(default)]
     pub primary_metric: Option<String>,
-    /// The candidate's dev metrics, as evaluated.
+    /// The candidate's dev metrics, as evaluated (`null` where a metric was not a number).
     #[serde(default)]
-    pub metrics: Value,
+    pub metrics: Option<std::collections::BTreeMap<String, Option<f64>>>,
+    #[serde(default)]
+    pub best_epoch: Option<usize>,
 }
 
 impl Manifest {
     pub fn read(adapter_dir: &Path) -> Result<Self> {
         super::atomic::read_json(&adapter_dir.join("manifest.json"))
+    }
+
+    pub fn write(&self, adapter_dir: &Path) -> Result<()> {
+        super::atomic::write_json(&adapter_dir.join("manifest.json"), self)
     }
 }
 
@@ -150,7 +161,7 @@ pub fn promotions(root: &Root, corpus: &CorpusName) -> Vec<Value> {
 /// The adapters a corpus has served, replayed from its history: a promotion pushes its run, a
 /// rollback or an undo pops the run it replaced. The top is what `current` must point at.
 /// Replaying a stack (rather than following `previous` links) is what makes rollback walk back
-/// one promotion per call and stop at the first, however often a run was promoted (review F14).
+/// one promotion per call and stop at the first, however often a run was promoted.
 pub fn served(history: &[Value]) -> Vec<RunId> {
     let mut stack: Vec<RunId> = Vec::new();
     for e in history {
@@ -282,7 +293,7 @@ mod tests {
 
     #[test]
     fn rollback_after_a_manual_repromotion_ends() {
-        // A (auto), B (auto), A by hand: rollback walks B, A, then stops (review F14).
+        // A (auto), B (auto), A by hand: rollback walks B, A, then stops.
         let mut h = vec![ev("A", None, "auto"), ev("B", Some("A"), "auto"), ev("A", Some("B"), "manual")];
         let mut seen = Vec::new();
         loop {

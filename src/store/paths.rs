@@ -1,4 +1,4 @@
-//! Where everything lives under the state root (DESIGN §3).
+//! Where everything lives under the state root.
 
 use std::path::{Path, PathBuf};
 

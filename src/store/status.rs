@@ -161,7 +161,7 @@ mod tests {
     use crate::store::StoreError;
 
     /// A crash after the terminal event and before status.json: the next record completes the
-    /// logged state and never adds a second terminal event (review F9).
+    /// logged state and never adds a second terminal event.
     #[test]
     fn a_logged_terminal_state_wins() {
         let d = tempfile::tempdir().unwrap();

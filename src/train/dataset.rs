@@ -37,7 +37,7 @@ impl Documents {
         } else {
             for (n, id, text) in jsonl_documents(path, doc_chars)? {
                 if d.text.get(&id).is_some_and(|old| *old != text) {
-                    // The last text silently winning hid a user's mistake (review F18).
+                    // The last text silently winning hid a user's mistake.
                     bail!("{}: line {}: document id `{id}` appears again with another text", path.display(), n + 1);
                 }
                 d.insert(id, text);
