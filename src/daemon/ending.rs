@@ -38,8 +38,9 @@ pub fn run_is_alive(root: &Root, corpus: &CorpusName, pid: u32) -> bool {
 
 /// Records the end of a run whose process is gone without recording it. A run that may resume
 /// (`resume` is not `No`) and has a checkpoint goes back to `queued` instead, to continue from it,
-/// if that checkpoint was written in the attempt that just died; if not, the run was interrupted
-/// twice without progress and fails (a run that froze the machine would freeze it again). After
+/// if that checkpoint was written in the attempt that just died or the daemon's own shutdown
+/// stopped it; if not, the run was interrupted twice without progress and fails (a run that froze
+/// the machine would freeze it again). After
 /// an unexplained death the next attempt runs under a smaller memory plan. A run that does not
 /// end completed gives back a promotion it made.
 pub fn settle_dead(
@@ -56,7 +57,9 @@ pub fn settle_dead(
         let step = ck.cursor.step;
         let written_in = ck.attempt;
         let how = error.clone().or(reason.clone()).unwrap_or_default();
-        if written_in == st.attempt {
+        // The daemon's own shutdown never counts against a run: an attempt it stopped resumes
+        // whether or not it got as far as a checkpoint of its own.
+        if written_in == st.attempt || resume == Resume::Explained {
             st.shrink_memory = resume == Resume::Unexplained;
             let plan = if st.shrink_memory { " under a smaller memory plan" } else { "" };
             let why = format!("interrupted at step {step} ({how}); resumes from its checkpoint{plan}");
