@@ -508,14 +508,14 @@ struct Trained {
     /// (epoch, its evaluation); None when there is no dev split.
     best: Option<(usize, EvalResult)>,
     candidate: LoraSet,
-    epochs: Vec<Value>,
+    epochs: Vec<EpochEval>,
 }
 
 /// The best epoch so far and every epoch's metrics: what evaluation after each epoch keeps.
 #[derive(Default)]
 struct Selection {
     best: Option<(usize, EvalResult, LoraSet)>,
-    epochs: Vec<Value>,
+    epochs: Vec<EpochEval>,
 }
 
 /// Trains, evaluating every epoch on dev and keeping the best epoch's adapter (by the locked
@@ -572,7 +572,7 @@ fn train_and_select(
         let res = evaluate(r, Some(&lora), lists, max_len, &mut || rep.stop_requested())?;
         rep.event(eval_event(Split::Dev, Which::Epoch, Some(epoch), None, &res, None))?;
         let mut sel = sel.borrow_mut();
-        sel.epochs.push(json!({"epoch": epoch, "metrics": res.metrics}));
+        sel.epochs.push(EpochEval { epoch, metrics: res.metrics.clone() });
         let m = |r: &EvalResult| r.metrics.get(primary).copied().unwrap_or(f64::NEG_INFINITY);
         if sel.best.as_ref().is_none_or(|(_, b, _)| m(&res) > m(b)) {
             sel.best = Some((epoch, res, lora.snapshot()?));
@@ -673,7 +673,14 @@ struct Plan {
 struct Restored {
     skipped: BTreeMap<String, usize>,
     no_dev: Option<String>,
-    feedback: Option<Value>,
+    feedback: Option<SnapshotFields>,
+}
+
+/// One epoch's evaluation on the dev lists, as the checkpoint keeps it and eval.json lists it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct EpochEval {
+    epoch: usize,
+    metrics: BTreeMap<String, f64>,
 }
 
 /// A checkpoint's `state.json`.
@@ -688,7 +695,7 @@ struct Saved {
     plan: Plan,
     baseline: Baseline,
     materialised: Restored,
-    epochs: Vec<Value>,
+    epochs: Vec<EpochEval>,
     best: Option<(usize, EvalResult)>,
 }
 
@@ -789,7 +796,7 @@ struct Materialised {
     /// Why there is no dev split, when there is none.
     no_dev: Option<String>,
     /// The feedback snapshot mined, when the data is feedback: events and the byte offset.
-    feedback: Option<Value>,
+    feedback: Option<SnapshotFields>,
 }
 
 /// Reads the job's data (triplets, or feedback mined against the documents) and splits it by
@@ -813,7 +820,7 @@ fn materialise(ctx: &mut RunContext, root: &Root, job: &Job) -> anyhow::Result<M
             let message =
                 format!("feedback snapshot: {} events, bytes 0..{} of {}", snap.events, snap.offset, f.display());
             ctx.event(Event::FeedbackSnapshot(FeedbackSnapshot { message, at: at.clone() }))?;
-            snapshot = Some(json!(at));
+            snapshot = Some(at);
             let bytes = snap.bytes;
             // Feedback is appended by many writers: a line that is not UTF-8 is skipped and
             // counted like any other garbage line, never the end of the run.
