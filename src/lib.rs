@@ -9,6 +9,7 @@
 //! - [`store`]: the run store; the only code that touches files under the state root.
 
 pub mod budget;
+pub mod config;
 pub mod daemon;
 pub mod ids;
 pub mod job;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: [&[&str]; 7] = [
     &["model", "ids", "budget", "sys", "testhooks"],
     &["store"],
-    &["job", "report"],
+    &["job", "config", "report"],
     &["train"],
     &["daemon"],
     &["serve", "runner"],
@@ -134,6 +134,22 @@ fn no_module_imports_from_a_layer_above_its_own() {
         .flat_map(|(a, refs)| refs.iter().filter(|b| layer(b) > layer(a)).map(move |b| format!("{a} -> {b}")))
         .collect();
     assert!(up.is_empty(), "imports from a higher layer: {up:?}");
+}
+
+/// The three processes share no code of each other's: the daemon, a run and serve meet only in
+/// the store (and the layers under it).
+#[test]
+fn the_daemon_a_run_and_serve_import_nothing_of_each_other() {
+    let g = graph();
+    let process =
+        |m: &str| ["daemon", "runner", "serve"].into_iter().find(|p| m == *p || m.starts_with(&format!("{p}::")));
+    let crossing: Vec<String> = g
+        .iter()
+        .flat_map(|(a, refs)| refs.iter().map(move |b| (a, b)))
+        .filter(|(a, b)| matches!((process(a), process(b)), (Some(x), Some(y)) if x != y))
+        .map(|(a, b)| format!("{a} -> {b}"))
+        .collect();
+    assert!(crossing.is_empty(), "one process's code imported by another: {crossing:?}");
 }
 
 #[test]

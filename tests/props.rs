@@ -3,7 +3,7 @@
 //! rejection of a job or a config names what is wrong.
 
 use proptest::prelude::*;
-use rerankd::daemon::config::DaemonConfig;
+use rerankd::config::DaemonConfig;
 use rerankd::job::parse_job;
 use rerankd::train::dataset::{Documents, read_triplets};
 use rerankd::train::mining::mine;

@@ -8,10 +8,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use rerankd::model::device::DeviceChoice;
+use rerankd::model::reranker::SCORE_BATCH;
 use rerankd::model::{LoraSet, Reranker};
 use rerankd::store::paths::RunFiles;
 use rerankd::store::{Root, Status};
-use rerankd::train::eval::SCORE_BATCH;
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {

@@ -7,10 +7,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use rerankd::model::device::DeviceChoice;
+use rerankd::model::reranker::SCORE_BATCH;
 use rerankd::model::{LoraSet, Reranker};
 use rerankd::store::{Root, models};
 use rerankd::train::dataset::jsonl_documents;
-use rerankd::train::eval::SCORE_BATCH;
 use serde_json::json;
 
 #[derive(Args, Debug)]

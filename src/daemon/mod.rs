@@ -9,7 +9,6 @@
 //! exit, or a timer it set itself (the next rescan; while runs are active, the watchdog's
 //! half-second tick; while runs wait, a one-second tick).
 
-pub mod config;
 pub mod ending;
 pub mod hooks;
 pub mod intake;
@@ -25,11 +24,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::config::DaemonConfig;
 use crate::job::{IfBusy, Job, JobError};
 use crate::store::events::{Event, Log};
 use crate::store::paths::RunFiles;
 use crate::store::{FileLock, Root, RunState, Status, StopRequest};
-use config::DaemonConfig;
 use ending::Unsettled;
 use intake::{Accepted, Admission, Intake};
 use supervise::{Active, Proc};

@@ -3,6 +3,10 @@
 
 use candle_core::{Device, Tensor};
 
+/// Batch size of scoring everywhere: evaluation, `rerankd score` and serve's default, so all of
+/// them compute the same numbers.
+pub const SCORE_BATCH: usize = 16;
+
 use super::Result;
 use super::checkpoint::{CheckpointDir, SafetensorsWeights};
 use super::lora::LoraSet;

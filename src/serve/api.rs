@@ -25,7 +25,7 @@ use super::batcher::{Batcher, Work};
 use super::capture::{Capture, CaptureError};
 use super::models::{Models, ResolveError, Scorer};
 use super::telemetry::{ErrorLabels, RequestLabels, Telemetry};
-use crate::daemon::config::ServeConfig;
+use crate::config::ServeConfig;
 use crate::model::reranker::PairLogits;
 use crate::store::feedback::content_id;
 

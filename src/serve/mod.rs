@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use candle_core::Device;
 
-use crate::daemon::config::{DaemonConfig, ServeConfig};
+use crate::config::{DaemonConfig, ServeConfig};
 use crate::store::serving::ServeInfo;
 use crate::store::time::now_rfc3339;
 use crate::store::{FileLock, Root};

@@ -9,8 +9,7 @@ use super::dataset::DevList;
 use super::metrics::rank_and_measure;
 use crate::model::{LoraSet, Reranker};
 
-/// Batch size of evaluation and of `rerankd score`: equal, so both compute the same numbers.
-pub const SCORE_BATCH: usize = 16;
+pub use crate::model::reranker::SCORE_BATCH;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScoredList {

@@ -10,8 +10,8 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
 use super::dataset::{Judged, QueryRows, Source, insert_hard};
-use super::eval::SCORE_BATCH;
 use crate::job::HardNegatives;
+use crate::model::reranker::SCORE_BATCH;
 use crate::model::{LoraSet, Reranker};
 
 /// What mining did: the type the run's `log` event carries.

@@ -57,8 +57,8 @@ impl Default for ServeConfig {
             max_documents: 1000,
             max_body_bytes: 4 << 20,
             max_queue_pairs: 2048,
-            batch_size: crate::train::eval::SCORE_BATCH,
-            batch_tokens: crate::train::eval::SCORE_BATCH * 512,
+            batch_size: crate::model::reranker::SCORE_BATCH,
+            batch_tokens: crate::model::reranker::SCORE_BATCH * 512,
         }
     }
 }
