@@ -1,5 +1,9 @@
-//! The run store: every file under the state root is read and written here and nowhere else.
-//! Paths, atomic writes, the metrics log, status transitions, the cancel sentinel and locks.
+//! The run store: the files under the state root, their paths and formats. Paths, atomic writes,
+//! the run states and their table, the event log, status, stop requests, checkpoints, promoted
+//! models, feedback and locks. Not yet every file: the spool's claim/accept/reject (in
+//! `daemon::intake` and `cli::submit`), the policy's job drop (`daemon::policy`) and the run's
+//! data files (`runner`) still do their own I/O with the store's helpers; moving them here is
+//! what is left of making this module the only one that touches the root.
 
 pub mod atomic;
 pub mod checkpoint;
