@@ -9,7 +9,7 @@ use clap::{Args, ValueEnum};
 use rerankd::model::LoraSet;
 use rerankd::model::checkpoint::CheckpointDir;
 use rerankd::model::export::{self, ExportInfo, ExportSpec, Format};
-use rerankd::model::prompt::{DEFAULT_INSTRUCTION, PromptBuilder};
+use rerankd::model::prompt::PromptBuilder;
 use rerankd::store::{Root, models};
 use sha2::{Digest, Sha256};
 
@@ -133,8 +133,8 @@ pub fn run(root: &Root, a: ExportArgs) -> anyhow::Result<ExitCode> {
             corpus: run_id.corpus().map(String::from),
             adapter_digest: sha256_file(&adapter.join("adapter_model.safetensors"))?,
             base_model: manifest.model.clone(),
-            instruction: manifest.instruction.clone().unwrap_or_else(|| DEFAULT_INSTRUCTION.to_string()),
-            max_length: manifest.max_length.unwrap_or(512),
+            instruction: manifest.scoring_instruction(),
+            max_length: manifest.scoring_max_length(),
             format: match format {
                 Format::Merged => "merged".into(),
                 Format::SeqCls => "seq-cls".into(),

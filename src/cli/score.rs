@@ -64,8 +64,11 @@ pub fn run(root: &Root, a: ScoreArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| rerankd::job::DEFAULT_MODEL.into());
     let device = a.device.open()?;
     let mut r = Reranker::load(&model, &device)?;
-    let max_length =
-        a.max_length.or_else(|| manifest.as_ref().and_then(|m| m.max_length)).or(r.max_length).unwrap_or(512);
+    let max_length = a
+        .max_length
+        .or_else(|| manifest.as_ref().and_then(|m| m.max_length))
+        .or(r.max_length)
+        .unwrap_or(models::DEFAULT_MAX_LENGTH);
     if let Some(i) = a.instruction.clone().or_else(|| manifest.as_ref().and_then(|m| m.instruction.clone())) {
         r.instruction = i;
     }

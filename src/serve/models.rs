@@ -12,13 +12,11 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use candle_core::Device;
 
-use crate::model::prompt::DEFAULT_INSTRUCTION;
 use crate::model::qwen3::PrefixCache;
 use crate::model::{LoraSet, Reranker};
 use crate::store::{Root, models};
 
-/// max_length for the base model with no manifest to say otherwise (as `rerankd score`).
-pub const DEFAULT_MAX_LENGTH: usize = 512;
+pub use crate::store::models::DEFAULT_MAX_LENGTH;
 
 /// A base model, loaded once per process whatever number of corpora share it.
 pub struct Base {
@@ -265,8 +263,8 @@ impl Models {
             run_id: Some(run.clone()),
             base,
             lora: Some(lora),
-            instruction: manifest.instruction.unwrap_or_else(|| DEFAULT_INSTRUCTION.to_string()),
-            max_length: manifest.max_length.unwrap_or(DEFAULT_MAX_LENGTH),
+            instruction: manifest.scoring_instruction(),
+            max_length: manifest.scoring_max_length(),
             last_prefix: Mutex::new(None),
         })
     }

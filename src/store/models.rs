@@ -86,7 +86,21 @@ impl Manifest {
     pub fn write(&self, adapter_dir: &Path) -> Result<()> {
         super::atomic::write_json(&adapter_dir.join("manifest.json"), self)
     }
+
+    /// The instruction prompts for this adapter are built with: its own, else the template's.
+    pub fn scoring_instruction(&self) -> String {
+        self.instruction.clone().unwrap_or_else(|| crate::model::prompt::DEFAULT_INSTRUCTION.to_string())
+    }
+
+    /// The max_length pairs are truncated to for this adapter: its own, else [`DEFAULT_MAX_LENGTH`].
+    pub fn scoring_max_length(&self) -> usize {
+        self.max_length.unwrap_or(DEFAULT_MAX_LENGTH)
+    }
 }
+
+/// max_length for a model with nothing to say otherwise (no manifest, no export info): what
+/// serve, `score` and `export` all fall back to.
+pub const DEFAULT_MAX_LENGTH: usize = 512;
 
 /// The run id `current` points at, read from the link alone (a cheap probe for a change).
 pub fn current_run(root: &Root, corpus: &CorpusName) -> Option<RunId> {
