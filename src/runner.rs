@@ -17,7 +17,7 @@ use crate::model::lora::LoraConfig;
 use crate::model::{LoraSet, Reranker};
 use crate::store::atomic::{read_json, write_json};
 use crate::store::checkpoint;
-use crate::store::events::{self, Cap, Event, FeedbackSnapshot, Level, Log, SnapshotFields, Split, Which};
+use crate::store::events::{self, Cap, Event, FeedbackSnapshot, Log, SnapshotFields, Split, Which};
 use crate::store::feedback::CorpusFeedback;
 use crate::store::models;
 use crate::store::paths::RunFiles;
@@ -58,7 +58,7 @@ impl RunContext {
     }
 
     fn warn(&mut self, log: Log) -> anyhow::Result<()> {
-        self.log.append(Event::Log(Log { level: Level::Warn, ..log }))?;
+        self.log.append(Event::Log(log))?;
         Ok(())
     }
 
@@ -371,7 +371,7 @@ fn baseline_model(ctx: &mut RunContext, root: &Root, job: &Job, r: &Reranker) ->
         Some((id, dir)) => (format!("promoted adapter of {id}"), load_baseline_adapter(&dir, job, r).map(Some)),
     };
     if let Err(why) = &adapter {
-        ctx.warn(Log::info(format!("baseline unknown: {why}")))?;
+        ctx.warn(Log::warn(format!("baseline unknown: {why}")))?;
     }
     Ok(BaselineModel { what, adapter })
 }
@@ -388,7 +388,7 @@ fn mine_hard_negatives(
     let adapter = match &base.adapter {
         Ok(a) => a.as_ref(),
         Err(why) => {
-            ctx.warn(Log::info(format!("hard negatives skipped: the baseline is unknown ({why})")))?;
+            ctx.warn(Log::warn(format!("hard negatives skipped: the baseline is unknown ({why})")))?;
             return Ok(());
         }
     };
@@ -855,7 +855,7 @@ fn materialise(ctx: &mut RunContext, root: &Root, job: &Job) -> anyhow::Result<M
     };
     if !skipped.is_empty() {
         let skipped = skipped.iter().map(|(k, n)| (k.clone(), *n as u64)).collect();
-        ctx.warn(Log { skipped: Some(skipped), ..Log::info("skipped feedback events") })?;
+        ctx.warn(Log { skipped: Some(skipped), ..Log::warn("skipped feedback events") })?;
     }
     let queries = group_by_query(rows);
     anyhow::ensure!(!queries.is_empty(), "no usable training data (no query with a positive)");

@@ -35,20 +35,25 @@ fn print(runs: &[Status], json: bool) {
 }
 
 pub fn status(root: &Root, a: StatusArgs) -> anyhow::Result<ExitCode> {
-    let runs: Vec<Status> = match (&a.run, &a.corpus) {
+    // The corpus named (when no run is), parsed once.
+    let corpus = match (&a.run, &a.corpus) {
+        (None, Some(c)) => match super::check_corpus(c) {
+            Ok(c) => Some(c),
+            Err(code) => return Ok(code),
+        },
+        _ => None,
+    };
+    let runs: Vec<Status> = match (&a.run, &corpus) {
         (Some(id), _) => match super::find_run(root, id) {
             Ok((_, s)) => vec![s],
             Err(code) => return Ok(code),
         },
-        (None, Some(c)) => match super::check_corpus(c) {
-            Ok(c) => all_runs(root).into_iter().filter(|s| s.corpus == c).collect(),
-            Err(code) => return Ok(code),
-        },
+        (None, Some(c)) => all_runs(root).into_iter().filter(|s| &s.corpus == c).collect(),
         (None, None) => all_runs(root),
     };
     print(&runs, super::json());
-    if let (None, Some(c)) = (&a.run, &a.corpus) {
-        print_online(root, &CorpusName::parse(c)?, super::json())?;
+    if let Some(c) = &corpus {
+        print_online(root, c, super::json())?;
     }
     Ok(ExitCode::SUCCESS)
 }

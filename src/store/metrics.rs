@@ -33,10 +33,22 @@ impl MetricsLog {
         };
         let good = bytes.iter().rposition(|&b| b == b'\n').map(|i| i + 1).unwrap_or(0);
         let complete = &bytes[..good];
-        // Every complete JSON line took a `seq`, whether this build knows its shape or not.
-        let next_seq = lines(complete).filter(|l| serde_json::from_slice::<serde::de::IgnoredAny>(l).is_ok()).count();
-        let next_seq = next_seq as u64;
-        let terminal = terminal_state(&parse_lines(complete)).cloned();
+        // One pass: every complete JSON line took a `seq`, whether this build knows its shape or
+        // not; the last `state` event is kept to see whether the log already holds an end.
+        let (mut next_seq, mut last_state) = (0u64, None);
+        for l in lines(complete) {
+            match serde_json::from_slice::<Logged>(l) {
+                Ok(e) => {
+                    next_seq += 1;
+                    if e.event.state().is_some() {
+                        last_state = Some(e);
+                    }
+                }
+                Err(_) if serde_json::from_slice::<serde::de::IgnoredAny>(l).is_ok() => next_seq += 1,
+                Err(_) => {}
+            }
+        }
+        let terminal = last_state.filter(|e| e.event.is_terminal_state());
         let file =
             OpenOptions::new().create(true).append(true).open(path).map_err(|e| StoreError::io(path, "opening", e))?;
         if good < bytes.len() {
