@@ -9,9 +9,9 @@
 #   60 + 16 + L tokens in one batch). Default: all of the issue's shapes.
 #   PEER_PY=/path/to/python (default: the venv ../shared/bench/setup_peer.sh makes)
 #   RERANKD=target/release/rerankd   CONFIG=tests/fixtures/qwen3-0.6b.config.json   STEPS=3
-#   AMX="on off": rerankd runs once per value of RERANKD_AMX in each round: "rerankd" as it runs by
-#   default (on: its scoring's large products as AMX bf16x3 on CPUs with AMX), "rerankd-f32" with
-#   AMX off; the table compares each with the peer. Default: on.
+#   KERNELS="auto avx512 f32": rerankd runs once per CPU kernel path (RERANKD_KERNEL, see
+#   src/model/cpu.rs) in each round: "rerankd" as it runs by default (auto: the best path this CPU
+#   has), "rerankd-<path>" for a named one; the table compares each with the peer. Default: auto.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-1}; shift || true
@@ -22,19 +22,19 @@ py=${PEER_PY:-$(benches/peer/setup_peer.sh)}
 bin=${RERANKD:-target/release/rerankd}
 config=${CONFIG:-tests/fixtures/qwen3-0.6b.config.json}
 steps=${STEPS:-3}
-read -r -a amx_modes <<< "${AMX:-on}"
+read -r -a kernels <<< "${KERNELS:-auto}"
 threads=${THREADS:-$(nproc)}
 [ -x "$bin" ] || cargo build --release
 out=$(mktemp)
 for ((r = 1; r <= rounds; r++)); do
   for s in "${shapes[@]}"; do
     mode=${s%%:*}; bl=${s#*:}; b=${bl%x*}; l=${bl#*x}
-    for amx in "${amx_modes[@]}"; do
-      tool=rerankd; [ "$amx" = off ] && tool=rerankd-f32
+    for kernel in "${kernels[@]}"; do
+      tool=rerankd; [ "$kernel" = auto ] || tool=rerankd-$kernel
       if [ "$mode" = docs ]; then
-        ours=$(RERANKD_AMX=$amx RAYON_NUM_THREADS=$threads "$bin" bench --config "$config" --docs "$b" --doc-len "$l" --query-len 16 --score-batch "$b" --steps "$steps" --json)
+        ours=$(RERANKD_KERNEL=$kernel RAYON_NUM_THREADS=$threads "$bin" bench --config "$config" --docs "$b" --doc-len "$l" --query-len 16 --score-batch "$b" --steps "$steps" --json)
       else
-        ours=$(RERANKD_AMX=$amx RAYON_NUM_THREADS=$threads "$bin" bench --config "$config" --batch "$b" --length "$l" --steps "$steps" --only "$mode" --json)
+        ours=$(RERANKD_KERNEL=$kernel RAYON_NUM_THREADS=$threads "$bin" bench --config "$config" --batch "$b" --length "$l" --steps "$steps" --only "$mode" --json)
       fi
       echo "{\"tool\":\"$tool\",\"shape\":\"$s\",\"round\":$r,\"out\":$ours}" | tee -a "$out"
     done
@@ -44,6 +44,7 @@ for ((r = 1; r <= rounds; r++)); do
     echo "{\"tool\":\"torch\",\"shape\":\"$s\",\"round\":$r,\"out\":$peer}" | tee -a "$out"
   done
 done
+echo "CPU: $(lscpu | sed -n 's/^Model name: *//p' | head -1) (family $(lscpu | sed -n 's/^CPU family: *//p'), model $(lscpu | sed -n 's/^Model: *//p'); flags: $(grep -o -w -E 'amx_tile|avx512_bf16|avx512f|avx2' /proc/cpuinfo | sort -u | tr '\n' ' '))"
 python3 - "$out" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]

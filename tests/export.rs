@@ -54,12 +54,12 @@ fn docs() -> Vec<String> {
 
 /// `rerankd score --json` of the test's query and documents with `extra`: per document (score,
 /// yes - no).
-/// Scores in f32 (`RERANKD_AMX=off`): these tests hold an export to the adapter it merges at
-/// f32's 1e-5, which AMX's products (16 significant bits of the activations, see the model
-/// library) would blur on the base model's side; `tests/fixture.rs` holds the AMX path to the
-/// reference numbers.
+/// Scores on the `f32` kernel path (`RERANKD_KERNEL=f32`): these tests hold an export to the
+/// adapter it merges at f32's 1e-5, which the split paths' products (AMX's, `avx512-bf16`'s: 16
+/// significant bits of the activations, see the model library) would blur on the base model's
+/// side; `tests/fixture.rs` holds every path to the reference numbers.
 fn score(root: &Root, extra: &[&str]) -> Vec<(f64, f64)> {
-    score_cli_env(root, extra, QUERY, &docs(), &[("RERANKD_AMX", "off")])
+    score_cli_env(root, extra, QUERY, &docs(), &[("RERANKD_KERNEL", "f32")])
 }
 
 fn max_diff(a: &[(f64, f64)], b: &[(f64, f64)]) -> (f64, f64) {

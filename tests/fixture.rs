@@ -177,23 +177,28 @@ fn loss_and_every_lora_gradient_match_the_reference() {
     assert_grads(&acc.take().unwrap(), &want, &names);
 }
 
-/// Where AMX is on (by default, on a CPU that has it), the fixture model's weights (bf16 values)
-/// are packed into tiles and its projections go through AMX, so the checks above hold for that
-/// path; `.ci/run` runs this file a second time with `RERANKD_AMX=all`, which sends the other
-/// products (LoRA's, the head's) through bf16x3 as well. This proves that they went through AMX
-/// (elsewhere it says why it has nothing to check).
+/// The kernel path chosen for this process (`RERANKD_KERNEL`, which `.ci/run` sets to each path
+/// the CPU has in turn, or the best this CPU has) is the one the fixture's projections run on, so
+/// the checks above hold for that path; a path asked for by name is the one taken. Where it is AMX,
+/// products went through the tiles (with `RERANKD_AMX=all`, LoRA's and the head's too).
 #[test]
-fn amx_carries_the_fixture_where_it_is_on() {
-    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn the_chosen_kernel_path_carries_the_fixture() {
+    use rerankd::model::cpu::{self, Kernel};
+    let chosen = cpu::chosen();
+    if let Ok(asked) = std::env::var("RERANKD_KERNEL")
+        && !asked.is_empty()
+        && asked != "auto"
     {
+        assert_eq!(chosen.name(), asked, "RERANKD_KERNEL={asked} was not the path taken");
+    }
+    let r = model();
+    assert_eq!(r.model.weights_kernel(), Some(chosen), "the fixture's projections run on another path");
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    if chosen == Kernel::Amx {
         use rerankd::model::amx;
-        if amx::mode() == amx::Mode::Off {
-            let why = amx::unusable().unwrap_or("RERANKD_AMX=off");
-            rerankd::testhooks::skipped("fixture::amx_carries_the_fixture_where_it_is_on", "amx", why);
-            return;
-        }
         let before = amx::products_run();
-        check_scores(&model(), None, |p| p.base);
+        check_scores(&r, None, |p| p.base);
         assert!(amx::products_run() > before, "AMX is on, yet no product went through it");
     }
+    eprintln!("fixture: kernel path {} ({})", chosen.name(), cpu::describe());
 }

@@ -129,6 +129,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         "device": format!("{:?}", device.location()),
         "threads": rayon::current_num_threads(),
         "weights": model.weights_kind(),
+        "cpu": rerankd::model::cpu::describe(),
         "matmul": rerankd::model::kernels::training(rerankd::model::kernels::matmul_kind),
         "score_matmul": rerankd::model::kernels::matmul_kind(),
     });
@@ -185,6 +186,7 @@ fn score_mode(
         "lora_r": a.lora_r, "steps": a.steps, "peak_rss_mb": rerankd::sys::peak_memory_mb(),
         "device": format!("{:?}", device.location()), "threads": rayon::current_num_threads(),
         "weights": model.weights_kind(),
+        "cpu": rerankd::model::cpu::describe(),
         "matmul": rerankd::model::kernels::matmul_kind(),
     });
     if super::json() {

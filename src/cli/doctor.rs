@@ -112,6 +112,7 @@ pub fn run(root: &Root) -> anyhow::Result<ExitCode> {
         .map(|(n, _)| *n)
         .collect();
     r.info(&format!("this build: cpu{}", features.iter().map(|f| format!(" + {f}")).collect::<String>()));
+    r.info(&format!("CPU kernel path: {}", rerankd::model::cpu::describe()));
     match rerankd::model::checkpoint::hf_hub_cache() {
         Some(p) if p.is_dir() => r.info(&format!("Hugging Face cache: {}", p.display())),
         Some(p) => r.info(&format!("no Hugging Face cache at {} (jobs must name checkpoint directories)", p.display())),

@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
+use super::mat::bf16_split as split;
 use super::mat::{Mat, SendPtr};
 
 /// bf16 elements of one tile: 16 rows of 64 bytes.
@@ -65,7 +66,8 @@ pub fn mode() -> Mode {
                 Ok("all") => Mode::All,
                 _ => Mode::Large,
             };
-            set_mode(asked)
+            // AMX only where it is the path chosen for this process (`RERANKD_KERNEL`).
+            set_mode(if super::cpu::chosen() == super::cpu::Kernel::Amx { asked } else { Mode::Off })
         }
     }
 }
@@ -78,34 +80,13 @@ pub fn set_mode(mode: Mode) -> Mode {
     granted
 }
 
-/// Why this process cannot use AMX, if it cannot (asked of the CPU and the kernel once).
+/// Why this process cannot use AMX, if it cannot (`cpu::amx_unusable`).
 pub fn unusable() -> Option<&'static str> {
-    static WHY: OnceLock<Option<String>> = OnceLock::new();
-    WHY.get_or_init(|| enable().err()).as_deref()
+    super::cpu::amx_unusable()
 }
 
 /// The chosen mode as a `Mode` discriminant; `u8::MAX` before the first call.
 static CHOSEN: AtomicU8 = AtomicU8::new(u8::MAX);
-
-/// CPUID says AMX-BF16, AMX-TILE and AVX-512 (the packing's), and the kernel lets this process
-/// use the tile state.
-fn enable() -> Result<(), String> {
-    let l7 = std::arch::x86_64::__cpuid_count(7, 0);
-    if l7.edx & (1 << 22) == 0 || l7.edx & (1 << 24) == 0 {
-        return Err("this CPU has no AMX-BF16".into());
-    }
-    if !std::is_x86_feature_detected!("avx512f") || !std::is_x86_feature_detected!("avx512bw") {
-        return Err("this CPU has no AVX-512".into());
-    }
-    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-    const XFEATURE_XTILEDATA: libc::c_long = 18;
-    // SAFETY: arch_prctl with these arguments only asks for a permission.
-    let r = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
-    if r != 0 {
-        return Err(format!("the kernel refused the AMX tile state: {}", std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
 
 /// Whether [`product`] takes `lhs [m x k] rhs [k x n]`. Its layouts: rows of `lhs` contiguous,
 /// `rhs` either a transposed weight (`w [n x k]` as `x w^T`, every projection's forward) or
@@ -204,21 +185,6 @@ impl Lines {
         // SAFETY: as for `as_slice`, borrowed mutably.
         unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.len) }
     }
-}
-
-/// `x` rounded to the nearest bf16 (ties to even), and the bf16 nearest to what is left. Finite
-/// values only (no NaN branch; a NaN or infinity comes out a NaN or infinity either way, with a
-/// meaningless `lo`). Plain integer arithmetic so that the packing loops vectorize; `half`'s
-/// conversion gives the same bits, slower.
-#[inline(always)]
-fn split(x: f32) -> (u16, u16) {
-    #[inline(always)]
-    fn round(v: f32) -> u16 {
-        let b = v.to_bits();
-        (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
-    }
-    let hi = round(x);
-    (hi, round(x - f32::from_bits(u32::from(hi) << 16)))
 }
 
 /// 32 values from `src` (zero past its end) split into `hi` and `lo`: fixed-size arrays, so that

@@ -1,14 +1,18 @@
 //! Frozen projection weights (`w [out, in]`, never trained) and the two products taken against
 //! them: `x w^T` (every projection's forward) and `g w` (the backward's input gradient).
 //!
-//! A weight is held one of two ways. Where AMX is usable (x86_64 Linux, see [`super::amx`]) and
-//! every value of the weight is a bf16 (a bf16 checkpoint's are, once widened), it is packed once
-//! into AMX tiles ([`super::amx::Packed`]), which are then its only copy: 2 bytes a value for the
-//! forward, 2 more once a backward has asked for its layout, against the f32 weight's 4. Its
-//! products take the other operand as `hi + lo` (two bf16, 16 significant bits) against the
-//! exact weight, with f32 sums. Anywhere else (other CPUs, `RERANKD_AMX=off`, a weight with
-//! f32-only values, a GPU) it is an f32 tensor, and its products are [`sgemm`]'s (or the device's
-//! matmul).
+//! A weight is held one of three ways, by the kernel path chosen for the process
+//! ([`super::cpu`]), wherever every value of the weight is a bf16 (a bf16 checkpoint's are, once
+//! widened) and it lies on the CPU:
+//! - `amx`: packed once into AMX tiles ([`super::amx::Packed`]);
+//! - `avx512-bf16`, `avx512`: packed once as bf16 pairs ([`super::pairs::Pairs`]).
+//!
+//! Either is then the weight's only copy: 2 bytes a value for the forward, 2 more once a backward
+//! has asked for its layout, against the f32 weight's 4. AMX and `avx512-bf16` take the other
+//! operand as `hi + lo` (two bf16, 16 significant bits) against the exact weight, with f32 sums;
+//! `avx512` widens the weight in registers and multiplies in f32. Anywhere else (`f32`, a weight
+//! with f32-only values, a GPU) it is an f32 tensor, and its products are [`sgemm`]'s (or the
+//! device's matmul).
 
 use std::sync::Arc;
 
@@ -27,6 +31,9 @@ enum Repr {
     /// Packed once for AMX (CPU), its values bf16s.
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     Tiles(super::amx::Packed, candle_core::Device),
+    /// Packed once as bf16 pairs for AVX-512 (CPU), its values bf16s.
+    #[cfg(target_arch = "x86_64")]
+    Pairs(super::pairs::Pairs, candle_core::Device),
 }
 
 impl Frozen {
@@ -41,6 +48,17 @@ impl Frozen {
         {
             return Ok(Self(Arc::new(Repr::Tiles(p, w.device().clone()))));
         }
+        #[cfg(target_arch = "x86_64")]
+        if w.device().is_cpu()
+            && let Some(kernel) = match super::cpu::chosen() {
+                super::cpu::Kernel::Avx512Bf16 => Some(super::pairs::PairKernel::Dot),
+                super::cpu::Kernel::Avx512 => Some(super::pairs::PairKernel::Fma),
+                _ => None,
+            }
+            && let Some(p) = with_host(&w, "frozen weight", |v| Ok(super::pairs::Pairs::new(v, n, k, kernel)))?
+        {
+            return Ok(Self(Arc::new(Repr::Pairs(p, w.device().clone()))));
+        }
         let _ = (n, k);
         Ok(Self(Arc::new(Repr::Tensor(w))))
     }
@@ -51,12 +69,25 @@ impl Frozen {
             Repr::Tensor(t) => t.dims2().unwrap_or((0, 0)),
             #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
             Repr::Tiles(p, _) => p.dims(),
+            #[cfg(target_arch = "x86_64")]
+            Repr::Pairs(p, _) => p.dims(),
         }
     }
 
-    /// Whether the weight is held as AMX tiles.
-    pub fn packed(&self) -> bool {
-        !matches!(&*self.0, Repr::Tensor(_))
+    /// The kernel path this weight's products run on (how it is held): `F32` for an f32 tensor,
+    /// `Amx` for tiles, `Avx512Bf16` or `Avx512` for bf16 pairs.
+    pub fn runs_on(&self) -> super::cpu::Kernel {
+        use super::cpu::Kernel;
+        match &*self.0 {
+            Repr::Tensor(_) => Kernel::F32,
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            Repr::Tiles(..) => Kernel::Amx,
+            #[cfg(target_arch = "x86_64")]
+            Repr::Pairs(p, _) => match p.kernel() {
+                super::pairs::PairKernel::Dot => Kernel::Avx512Bf16,
+                super::pairs::PairKernel::Fma => Kernel::Avx512,
+            },
+        }
     }
 
     /// Makes the backward's product ready now (a packed weight's second layout), not at the
@@ -67,6 +98,10 @@ impl Frozen {
         if let Repr::Tiles(p, _) = &*self.0 {
             p.backward_tiles_ready();
         }
+        #[cfg(target_arch = "x86_64")]
+        if let Repr::Pairs(p, _) = &*self.0 {
+            p.backward_ready();
+        }
     }
 
     /// The weight as an f32 tensor (for the compositions of other devices and for tests): itself
@@ -76,6 +111,8 @@ impl Frozen {
             Repr::Tensor(t) => Ok(t.clone()),
             #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
             Repr::Tiles(p, device) => Tensor::from_vec(p.to_f32(), p.dims(), device),
+            #[cfg(target_arch = "x86_64")]
+            Repr::Pairs(p, device) => Tensor::from_vec(p.to_f32(), p.dims(), device),
         }
     }
 
@@ -116,6 +153,16 @@ impl Frozen {
             }),
             #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
             Repr::Tiles(p, _) => {
+                let a = Mat::rows(a, lda);
+                if backward {
+                    p.backward(m, a, dst, ld, accumulate)
+                } else {
+                    p.forward(m, a, dst, ld, accumulate)
+                };
+                Ok(())
+            }
+            #[cfg(target_arch = "x86_64")]
+            Repr::Pairs(p, _) => {
                 let a = Mat::rows(a, lda);
                 if backward {
                     p.backward(m, a, dst, ld, accumulate)

@@ -107,7 +107,7 @@ pub fn sgemm(
 /// What carries [`sgemm`]'s large products on this thread now, for reports: `f32` (gemm), or
 /// AMX's bf16x3 for the large forward products (the default where the CPU has AMX, outside
 /// [`training`]) or for all (`RERANKD_AMX=all`). Products against packed frozen weights are
-/// AMX's whatever this says (`Qwen3::weights_kind`).
+/// AMX's or bf16 pairs' whatever this says (`Qwen3::weights_kind`).
 pub fn matmul_kind() -> &'static str {
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     match super::amx::active() {

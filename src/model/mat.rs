@@ -1,5 +1,6 @@
-//! The matrix view the CPU kernels ([`super::kernels`], [`super::amx`]) take: a slice with its
-//! strides, checked before every product; and the destination pointer their threads share.
+//! The matrix view the CPU kernels ([`super::kernels`], [`super::amx`], [`super::pairs`]) take: a
+//! slice with its strides, checked before every product; the destination pointer their threads
+//! share; and the split of an f32 into two bf16s that AMX and `vdpbf16ps` multiply.
 
 /// A matrix view over a slice: element (i, j) is `data[i rs + j cs]`. It borrows the slice, so it
 /// cannot outlive it, and every product checks ([`Mat::check`]) that its shape lies inside the
@@ -79,3 +80,18 @@ pub(crate) struct SendPtr(pub(crate) *mut f32);
 // ends before the product returns (so never past the borrow of its destination).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+
+/// `x` rounded to the nearest bf16 (ties to even), and the bf16 nearest to what is left. Finite
+/// values only (no NaN branch; a NaN or infinity comes out a NaN or infinity either way, with a
+/// meaningless `lo`). Plain integer arithmetic so that the packing loops vectorize; `half`'s
+/// conversion gives the same bits, slower.
+#[inline(always)]
+pub(crate) fn bf16_split(x: f32) -> (u16, u16) {
+    #[inline(always)]
+    fn round(v: f32) -> u16 {
+        let b = v.to_bits();
+        (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    }
+    let hi = round(x);
+    (hi, round(x - f32::from_bits(u32::from(hi) << 16)))
+}

@@ -8,6 +8,7 @@ pub mod amx;
 pub mod attention;
 pub mod checkpoint;
 pub mod config;
+pub mod cpu;
 pub mod device;
 pub mod export;
 pub mod frozen;
@@ -16,6 +17,8 @@ pub mod kernels;
 pub mod lora;
 pub mod mat;
 pub mod ops;
+#[cfg(target_arch = "x86_64")]
+pub mod pairs;
 pub mod prompt;
 pub mod qwen3;
 pub mod random;

@@ -196,16 +196,17 @@ impl Qwen3 {
         self.layers.iter().flat_map(Layer::projections).for_each(Frozen::ready_for_backward);
     }
 
-    /// How the projections' weights are held, for reports: `amx-tiles` (every one packed for
-    /// AMX), `f32` (none), or `mixed`.
+    /// The kernel path the projections' products run on (`Frozen::runs_on`), the same for all
+    /// of them or `None` (mixed: a weight with values that are not bf16s stays f32).
+    pub fn weights_kernel(&self) -> Option<super::cpu::Kernel> {
+        let mut kinds = self.layers.iter().flat_map(Layer::projections).map(Frozen::runs_on);
+        let first = kinds.next().unwrap_or(super::cpu::Kernel::F32);
+        kinds.all(|k| k == first).then_some(first)
+    }
+
+    /// [`Qwen3::weights_kernel`]'s name, for reports: `amx`, `avx512-bf16`, `avx512`, `f32` or `mixed`.
     pub fn weights_kind(&self) -> &'static str {
-        let all = self.layers.iter().flat_map(Layer::projections).map(Frozen::packed);
-        let (packed, total) = all.fold((0, 0), |(p, t), x| (p + usize::from(x), t + 1));
-        match packed {
-            0 => "f32",
-            p if p == total => "amx-tiles",
-            _ => "mixed",
-        }
+        self.weights_kernel().map_or("mixed", super::cpu::Kernel::name)
     }
 
     /// `[batch, 2]` logits `[no, yes]` at each row's last real token.
