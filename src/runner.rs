@@ -134,7 +134,11 @@ pub fn run(root: &Root, run_dir: &Path, nice: Option<i32>) -> anyhow::Result<i32
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
     lock.write_pid()?;
-    let shrink = std::mem::take(&mut ctx.status.shrink_memory);
+    // Evidence of memory pressure in the last attempt (an older status says only `shrink_memory`).
+    let shrink = std::mem::take(&mut ctx.status.shrink_memory).then(|| {
+        std::mem::take(&mut ctx.status.memory_evidence).unwrap_or_else(|| "its death looked like memory".into())
+    });
+    ctx.status.needs_space_mb = None;
     ctx.set_state(RunState::Running, None, None)?;
     testhooks::crash_point("run.after_running");
     let _ballast: Vec<u8> = testhooks::alloc_mb().map(|mb| vec![1u8; mb << 20]).unwrap_or_default();
@@ -152,6 +156,9 @@ pub fn run(root: &Root, run_dir: &Path, nice: Option<i32>) -> anyhow::Result<i32
             let why = format!("{} did not complete", ctx.status.run_id);
             if let Err(u) = models::undo(root, &ctx.status.corpus, &ctx.status.run_id, &why) {
                 eprintln!("rerankd run: undoing the promotion: {u}");
+            }
+            if disk_full(&e) {
+                return Ok(wait_for_space(&mut ctx, root, &e));
             }
             // The strongest request standing now wins over the one that stopped the run (a
             // cancel that came while it was pausing is still a cancel).
@@ -190,6 +197,47 @@ pub fn run(root: &Root, run_dir: &Path, nice: Option<i32>) -> anyhow::Result<i32
     result.map(|_| 0)
 }
 
+/// Whether the disk refused a write anywhere in the error's chain (`sys::is_disk_full`): the
+/// store's errors, plain I/O errors, and candle's (a tensor file being saved).
+fn disk_full(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<store::StoreError>().is_some_and(store::StoreError::is_disk_full)
+            || c.downcast_ref::<std::io::Error>().is_some_and(crate::sys::is_disk_full)
+            || c.downcast_ref::<candle_core::Error>().is_some_and(candle_disk_full)
+    })
+}
+
+fn candle_disk_full(e: &candle_core::Error) -> bool {
+    match e {
+        candle_core::Error::Io(io) => crate::sys::is_disk_full(io),
+        candle_core::Error::WithBacktrace { inner, .. } | candle_core::Error::Context { inner, .. } => {
+            candle_disk_full(inner)
+        }
+        _ => false,
+    }
+}
+
+/// A run that met a full disk keeps its checkpoints and goes back in line, to resume from the
+/// latest once [`checkpoint::space_needed_mb`] are free on the root's file system (the daemon
+/// checks before starting it). Returns the exit status: 0 when recorded, [`store::EXIT_DISK_FULL`]
+/// when even that could not be written (the daemon then records it).
+fn wait_for_space(ctx: &mut RunContext, root: &Root, e: &anyhow::Error) -> i32 {
+    let need = checkpoint::space_needed_mb(&ctx.files);
+    let at = match checkpoint::latest::<checkpoint::Header>(&ctx.files) {
+        Some((_, Ok(h))) => format!("resumes from its checkpoint at step {}", h.cursor.step),
+        _ => "starts over (no checkpoint yet)".to_string(),
+    };
+    let why = format!("the disk is full ({e:#}); {at} once {need} MB are free on {}", root.dir.display());
+    ctx.status.needs_space_mb = Some(need);
+    match ctx.set_state(RunState::Queued, Some(why), None) {
+        Ok(()) => 0,
+        Err(e2) => {
+            eprintln!("rerankd run: the disk is full and the run could not record it: {e2:#}");
+            store::EXIT_DISK_FULL
+        }
+    }
+}
+
 /// The baseline: the corpus's promoted adapter or the base model, loaded once (for hard-negative
 /// mining and evaluation), or why it could not be (nothing is then promoted automatically).
 struct BaselineModel {
@@ -206,17 +254,25 @@ struct Baseline {
     heldout: Option<EvalResult>,
 }
 
-fn execute(ctx: &mut RunContext, root: &Root, shrink: bool) -> anyhow::Result<Value> {
+fn execute(ctx: &mut RunContext, root: &Root, shrink: Option<String>) -> anyhow::Result<Value> {
     ctx.check_cancel()?;
     let job: Job = read_json(&ctx.files.job())?;
     let device = job.device.open()?;
     let ck = CheckpointDir::resolve(&job.model)?; // its errors name the model already
-    let saved = checkpoint::latest::<Saved>(&ctx.files)
+    let checked = checkpoint::checked::<Saved>(&ctx.files);
+    for (dir, why) in &checked.damaged {
+        ctx.warn(Log::warn(format!("checkpoint {} is damaged and skipped: {why}", dir.display())))?;
+    }
+    if checked.found.is_none() && !checked.damaged.is_empty() {
+        ctx.warn(Log::warn("no checkpoint of this run proves itself: it starts over"))?;
+    }
+    let saved = checked
+        .found
         .map(|(dir, state)| state.map(|s| (dir, s)))
         .transpose()
         .context("reading the run's checkpoint")?;
     let job = match &saved {
-        Some((_, s)) => replan(ctx, job, &s.plan, shrink)?,
+        Some((_, s)) => replan(ctx, job, &s.plan, shrink.as_deref())?,
         None => govern(ctx, job, &ck, device.is_cpu())?,
     };
     ctx.info(&format!("loading model {} on {:?}", job.model, device.location()))?;
@@ -590,7 +646,7 @@ fn train_and_select(
         let t0 = std::time::Instant::now();
         let sel = sel.borrow();
         let state = Saved {
-            version: 1,
+            version: checkpoint::SEALED_SINCE,
             attempt,
             cursor: *cur,
             optimizer_t: opt.state().2,
@@ -700,17 +756,20 @@ struct Saved {
 }
 
 /// A resumed run trains under its checkpoint's plan, not a new one (a new plan would change the
-/// steps); after a death nobody explained, under a micro-batch of at most 3/4 of it.
-fn replan(ctx: &mut RunContext, mut job: Job, plan: &Plan, shrink: bool) -> anyhow::Result<Job> {
+/// steps); after a death with evidence of memory pressure (`shrink`), under a micro-batch of at most 3/4 of it.
+fn replan(ctx: &mut RunContext, mut job: Job, plan: &Plan, shrink: Option<&str>) -> anyhow::Result<Job> {
     let mut micro = plan.micro;
-    if shrink {
+    if let Some(evidence) = shrink {
         let to = crate::budget::shrunk_micro_batch(plan.micro);
         let why = if to < plan.micro {
-            "the previous attempt died without recording why (killed, or the machine went down): resumed with \
-             at most 3/4 of its micro-batch, the same effective batch"
-                .to_string()
+            format!(
+                "the previous attempt died under memory pressure ({evidence}): resumed with at most 3/4 of its \
+                 micro-batch, the same effective batch"
+            )
         } else {
-            "the previous attempt died without recording why, but one row per micro-batch cannot shrink".to_string()
+            format!(
+                "the previous attempt died under memory pressure ({evidence}), but one row per micro-batch cannot shrink"
+            )
         };
         ctx.log.append(Event::Cap(Cap { field: "train.batch_size".into(), from: plan.micro, to, why }))?;
         micro = to;
@@ -749,6 +808,7 @@ fn write_outputs(
         primary_metric: Some(job.eval.primary_metric.clone()),
         metrics: cand.map(|c| c.metrics.iter().map(|(k, v)| (k.clone(), Some(*v).filter(|v| v.is_finite()))).collect()),
         best_epoch,
+        files: None, // sealed by `write`
     };
     t.candidate.save(&ctx.files.adapter(), Some(&job.model))?;
     manifest.write(&ctx.files.adapter())?;

@@ -1,6 +1,7 @@
 //! Every question asked of, and every request made to, the operating system outside plain file
-//! I/O: process liveness and signals, memory (ours, a child's, the machine's), our uid, and CPU
-//! and I/O priority. The rest of the crate never calls libc for these (pueue's
+//! I/O: process liveness and signals, memory (ours, a child's, the machine's), our uid, CPU
+//! and I/O priority, free disk space (and whether an error is a full disk), and the cgroup's OOM
+//! kills. The rest of the crate never calls libc for these (pueue's
 //! `process_helper/`). Platform differences are a few `cfg` lines each:
 //! - Linux reads `/proc/<pid>/status` (VmRSS, VmHWM) and sets I/O priority with `ioprio_set`.
 //! - macOS asks `proc_pid_rusage` for the *physical footprint*, which, unlike RSS, counts memory
@@ -8,6 +9,7 @@
 //!   This path is compiled only on macOS and is not verified on this Linux machine.
 
 use std::io;
+use std::path::Path;
 
 /// Whether a process with this pid exists (signal 0 probes without sending). A pid that does not
 /// fit a positive `pid_t` is never alive: `kill(-n, 0)` would probe a whole process group.
@@ -147,6 +149,35 @@ pub fn ticks_per_second() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 { t as u64 } else { 100 }
+}
+
+/// Megabytes free to an unprivileged writer on the file system holding `path` (statvfs), or
+/// `None` where it cannot be asked.
+pub fn free_space_mb(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes only into `st`; `c` is a valid NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64) >> 20)
+}
+
+/// Whether an I/O error is the disk refusing a write: full (ENOSPC), over quota (EDQUOT) or
+/// read-only (EROFS), all of which pass once someone frees space or remounts.
+pub fn is_disk_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS))
+}
+
+/// How many times the kernel's OOM killer has acted in this process's cgroup and below
+/// (`oom_kill` in the cgroup v2 `memory.events`), or `None` where there is no such file (cgroup
+/// v1, macOS, no memory controller).
+pub fn cgroup_oom_kills() -> Option<u64> {
+    let cg = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = cg.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let events = std::fs::read_to_string(format!("/sys/fs/cgroup{}/memory.events", rel.trim_end())).ok()?;
+    events.lines().find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
 }
 
 #[cfg(test)]

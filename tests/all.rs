@@ -22,6 +22,8 @@ mod feedback;
 mod fixture;
 /// on_finish hooks.
 mod hooks;
+/// Damaged state never wins: sealed checkpoints and adapters.
+mod integrity;
 /// The layers docs/design.md states, checked on the source: no circles, nothing imported upward.
 mod layers;
 /// Learning you can trust: hard negatives, held-out lists, promotion.

@@ -82,17 +82,14 @@ fn kill_9_of_daemon_and_child_then_restart_settles_the_orphan() {
     root.drop_job("b.json", &root.job("c1", 1));
     let d2 = root.daemon();
     // It has a checkpoint (made at its start): the sweep queues it again to resume from it,
-    // under a smaller memory plan since nobody recorded why it died.
+    // under the same memory plan (a daemon's death leaves no evidence of memory pressure).
     wait_for("the orphan to run again", Duration::from_secs(30), || {
         (root.status(&a)["attempt"] == 2 && root.status(&a)["state"] == "running").then_some(())
     });
     let requeued =
         root.events(&a).into_iter().find(|e| e["type"] == "state" && e["state"] == "queued" && e["attempt"] == 1);
     let why = requeued.expect("a queued state event")["reason"].as_str().unwrap().to_string();
-    assert!(
-        why.contains("orphaned") && why.contains("resumes from its checkpoint under a smaller memory plan"),
-        "{why}"
-    );
+    assert!(why.contains("orphaned") && why.ends_with("resumes from its checkpoint"), "{why}");
     // Every line of the log parses (the sweep's reopen cut any torn line), seq is gapless.
     let text = std::fs::read_to_string(root.dir.join("runs").join(&a).join("metrics.jsonl")).unwrap();
     let seqs: Vec<u64> = text
@@ -276,26 +273,36 @@ fn latency_report() {
     stop(d);
 }
 
+/// A child killed twice, each time after optimizer steps of its own attempt but with no
+/// checkpoint since the first (the next is 300 s away): progress is counted in steps, so both
+/// times it resumes (the reason names the signal), then completes, and the queue moves on.
 #[test]
-fn a_child_killed_twice_without_progress_is_recorded_failed_and_the_queue_moves_on() {
+fn a_child_killed_twice_with_progress_resumes_both_times_and_the_queue_moves_on() {
     let root = Root::new("");
-    let d = root.daemon();
-    let a = root.submit("a.json", &root.job("c1", 1000));
+    let d = root.daemon_env(&[("RERANKD_TEST_STEP_SLEEP_MS", "50")]);
+    let a = root.submit("a.json", &root.job("c1", 6));
     let b = root.submit("b.json", &root.job("c1", 1));
-    wait_steps(&root, &a, 2);
-    // Killed once: it resumes from its first checkpoint (the next is 300 s away).
-    kill_pid(pid_of(&root, &a), libc::SIGKILL);
-    wait_for("attempt 2", Duration::from_secs(30), || {
-        (root.status(&a)["attempt"] == 2 && root.status(&a)["state"] == "running").then_some(())
-    });
-    let n = root.events(&a).iter().filter(|e| e["type"] == "step").count();
-    wait_steps(&root, &a, n + 1);
-    // Killed again without a new checkpoint: not resumed.
-    kill_pid(pid_of(&root, &a), libc::SIGKILL);
-    let st = wait_state(&root, &a, &["failed"], Duration::from_secs(10));
-    let error = st["error"].as_str().unwrap();
-    assert!(error.contains("interrupted twice at step 0 without progress") && error.contains("signal 9"), "{st}");
-    assert!(root.events(&a).iter().any(|e| e["type"] == "error"));
+    for (attempt, more) in [(1, 2), (2, 4)] {
+        wait_for(&format!("attempt {attempt}"), Duration::from_secs(60), || {
+            (root.status(&a)["attempt"] == attempt && root.status(&a)["state"] == "running").then_some(())
+        });
+        let n = root.events(&a).iter().filter(|e| e["type"] == "step").count();
+        wait_steps(&root, &a, n + more);
+        kill_pid(pid_of(&root, &a), libc::SIGKILL);
+    }
+    let st = wait_state(&root, &a, &["completed", "failed", "cancelled"], Duration::from_secs(120));
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_eq!(st["attempt"], 3, "{st}");
+    let requeued: Vec<Value> = root
+        .events(&a)
+        .into_iter()
+        .filter(|e| e["type"] == "state" && e["state"] == "queued" && e["attempt"].is_u64())
+        .collect();
+    assert_eq!(requeued.len(), 2, "{requeued:?}");
+    for e in &requeued {
+        let why = e["reason"].as_str().unwrap();
+        assert!(why.contains("signal 9") && why.contains("resumes from its checkpoint"), "{e}");
+    }
     wait_state(&root, &b, &["completed"], Duration::from_secs(90));
     stop(d);
 }

@@ -189,6 +189,8 @@ pub fn resume(root: &Root, run: &str) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(super::EXIT_REFUSED));
     }
     files.clear_pause();
+    // A run the crash loop guard parked gets two more tries.
+    st.stalled = 0;
     rerankd::store::settle(&files, &mut st, RunState::Queued, Some("resumed by rerankd resume".into()), None)?;
     poke_daemon(root);
     super::say(

@@ -56,7 +56,7 @@ pub fn run(root: &Root, a: ScoreArgs) -> anyhow::Result<ExitCode> {
         },
         (None, a) => a.clone(),
     };
-    let manifest = adapter_dir.as_deref().and_then(|d| models::Manifest::read(d).ok());
+    let manifest = adapter_dir.as_deref().map(models::Manifest::read_if_present).transpose()?.flatten();
     let model = a
         .model
         .clone()

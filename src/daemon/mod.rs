@@ -50,6 +50,9 @@ struct Queued {
     run_id: RunId,
     corpus: CorpusName,
     budget_mb: u64,
+    /// Its last attempt met a full disk: it starts once this many MB are free on the root's file
+    /// system (checked at each tick it could start).
+    needs_space_mb: Option<u64>,
 }
 
 struct Daemon {
@@ -103,7 +106,12 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
         queue: VecDeque::new(),
         active: Vec::new(),
         unsettled: Vec::new(),
-        paused: swept.paused.iter().map(|st| (st.run_id.clone(), st.corpus.clone())).collect(),
+        paused: swept
+            .paused
+            .iter()
+            .filter(|st| !st.parked())
+            .map(|st| (st.run_id.clone(), st.corpus.clone()))
+            .collect(),
         stopping: false,
         intake,
         policies: Default::default(),
@@ -116,7 +124,12 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
     }
     for st in swept.queued {
         let budget_mb = d.budget_of(&st.run_id);
-        d.queue.push_back(Queued { run_id: st.run_id, corpus: st.corpus, budget_mb });
+        d.queue.push_back(Queued {
+            run_id: st.run_id,
+            corpus: st.corpus,
+            budget_mb,
+            needs_space_mb: st.needs_space_mb,
+        });
     }
     // Runs the sweep settled ended like any other: their report and hook.
     for id in &swept.settled {
@@ -253,7 +266,8 @@ impl Daemon {
                 RunState::Queued if !known(&st.run_id, self) => {
                     tracing::info!(run_id = %st.run_id, "run queued again (resumed)");
                     let budget_mb = self.budget_of(&st.run_id);
-                    self.queue.push_back(Queued { run_id: st.run_id, corpus: st.corpus, budget_mb });
+                    let needs_space_mb = st.needs_space_mb;
+                    self.queue.push_back(Queued { run_id: st.run_id, corpus: st.corpus, budget_mb, needs_space_mb });
                 }
                 RunState::Paused => {
                     let files = RunFiles::new(&self.root.run_dir(&st.run_id));
@@ -267,7 +281,8 @@ impl Daemon {
                                 Err(e) => tracing::error!(run_id = %st.run_id, error = %e, "cancelling a paused run"),
                             }
                         }
-                        None => paused.push((st.run_id, st.corpus)),
+                        None if !st.parked() => paused.push((st.run_id, st.corpus)),
+                        None => {}
                     }
                 }
                 _ => {}
@@ -329,7 +344,7 @@ impl Daemon {
             }
         }
         let budget_mb = a.job.memory_budget_mb;
-        self.queue.push_back(Queued { run_id: a.run_id, corpus: a.job.corpus, budget_mb });
+        self.queue.push_back(Queued { run_id: a.run_id, corpus: a.job.corpus, budget_mb, needs_space_mb: None });
     }
 
     /// Queued runs with a cancel sentinel are cancelled without ever starting (and those with a
@@ -391,6 +406,14 @@ impl Daemon {
                 i += 1;
                 continue;
             }
+            // A run that met a full disk waits for space (the disk is asked at each tick; the
+            // queue keeps the daemon ticking), holding its corpus, without counting an attempt.
+            if let Some(need) = self.queue[i].needs_space_mb
+                && crate::sys::free_space_mb(&self.root.dir).is_some_and(|free| free < need)
+            {
+                i += 1;
+                continue;
+            }
             let q = self.queue.remove(i).expect("index in range");
             match self.spawn(&q.run_id) {
                 Ok(mut child) => {
@@ -408,6 +431,7 @@ impl Daemon {
                         reason: None,
                         error,
                         resume: ending::Resume::No,
+                        memory: None,
                     };
                     if let Err(u) = ending::retry(&self.root, u) {
                         self.unsettled.push(u);
@@ -444,10 +468,19 @@ impl Daemon {
             for (run_id, corpus) in reaped.requeued {
                 tracing::info!(run_id = %run_id, "run interrupted; queued again to resume from its checkpoint");
                 let budget_mb = self.budget_of(&run_id);
-                self.queue.push_back(Queued { run_id, corpus, budget_mb });
+                let needs_space_mb = Status::read(&RunFiles::new(&self.root.run_dir(&run_id)).status())
+                    .ok()
+                    .and_then(|st| st.needs_space_mb);
+                self.queue.push_back(Queued { run_id, corpus, budget_mb, needs_space_mb });
             }
         }
-        self.paused.extend(reaped.paused);
+        // A run the crash loop guard parked does not hold its corpus.
+        let root = &self.root;
+        self.paused.extend(
+            reaped.paused.into_iter().filter(|(id, _)| {
+                !Status::read(&RunFiles::new(&root.run_dir(id)).status()).is_ok_and(|st| st.parked())
+            }),
+        );
         // Runs whose terminal state is now recorded: their on_finish hooks.
         for id in reaped.settled {
             self.finished(&id);

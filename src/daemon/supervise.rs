@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::store::paths::RunFiles;
-use crate::store::{Root, RunState, StopRequest};
+use crate::store::{EXIT_DISK_FULL, Root, RunState, StopRequest};
 
 use super::ending::{Resume, Unsettled, retry, run_is_alive};
 
@@ -48,6 +48,12 @@ pub struct Active {
     /// The daemon asked it to stop because the daemon is shutting down: however it ends
     /// without recording it, it may resume.
     pub shutdown: bool,
+    /// Its memory budget, and its memory at the last tick: evidence of memory pressure if it
+    /// dies (see [`Active::memory_evidence`]).
+    budget_mb: u64,
+    last_mb: Option<u64>,
+    /// The cgroup's OOM kills when the daemon started watching it.
+    oom_kills_at_start: Option<u64>,
 }
 
 impl Active {
@@ -61,7 +67,26 @@ impl Active {
             hard_limit_mb: crate::budget::hard_limit_mb(budget_mb),
             killed_for: None,
             shutdown: false,
+            budget_mb,
+            last_mb: None,
+            oom_kills_at_start: crate::sys::cgroup_oom_kills(),
         }
+    }
+
+    /// Why its death may have been memory, if there is evidence: the kernel's OOM killer acted in
+    /// the cgroup since the run started, or its last sampled memory was at least 90% of its
+    /// budget. A death without evidence (a reboot, a power loss, a kill -9) is not memory.
+    pub fn memory_evidence(&self) -> Option<String> {
+        if let (Some(a), Some(b)) = (self.oom_kills_at_start, crate::sys::cgroup_oom_kills())
+            && b > a
+        {
+            return Some(format!(
+                "the kernel's OOM killer acted in the daemon's cgroup (memory.events oom_kill {a} -> {b})"
+            ));
+        }
+        let mb = self.last_mb?;
+        (mb * 10 >= self.budget_mb * 9)
+            .then(|| format!("its last sampled memory, {mb} MB, was within 10% of its budget of {} MB", self.budget_mb))
     }
 
     pub fn pid(&self) -> u32 {
@@ -72,7 +97,7 @@ impl Active {
     }
 
     /// `Some(how it ended)` once the process is gone.
-    fn exited(&mut self, root: &Root) -> Option<String> {
+    fn exited(&mut self, root: &Root) -> Option<Exit> {
         match &mut self.proc {
             Proc::Child { child, stderr } => match child.try_wait() {
                 Ok(Some(exit)) => {
@@ -80,7 +105,8 @@ impl Active {
                         let _ = t.join(); // the pipe is closed: the reader is at EOF
                         last_words(&buf)
                     });
-                    Some(describe(exit) + &words.flatten().map(|w| format!("; it said: {w}")).unwrap_or_default())
+                    let how = describe(exit) + &words.flatten().map(|w| format!("; it said: {w}")).unwrap_or_default();
+                    Some(Exit { how, disk_full: exit.code() == Some(EXIT_DISK_FULL) })
                 }
                 Ok(None) => None,
                 Err(e) => {
@@ -88,8 +114,10 @@ impl Active {
                     None
                 }
             },
-            Proc::Adopted { pid } => (!run_is_alive(root, &self.corpus, *pid))
-                .then(|| "exit status unknown: adopted after a daemon restart".to_string()),
+            Proc::Adopted { pid } => (!run_is_alive(root, &self.corpus, *pid)).then(|| Exit {
+                how: "exit status unknown: adopted after a daemon restart".to_string(),
+                disk_full: false,
+            }),
         }
     }
 
@@ -109,8 +137,12 @@ impl Active {
     /// One supervision tick for a live run: the memory watchdog, then cancel escalation.
     fn police(&mut self, root: &Root, grace: Duration) {
         let files = RunFiles::new(&root.run_dir(&self.run_id));
+        let sampled = crate::sys::process_memory_mb(self.pid());
+        if sampled.is_some() {
+            self.last_mb = sampled;
+        }
         if self.killed_for.is_none()
-            && let Some(mb) = crate::sys::process_memory_mb(self.pid())
+            && let Some(mb) = sampled
             && mb > self.hard_limit_mb
         {
             let why = format!(
@@ -163,6 +195,13 @@ fn last_words(buf: &Mutex<VecDeque<u8>>) -> Option<String> {
     let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
     (!tail.is_empty()).then_some(tail)
+}
+
+/// How a run's process ended: said for its error, and whether it met a full disk it could not
+/// record ([`EXIT_DISK_FULL`]).
+pub struct Exit {
+    how: String,
+    disk_full: bool,
 }
 
 fn describe(exit: ExitStatus) -> String {
@@ -218,11 +257,15 @@ pub fn supervise(root: &Root, active: &mut Vec<Active>, grace: Duration) -> Reap
 
 /// After a run's process is gone: if it left its run running, record why, or queue it again to
 /// resume from its checkpoint. Returns the state the run is in now, or the pending record.
-pub fn finish(root: &Root, a: &Active, how: &str) -> Result<RunState, Unsettled> {
+pub fn finish(root: &Root, a: &Active, exit: &Exit) -> Result<RunState, Unsettled> {
     let files = RunFiles::new(&root.run_dir(&a.run_id));
+    let how = &exit.how;
     let (state, reason, error, resume) = match (&a.killed_for, files.cancel_requested()) {
         (Some(why), _) => (RunState::Failed, None, Some(why.clone()), Resume::No),
         (None, Some(reason)) => (RunState::Cancelled, Some(reason), None, Resume::No),
+        (None, None) if exit.disk_full => {
+            (RunState::Failed, None, Some(format!("the disk is full ({how})")), Resume::DiskFull)
+        }
         (None, None) if a.shutdown => {
             (RunState::Cancelled, Some(StopRequest::Shutdown.reason().to_string()), None, Resume::Explained)
         }
@@ -230,6 +273,7 @@ pub fn finish(root: &Root, a: &Active, how: &str) -> Result<RunState, Unsettled>
             (RunState::Failed, None, Some(format!("run process died without a result ({how})")), Resume::Unexplained)
         }
     };
-    let u = Unsettled { run_id: a.run_id.clone(), corpus: a.corpus.clone(), state, reason, error, resume };
+    let memory = (resume == Resume::Unexplained).then(|| a.memory_evidence()).flatten().map(String::into_boxed_str);
+    let u = Unsettled { run_id: a.run_id.clone(), corpus: a.corpus.clone(), state, reason, error, resume, memory };
     retry(root, u)
 }

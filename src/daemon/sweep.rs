@@ -70,9 +70,12 @@ pub fn sweep(root: &Root) -> anyhow::Result<Swept> {
                     Some(StopRequest::Shutdown) => (StopRequest::Shutdown.reason().to_string(), Resume::Explained),
                     _ => (ORPHANED.to_string(), Resume::Unexplained),
                 };
-                settle_dead(root, &files, &mut st, RunState::Cancelled, Some(reason), None, resume)?;
+                // No evidence of memory pressure survives a daemon's death (a reboot, a power
+                // loss): the plan stays.
+                settle_dead(root, &files, &mut st, RunState::Cancelled, Some(reason), None, resume, None)?;
                 match st.state {
                     RunState::Queued => out.queued.push(st),
+                    RunState::Paused => out.paused.push(st),
                     _ => out.settled.push(st.run_id.clone()),
                 }
             }

@@ -229,7 +229,7 @@ pub fn write_weights(spec: &ExportSpec, out: &Path) -> Result<Written> {
         tensors += shard.len();
         let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
         safetensors::serialize_to_file(shard, Some(meta), &out.join(&file))
-            .map_err(|e| ModelError::Invalid(format!("writing {}: {e}", out.join(&file).display())))?;
+            .map_err(|e| ModelError::Write { path: out.join(&file), source: Box::new(e) })?;
         files.push(file);
     }
     if count > 1 {

@@ -259,7 +259,7 @@ impl LoraSet {
             self.named().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
         let st = dir.join("adapter_model.safetensors");
         candle_core::safetensors::save(&tensors, &st)
-            .map_err(|e| ModelError::Invalid(format!("writing {}: {e}", st.display())))?;
+            .map_err(|e| ModelError::Write { path: st.clone(), source: Box::new(e) })?;
         let cfg = dir.join("adapter_config.json");
         let text = serde_json::to_string_pretty(&self.cfg.to_peft_json(base_model)).expect("json value serialises");
         std::fs::write(&cfg, text).map_err(|e| ModelError::io(&cfg, "writing", e))

@@ -37,6 +37,10 @@ pub enum ModelError {
     Io { path: PathBuf, action: &'static str, source: std::io::Error },
     #[error("{path}{}: {message}", field.as_ref().map(|f| format!(": field `{f}`")).unwrap_or_default())]
     File { path: PathBuf, field: Option<String>, message: String },
+    /// A file that could not be written, with the cause as its source (so that a full disk is
+    /// recognised as one: `sys::is_disk_full`).
+    #[error("writing {path}: {source}")]
+    Write { path: PathBuf, source: Box<dyn std::error::Error + Send + Sync> },
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]

@@ -48,6 +48,15 @@ impl StoreError {
     pub fn io(path: &Path, action: &'static str, source: std::io::Error) -> Self {
         Self::Io { path: path.to_path_buf(), action, cause: source }
     }
+
+    /// Whether this is the disk refusing a write (`sys::is_disk_full`).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, Self::Io { cause, .. } if crate::sys::is_disk_full(cause))
+    }
 }
+
+/// The exit status of a run process that met a full disk and could not even record it: the
+/// daemon queues the run again, to resume once there is space (EX_TEMPFAIL).
+pub const EXIT_DISK_FULL: i32 = 75;
 
 pub type Result<T> = std::result::Result<T, StoreError>;

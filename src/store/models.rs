@@ -76,15 +76,59 @@ pub struct Manifest {
     pub metrics: Option<std::collections::BTreeMap<String, Option<f64>>>,
     #[serde(default)]
     pub best_epoch: Option<usize>,
+    /// The sha256 of every other file of the adapter directory, by name, filled in by
+    /// [`Manifest::write`] and checked by [`Manifest::read`] (absent in an older rerankd's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<std::collections::BTreeMap<String, String>>,
 }
 
+const MANIFEST: &str = "manifest.json";
+
 impl Manifest {
+    /// The adapter's manifest, after every file it seals proved itself (a flipped byte, a file
+    /// missing or added is an error naming the file): the one way an adapter is opened, to train
+    /// on, promote, serve, score or export.
     pub fn read(adapter_dir: &Path) -> Result<Self> {
-        super::atomic::read_json(&adapter_dir.join("manifest.json"))
+        let m: Self = super::atomic::read_json(&adapter_dir.join(MANIFEST))?;
+        if let Some(files) = &m.files {
+            let on_disk = adapter_files(adapter_dir)?;
+            if let Some(extra) = on_disk.iter().find(|f| !files.contains_key(*f)) {
+                let message = format!("not sealed by {MANIFEST}: the adapter directory was changed");
+                return Err(StoreError::Corrupt { path: adapter_dir.join(extra), message });
+            }
+            for (name, want) in files {
+                let path = adapter_dir.join(name);
+                if !on_disk.contains(name) {
+                    return Err(StoreError::Corrupt { path, message: format!("missing (sealed by {MANIFEST})") });
+                }
+                let got = super::atomic::sha256_file(&path)?;
+                if &got != want {
+                    let message = format!("damaged: sha256 {got}, {MANIFEST} sealed {want}");
+                    return Err(StoreError::Corrupt { path, message });
+                }
+            }
+        }
+        Ok(m)
     }
 
+    /// [`Manifest::read`], or `None` where the directory has no manifest (a PEFT adapter
+    /// directory from elsewhere).
+    pub fn read_if_present(adapter_dir: &Path) -> Result<Option<Self>> {
+        if !adapter_dir.join(MANIFEST).exists() {
+            return Ok(None);
+        }
+        Self::read(adapter_dir).map(Some)
+    }
+
+    /// Seals every other file of `adapter_dir` (written before it) and writes the manifest.
     pub fn write(&self, adapter_dir: &Path) -> Result<()> {
-        super::atomic::write_json(&adapter_dir.join("manifest.json"), self)
+        let mut files = std::collections::BTreeMap::new();
+        for name in adapter_files(adapter_dir)? {
+            let digest = super::atomic::sha256_file(&adapter_dir.join(&name))?;
+            files.insert(name, digest);
+        }
+        let sealed = Self { files: Some(files), ..self.clone() };
+        super::atomic::write_json(&adapter_dir.join(MANIFEST), &sealed)
     }
 
     /// The instruction prompts for this adapter are built with: its own, else the template's.
@@ -96,6 +140,18 @@ impl Manifest {
     pub fn scoring_max_length(&self) -> usize {
         self.max_length.unwrap_or(DEFAULT_MAX_LENGTH)
     }
+}
+
+/// The regular files of an adapter directory but its manifest (an adapter is one flat directory).
+fn adapter_files(dir: &Path) -> Result<std::collections::BTreeSet<String>> {
+    let mut out = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir(dir).map_err(|e| StoreError::io(dir, "listing", e))?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name != MANIFEST && !name.starts_with('.') && e.path().is_file() {
+            out.insert(name);
+        }
+    }
+    Ok(out)
 }
 
 /// max_length for a model with nothing to say otherwise (no manifest, no export info): what
@@ -210,7 +266,11 @@ pub fn promote(
     details: Value,
 ) -> Result<PathBuf> {
     let previous = current(root, corpus).map(|(id, _)| id);
+    // Both the run's adapter and the installed copy prove themselves before anything points at
+    // them (an older rerankd's unsealed adapter passes as it is).
+    Manifest::read_if_present(adapter)?;
     let dest = install(root, corpus, run_id, adapter)?;
+    Manifest::read_if_present(&dest)?;
     freeze_heldout(root, corpus, run_id)?;
     let mut entry = json!({"run_id": run_id, "previous": previous, "how": how, "path": dest});
     if let (Value::Object(e), Value::Object(d)) = (&mut entry, details) {

@@ -31,10 +31,25 @@ pub struct Status {
     /// The spool file this run came from (its claimed name), so intake is idempotent.
     #[serde(default)]
     pub source: Option<String>,
-    /// The last attempt died without recording why (killed, machine down): the next one runs
-    /// under a smaller memory plan.
+    /// The last attempt died with evidence of memory pressure (`memory_evidence`): the next one
+    /// runs under a smaller memory plan.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shrink_memory: bool,
+    /// The evidence of memory pressure behind `shrink_memory` (for the `cap` event).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_evidence: Option<String>,
+    /// The last attempt met a full disk: the daemon starts the next one once this many MB are
+    /// free on the root's file system (`checkpoint::space_needed_mb`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub needs_space_mb: Option<u64>,
+    /// Attempts in a row that died (nobody recording why) without an optimizer step: the crash
+    /// loop guard parks the run at 2 (`daemon::ending::settle_dead`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stalled: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Status {
@@ -53,7 +68,17 @@ impl Status {
             summary: None,
             source,
             shrink_memory: false,
+            memory_evidence: None,
+            needs_space_mb: None,
+            stalled: 0,
         }
+    }
+
+    /// Parked by the crash loop guard (paused after two attempts in a row died without an
+    /// optimizer step): unlike a pause someone asked for, it does not hold its corpus, so the
+    /// corpus's other runs go on; `rerankd resume` retries it.
+    pub fn parked(&self) -> bool {
+        self.state == RunState::Paused && self.stalled >= 2
     }
 
     pub fn read(path: &Path) -> Result<Self> {
