@@ -74,8 +74,9 @@ impl Active {
     }
 
     /// Why its death may have been memory, if there is evidence: the kernel's OOM killer acted in
-    /// the cgroup since the run started, or its last sampled memory was at least 90% of its
-    /// budget. A death without evidence (a reboot, a power loss, a kill -9) is not memory.
+    /// the cgroup since the run started, or its last sampled memory was at or over its budget (the
+    /// plan did not hold; the governor plans a run to fit within it). A death without evidence (a
+    /// reboot, a power loss, a kill -9) is not memory.
     pub fn memory_evidence(&self) -> Option<String> {
         if let (Some(a), Some(b)) = (self.oom_kills_at_start, crate::sys::cgroup_oom_kills())
             && b > a
@@ -85,8 +86,8 @@ impl Active {
             ));
         }
         let mb = self.last_mb?;
-        (mb * 10 >= self.budget_mb * 9)
-            .then(|| format!("its last sampled memory, {mb} MB, was within 10% of its budget of {} MB", self.budget_mb))
+        (mb >= self.budget_mb)
+            .then(|| format!("its last sampled memory, {mb} MB, was at or over its budget of {} MB", self.budget_mb))
     }
 
     pub fn pid(&self) -> u32 {
