@@ -47,6 +47,7 @@ fn main() {
 fn compare(name: &str, m: usize, n: usize, k: usize) {
     use rerankd::model::amx::{Mode, Packed, set_mode};
     use rerankd::model::kernels::{Mat, Threads, sgemm};
+    use rerankd::model::mat::PackedWeight;
     use std::time::Instant;
 
     use rand::{Rng, SeedableRng};

@@ -32,6 +32,7 @@ fn main() {
 #[cfg(target_arch = "x86_64")]
 fn compare(name: &str, m: usize, n: usize, k: usize, backward: bool) {
     use rerankd::model::kernels::{Mat, Threads, sgemm};
+    use rerankd::model::mat::PackedWeight;
     use rerankd::model::pairs::{PairKernel, Pairs};
     use std::time::Instant;
 

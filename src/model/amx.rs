@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use rayon::prelude::*;
 
 use super::mat::bf16_split as split;
-use super::mat::{Mat, SendPtr};
+use super::mat::{Mat, PackedWeight, SendPtr};
 
 /// bf16 elements of one tile: 16 rows of 64 bytes.
 const TILE: usize = 512;
@@ -413,13 +413,23 @@ impl Packed {
         Some(Self { n, k, fwd: pack_cols(Mat::rows_t(w, k), n, k, false), bwd: OnceLock::new() })
     }
 
+    /// The backward's tiles (`w` as `g w` reads it), packed at the first call.
+    fn backward_tiles(&self) -> &Lines {
+        self.bwd.get_or_init(|| {
+            let w = self.to_f32();
+            pack_cols(Mat::rows(&w, self.k), self.k, self.n, false)
+        })
+    }
+}
+
+impl PackedWeight for Packed {
     /// `(n, k)`: the weight's rows and columns.
-    pub fn dims(&self) -> (usize, usize) {
+    fn dims(&self) -> (usize, usize) {
         (self.n, self.k)
     }
 
     /// The weight again, `[n x k]` row-major f32 (exact: the tiles hold its values).
-    pub fn to_f32(&self) -> Vec<f32> {
+    fn to_f32(&self) -> Vec<f32> {
         let (n, k, kt) = (self.n, self.k, self.k.div_ceil(32));
         let fwd = self.fwd.as_slice();
         let mut w = vec![0f32; n * k];
@@ -435,7 +445,7 @@ impl Packed {
 
     /// `dst[m x n] (ld_dst per row) = (accumulate ? dst : 0) + x w^T`, `x [m x k]` with its rows
     /// contiguous. Panics if `x` or `dst` is too small for the shape.
-    pub fn forward(&self, m: usize, x: Mat, dst: &mut [f32], ld_dst: usize, accumulate: bool) {
+    fn forward(&self, m: usize, x: Mat, dst: &mut [f32], ld_dst: usize, accumulate: bool) {
         check_operands(m, self.k, self.n, x, dst, ld_dst);
         // SAFETY: a Packed exists only where AMX is usable (`new`); dst checked above; fwd holds
         // w^T's panels without lo tiles.
@@ -444,23 +454,15 @@ impl Packed {
 
     /// `dst[m x k] (ld_dst per row) = (accumulate ? dst : 0) + g w`, `g [m x n]` with its rows
     /// contiguous. Panics if `g` or `dst` is too small for the shape.
-    pub fn backward(&self, m: usize, g: Mat, dst: &mut [f32], ld_dst: usize, accumulate: bool) {
+    fn backward(&self, m: usize, g: Mat, dst: &mut [f32], ld_dst: usize, accumulate: bool) {
         check_operands(m, self.n, self.k, g, dst, ld_dst);
         let b = self.backward_tiles().as_slice();
         // SAFETY: as in `forward`; the backward's tiles hold w's panels without lo tiles.
         unsafe { drive(m, self.k, self.n, dst.as_mut_ptr(), ld_dst, g, b, false, 1.0, accumulate) }
     }
 
-    /// The backward's tiles (`w` as `g w` reads it), packed at the first call.
-    pub fn backward_tiles_ready(&self) {
+    fn backward_ready(&self) {
         self.backward_tiles();
-    }
-
-    fn backward_tiles(&self) -> &Lines {
-        self.bwd.get_or_init(|| {
-            let w = self.to_f32();
-            pack_cols(Mat::rows(&w, self.k), self.k, self.n, false)
-        })
     }
 }
 

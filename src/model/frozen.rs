@@ -18,8 +18,10 @@ use std::sync::Arc;
 
 use candle_core::{DType, Result, Tensor, bail};
 
+use super::cpu::Kernel;
 use super::host::with_host;
 use super::kernels::{Mat, Threads, sgemm};
+use super::mat::PackedWeight;
 
 /// A frozen weight `[out, in]`; cloning shares it.
 #[derive(Clone)]
@@ -28,38 +30,23 @@ pub struct Frozen(Arc<Repr>);
 enum Repr {
     /// f32, on its device.
     Tensor(Tensor),
-    /// Packed once for AMX (CPU), its values bf16s.
-    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    Tiles(super::amx::Packed, candle_core::Device),
-    /// Packed once as bf16 pairs for AVX-512 (CPU), its values bf16s.
-    #[cfg(target_arch = "x86_64")]
-    Pairs(super::pairs::Pairs, candle_core::Device),
+    /// Packed once for a CPU kernel path (`kernel`), its values bf16s.
+    Packed { w: Box<dyn PackedWeight>, kernel: Kernel, device: candle_core::Device },
 }
 
 impl Frozen {
-    /// The weight as loaded (any float dtype, `[out, in]`): packed for AMX where it can be,
-    /// otherwise widened to f32.
+    /// The weight as loaded (any float dtype, `[out, in]`): packed for the process's CPU kernel
+    /// path where it can be (`cpu::chosen`), otherwise widened to f32.
     pub fn new(w: &Tensor) -> Result<Self> {
         let w = w.to_dtype(DType::F32)?.contiguous()?;
         let (n, k) = w.dims2()?;
-        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        if w.device().is_cpu()
-            && let Some(p) = with_host(&w, "frozen weight", |v| Ok(super::amx::Packed::new(v, n, k)))?
-        {
-            return Ok(Self(Arc::new(Repr::Tiles(p, w.device().clone()))));
-        }
-        #[cfg(target_arch = "x86_64")]
-        if w.device().is_cpu()
-            && let Some(kernel) = match super::cpu::chosen() {
-                super::cpu::Kernel::Avx512Bf16 => Some(super::pairs::PairKernel::Dot),
-                super::cpu::Kernel::Avx512 => Some(super::pairs::PairKernel::Fma),
-                _ => None,
+        if w.device().is_cpu() {
+            let kernel = super::cpu::chosen();
+            let packed = with_host(&w, "frozen weight", |v| Ok(pack(kernel, v, n, k)))?;
+            if let Some(p) = packed {
+                return Ok(Self(Arc::new(Repr::Packed { w: p, kernel, device: w.device().clone() })));
             }
-            && let Some(p) = with_host(&w, "frozen weight", |v| Ok(super::pairs::Pairs::new(v, n, k, kernel)))?
-        {
-            return Ok(Self(Arc::new(Repr::Pairs(p, w.device().clone()))));
         }
-        let _ = (n, k);
         Ok(Self(Arc::new(Repr::Tensor(w))))
     }
 
@@ -67,26 +54,16 @@ impl Frozen {
     pub fn dims(&self) -> (usize, usize) {
         match &*self.0 {
             Repr::Tensor(t) => t.dims2().unwrap_or((0, 0)),
-            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-            Repr::Tiles(p, _) => p.dims(),
-            #[cfg(target_arch = "x86_64")]
-            Repr::Pairs(p, _) => p.dims(),
+            Repr::Packed { w, .. } => w.dims(),
         }
     }
 
     /// The kernel path this weight's products run on (how it is held): `F32` for an f32 tensor,
     /// `Amx` for tiles, `Avx512Bf16` or `Avx512` for bf16 pairs.
-    pub fn runs_on(&self) -> super::cpu::Kernel {
-        use super::cpu::Kernel;
+    pub fn runs_on(&self) -> Kernel {
         match &*self.0 {
             Repr::Tensor(_) => Kernel::F32,
-            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-            Repr::Tiles(..) => Kernel::Amx,
-            #[cfg(target_arch = "x86_64")]
-            Repr::Pairs(p, _) => match p.kernel() {
-                super::pairs::PairKernel::Dot => Kernel::Avx512Bf16,
-                super::pairs::PairKernel::Fma => Kernel::Avx512,
-            },
+            Repr::Packed { kernel, .. } => *kernel,
         }
     }
 
@@ -94,13 +71,8 @@ impl Frozen {
     /// first backward: packed then, between the activations a step keeps, its 2 bytes a value
     /// land among them in the heap.
     pub fn ready_for_backward(&self) {
-        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        if let Repr::Tiles(p, _) = &*self.0 {
-            p.backward_tiles_ready();
-        }
-        #[cfg(target_arch = "x86_64")]
-        if let Repr::Pairs(p, _) = &*self.0 {
-            p.backward_ready();
+        if let Repr::Packed { w, .. } = &*self.0 {
+            w.backward_ready();
         }
     }
 
@@ -109,10 +81,7 @@ impl Frozen {
     pub fn tensor(&self) -> Result<Tensor> {
         match &*self.0 {
             Repr::Tensor(t) => Ok(t.clone()),
-            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-            Repr::Tiles(p, device) => Tensor::from_vec(p.to_f32(), p.dims(), device),
-            #[cfg(target_arch = "x86_64")]
-            Repr::Pairs(p, device) => Tensor::from_vec(p.to_f32(), p.dims(), device),
+            Repr::Packed { w, device, .. } => Tensor::from_vec(w.to_f32(), w.dims(), device),
         }
     }
 
@@ -151,23 +120,12 @@ impl Frozen {
                 sgemm(m, cols, inner, dst, ld, Mat::rows(a, lda), rhs, 1.0, accumulate, Threads::All);
                 Ok(())
             }),
-            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-            Repr::Tiles(p, _) => {
+            Repr::Packed { w, .. } => {
                 let a = Mat::rows(a, lda);
                 if backward {
-                    p.backward(m, a, dst, ld, accumulate)
+                    w.backward(m, a, dst, ld, accumulate)
                 } else {
-                    p.forward(m, a, dst, ld, accumulate)
-                };
-                Ok(())
-            }
-            #[cfg(target_arch = "x86_64")]
-            Repr::Pairs(p, _) => {
-                let a = Mat::rows(a, lda);
-                if backward {
-                    p.backward(m, a, dst, ld, accumulate)
-                } else {
-                    p.forward(m, a, dst, ld, accumulate)
+                    w.forward(m, a, dst, ld, accumulate)
                 };
                 Ok(())
             }
@@ -203,6 +161,24 @@ impl Frozen {
         let mut out = vec![0f32; m * cols];
         with_host(&a, "frozen weight", |a| self.product_into(backward, m, a, inner, &mut out, cols, false))?;
         Tensor::from_vec(out, (m, cols), a.device())
+    }
+}
+
+/// `w [n x k]` packed for `kernel`, where that path packs and every value is a bf16.
+fn pack(kernel: Kernel, w: &[f32], n: usize, k: usize) -> Option<Box<dyn PackedWeight>> {
+    match kernel {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        Kernel::Amx => super::amx::Packed::new(w, n, k).map(|p| Box::new(p) as Box<dyn PackedWeight>),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => super::pairs::Pairs::new(w, n, k, super::pairs::PairKernel::Fma).map(|p| Box::new(p) as _),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512Bf16 => {
+            super::pairs::Pairs::new(w, n, k, super::pairs::PairKernel::Dot).map(|p| Box::new(p) as _)
+        }
+        _ => {
+            let _ = (w, n, k);
+            None
+        }
     }
 }
 

@@ -73,6 +73,23 @@ impl<'a> Mat<'a> {
     }
 }
 
+/// A frozen weight `w [n x k]` packed once for one of the CPU kernel paths (`super::cpu`): AMX
+/// tiles or bf16 pairs. One interface for `super::frozen::Frozen`, whatever the path.
+pub trait PackedWeight: Send + Sync {
+    /// `(n, k)`: the weight's rows and columns.
+    fn dims(&self) -> (usize, usize);
+    /// The weight again, `[n x k]` row-major f32 (exact).
+    fn to_f32(&self) -> Vec<f32>;
+    /// `dst[m x n] (ld per row) = (accumulate ? dst : 0) + x w^T`, `x [m x k]` with its rows
+    /// contiguous. Panics if `x` or `dst` is too small for the shape.
+    fn forward(&self, m: usize, x: Mat, dst: &mut [f32], ld: usize, accumulate: bool);
+    /// `dst[m x k] (ld per row) = (accumulate ? dst : 0) + g w`, `g [m x n]` with its rows
+    /// contiguous. Panics if `g` or `dst` is too small for the shape.
+    fn backward(&self, m: usize, g: Mat, dst: &mut [f32], ld: usize, accumulate: bool);
+    /// Packs the backward's layout now rather than at the first backward.
+    fn backward_ready(&self);
+}
+
 /// A raw pointer to a product's destination handed to the threads of [`sgemm`]'s column split
 /// (and of AMX's product), each writing its own columns.
 pub(crate) struct SendPtr(pub(crate) *mut f32);

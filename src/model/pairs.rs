@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::mat::{Mat, SendPtr, bf16_split};
+use super::mat::{Mat, PackedWeight, SendPtr, bf16_split};
 
 /// Output columns of one panel.
 const NR: usize = 32;
@@ -111,41 +111,8 @@ impl Pairs {
         Some(Self { n, k, kernel, fwd, bwd: OnceLock::new() })
     }
 
-    /// `(n, k)`: the weight's rows and columns.
-    pub fn dims(&self) -> (usize, usize) {
-        (self.n, self.k)
-    }
-
     pub fn kernel(&self) -> PairKernel {
         self.kernel
-    }
-
-    /// The weight again, `[n x k]` row-major f32 (exact: the panels hold its values).
-    pub fn to_f32(&self) -> Vec<f32> {
-        let mut w = vec![0f32; self.n * self.k];
-        w.par_chunks_mut(self.k.max(1)).enumerate().for_each(|(r, row)| {
-            for (i, v) in row.iter_mut().enumerate() {
-                *v = f32::from_bits(u32::from(self.fwd.get(r, i)) << 16);
-            }
-        });
-        w
-    }
-
-    /// `dst[m x n] (ld_dst per row) = (accumulate ? dst : 0) + x w^T`, `x [m x k]` with its rows
-    /// contiguous. Panics if `x` or `dst` is too small for the shape.
-    pub fn forward(&self, m: usize, x: Mat, dst: &mut [f32], ld_dst: usize, accumulate: bool) {
-        self.product(&self.fwd, m, x, dst, ld_dst, accumulate)
-    }
-
-    /// `dst[m x k] (ld_dst per row) = (accumulate ? dst : 0) + g w`, `g [m x n]` with its rows
-    /// contiguous. Panics if `g` or `dst` is too small for the shape.
-    pub fn backward(&self, m: usize, g: Mat, dst: &mut [f32], ld_dst: usize, accumulate: bool) {
-        self.product(self.backward_panels(), m, g, dst, ld_dst, accumulate)
-    }
-
-    /// The backward's panels (`w` as `g w` reads it), packed at the first call.
-    pub fn backward_ready(&self) {
-        self.backward_panels();
     }
 
     fn backward_panels(&self) -> &Panels {
@@ -166,6 +133,41 @@ impl Pairs {
             PairKernel::Dot => unsafe { drive_dot(m, a, b, dst, ld, accumulate) },
             PairKernel::Fma => unsafe { drive_fma(m, a, b, dst, ld, accumulate) },
         }
+    }
+}
+
+impl PackedWeight for Pairs {
+    /// `(n, k)`: the weight's rows and columns.
+    fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// The weight again, `[n x k]` row-major f32 (exact: the panels hold its values).
+    fn to_f32(&self) -> Vec<f32> {
+        let mut w = vec![0f32; self.n * self.k];
+        w.par_chunks_mut(self.k.max(1)).enumerate().for_each(|(r, row)| {
+            for (i, v) in row.iter_mut().enumerate() {
+                *v = f32::from_bits(u32::from(self.fwd.get(r, i)) << 16);
+            }
+        });
+        w
+    }
+
+    /// `dst[m x n] (ld_dst per row) = (accumulate ? dst : 0) + x w^T`, `x [m x k]` with its rows
+    /// contiguous. Panics if `x` or `dst` is too small for the shape.
+    fn forward(&self, m: usize, x: Mat, dst: &mut [f32], ld_dst: usize, accumulate: bool) {
+        self.product(&self.fwd, m, x, dst, ld_dst, accumulate)
+    }
+
+    /// `dst[m x k] (ld_dst per row) = (accumulate ? dst : 0) + g w`, `g [m x n]` with its rows
+    /// contiguous. Panics if `g` or `dst` is too small for the shape.
+    fn backward(&self, m: usize, g: Mat, dst: &mut [f32], ld_dst: usize, accumulate: bool) {
+        self.product(self.backward_panels(), m, g, dst, ld_dst, accumulate)
+    }
+
+    /// The backward's panels (`w` as `g w` reads it), packed at the first call.
+    fn backward_ready(&self) {
+        self.backward_panels();
     }
 }
 
