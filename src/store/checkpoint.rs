@@ -239,14 +239,20 @@ impl Drop for Pending {
 /// The free space, in MB, a run that met a full disk waits for before its next attempt: room
 /// for two of its checkpoints (the new one is written beside the old) and 1 MB for its logs.
 pub fn space_needed_mb(files: &RunFiles) -> u64 {
-    let size = candidates(files).first().and_then(|d| file_list(d).ok().map(|l| (d.clone(), l))).map_or(0, |(d, l)| {
-        l.iter()
-            .chain([SEAL.to_string()].iter())
-            .filter_map(|f| std::fs::metadata(d.join(f)).ok())
-            .map(|m| m.len())
-            .sum()
-    });
+    let size = candidates(files).first().map_or(0, |d| tree_bytes(d));
     (2 * size).div_ceil(1 << 20) + 1
+}
+
+/// The bytes in the files under `dir` (0 for what cannot be read).
+fn tree_bytes(dir: &Path) -> u64 {
+    let entries = std::fs::read_dir(dir).into_iter().flatten().flatten();
+    entries
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => tree_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// Removes a run's checkpoints (the run has ended; they are no longer needed).
