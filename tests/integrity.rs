@@ -71,10 +71,12 @@ fn a_flipped_byte_in_any_checkpoint_file_is_named_and_skipped() {
     let id = root.submit("j.json", &job(&root));
     let files =
         ["lora/adapter_model.safetensors", "optimizer.safetensors", "state.json", "best/adapter_model.safetensors"];
-    for file in files {
-        // Two checkpoints of this attempt at least, and the file to damage in the latest.
+    for (i, file) in files.into_iter().enumerate() {
+        // Two checkpoints of this attempt at least, and the file to damage in the latest; each
+        // attempt dies at another step than the one before it (one that resumed from the same
+        // checkpoint and died at the same step would be a crash loop, parked by the guard).
         let before = steps(&root, &id);
-        wait_steps(&root, &id, before + 2);
+        wait_steps(&root, &id, before + 2 + i);
         wait_for(&format!("a checkpoint with {file}"), LONG, || {
             latest_checkpoint(&root, &id).join(file).is_file().then_some(())
         });
