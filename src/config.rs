@@ -34,6 +34,10 @@ struct ServeFile {
     max_queue_pairs: Option<i64>,
     batch_size: Option<i64>,
     batch_tokens: Option<i64>,
+    max_connections: Option<i64>,
+    header_timeout_s: Option<f64>,
+    allowed_hosts: Option<Vec<String>>,
+    allowed_origins: Option<Vec<String>>,
 }
 
 /// `rerankd serve`'s limits (`[serve]` in config.toml), resolved and checked.
@@ -49,6 +53,18 @@ pub struct ServeConfig {
     pub batch_size: usize,
     /// Most padded tokens (rows x longest row) in one forward: bounds scoring memory.
     pub batch_tokens: usize,
+    /// Most open client connections; past it a connection is answered 503 and closed (also cut
+    /// to the open-file limit less a reserve).
+    pub max_connections: usize,
+    /// How long a connection may take to send a request's headers, counted from when it is
+    /// ready for one (accepted, or answered on keep-alive): idle and half-sent connections close.
+    pub header_timeout: Duration,
+    /// `Host` names a loopback listener also answers besides localhost and loopback addresses
+    /// (DNS rebinding protection).
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins (`scheme://host[:port]`) whose requests are answered; a request with any
+    /// other `Origin` header is refused (cross-site requests from web pages).
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for ServeConfig {
@@ -59,6 +75,10 @@ impl Default for ServeConfig {
             max_queue_pairs: 2048,
             batch_size: crate::model::reranker::SCORE_BATCH,
             batch_tokens: crate::model::reranker::SCORE_BATCH * 512,
+            max_connections: 4096,
+            header_timeout: Duration::from_secs(10),
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -189,13 +209,55 @@ fn int(key: &'static str, v: Option<i64>, lo: i64, hi: i64, dflt: i64) -> Result
 fn resolve_serve(f: ServeFile) -> Result<ServeConfig, (&'static str, String)> {
     let d = ServeConfig::default();
     let n = |key, v, lo, hi, dflt: usize| int(key, v, lo, hi, dflt as i64).map(|n| n as usize);
-    Ok(ServeConfig {
+    let c = ServeConfig {
         max_documents: n("serve.max_documents", f.max_documents, 1, 100_000, d.max_documents)?,
         max_body_bytes: n("serve.max_body_kb", f.max_body_kb, 1, 1 << 20, d.max_body_bytes >> 10)? << 10,
         max_queue_pairs: n("serve.max_queue_pairs", f.max_queue_pairs, 1, 1 << 20, d.max_queue_pairs)?,
         batch_size: n("serve.batch_size", f.batch_size, 1, 1024, d.batch_size)?,
         batch_tokens: n("serve.batch_tokens", f.batch_tokens, 16, 1 << 22, d.batch_tokens)?,
-    })
+        max_connections: n("serve.max_connections", f.max_connections, 1, 1 << 20, d.max_connections)?,
+        header_timeout: match f.header_timeout_s {
+            None => d.header_timeout,
+            Some(x) if x.is_finite() && (0.1..=3600.0).contains(&x) => Duration::from_secs_f64(x),
+            Some(x) => {
+                return Err((
+                    "serve.header_timeout_s",
+                    format!("must be a number of seconds from 0.1 to 3600, got {x}"),
+                ));
+            }
+        },
+        allowed_hosts: names("serve.allowed_hosts", f.allowed_hosts, |h| {
+            !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || "-._[]:".contains(c))
+        })?,
+        allowed_origins: names("serve.allowed_origins", f.allowed_origins, |o| {
+            (o.starts_with("http://") || o.starts_with("https://"))
+                && !o.ends_with('/')
+                && !o.contains(char::is_whitespace)
+        })?,
+    };
+    if c.max_queue_pairs < c.max_documents {
+        return Err((
+            "serve.max_queue_pairs",
+            format!(
+                "is {} but serve.max_documents is {}: a request with that many documents could never be admitted",
+                c.max_queue_pairs, c.max_documents
+            ),
+        ));
+    }
+    Ok(c)
+}
+
+/// A list of names, each checked by `ok`, lowercased (hosts and origins compare without case).
+fn names(
+    key: &'static str,
+    v: Option<Vec<String>>,
+    ok: impl Fn(&str) -> bool,
+) -> Result<Vec<String>, (&'static str, String)> {
+    let v = v.unwrap_or_default();
+    match v.iter().find(|x| !ok(x)) {
+        Some(bad) => Err((key, format!("`{bad}` is not a valid entry"))),
+        None => Ok(v.into_iter().map(|x| x.to_ascii_lowercase()).collect()),
+    }
 }
 
 #[cfg(test)]
@@ -208,7 +270,8 @@ mod tests {
         let c = DaemonConfig::parse(
             "max_concurrent_runs = 2\ncancel_grace_s = 1.5\nrescan_s = 10\nshutdown_timeout_s = 5\n\
              memory_budget_mb = 4096\nrun_nice = 5\non_finish = \"notify-send done\"\non_finish_timeout_s = 5\n[serve]\nmax_documents = 50\nmax_body_kb = 64\n\
-             max_queue_pairs = 100\nbatch_size = 8\nbatch_tokens = 2048\n",
+             max_queue_pairs = 100\nbatch_size = 8\nbatch_tokens = 2048\nmax_connections = 64\nheader_timeout_s = 5\n\
+             allowed_hosts = [\"Box.lan\"]\nallowed_origins = [\"http://localhost:3000\"]\n",
         )
         .unwrap();
         assert_eq!(c.max_concurrent_runs, 2);
@@ -225,6 +288,10 @@ mod tests {
             max_queue_pairs: 100,
             batch_size: 8,
             batch_tokens: 2048,
+            max_connections: 64,
+            header_timeout: Duration::from_secs(5),
+            allowed_hosts: vec!["box.lan".into()],
+            allowed_origins: vec!["http://localhost:3000".into()],
         };
         assert_eq!(c.serve, s);
         assert_eq!(DaemonConfig::parse("").unwrap(), DaemonConfig::default());
@@ -242,6 +309,9 @@ mod tests {
             ("run_nice = 40", "run_nice"),
             ("memory_budget_mb = 1", "memory_budget_mb"),
             ("[serve]\nbatch_size = 0", "serve.batch_size"),
+            ("[serve]\nmax_documents = 100\nmax_queue_pairs = 50", "serve.max_queue_pairs"),
+            ("[serve]\nheader_timeout_s = 0", "serve.header_timeout_s"),
+            ("[serve]\nallowed_origins = [\"localhost:3000\"]", "serve.allowed_origins"),
         ] {
             let e = DaemonConfig::parse(text).unwrap_err();
             assert_eq!(e.key.as_deref(), Some(key), "{text}: {e}");

@@ -1,7 +1,7 @@
 //! Every question asked of, and every request made to, the operating system outside plain file
 //! I/O: process liveness and signals, memory (ours, a child's, the machine's), our uid, CPU
-//! and I/O priority, free disk space (and whether an error is a full disk), and the cgroup's OOM
-//! kills. The rest of the crate never calls libc for these (pueue's
+//! and I/O priority, free disk space (and whether an error is a full disk), the cgroup's OOM
+//! kills, and the open-file limit. The rest of the crate never calls libc for these (pueue's
 //! `process_helper/`). Platform differences are a few `cfg` lines each:
 //! - Linux reads `/proc/<pid>/status` (VmRSS, VmHWM) and sets I/O priority with `ioprio_set`.
 //! - macOS asks `proc_pid_rusage` for the *physical footprint*, which, unlike RSS, counts memory
@@ -178,6 +178,29 @@ pub fn cgroup_oom_kills() -> Option<u64> {
     let rel = cg.lines().find_map(|l| l.strip_prefix("0::"))?;
     let events = std::fs::read_to_string(format!("/sys/fs/cgroup{}/memory.events", rel.trim_end())).ok()?;
     events.lines().find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+}
+
+/// Raises this process's soft open-file limit to its hard limit (systemd gives services 1024
+/// soft, 524288 hard) and returns the soft limit now in force; `None` when it cannot be read.
+pub fn raise_open_files_limit() -> Option<u64> {
+    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit through a valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 {
+        return None;
+    }
+    // macOS refuses a soft limit above OPEN_MAX even when the hard limit is "unlimited".
+    #[cfg(target_os = "macos")]
+    let target = l.rlim_max.min(libc::OPEN_MAX as libc::rlim_t);
+    #[cfg(not(target_os = "macos"))]
+    let target = l.rlim_max;
+    if l.rlim_cur < target {
+        let raised = libc::rlimit { rlim_cur: target, rlim_max: l.rlim_max };
+        // SAFETY: setrlimit reads one rlimit through a valid pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            l.rlim_cur = target;
+        }
+    }
+    Some(l.rlim_cur)
 }
 
 #[cfg(test)]

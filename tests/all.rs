@@ -22,6 +22,8 @@ mod feedback;
 mod fixture;
 /// on_finish hooks.
 mod hooks;
+/// `rerankd serve` under hostile and careless clients: connections, origins, sizes.
+mod hostile;
 /// Damaged state never wins: sealed checkpoints and adapters.
 mod integrity;
 /// The layers docs/design.md states, checked on the source: no circles, nothing imported upward.

@@ -236,8 +236,9 @@ fn bad_input_gets_a_4xx_with_a_message_and_the_server_keeps_serving() {
     let many: Vec<String> = (0..10_000).map(|i| format!("d{i}")).collect();
     let long = "word ".repeat(400);
     let cases: Vec<(&str, String, Vec<u8>, u16)> = vec![
-        ("malformed JSON", u("/rerank"), b"{\"query\": \"q\", \"texts\": [".to_vec(), 400),
-        ("missing field", u("/rerank"), br#"{"texts": ["a"]}"#.to_vec(), 400),
+        // TEI's routes answer as TEI does: validation 422, an empty batch 400, sizes 413.
+        ("malformed JSON", u("/rerank"), b"{\"query\": \"q\", \"texts\": [".to_vec(), 422),
+        ("missing field", u("/rerank"), br#"{"texts": ["a"]}"#.to_vec(), 422),
         ("empty texts", u("/corpora/docs/rerank"), br#"{"query": "q", "texts": []}"#.to_vec(), 400),
         (
             "10 MB body",
@@ -258,7 +259,7 @@ fn bad_input_gets_a_4xx_with_a_message_and_the_server_keeps_serving() {
             br#"{"model": "docs@docs__20200101_000000", "query": "q", "documents": ["a"]}"#.to_vec(),
             404,
         ),
-        ("non-UTF-8", u("/corpora/docs/rerank"), b"{\"query\": \"q\xff\xfe\", \"texts\": [\"a\"]}".to_vec(), 400),
+        ("non-UTF-8", u("/corpora/docs/rerank"), b"{\"query\": \"q\xff\xfe\", \"texts\": [\"a\"]}".to_vec(), 422),
         ("../ in the route", u("/corpora/..%2F..%2Fetc/rerank"), br#"{"query": "q", "texts": ["a"]}"#.to_vec(), 404),
         (
             "../ as a model",
@@ -272,7 +273,7 @@ fn bad_input_gets_a_4xx_with_a_message_and_the_server_keeps_serving() {
             br#"{"model": "docs", "query": "q", "documents": ["a"], "top_n": 0}"#.to_vec(),
             400,
         ),
-        ("texts not strings", u("/corpora/docs/rerank"), br#"{"query": "q", "texts": [1, 2]}"#.to_vec(), 400),
+        ("texts not strings", u("/corpora/docs/rerank"), br#"{"query": "q", "texts": [1, 2]}"#.to_vec(), 422),
         (
             "truncate false and too long",
             u("/corpora/docs/rerank"),
@@ -281,16 +282,90 @@ fn bad_input_gets_a_4xx_with_a_message_and_the_server_keeps_serving() {
         ),
         ("no such endpoint", u("/v3/rerank"), b"{}".to_vec(), 404),
     ];
+    let tei = TeiSchema::load();
     for (what, url, body, want) in cases {
         let r = send(&a, "POST", &url, Some(&body), None);
         assert_eq!(r.status, want, "{what}: {}", r.body);
-        let msg = r.body["error"]["message"].as_str().unwrap_or_default();
-        assert!(!msg.is_empty() && r.body["error"]["type"].is_string(), "{what}: no JSON error: {}", r.body);
+        let tei_route = url.ends_with("/rerank") && !url.contains("/v");
+        let msg = if tei_route {
+            tei.check("ErrorResponse", &r.body)
+                .unwrap_or_else(|e| panic!("{what}: not TEI's ErrorResponse: {e}: {}", r.body));
+            r.body["error"].as_str().unwrap_or_default()
+        } else {
+            assert!(r.body["error"]["type"].is_string(), "{what}: no JSON error: {}", r.body);
+            r.body["error"]["message"].as_str().unwrap_or_default()
+        };
+        assert!(!msg.is_empty(), "{what}: no message: {}", r.body);
         eprintln!("{what}: {} {msg:.160}", r.status);
         let ok = post(&a, &u("/corpora/docs/rerank"), &json!({"query": "q", "texts": ["a", "b"]}));
         assert_eq!(ok.status, 200, "after {what}: {}", ok.body);
+        tei.check("RerankResponse", &ok.body).unwrap_or_else(|e| panic!("not TEI's RerankResponse: {e}: {}", ok.body));
     }
+    // Every error has a JSON body, a wrong method too.
+    let r = send(&a, "GET", &u("/v1/rerank"), None, None);
+    assert_eq!((r.status, r.body["error"]["type"].as_str()), (405, Some("method_not_allowed")), "{}", r.body);
     assert_eq!(s.stop(), Some(0));
+}
+
+/// TEI's published OpenAPI schemas (vendored in tests/data/tei), checked with the subset of JSON
+/// Schema they use: `$ref`, `type`, `required`, `properties`, `items`, `enum`, `nullable`.
+struct TeiSchema(Value);
+
+impl TeiSchema {
+    fn load() -> Self {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tei/openapi.json");
+        Self(serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap())
+    }
+
+    fn check(&self, name: &str, v: &Value) -> Result<(), String> {
+        self.check_against(&self.0["components"]["schemas"][name], v, name)
+    }
+
+    fn check_against(&self, schema: &Value, v: &Value, at: &str) -> Result<(), String> {
+        if let Some(r) = schema["$ref"].as_str() {
+            let name = r.rsplit('/').next().unwrap();
+            return self.check_against(&self.0["components"]["schemas"][name], v, at);
+        }
+        if v.is_null() && schema["nullable"] == true {
+            return Ok(());
+        }
+        if let Some(e) = schema["enum"].as_array()
+            && !e.contains(v)
+        {
+            return Err(format!("{at}: {v} is not one of {e:?}"));
+        }
+        let ok = match schema["type"].as_str() {
+            Some("object") => v.is_object(),
+            Some("array") => v.is_array(),
+            Some("string") => v.is_string(),
+            Some("number") => v.is_number(),
+            Some("integer") => v.is_u64() || v.is_i64(),
+            Some("boolean") => v.is_boolean(),
+            _ => true,
+        };
+        if !ok {
+            return Err(format!("{at}: {v} is not of type {}", schema["type"]));
+        }
+        for r in schema["required"].as_array().into_iter().flatten() {
+            let k = r.as_str().unwrap();
+            if v.get(k).is_none() {
+                return Err(format!("{at}: `{k}` is required"));
+            }
+        }
+        if let Some(props) = schema["properties"].as_object() {
+            for (k, s) in props {
+                if let Some(x) = v.get(k) {
+                    self.check_against(s, x, &format!("{at}.{k}"))?;
+                }
+            }
+        }
+        if let Some(items) = schema.get("items") {
+            for (i, x) in v.as_array().into_iter().flatten().enumerate() {
+                self.check_against(items, x, &format!("{at}[{i}]"))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Hammers `/v1/rerank` from `clients` threads until `stop`; every reply is kept with the time it
@@ -468,7 +543,7 @@ fn many_concurrent_clients_are_all_answered_and_overload_is_refused_not_hung() {
     assert_eq!(s.stop(), Some(0));
 
     // Overload: a slow scorer and a queue of 16 pairs; 24 clients of 8 documents at once.
-    std::fs::write(root.dir.join("config.toml"), "[serve]\nmax_queue_pairs = 16\n").unwrap();
+    std::fs::write(root.dir.join("config.toml"), "[serve]\nmax_documents = 16\nmax_queue_pairs = 16\n").unwrap();
     let s = Serve::start(
         &root,
         &["--listen", "127.0.0.1:0", "--model", &model, "--device", "cpu"],
@@ -698,10 +773,14 @@ fn install_writes_a_second_unit_for_serve() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = std::fs::read_to_string(&unit).unwrap();
-    let exec =
-        format!("ExecStart={BIN} --root {} serve --default-corpus notes --listen 127.0.0.1:9000", root.dir.display());
-    assert!(text.contains(&exec), "{text}");
+    let root_s = root.dir.display().to_string();
+    assert_eq!(
+        exec_start(&text),
+        [BIN, "--root", &root_s, "serve", "--default-corpus", "notes", "--listen", "127.0.0.1:9000"],
+        "{text}"
+    );
     assert!(text.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    assert!(text.contains("LimitNOFILE=65536"));
     assert!(String::from_utf8_lossy(&out.stdout).contains("enable --now rerankd-serve.service"));
 
     let plist = dir.join("serve.plist");
@@ -734,4 +813,72 @@ fn install_writes_a_second_unit_for_serve() {
     let out = root.cli_cmd(["install-systemd", "--dest", dir.join("d.service").to_str().unwrap()]).output().unwrap();
     assert!(out.status.success());
     assert!(std::fs::read_to_string(dir.join("d.service")).unwrap().contains(" daemon --root "));
+
+    // A root whose path holds spaces, quotes, a backslash, `$` and `%`: both units pass it, and
+    // every argument, to rerankd as it is.
+    let odd = dir.join("my \"odd\" root's $HOME %h \\ dir");
+    let odd_s = odd.display().to_string();
+    let args = ["--default-corpus", "notes x", "--api-key-file", "/k/$USER's %i"];
+    for (cmd, file) in [("install-systemd", "odd.service"), ("install-launchd", "odd.plist")] {
+        let dest = dir.join(file);
+        let out = std::process::Command::new(BIN)
+            .arg("--root")
+            .arg(&odd)
+            .args([cmd, "--serve", "--dest", dest.to_str().unwrap(), "--"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = std::fs::read_to_string(&dest).unwrap();
+        let words = if file.ends_with(".service") {
+            exec_start(&text)
+        } else {
+            let opt = roxmltree::ParsingOptions { allow_dtd: true, ..Default::default() };
+            let doc = roxmltree::Document::parse_with_options(&text, opt).unwrap();
+            let key = doc.descendants().find(|n| n.text() == Some("ProgramArguments")).unwrap();
+            let array = key.next_siblings().find(|n| n.has_tag_name("array")).unwrap();
+            array.children().filter(|n| n.has_tag_name("string")).map(|n| n.text().unwrap().to_string()).collect()
+        };
+        let mut want = vec![BIN.to_string(), "--root".into(), odd_s.clone(), "serve".into()];
+        want.extend(args.iter().map(|a| a.to_string()));
+        assert_eq!(words, want, "{text}");
+    }
+}
+
+/// The words of a unit's `ExecStart=` as systemd splits them (systemd.service(5), "Command
+/// lines"): whitespace outside double quotes separates, `\\` and `\"` escape inside them, `%%` is
+/// `%` and `$$` is `$`. Any other `%` or `$` would be a specifier or a variable: refused here.
+fn exec_start(unit: &str) -> Vec<String> {
+    let line = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("an ExecStart line");
+    let (mut words, mut cur, mut quoted, mut in_word) = (Vec::new(), String::new(), false, false);
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                in_word = true;
+            }
+            '\\' if quoted => cur.push(chars.next().expect("an escaped character")),
+            '%' | '$' => {
+                assert_eq!(chars.next(), Some(c), "an unescaped {c} in {line}");
+                cur.push(c);
+                in_word = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if in_word {
+                    words.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                in_word = true;
+            }
+        }
+    }
+    assert!(!quoted, "an unclosed quote in {line}");
+    if in_word {
+        words.push(cur);
+    }
+    words
 }

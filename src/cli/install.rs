@@ -43,25 +43,27 @@ fn which(a: &InstallArgs, plist: bool) -> (&'static str, &'static str, &'static 
 }
 
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-/// Serve's extra arguments as the template wants them: plist `<string>` lines or a unit's words
-/// (quoted for systemd when they hold a space or a quote).
+/// One word of a systemd `ExecStart=`, always double-quoted: backslash and quote escaped, `%`
+/// (specifiers) and `$` (variables) doubled, so any path or argument is passed as it is.
+fn systemd_word(s: &str) -> String {
+    let inner = s.replace('\\', "\\\\").replace('"', "\\\"").replace('%', "%%").replace('$', "$$");
+    format!("\"{inner}\"")
+}
+
+/// A value as the template wants it: escaped for the plist's XML, or a quoted systemd word.
+fn word(s: &str, plist: bool) -> String {
+    if plist { xml_escape(s) } else { systemd_word(s) }
+}
+
+/// Serve's extra arguments as the template wants them: plist `<string>` lines or a unit's words.
 fn args_text(args: &[String], plist: bool) -> String {
     if plist {
         args.iter().map(|a| format!("    <string>{}</string>\n", xml_escape(a))).collect()
     } else {
-        args.iter()
-            .map(|a| a.replace('%', "%%"))
-            .map(|a| {
-                if a.contains([' ', '"', '\\', '\'']) {
-                    format!(" \"{}\"", a.replace('\\', "\\\\").replace('"', "\\\""))
-                } else {
-                    format!(" {a}")
-                }
-            })
-            .collect()
+        args.iter().map(|a| format!(" {}", systemd_word(a))).collect()
     }
 }
 
@@ -79,16 +81,17 @@ fn home() -> PathBuf {
     std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."))
 }
 
-fn fill(template: &str, label: &str, args: &str, root: &Root) -> anyhow::Result<String> {
+/// The template with this installation's values, every path quoted for the file's syntax.
+fn fill(template: &str, label: &str, args: &str, root: &Root, plist: bool) -> anyhow::Result<String> {
     let exe = std::env::current_exe().context("finding the rerankd executable")?;
     let logdir = root.dir.join("logs");
     std::fs::create_dir_all(&logdir).with_context(|| format!("creating {}", logdir.display()))?;
     Ok(template
         .replace("@LABEL@", label)
         .replace("@ARGS@", args)
-        .replace("@EXE@", &exe.display().to_string())
-        .replace("@ROOT@", &root.dir.display().to_string())
-        .replace("@LOGDIR@", &logdir.display().to_string()))
+        .replace("@EXE@", &word(&exe.display().to_string(), plist))
+        .replace("@ROOT@", &word(&root.dir.display().to_string(), plist))
+        .replace("@LOGDIR@", &word(&logdir.display().to_string(), plist)))
 }
 
 fn write(dest: &std::path::Path, text: &str) -> anyhow::Result<()> {
@@ -122,7 +125,7 @@ pub fn launchd(root: &Root, a: InstallArgs) -> anyhow::Result<ExitCode> {
     root.ensure()?;
     let (template, label, _) = which(&a, true);
     let dest = dest_file(a.dest.clone(), home().join("Library/LaunchAgents"), &format!("{label}.plist"));
-    write(&dest, &fill(template, label, &args_text(&a.serve_args, true), root)?)?;
+    write(&dest, &fill(template, label, &args_text(&a.serve_args, true), root, true)?)?;
     let d = dest.display();
     report(
         &dest,
@@ -138,7 +141,7 @@ pub fn systemd(root: &Root, a: InstallArgs) -> anyhow::Result<ExitCode> {
     root.ensure()?;
     let (template, label, unit) = which(&a, false);
     let dest = dest_file(a.dest.clone(), home().join(".config/systemd/user"), &format!("{unit}.service"));
-    write(&dest, &fill(template, label, &args_text(&a.serve_args, false), root)?)?;
+    write(&dest, &fill(template, label, &args_text(&a.serve_args, false), root, false)?)?;
     report(
         &dest,
         "enable and start with:",

@@ -1,10 +1,15 @@
-//! The HTTP API: TEI's `POST /rerank`, the Cohere/Jina/Infinity `POST /v1/rerank` and
-//! `/v2/rerank`, `/health`, `/v1/models` and `/metrics`, on axum. Request bodies are read up to
-//! `serve.max_body_kb` and parsed with serde (unknown fields ignored); every error is JSON
-//! `{"error": {"message", "type"}}` with its 4xx/5xx status.
+//! The HTTP API: TEI's `POST /rerank`, the Cohere/Jina `POST /v1/rerank` and `/v2/rerank`,
+//! `/health`, `/v1/models` and `/metrics`, on axum. Request bodies are read up to
+//! `serve.max_body_kb` and parsed with serde (unknown fields ignored); every error is JSON with
+//! its 4xx/5xx status: TEI's `{"error", "error_type"}` on the TEI routes, `{"error": {"message",
+//! "type"}}` elsewhere.
+//!
+//! Before any route: a request from a browser page of another origin is refused (`Origin`), a
+//! loopback listener answers only loopback `Host` names (DNS rebinding), and a POST must say
+//! `Content-Type: application/json` (a page cannot send that without the CORS preflight it fails).
 
 use crate::ids::CorpusName;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -41,7 +46,17 @@ pub struct App {
     pub capture: Arc<Capture>,
     /// Set by SIGTERM: new scoring requests get 503 while in-flight ones finish.
     pub draining: AtomicBool,
+    /// Requests whose handler is running (SIGTERM waits for these, not for idle connections).
+    pub in_flight: Arc<AtomicUsize>,
+    /// One permit per core: requests tokenizing at once.
+    pub tokenizing: tokio::sync::Semaphore,
+    /// Request body bytes held at once, in KiB: a body's bytes take permits as they arrive and
+    /// keep them until its answer (past the budget, uploads wait).
+    pub bodies: Arc<tokio::sync::Semaphore>,
 }
+
+/// Request bodies held at once: this many times `serve.max_body_kb` (at start).
+pub const BODIES_IN_FLIGHT: usize = 16;
 
 impl App {
     fn settings(&self) -> ServeConfig {
@@ -78,18 +93,55 @@ impl ApiError {
     fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
+
+    /// The same error as TEI answers it: its `error_type` and the status TEI gives that type
+    /// (validation 422, empty 400, overloaded 429, unhealthy 503, backend 424); a size limit
+    /// stays 413 and an unknown corpus 404, as TEI's own schema lists 413 and rerankd has routes
+    /// TEI has not.
+    fn tei(self) -> TeiError {
+        let (status, error_type) = match self.kind {
+            "invalid_request" => (StatusCode::UNPROCESSABLE_ENTITY, "Validation"),
+            "empty" => (StatusCode::BAD_REQUEST, "Empty"),
+            "tokenizer" => (StatusCode::UNPROCESSABLE_ENTITY, "Tokenizer"),
+            "payload_too_large" => (StatusCode::PAYLOAD_TOO_LARGE, "Validation"),
+            "overloaded" => (StatusCode::TOO_MANY_REQUESTS, "Overloaded"),
+            "unavailable" => (StatusCode::SERVICE_UNAVAILABLE, "Unhealthy"),
+            "internal" => (StatusCode::FAILED_DEPENDENCY, "Backend"),
+            _ => (self.status, "Validation"),
+        };
+        TeiError(Self { status, ..self }, error_type)
+    }
 }
 
-impl IntoResponse for ApiError {
+/// An error on a TEI route, in TEI's shape `{"error": "...", "error_type": "Validation"}`.
+pub struct TeiError(ApiError, &'static str);
+
+impl IntoResponse for TeiError {
     fn into_response(self) -> Response {
-        let body = Json(json!({"error": {"message": self.message, "type": self.kind}}));
-        let mut r = (self.status, body).into_response();
+        let TeiError(e, error_type) = self;
+        let mut r = e.headers((e.status, Json(json!({"error": e.message, "error_type": error_type}))).into_response());
+        r.extensions_mut().insert(ErrorKind(e.kind));
+        r
+    }
+}
+
+impl ApiError {
+    /// `Retry-After` and `WWW-Authenticate` where the error calls for them.
+    fn headers(&self, mut r: Response) -> Response {
         if let Some(s) = self.retry_after {
             r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         if self.status == StatusCode::UNAUTHORIZED {
             r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        r
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({"error": {"message": self.message, "type": self.kind}}));
+        let mut r = self.headers((self.status, body).into_response());
         r.extensions_mut().insert(ErrorKind(self.kind));
         r
     }
@@ -100,7 +152,6 @@ impl From<CaptureError> for ApiError {
         match e {
             CaptureError::Invalid(m) => ApiError::bad_request(m),
             CaptureError::Unknown(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found", m),
-            CaptureError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
             CaptureError::Io(m) => ApiError::internal(format!("recording feedback: {m}")),
         }
     }
@@ -115,7 +166,16 @@ impl From<ResolveError> for ApiError {
     }
 }
 
-pub fn router(app: Arc<App>) -> Router {
+/// Which `Host` names a listener answers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum HostGuard {
+    /// A loopback TCP listener: localhost, loopback addresses and `serve.allowed_hosts` only.
+    Loopback,
+    /// A Unix socket (0600) or an address that needs the API key: any.
+    Any,
+}
+
+pub fn router(app: Arc<App>, hosts: HostGuard) -> Router {
     let protected = Router::new()
         .route("/rerank", post(tei))
         .route("/corpora/{corpus}/rerank", post(tei_corpus))
@@ -129,14 +189,31 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/health", get(health))
         .merge(protected)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method",
+            )
+        })
+        .layer(middleware::from_fn_with_state((app.clone(), hosts), guard))
         .layer(middleware::from_fn_with_state(app.clone(), observe))
         // Bodies are read by `read_json` under the limit in force (it changes on SIGHUP).
         .layer(DefaultBodyLimit::disable())
         .with_state(app)
 }
 
-/// Counts every request by endpoint and status, its errors by type, and its latency.
+/// Counts every request by endpoint and status, its errors by type, and its latency, and holds
+/// its place in `in_flight` while it runs.
 async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    struct InFlight(Arc<AtomicUsize>);
+    impl Drop for InFlight {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    app.in_flight.fetch_add(1, Ordering::AcqRel);
+    let _in_flight = InFlight(app.in_flight.clone());
     let endpoint = req.extensions().get::<MatchedPath>().map_or("other", |p| p.as_str()).to_string();
     let t0 = Instant::now();
     let resp = next.run(req).await;
@@ -149,14 +226,104 @@ async fn observe(State(app): State<Arc<App>>, req: Request, next: Next) -> Respo
     resp
 }
 
-/// `Authorization: Bearer <key>`, compared in constant time, when a key is configured.
+/// Whether `host` (a `Host` header: name or address, maybe with a port) is a loopback name, a
+/// loopback address, or one of `allowed`.
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let host = host.trim().to_ascii_lowercase();
+    // `[::1]:8181`, `127.0.0.1:8181`, `localhost:8181`, `box.lan`.
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host.as_str(), |(n, port)| {
+            if port.chars().all(|c| c.is_ascii_digit()) { n } else { host.as_str() }
+        }),
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        || allowed.iter().any(|a| *a == name || *a == host)
+}
+
+/// The checks before any route: the `Origin` of a browser page must be configured (CORS answers
+/// follow for those that are), a loopback listener answers only loopback `Host` names, and a
+/// POST body must be declared JSON.
+async fn guard(State((app, hosts)): State<(Arc<App>, HostGuard)>, req: Request, next: Next) -> Response {
+    let (allowed_hosts, allowed_origins) = {
+        let s = app.settings.read().unwrap_or_else(|e| e.into_inner());
+        (s.allowed_hosts.clone(), s.allowed_origins.clone())
+    };
+    let forbidden = |m: String| ApiError::new(StatusCode::FORBIDDEN, "forbidden", m).into_response();
+    let origin = req.headers().get(header::ORIGIN).map(|o| String::from_utf8_lossy(o.as_bytes()).to_ascii_lowercase());
+    if let Some(o) = &origin
+        && !allowed_origins.iter().any(|a| a == o)
+    {
+        let shown: String = o.chars().take(100).collect();
+        return forbidden(format!(
+            "requests from the web page origin `{shown}` are refused; add it to serve.allowed_origins to allow it"
+        ));
+    }
+    if hosts == HostGuard::Loopback
+        && let Some(h) = req.headers().get(header::HOST)
+        && !host_allowed(&String::from_utf8_lossy(h.as_bytes()), &allowed_hosts)
+    {
+        let shown: String = String::from_utf8_lossy(h.as_bytes()).chars().take(100).collect();
+        return forbidden(format!(
+            "this server listens on loopback and does not answer for host `{shown}`; add it to serve.allowed_hosts \
+             to allow it"
+        ));
+    }
+    // A configured origin's CORS preflight.
+    if req.method() == axum::http::Method::OPTIONS
+        && let Some(o) = &origin
+    {
+        let mut r = StatusCode::NO_CONTENT.into_response();
+        let h = r.headers_mut();
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_str(o).unwrap_or(HeaderValue::from_static("null")),
+        );
+        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST"));
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("authorization, content-type"));
+        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+        h.insert(header::VARY, HeaderValue::from_static("Origin"));
+        return r;
+    }
+    if req.method() == axum::http::Method::POST {
+        let ct = req.headers().get(header::CONTENT_TYPE).map(|v| String::from_utf8_lossy(v.as_bytes()).to_string());
+        let media = ct.as_deref().map(|c| c.split(';').next().unwrap_or_default().trim().to_ascii_lowercase());
+        if media.as_deref() != Some("application/json") {
+            let shown: String = ct.unwrap_or_else(|| "none".into()).chars().take(100).collect();
+            return ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!("the body must be sent with `Content-Type: application/json` (this request says {shown})"),
+            )
+            .into_response();
+        }
+    }
+    let mut resp = next.run(req).await;
+    if let Some(o) = origin
+        && let Ok(v) = HeaderValue::from_str(&o)
+    {
+        resp.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+        resp.headers_mut().insert(header::VARY, HeaderValue::from_static("Origin"));
+    }
+    resp
+}
+
+/// `Authorization: Bearer <key>` (the scheme in any case), compared in constant time, when a key
+/// is configured.
 async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let key = app.api_key.read().unwrap_or_else(|e| e.into_inner()).clone();
     if let Some(key) = key {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .and_then(|v| {
+                let v = v.as_bytes();
+                let space = v.iter().position(|&b| b == b' ')?;
+                v[..space].eq_ignore_ascii_case(b"bearer").then(|| v[space..].trim_ascii())
+            })
             .unwrap_or_default();
         if !bool::from(given.ct_eq(&key)) {
             return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token")
@@ -173,27 +340,47 @@ const DRAIN_BYTES: usize = 64 << 20;
 /// How long a client may take to send its request body.
 const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// A request body's place in [`App::bodies`], held until its answer.
+pub struct BodyPermit(#[allow(dead_code)] Option<tokio::sync::OwnedSemaphorePermit>);
+
 /// The body, up to `limit` bytes kept, parsed as JSON; a body still arriving after
 /// [`BODY_TIMEOUT`] is a 408, so a client that stalls holds nothing for long.
-async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
-    let kept = tokio::time::timeout(BODY_TIMEOUT, read_body(body, limit)).await.map_err(|_| {
+async fn read_json<T: DeserializeOwned>(app: &App, body: Body, limit: usize) -> Result<(T, BodyPermit), ApiError> {
+    let (kept, permit) = tokio::time::timeout(BODY_TIMEOUT, read_body(app, body, limit)).await.map_err(|_| {
         ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "timeout",
             format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
         )
     })??;
-    serde_json::from_slice(&kept).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+    let v = serde_json::from_slice(&kept).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))?;
+    Ok((v, permit))
 }
 
-async fn read_body(mut body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+async fn read_body(app: &App, mut body: Body, limit: usize) -> Result<(Vec<u8>, BodyPermit), ApiError> {
     use http_body_util::BodyExt;
     let (mut kept, mut seen) = (Vec::new(), 0usize);
+    let mut permit: Option<tokio::sync::OwnedSemaphorePermit> = None;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?;
         let Ok(data) = frame.into_data() else { continue };
         seen += data.len();
         if seen <= limit {
+            // KiB permits for what is kept so far (rounded up), taken as the bytes arrive.
+            let need = kept.len().saturating_add(data.len()).div_ceil(1024);
+            let have = permit.as_ref().map_or(0, |p| p.num_permits());
+            if need > have {
+                let more = app
+                    .bodies
+                    .clone()
+                    .acquire_many_owned((need - have) as u32)
+                    .await
+                    .map_err(|_| ApiError::unavailable("the server is shutting down"))?;
+                match &mut permit {
+                    Some(p) => p.merge(more),
+                    None => permit = Some(more),
+                }
+            }
             kept.extend_from_slice(&data);
         } else if seen > limit + DRAIN_BYTES {
             break;
@@ -205,7 +392,7 @@ async fn read_body(mut body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
             limit >> 10
         )));
     }
-    Ok(kept)
+    Ok((kept, BodyPermit(permit)))
 }
 
 /// What a rerank request asks of the scorer, whatever its API shape.
@@ -220,6 +407,8 @@ struct Ask {
     /// TEI `truncate: false`: a pair longer than max_length is an error instead of being cut.
     refuse_long: bool,
     max_tokens_per_doc: Option<usize>,
+    /// How many of the ranked documents the response returns (`top_n`): only those were shown.
+    returned: usize,
 }
 
 struct Ranked {
@@ -228,6 +417,8 @@ struct Ranked {
     tokens: usize,
     /// The response id, which is also the captured event's id.
     id: String,
+    /// What became of capturing this ranking (None: not captured).
+    capture: Option<Result<(), String>>,
 }
 
 impl Ranked {
@@ -238,13 +429,32 @@ impl Ranked {
         order
     }
 
-    fn headers(&self) -> [(&'static str, String); 2] {
-        [("x-rerankd-adapter", self.scorer.adapter().to_string()), ("x-rerankd-event-id", self.id.clone())]
+    fn headers(&self) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        let mut put = |k: &'static str, v: &str| {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                h.insert(k, v);
+            }
+        };
+        put("x-rerankd-adapter", self.scorer.adapter());
+        put("x-rerankd-event-id", &self.id);
+        match &self.capture {
+            Some(Ok(())) => put("x-rerankd-capture", "recorded"),
+            Some(Err(_)) => put("x-rerankd-capture", "failed"),
+            None => {}
+        }
+        h
     }
 
     fn meta(&self) -> Value {
-        json!({"corpus": self.scorer.corpus, "adapter": self.scorer.adapter(),
-               "base_model": self.scorer.base.spec, "max_length": self.scorer.max_length})
+        let mut m = json!({"corpus": self.scorer.corpus, "adapter": self.scorer.adapter(),
+               "base_model": self.scorer.base.spec, "max_length": self.scorer.max_length});
+        match &self.capture {
+            Some(Ok(())) => m["capture"] = json!({"status": "recorded"}),
+            Some(Err(e)) => m["capture"] = json!({"status": "failed", "error": e}),
+            None => {}
+        }
+        m
     }
 }
 
@@ -255,7 +465,11 @@ async fn rank(app: &Arc<App>, ask: Ask) -> Result<Ranked, ApiError> {
     }
     let n = ask.docs.len();
     if n == 0 {
-        return Err(ApiError::bad_request(format!("`{}` is empty: give at least one document", ask.field)));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "empty",
+            format!("`{}` is empty: give at least one document", ask.field),
+        ));
     }
     let max_docs = app.settings().max_documents;
     if n > max_docs {
@@ -270,16 +484,24 @@ async fn rank(app: &Arc<App>, ask: Ask) -> Result<Ranked, ApiError> {
     if let Some(i) = ask.ids.iter().position(|id| id.as_ref().is_some_and(|id| id.is_empty() || id.len() > 256)) {
         return Err(ApiError::bad_request(format!("`{}[{i}].id` must be 1 to 256 bytes", ask.field)));
     }
-    let admission = app.batcher.admit(n).map_err(|full| ApiError {
-        retry_after: Some(1),
-        ..ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "overloaded",
-            format!(
-                "the scoring queue is full ({} of {} pairs, serve.max_queue_pairs); retry shortly",
-                full.admitted, full.max
-            ),
-        )
+    let admission = app.batcher.admit(n).map_err(|full| {
+        if n > full.max {
+            return ApiError::too_large(format!(
+                "{n} documents can never fit the scoring queue of {} pairs (serve.max_queue_pairs)",
+                full.max
+            ));
+        }
+        ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "overloaded",
+                format!(
+                    "the scoring queue is full ({} of {} pairs, serve.max_queue_pairs); retry shortly",
+                    full.admitted, full.max
+                ),
+            )
+        }
     })?;
     let models = app.models.clone();
     let model = ask.model.clone();
@@ -287,9 +509,14 @@ async fn rank(app: &Arc<App>, ask: Ask) -> Result<Ranked, ApiError> {
         .await
         .map_err(|e| ApiError::internal(format!("loading the model: {e}")))??;
     let s = scorer.clone();
+    // Tokenizing runs on at most one blocking thread per core: what a flood of requests can make
+    // serve hold at once is their bodies, not their tokenizations.
+    let _tokenizing =
+        app.tokenizing.acquire().await.map_err(|_| ApiError::unavailable("the server is shutting down"))?;
     let (seqs, ask) = tokio::task::spawn_blocking(move || tokenize(&s, &ask).map(|seqs| (seqs, ask)))
         .await
         .map_err(|e| ApiError::internal(format!("tokenizing: {e}")))??;
+    drop(_tokenizing);
     let tokens = seqs.iter().map(Vec::len).sum();
     let (reply, rx) = oneshot::channel();
     app.batcher.submit(Work { scorer: scorer.clone(), seqs, reply, admission });
@@ -297,24 +524,39 @@ async fn rank(app: &Arc<App>, ask: Ask) -> Result<Ranked, ApiError> {
         .await
         .map_err(|_| ApiError::internal("the scoring thread dropped the request"))?
         .map_err(|e| ApiError::internal(format!("scoring failed: {e}")))?;
-    let r = Ranked { scorer, scores, tokens, id: response_id() };
+    let mut r = Ranked { scorer, scores, tokens, id: response_id(), capture: None };
     if let Some(corpus) = r.scorer.corpus.clone() {
-        let (capture, id, adapter, order) =
+        // The ranking is answered whatever becomes of its capture: a capture problem is reported
+        // in the response, counted and logged, never turned into an error.
+        let (capture, id, adapter, mut shown) =
             (app.capture.clone(), r.id.clone(), r.scorer.adapter().to_string(), r.order());
-        tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
+        shown.truncate(ask.returned);
+        let prompt = r.scorer.clone();
+        let outcome = tokio::task::spawn_blocking(move || -> Option<Result<(), String>> {
             if !capture.enabled(&corpus) {
-                return Ok(());
+                return None;
             }
+            // Recorded as scored: each text cut where nothing past it could have been read.
+            let p = &prompt.base.reranker.prompt;
             let docs: Vec<(String, &str)> = ask
                 .docs
                 .iter()
                 .zip(&ask.ids)
-                .map(|(text, id)| (id.clone().unwrap_or_else(|| content_id(text)), text.as_str()))
+                .map(|(text, id)| {
+                    let text = p.cap(text, prompt.max_length);
+                    (id.clone().unwrap_or_else(|| content_id(text)), text)
+                })
                 .collect();
-            Ok(capture.record(&corpus, &id, &ask.query, &docs, &order, &adapter)?)
+            let query = p.cap(&ask.query, prompt.max_length);
+            Some(capture.record(&corpus, &id, query, &docs, &shown, &adapter).map_err(|e| e.to_string()))
         })
         .await
-        .map_err(|e| ApiError::internal(format!("recording feedback: {e}")))??;
+        .unwrap_or_else(|e| Some(Err(format!("the capture task failed: {e}"))));
+        if let Some(Err(e)) = &outcome {
+            app.telemetry.capture_failures.inc();
+            tracing::warn!(event = %r.id, "capture failed; the ranking was answered: {e}");
+        }
+        r.capture = outcome;
     }
     Ok(r)
 }
@@ -322,7 +564,9 @@ async fn rank(app: &Arc<App>, ask: Ask) -> Result<Ranked, ApiError> {
 /// The prompts of one request, built and truncated exactly as `rerankd score` builds them.
 fn tokenize(s: &Scorer, ask: &Ask) -> Result<Vec<Vec<u32>>, ApiError> {
     let p = &s.base.reranker.prompt;
-    let fail = |e: crate::model::ModelError| ApiError::bad_request(format!("cannot tokenize: {e}"));
+    let fail = |e: crate::model::ModelError| {
+        ApiError::new(StatusCode::BAD_REQUEST, "tokenizer", format!("cannot tokenize: {e}"))
+    };
     ask.docs
         .iter()
         .enumerate()
@@ -332,7 +576,7 @@ fn tokenize(s: &Scorer, ask: &Ask) -> Result<Vec<Vec<u32>>, ApiError> {
                 None => doc.clone(),
             };
             if ask.refuse_long {
-                let len = p.prompt_len(&s.instruction, &ask.query, &doc).map_err(fail)?;
+                let len = p.prompt_len(&s.instruction, &ask.query, &doc, s.max_length).map_err(fail)?;
                 if len > s.max_length {
                     return Err(ApiError::too_large(format!(
                         "`{}[{i}]` makes a prompt of {len} tokens, over this model's max_length {}, and `truncate` is false",
@@ -360,17 +604,17 @@ struct TeiRequest {
     truncate: Option<bool>,
 }
 
-async fn tei(State(app): State<Arc<App>>, body: Body) -> Result<Response, ApiError> {
+async fn tei(State(app): State<Arc<App>>, body: Body) -> Result<Response, TeiError> {
     let model = default_model(&app);
-    tei_for(app, model, body).await
+    tei_for(app, model, body).await.map_err(ApiError::tei)
 }
 
-async fn tei_corpus(State(app): State<Arc<App>>, Path(corpus): Path<String>, body: Body) -> Result<Response, ApiError> {
-    tei_for(app, corpus, body).await
+async fn tei_corpus(State(app): State<Arc<App>>, Path(corpus): Path<String>, body: Body) -> Result<Response, TeiError> {
+    tei_for(app, corpus, body).await.map_err(ApiError::tei)
 }
 
 async fn tei_for(app: Arc<App>, model: String, body: Body) -> Result<Response, ApiError> {
-    let req: TeiRequest = read_json(body, app.settings().max_body_bytes).await?;
+    let (req, _body): (TeiRequest, _) = read_json(&app, body, app.settings().max_body_bytes).await?;
     let ask = Ask {
         model,
         query: req.query,
@@ -379,6 +623,7 @@ async fn tei_for(app: Arc<App>, model: String, body: Body) -> Result<Response, A
         field: "texts",
         refuse_long: req.truncate == Some(false),
         max_tokens_per_doc: None,
+        returned: usize::MAX,
     };
     let texts = req.return_text.then(|| ask.docs.clone());
     let r = rank(&app, ask).await?;
@@ -425,7 +670,7 @@ async fn cohere_v2(State(app): State<Arc<App>>, body: Body) -> Result<Response, 
 }
 
 async fn cohere(app: Arc<App>, body: Body, version: &str) -> Result<Response, ApiError> {
-    let req: CohereRequest = read_json(body, app.settings().max_body_bytes).await?;
+    let (req, _body): (CohereRequest, _) = read_json(&app, body, app.settings().max_body_bytes).await?;
     if req.top_n == Some(0) {
         return Err(ApiError::bad_request("`top_n` must be at least 1"));
     }
@@ -446,6 +691,7 @@ async fn cohere(app: Arc<App>, body: Body, version: &str) -> Result<Response, Ap
         field: "documents",
         refuse_long: false,
         max_tokens_per_doc: req.max_tokens_per_doc,
+        returned: req.top_n.unwrap_or(usize::MAX),
     };
     let texts = req.return_documents.then(|| ask.docs.clone());
     let r = rank(&app, ask).await?;
@@ -485,7 +731,7 @@ struct FeedbackRequest {
 
 /// `POST /v1/feedback {id, signal, index | doc_id}`: a signal on a captured ranking.
 async fn feedback(State(app): State<Arc<App>>, body: Body) -> Result<Response, ApiError> {
-    let req: FeedbackRequest = read_json(body, MAX_FEEDBACK_BODY).await?;
+    let (req, _body): (FeedbackRequest, _) = read_json(&app, body, MAX_FEEDBACK_BODY).await?;
     let capture = app.capture.clone();
     let (corpus, doc) = tokio::task::spawn_blocking(move || {
         capture.signal(req.corpus.as_ref(), &req.id, &req.signal, req.index, req.doc_id.as_deref()).map(|r| (r, req))

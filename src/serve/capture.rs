@@ -1,7 +1,9 @@
 //! Feedback capture: each ranking served for a corpus with capture on becomes a query event in
 //! its feedback.jsonl (`event_id` = the response id, `shown` = the order returned, `documents` =
 //! the request's order, `adapter` = what scored it), its new documents are appended once to
-//! documents.jsonl, and `POST /v1/feedback` appends signals on those events. Every append goes
+//! documents.jsonl (a document whose id was recorded with another text, an edited article, is
+//! recorded as a new version under `<id>#<digest>`), and `POST /v1/feedback` appends signals on
+//! those events. Every append goes
 //! through `store::feedback` (the corpus's lock, one write per line).
 
 use crate::ids::CorpusName;
@@ -22,15 +24,16 @@ const RECENT_EVENTS: usize = 100_000;
 const RECENT_IDS: usize = 1_000_000;
 
 /// Why capture or a signal was refused.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
     /// The client's input (400).
+    #[error("{0}")]
     Invalid(String),
     /// No such event (404).
+    #[error("{0}")]
     Unknown(String),
-    /// A document id already recorded with another text (409).
-    Conflict(String),
     /// The files (500).
+    #[error("{0}")]
     Io(String),
 }
 
@@ -105,8 +108,8 @@ impl Capture {
     }
 
     /// Records one served ranking: documents (id, text) in request order, `shown` = the request
-    /// indices in the order returned. New documents first, then the query event, both under the
-    /// corpus's lock; a document id recorded with another text refuses the whole record.
+    /// indices of the documents returned, in the order returned. New documents first, then the
+    /// query event, both under the corpus's lock.
     pub fn record(
         &self,
         corpus: &CorpusName,
@@ -116,42 +119,30 @@ impl Capture {
         shown: &[usize],
         adapter: &str,
     ) -> Result<(), CaptureError> {
-        let ids: Vec<&str> = docs.iter().map(|(id, _)| id.as_str()).collect();
-        let line = json!({"event_id": event_id, "ts": now_rfc3339(), "query": query,
-                          "shown": shown.iter().map(|&i| ids[i]).collect::<Vec<_>>(),
-                          "documents": ids, "adapter": adapter})
-        .to_string();
-        if line.len() > MAX_LINE {
-            return Err(CaptureError::Invalid(format!(
-                "this ranking's event would be a {} byte line (the most is {MAX_LINE}): shorter ids or fewer documents",
-                line.len()
-            )));
-        }
         let state = self.state(corpus);
         let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
         let io = |e: crate::store::StoreError| CaptureError::Io(e.to_string());
         let _lock = st.fb.lock().map_err(io)?;
         let documents = st.fb.documents.clone();
-        let new = match st.docs.new_lines(&documents, docs).map_err(io)? {
-            Ok(lines) => lines,
-            Err(conflict) => return Err(CaptureError::Conflict(format!("{conflict} in corpus `{corpus}`"))),
-        };
-        if let Some(l) = new.iter().find(|l| l.len() > MAX_LINE) {
+        let recorded = st.docs.resolve(&documents, docs).map_err(io)?;
+        let ids = recorded.ids.clone();
+        let line = json!({"event_id": event_id, "ts": now_rfc3339(), "query": query,
+                          "shown": shown.iter().map(|&i| &ids[i]).collect::<Vec<_>>(),
+                          "documents": ids, "adapter": adapter})
+        .to_string();
+        if let Some(l) = recorded.lines.iter().chain([&line]).find(|l| l.len() > MAX_LINE) {
             return Err(CaptureError::Invalid(format!(
-                "a document of {} bytes is over the {MAX_LINE} byte line limit",
+                "a line of {} bytes would be over the {MAX_LINE} byte line limit of the feedback files",
                 l.len()
             )));
         }
-        st.fb.append(&documents, &new).map_err(io)?;
-        st.docs.record(docs);
+        st.fb.append(&documents, &recorded.lines).map_err(io)?;
+        st.docs.commit(recorded);
         let feedback = st.fb.feedback.clone();
         st.fb.append(&feedback, &[line]).map_err(io)?;
         drop(_lock);
         drop(st);
-        self.remember(
-            event_id,
-            Impression { corpus: corpus.clone(), docs: ids.iter().map(|s| s.to_string()).collect() },
-        );
+        self.remember(event_id, Impression { corpus: corpus.clone(), docs: ids });
         Ok(())
     }
 

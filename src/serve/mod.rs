@@ -14,6 +14,7 @@
 pub mod api;
 pub mod batcher;
 pub mod capture;
+pub mod listen;
 pub mod models;
 pub mod telemetry;
 
@@ -94,25 +95,6 @@ fn check_listen(o: &Options) -> Result<Option<SocketAddr>, Refused> {
     Ok(listen)
 }
 
-/// Binds the Unix socket at `path` with mode 0600, replacing a stale socket file left by a
-/// dead server (never a live one, never another kind of file).
-fn bind_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    if let Ok(m) = std::fs::symlink_metadata(path) {
-        anyhow::ensure!(m.file_type().is_socket(), "{} exists and is not a socket; not replacing it", path.display());
-        anyhow::ensure!(
-            std::os::unix::net::UnixStream::connect(path).is_err(),
-            "{} is a live socket: another server listens there",
-            path.display()
-        );
-        std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?;
-    }
-    let l = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod 600 {}", path.display()))?;
-    Ok(l)
-}
-
 pub fn run(root: &Root, o: Options) -> anyhow::Result<()> {
     let listen = check_listen(&o)?;
     let api_key = o.api_key_file.as_deref().map(read_api_key).transpose()?;
@@ -122,6 +104,9 @@ pub fn run(root: &Root, o: Options) -> anyhow::Result<()> {
     };
     lock.write_pid()?;
     let cfg = DaemonConfig::load(&root.config())?.serve;
+    // Bound before the models load: a taken address or socket path fails at once, and only a
+    // socket this process bound is ever removed.
+    let bound = listen::Bound::bind(listen, o.socket.as_deref())?;
     tracing::info!(root = %root.dir.display(), pid = std::process::id(), "serve starting");
 
     let only: BTreeSet<CorpusName> = o.corpora.iter().cloned().collect();
@@ -140,7 +125,9 @@ pub fn run(root: &Root, o: Options) -> anyhow::Result<()> {
     }
 
     let telemetry = Arc::new(Telemetry::default());
+    let conns = Arc::new(listen::Connections::new(cfg.max_connections, cfg.header_timeout, telemetry.clone()));
     let (batcher, scorer_thread) = Batcher::start(limits(&cfg), telemetry.clone());
+    let cfg_bodies = cfg.max_body_bytes;
     let app = Arc::new(App {
         models: models.clone(),
         batcher: batcher.clone(),
@@ -150,37 +137,66 @@ pub fn run(root: &Root, o: Options) -> anyhow::Result<()> {
         default_corpus: o.default_corpus.clone(),
         capture: Arc::new(capture::Capture::new(root, o.capture)),
         draining: Default::default(),
+        in_flight: conns.in_flight.clone(),
+        tokenizing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())),
+        bodies: Arc::new(tokio::sync::Semaphore::new((api::BODIES_IN_FLIGHT * cfg_bodies).div_ceil(1024))),
     });
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let result = rt.block_on(serve(root, &o, listen, app.clone()));
+    let (result, socket) = rt.block_on(serve(root, &o, bound, app.clone(), conns));
+    // Requests still held by a connection past the drain are not waited for.
+    rt.shutdown_timeout(Duration::from_millis(100));
     batcher.stop();
     let _ = scorer_thread.join();
     let _ = std::fs::remove_file(root.serve_json());
-    if let Some(p) = &o.socket {
-        let _ = std::fs::remove_file(p);
-    }
+    drop(socket);
     drop(lock);
     result
 }
 
-async fn serve(root: &Root, o: &Options, listen: Option<SocketAddr>, app: Arc<App>) -> anyhow::Result<()> {
+async fn serve(
+    root: &Root,
+    o: &Options,
+    bound: listen::Bound,
+    app: Arc<App>,
+    conns: Arc<listen::Connections>,
+) -> (anyhow::Result<()>, Option<listen::SocketFile>) {
+    let mut socket = None;
+    let r = serve_on(root, o, bound, app, conns, &mut socket).await;
+    (r, socket)
+}
+
+async fn serve_on(
+    root: &Root,
+    o: &Options,
+    bound: listen::Bound,
+    app: Arc<App>,
+    conns: Arc<listen::Connections>,
+    socket: &mut Option<listen::SocketFile>,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut info = ServeInfo { pid: std::process::id(), started_at: now_rfc3339(), ..Default::default() };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
-    if let Some(addr) = listen {
-        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-        let bound = l.local_addr()?;
-        info.listen = Some(format!("http://{bound}"));
-        eprintln!("rerankd serve: listening on http://{bound}");
-        spawn_server(&mut servers, l, &app, stop_rx.clone());
+    if let Some((l, addr)) = bound.tcp {
+        let l = tokio::net::TcpListener::from_std(l)?;
+        info.listen = Some(format!("http://{addr}"));
+        eprintln!("rerankd serve: listening on http://{addr}");
+        let guard = if addr.ip().is_loopback() { api::HostGuard::Loopback } else { api::HostGuard::Any };
+        servers.spawn(listen::accept_loop(l, api::router(app.clone(), guard), conns.clone(), stop_rx.clone()));
     }
-    if let Some(path) = &o.socket {
-        let l = bind_socket(path)?;
+    if let Some((l, file)) = bound.unix {
+        let path = o.socket.as_deref().expect("a socket was bound");
+        let l = tokio::net::UnixListener::from_std(l)?;
+        *socket = Some(file);
         info.socket = Some(path.display().to_string());
         eprintln!("rerankd serve: listening on unix:{}", path.display());
-        spawn_server(&mut servers, l, &app, stop_rx.clone());
+        servers.spawn(listen::accept_loop(
+            l,
+            api::router(app.clone(), api::HostGuard::Any),
+            conns.clone(),
+            stop_rx.clone(),
+        ));
     }
 
     describe(root, &app, &mut info);
@@ -205,8 +221,7 @@ async fn serve(root: &Root, o: &Options, listen: Option<SocketAddr>, app: Arc<Ap
                 let _ = hup_tx.send(());
             }
             Some(r) = servers.join_next() => {
-                // A listener ended on its own: an accept error it could not survive.
-                r.context("a listener task failed")?.context("serving")?;
+                r.context("a listener task failed")?;
                 anyhow::bail!("a listener stopped unexpectedly");
             }
         }
@@ -214,40 +229,14 @@ async fn serve(root: &Root, o: &Options, listen: Option<SocketAddr>, app: Arc<Ap
     tracing::info!("SIGTERM: draining in-flight requests");
     app.draining.store(true, Ordering::Release);
     let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while let Some(r) = servers.join_next().await {
-            if let Ok(Err(e)) = r {
-                tracing::warn!("listener: {e}");
-            }
-        }
-    })
-    .await;
-    if drained.is_err() {
+    while servers.join_next().await.is_some() {}
+    if !conns.drained(DRAIN_TIMEOUT).await {
         tracing::warn!("requests still open after {DRAIN_TIMEOUT:?}; exiting anyway");
     }
     drop(hup_tx);
     let _ = watcher.join();
     tracing::info!("serve stopped");
     Ok(())
-}
-
-/// Serves the API on a bound listener until `stop` turns true, then lets the requests in flight
-/// finish (axum's graceful shutdown).
-fn spawn_server<L>(
-    servers: &mut tokio::task::JoinSet<std::io::Result<()>>,
-    listener: L,
-    app: &Arc<App>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-{
-    let svc = api::router(app.clone());
-    servers.spawn(async move {
-        axum::serve(listener, svc)
-            .with_graceful_shutdown(async move { while stop.changed().await.is_ok() && !*stop.borrow() {} })
-            .await
-    });
 }
 
 /// SIGHUP: the `[serve]` limits and the API key file are read again; a bad config or key file

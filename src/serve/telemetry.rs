@@ -37,6 +37,12 @@ pub struct Telemetry {
     pub latency: Histogram,
     pub reloads: Family<ReloadLabels, Counter>,
     pub resident: Gauge,
+    /// Client connections open now.
+    pub connections: Gauge,
+    /// Connections refused at `serve.max_connections`.
+    pub connections_refused: Counter,
+    /// Rankings answered whose capture failed (the ranking was still answered).
+    pub capture_failures: Counter,
 }
 
 impl Default for Telemetry {
@@ -51,6 +57,9 @@ impl Default for Telemetry {
         let latency = Histogram::new(exponential_buckets(0.005, 2.0, 14));
         let reloads = Family::<ReloadLabels, Counter>::default();
         let resident = Gauge::default();
+        let connections = Gauge::default();
+        let connections_refused = Counter::default();
+        let capture_failures = Counter::default();
         registry.register("requests", "HTTP requests answered, by endpoint and status", requests.clone());
         registry.register(
             "request_errors",
@@ -68,6 +77,17 @@ impl Default for Telemetry {
         registry.register("request_duration_seconds", "Time from request to response", latency.clone());
         registry.register("adapter_reloads", "Adapter reloads after a change of current, by result", reloads.clone());
         registry.register("resident_memory_bytes", "Resident memory of the serve process", resident.clone());
+        registry.register("connections", "Client connections open", connections.clone());
+        registry.register(
+            "connections_refused",
+            "Connections answered 503 and closed because serve.max_connections were open",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "capture_failures",
+            "Rankings answered whose capture into feedback.jsonl failed",
+            capture_failures.clone(),
+        );
         Self {
             registry,
             requests,
@@ -79,6 +99,9 @@ impl Default for Telemetry {
             latency,
             reloads,
             resident,
+            connections,
+            connections_refused,
+            capture_failures,
         }
     }
 }

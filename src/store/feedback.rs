@@ -247,9 +247,11 @@ pub fn check_signal(
         None => None,
     };
     match (by_index, doc_id) {
-        (Some(a), Some(b)) if a != b => Err(format!("index points at `{a}`, not at doc_id `{b}`")),
+        (Some(a), Some(b)) if !same_document(&a, b) => Err(format!("index points at `{a}`, not at doc_id `{b}`")),
         (Some(a), _) => Ok(Some(a)),
         (None, Some(b)) if ev.docs.iter().any(|d| d == b) => Ok(Some(b.to_string())),
+        // The client's own id for a document recorded as a version of it.
+        (None, Some(b)) if let Some(d) = ev.docs.iter().find(|d| same_document(d, b)) => Ok(Some(d.clone())),
         (None, Some(b)) => {
             let shown: String = b.chars().take(80).collect();
             Err(format!("document `{shown}` was not in that ranking"))
@@ -274,10 +276,30 @@ pub struct DocumentIndex {
     read_to: u64,
 }
 
-/// A document id already recorded with another text.
-#[derive(Debug, thiserror::Error)]
-#[error("document id `{0}` is already recorded with another text")]
-pub struct IdConflict(pub String);
+/// The id a document's text is recorded under when its own id was first recorded with another
+/// text (an edited article): `<id>#<the first 12 hex digits of the text's sha256>`, the same for
+/// the same text every time.
+pub fn version_id(id: &str, digest: &[u8; 32]) -> String {
+    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{id}#{hex}")
+}
+
+/// Whether `recorded` is `id` or a version of it ([`version_id`]).
+pub fn same_document(recorded: &str, id: &str) -> bool {
+    recorded == id
+        || recorded
+            .strip_prefix(id)
+            .and_then(|r| r.strip_prefix('#'))
+            .is_some_and(|h| h.len() == 12 && h.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+}
+
+/// Where a ranking's documents are recorded: the id of each (its own, or a version id), and the
+/// lines to append for those not recorded yet.
+pub struct Recorded {
+    pub ids: Vec<String>,
+    pub lines: Vec<String>,
+    fresh: Vec<(String, [u8; 32])>,
+}
 
 impl DocumentIndex {
     /// Reads what was appended since the last call (complete lines only). The caller holds the lock.
@@ -308,36 +330,45 @@ impl DocumentIndex {
         Ok(())
     }
 
-    /// The lines to append for the documents not recorded yet, or the first id recorded with
-    /// another text (then nothing may be written). The caller holds the lock.
-    pub fn new_lines(
-        &mut self,
-        path: &Path,
-        docs: &[(String, &str)],
-    ) -> Result<std::result::Result<Vec<String>, IdConflict>> {
+    /// Where each of `docs` (id, text) is recorded. A document whose id was recorded with another
+    /// text is a new version of it, recorded under its [`version_id`]. The caller holds the lock,
+    /// appends `lines`, then calls [`Self::commit`].
+    pub fn resolve(&mut self, path: &Path, docs: &[(String, &str)]) -> Result<Recorded> {
         self.catch_up(path)?;
-        let mut fresh: HashMap<&str, [u8; 32]> = HashMap::new();
-        let mut lines = Vec::new();
+        let mut out = Recorded { ids: Vec::with_capacity(docs.len()), lines: Vec::new(), fresh: Vec::new() };
         for (id, text) in docs {
             let d = text_digest(text);
-            match self.digests.get(id.as_str()).or_else(|| fresh.get(id.as_str())) {
-                Some(old) if *old != d => return Ok(Err(IdConflict(id.clone()))),
-                Some(_) => {}
-                None => {
-                    fresh.insert(id, d);
-                    lines.push(json!({"id": id, "text": text}).to_string());
+            let known = |k: &str, out: &Recorded| {
+                self.digests.get(k).copied().or_else(|| out.fresh.iter().find(|(f, _)| f == k).map(|(_, d)| *d))
+            };
+            let mut chosen = id.clone();
+            for candidate in [id.clone(), version_id(id, &d), format!("{id}#{}", hex(&d))] {
+                chosen = candidate;
+                match known(&chosen, &out) {
+                    Some(old) if old == d => break,
+                    Some(_) => continue,
+                    None => {
+                        out.lines.push(json!({"id": chosen, "text": text}).to_string());
+                        out.fresh.push((chosen.clone(), d));
+                        break;
+                    }
                 }
             }
+            out.ids.push(chosen);
         }
-        Ok(Ok(lines))
+        Ok(out)
     }
 
-    /// Marks appended documents as known (after a successful append of `new_lines`).
-    pub fn record(&mut self, docs: &[(String, &str)]) {
-        for (id, text) in docs {
-            self.digests.entry(id.clone()).or_insert_with(|| text_digest(text));
+    /// Marks the documents of `r` as recorded (after its lines were appended).
+    pub fn commit(&mut self, r: Recorded) {
+        for (id, d) in r.fresh {
+            self.digests.entry(id).or_insert(d);
         }
     }
+}
+
+fn hex(d: &[u8; 32]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Online counts of one adapter: rankings served, and the signals given on them.
@@ -407,22 +438,36 @@ mod tests {
     }
 
     #[test]
-    fn documents_are_recorded_once_and_an_id_with_other_text_is_refused() {
+    fn documents_are_recorded_once_and_an_edited_text_is_a_new_version() {
         let dir = tempfile::tempdir().unwrap();
         let root = Root { dir: dir.path().to_path_buf() };
         let fb = CorpusFeedback::new(&root, &crate::ids::CorpusName::parse("c").unwrap());
         let mut idx = DocumentIndex::default();
         let docs = vec![("a".to_string(), "alpha"), ("b".to_string(), "beta"), ("a".to_string(), "alpha")];
-        let lines = idx.new_lines(&fb.documents, &docs).unwrap().unwrap();
-        assert_eq!(lines.len(), 2);
-        fb.append(&fb.documents, &lines).unwrap();
-        idx.record(&docs);
-        assert!(idx.new_lines(&fb.documents, &docs).unwrap().unwrap().is_empty());
-        let clash = vec![("b".to_string(), "not beta")];
-        assert_eq!(idx.new_lines(&fb.documents, &clash).unwrap().unwrap_err().0, "b");
-        // Another index (another process) learns the file from disk.
+        let r = idx.resolve(&fb.documents, &docs).unwrap();
+        assert_eq!((r.ids.clone(), r.lines.len()), (vec!["a".to_string(), "b".into(), "a".into()], 2));
+        fb.append(&fb.documents, &r.lines).unwrap();
+        idx.commit(r);
+        assert!(idx.resolve(&fb.documents, &docs).unwrap().lines.is_empty());
+        // b edited: a version of b, the same id for the same text every time and in every process.
+        let edited = vec![("b".to_string(), "beta, edited")];
+        let r = idx.resolve(&fb.documents, &edited).unwrap();
+        let v = r.ids[0].clone();
+        assert!(v.starts_with("b#") && same_document(&v, "b") && !same_document(&v, "a"), "{v}");
+        fb.append(&fb.documents, &r.lines).unwrap();
+        idx.commit(r);
         let mut other = DocumentIndex::default();
-        assert!(other.new_lines(&fb.documents, &clash).unwrap().is_err());
+        let again = other.resolve(&fb.documents, &edited).unwrap();
+        assert_eq!((again.ids, again.lines.len()), (vec![v.clone()], 0));
+        // The documents file stays loadable: no id twice with two texts.
+        let texts: Vec<Value> =
+            std::fs::read_to_string(&fb.documents).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let ids: std::collections::HashSet<&str> = texts.iter().map(|t| t["id"].as_str().unwrap()).collect();
+        assert_eq!(ids.len(), texts.len(), "{texts:?}");
+        // A signal by the client's id finds the version the ranking showed.
+        let ev = Impression { corpus: fb.corpus.clone(), docs: vec!["a".into(), v.clone()] };
+        assert_eq!(check_signal(&ev, "click", None, Some("b")).unwrap(), Some(v.clone()));
+        assert_eq!(check_signal(&ev, "click", Some(1), Some("b")).unwrap(), Some(v));
         assert_eq!(content_id("alpha"), content_id("alpha"));
         assert_ne!(content_id("alpha"), content_id("beta"));
     }

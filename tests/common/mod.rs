@@ -344,14 +344,20 @@ pub struct Serve {
 
 impl Serve {
     pub fn start(root: &Root, args: &[&str], env: &[(&str, &str)]) -> Serve {
-        let log = root.dir.parent().unwrap().join("serve.log");
-        let _ = std::fs::remove_file(root.dir.join("serve.json"));
         let mut c = root.cli_cmd(["serve"]);
-        c.args(args).stdin(Stdio::null()).stdout(Stdio::null());
-        c.stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap());
+        c.args(args);
         for (k, v) in env {
             c.env(k, v);
         }
+        Self::spawn(root, c)
+    }
+
+    /// Starts `c` (a serve command line, maybe wrapped) and waits for its serve.json.
+    pub fn spawn(root: &Root, mut c: Command) -> Serve {
+        let log = root.dir.parent().unwrap().join("serve.log");
+        let _ = std::fs::remove_file(root.dir.join("serve.json"));
+        c.stdin(Stdio::null()).stdout(Stdio::null());
+        c.stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap());
         let mut child = c.spawn().unwrap();
         let info: Value = wait_for("serve.json", Duration::from_secs(30), || {
             if let Ok(Some(st)) = child.try_wait() {
