@@ -322,6 +322,47 @@ fn capture_never_fails_a_ranking_and_records_edits_as_versions_and_only_what_was
     assert!(m.lines().any(|l| l.starts_with("rerankd_capture_failures_total") && !l.ends_with(" 0")), "{m}");
 }
 
+/// The loop reacts when feedback arrives: with rescans an hour apart, the daemon drops the
+/// policy's job within seconds of the signal that crosses the threshold (it watches the feedback
+/// files), and not before.
+#[test]
+fn a_policy_is_evaluated_within_seconds_of_its_threshold_being_crossed() {
+    let root = Root::new("rescan_s = 3600\n");
+    let home = root.dir.join("corpora/c");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(
+        home.join("policy.json"),
+        json!({"capture": true, "retrain_after_events": 3, "min_interval_s": 0, "job": "job.json"}).to_string(),
+    )
+    .unwrap();
+    let job = json!({"model": fixture_model(), "data": {"feedback": "feedback.jsonl", "documents": "documents.jsonl"},
+                     "train": {"epochs": 1, "batch_size": 2, "max_length": 64}, "device": "cpu"});
+    std::fs::write(home.join("job.json"), job.to_string()).unwrap();
+    let _daemon = DaemonGuard(root.daemon());
+    let s = Serve::fixture(&root, &[]);
+    let a = agent();
+    let event = capture_one(&a, &s.url, "c", &[("d1", "first text"), ("d2", "second text")]);
+    let runs = || {
+        std::fs::read_dir(root.dir.join("runs")).map_or(0, |d| {
+            d.filter_map(|e| e.ok()).filter(|e| !e.file_name().to_string_lossy().starts_with('.')).count()
+        })
+    };
+    let signal = |sig: &str| {
+        let (status, body) =
+            post_json(&a, &format!("{}/v1/feedback", s.url), &json!({"id": event, "signal": sig, "index": 0}));
+        assert_eq!(status, 200, "{body}");
+    };
+    signal("thumbsup");
+    signal("thumbsdown");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(runs(), 0, "a run started below the threshold");
+    let t0 = Instant::now();
+    signal("click");
+    wait_for("the policy's run", Duration::from_secs(10), || (runs() > 0).then_some(()));
+    eprintln!("the policy's run was accepted {:?} after the signal that crossed the threshold", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}
+
 /// A root whose corpus `c` captures, serve on it, and one ranking of two documents captured:
 /// (root, the corpus's home, serve, an agent, the event id).
 fn serve_one_captured_ranking() -> (Root, std::path::PathBuf, Serve, ureq::Agent, String) {

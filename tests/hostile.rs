@@ -311,3 +311,40 @@ fn a_queue_smaller_than_one_request_is_refused_at_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("serve.max_queue_pairs") && err.contains("max_documents"), "{err}");
 }
+
+/// `/v1/models` lists only corpora a request would be answered for: one removed since it was
+/// loaded is a 404 and is no longer listed.
+#[test]
+fn models_lists_only_what_answers() {
+    let root = Root::new("");
+    for c in ["kept", "gone"] {
+        std::fs::create_dir_all(root.dir.join("corpora").join(c)).unwrap();
+    }
+    let s = Serve::fixture(&root, &[]);
+    let addr = host_port(&s.url);
+    let ids = || -> Vec<String> {
+        let (status, body, _) = raw(&addr, "GET /v1/models HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        assert_eq!(status, 200, "{body}");
+        body["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect()
+    };
+    let rank = |model: &str| {
+        let body = json!({"model": model, "query": "q", "documents": ["a", "b"]}).to_string();
+        raw(&addr, &format!(
+            "POST /v1/rerank HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        ))
+        .0
+    };
+    assert_eq!((rank("kept"), rank("gone")), (200, 200));
+    let listed = ids();
+    assert!(listed.contains(&"kept".to_string()) && listed.contains(&"gone".to_string()), "{listed:?}");
+    std::fs::remove_dir_all(root.dir.join("corpora/gone")).unwrap();
+    assert_eq!(rank("gone"), 404);
+    let listed = ids();
+    assert!(!listed.contains(&"gone".to_string()) && listed.contains(&"kept".to_string()), "{listed:?}");
+    for id in listed {
+        assert_eq!(rank(&id), 200, "{id} is listed but not answered");
+    }
+    assert_eq!(s.stop(), Some(0));
+}

@@ -43,7 +43,12 @@ const WAITING_TICK: Duration = Duration::from_secs(1);
 enum Wake {
     Signal(i32),
     Spool,
+    /// A corpus's feedback.jsonl changed: its retraining policy may be due.
+    Feedback,
 }
+
+/// How often feedback arriving re-evaluates the retraining policies, at most.
+const FEEDBACK_SETTLE: Duration = Duration::from_secs(1);
 
 /// A run waiting to start.
 struct Queued {
@@ -88,7 +93,8 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
 
     let (tx, rx) = mpsc::channel();
     let _signals = install_signals(tx.clone())?;
-    let _watcher = watch_spool(root, tx);
+    let _watcher = watch_spool(root, tx.clone());
+    let _feedback_watcher = watch_feedback(root, tx);
 
     let swept = sweep::sweep(root)?;
     if swept.settled.len() + swept.temps_removed + swept.adopted.len() > 0 {
@@ -137,9 +143,16 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
     }
     d.intake_pass(true);
     let mut last_scan = Instant::now();
+    // Feedback arrived and the policies have not looked at it yet (evaluated at most once per
+    // FEEDBACK_SETTLE, so a burst of signals costs one pass).
+    let (mut feedback_pending, mut last_policy) = (false, Instant::now());
     loop {
         let next_scan = last_scan + d.cfg.rescan;
-        let timeout = d.next_tick(next_scan).saturating_duration_since(Instant::now());
+        let mut wake_at = d.next_tick(next_scan);
+        if feedback_pending {
+            wake_at = wake_at.min(last_policy + FEEDBACK_SETTLE);
+        }
+        let timeout = wake_at.saturating_duration_since(Instant::now());
         // Sleep until the first wake-up or the timer, then take every other one already queued.
         let wakes: Vec<Wake> = rx.recv_timeout(timeout).into_iter().chain(rx.try_iter()).collect();
         let mut rescan = Instant::now() >= next_scan;
@@ -147,6 +160,7 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
         for w in wakes {
             match w {
                 Wake::Spool => rescan = true,
+                Wake::Feedback => feedback_pending = true,
                 Wake::Signal(signal_hook::consts::SIGHUP) => {
                     d.reload_config();
                     rescan = true;
@@ -160,8 +174,12 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
                 }
             }
         }
+        if feedback_pending && last_policy.elapsed() >= FEEDBACK_SETTLE {
+            policies = true;
+        }
         if policies {
             d.policy_pass();
+            (feedback_pending, last_policy) = (false, Instant::now());
         }
         let due = d.intake.next_due().is_some_and(|t| t <= Instant::now());
         if rescan || due {
@@ -571,6 +589,24 @@ fn is_spool_change(kind: &notify::EventKind) -> bool {
         EventKind::Modify(ModifyKind::Metadata(_)) => false,
         _ => true,
     }
+}
+
+/// Watches `corpora/` for writes to a `feedback.jsonl`, so that a retraining policy is evaluated
+/// within [`FEEDBACK_SETTLE`] of its threshold being crossed (the rescan stays the safety net).
+fn watch_feedback(root: &Root, tx: mpsc::Sender<Wake>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        let Ok(e) = ev else { return };
+        if is_spool_change(&e.kind) && e.paths.iter().any(|p| p.file_name().is_some_and(|n| n == "feedback.jsonl")) {
+            let _ = tx.send(Wake::Feedback);
+        }
+    })
+    .map_err(|e| tracing::warn!(error = %e, "file watcher unavailable; feedback waits for rescans"))
+    .ok()?;
+    if let Err(e) = w.watch(&root.dir.join("corpora"), notify::RecursiveMode::Recursive) {
+        tracing::warn!(error = %e, "cannot watch corpora/; feedback waits for rescans");
+    }
+    Some(w)
 }
 
 fn watch_spool(root: &Root, tx: mpsc::Sender<Wake>) -> Option<notify::RecommendedWatcher> {

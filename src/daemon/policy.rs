@@ -28,6 +28,9 @@ use crate::store::{Root, Status, policy};
 struct Watched {
     /// (feedback.jsonl size, number of the corpus's runs) at the last look that did not trigger.
     looked_at: Option<(u64, usize)>,
+    /// Signals counted: (from the snapshot at this byte, up to this byte, how many), so that
+    /// feedback arriving is counted once, not re-read from the snapshot at every look.
+    counted: Option<(u64, u64, u64)>,
     last_drop: Option<SystemTime>,
     /// The last policy.json or template problem logged (each is logged once).
     last_error: Option<String>,
@@ -121,8 +124,15 @@ impl Policies {
                 continue; // not looked at: the interval, not the data, holds it back
             }
             let from = last_snapshot(root, &runs, &fb.feedback);
-            let signals = match signals_after(&fb.feedback, from) {
-                Ok((n, _)) => n,
+            let (base, start) = match w.counted {
+                Some((f, upto, n)) if f == from && upto <= size => (n, upto),
+                _ => (0, from),
+            };
+            let signals = match signals_after(&fb.feedback, start) {
+                Ok((n, upto)) => {
+                    w.counted = Some((from, upto, base + n));
+                    base + n
+                }
                 Err(e) => {
                     tracing::error!(corpus = %corpus, "counting new feedback: {e}");
                     continue;

@@ -764,7 +764,9 @@ async fn health(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn list_models(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
-    let (root, snapshot) = (app.capture.root().clone(), app.models.snapshot());
+    let (capture, mut snapshot) = (app.capture.clone(), app.models.snapshot());
+    // Only what a request would be answered with (a corpus removed since it was loaded is a 404).
+    snapshot.retain(|(c, _, _)| app.models.is_servable(c));
     // Online counts per adapter, from each corpus's feedback.jsonl (a streamed pass).
     let mut data: Vec<Value> = tokio::task::spawn_blocking(move || {
         snapshot
@@ -780,8 +782,7 @@ async fn list_models(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiErro
                 if let Some(e) = error {
                     o["load_error"] = e.into();
                 }
-                let fb = crate::store::feedback::CorpusFeedback::new(&root, &corpus);
-                match crate::store::feedback::online(&fb.feedback) {
+                match capture.online(&corpus) {
                     Ok(m) if !m.is_empty() => o["online"] = json!(m),
                     Ok(_) => {}
                     Err(e) => tracing::warn!("online counts of {corpus}: {e}"),

@@ -7,21 +7,15 @@
 //! through `store::feedback` (the corpus's lock, one write per line).
 
 use crate::ids::CorpusName;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use serde_json::json;
 
-use crate::store::feedback::{
-    CorpusFeedback, DocumentIndex, Impression, MAX_LINE, check_signal, find_event, signal_line,
-};
+use crate::store::feedback::{CorpusFeedback, Impression, MAX_LINE, Online, check_signal, signal_line};
+use crate::store::feedback_index::FeedbackIndex;
 use crate::store::time::now_rfc3339;
 use crate::store::{Root, policy};
-
-/// Events kept in memory to answer feedback without reading the file (older ones are found by
-/// scanning it): at most this many, holding at most [`RECENT_IDS`] document ids in all.
-const RECENT_EVENTS: usize = 100_000;
-const RECENT_IDS: usize = 1_000_000;
 
 /// Why capture or a signal was refused.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +33,18 @@ pub enum CaptureError {
 
 struct CorpusState {
     fb: CorpusFeedback,
-    docs: DocumentIndex,
+    /// Opened at first use (an index that cannot be opened is retried at the next). It orders
+    /// its own readers and writers: lookups do not wait for this state's lock.
+    index: Option<Arc<FeedbackIndex>>,
+}
+
+impl CorpusState {
+    fn index(&mut self) -> Result<Arc<FeedbackIndex>, CaptureError> {
+        if self.index.is_none() {
+            self.index = Some(Arc::new(FeedbackIndex::open(&self.fb).map_err(|e| CaptureError::Io(e.to_string()))?));
+        }
+        Ok(self.index.clone().expect("just opened"))
+    }
 }
 
 pub struct Capture {
@@ -47,20 +52,11 @@ pub struct Capture {
     /// `--capture`: every corpus, whatever its policy says.
     all: bool,
     corpora: Mutex<HashMap<CorpusName, Arc<Mutex<CorpusState>>>>,
-    recent: Mutex<Recent>,
-}
-
-/// Recently captured events, oldest first, bounded in events and in document ids.
-#[derive(Default)]
-struct Recent {
-    map: HashMap<String, Impression>,
-    order: VecDeque<String>,
-    ids: usize,
 }
 
 impl Capture {
     pub fn new(root: &Root, all: bool) -> Self {
-        Self { root: root.clone(), all, corpora: Mutex::new(HashMap::new()), recent: Default::default() }
+        Self { root: root.clone(), all, corpora: Mutex::new(HashMap::new()) }
     }
 
     pub fn root(&self) -> &Root {
@@ -84,27 +80,9 @@ impl Capture {
         let mut map = self.corpora.lock().unwrap_or_else(|e| e.into_inner());
         map.entry(corpus.clone())
             .or_insert_with(|| {
-                Arc::new(Mutex::new(CorpusState {
-                    fb: CorpusFeedback::new(&self.root, corpus),
-                    docs: DocumentIndex::default(),
-                }))
+                Arc::new(Mutex::new(CorpusState { fb: CorpusFeedback::new(&self.root, corpus), index: None }))
             })
             .clone()
-    }
-
-    fn remember(&self, event_id: &str, ev: Impression) {
-        let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        r.ids += ev.docs.len();
-        match r.map.insert(event_id.to_string(), ev) {
-            Some(old) => r.ids -= old.docs.len(),
-            None => r.order.push_back(event_id.to_string()),
-        }
-        while r.order.len() > RECENT_EVENTS || (r.ids > RECENT_IDS && r.order.len() > 1) {
-            let Some(old) = r.order.pop_front() else { break };
-            if let Some(ev) = r.map.remove(&old) {
-                r.ids -= ev.docs.len();
-            }
-        }
     }
 
     /// Records one served ranking: documents (id, text) in request order, `shown` = the request
@@ -124,7 +102,7 @@ impl Capture {
         let io = |e: crate::store::StoreError| CaptureError::Io(e.to_string());
         let _lock = st.fb.lock().map_err(io)?;
         let documents = st.fb.documents.clone();
-        let recorded = st.docs.resolve(&documents, docs).map_err(io)?;
+        let recorded = st.index()?.resolve(docs).map_err(io)?;
         let ids = recorded.ids.clone();
         let line = json!({"event_id": event_id, "ts": now_rfc3339(), "query": query,
                           "shown": shown.iter().map(|&i| &ids[i]).collect::<Vec<_>>(),
@@ -137,12 +115,8 @@ impl Capture {
             )));
         }
         st.fb.append(&documents, &recorded.lines).map_err(io)?;
-        st.docs.commit(recorded);
         let feedback = st.fb.feedback.clone();
         st.fb.append(&feedback, &[line]).map_err(io)?;
-        drop(_lock);
-        drop(st);
-        self.remember(event_id, Impression { corpus: corpus.clone(), docs: ids });
         Ok(())
     }
 
@@ -174,23 +148,40 @@ impl Capture {
         if event_id.is_empty() || event_id.len() > 256 {
             return Err(unknown());
         }
-        if let Some(ev) = self.recent.lock().unwrap_or_else(|e| e.into_inner()).map.get(event_id)
-            && corpus.is_none_or(|c| *c == ev.corpus)
-        {
-            return Ok(ev.clone());
-        }
         let candidates: Vec<CorpusName> = match corpus {
             Some(c) => vec![c.clone()],
             // Feedback files live in the corpus homes.
             None => self.root.corpus_homes().into_iter().filter(|c| self.enabled(c)).collect(),
         };
         for c in candidates {
-            let fb = CorpusFeedback::new(&self.root, &c);
-            if let Some(ev) = find_event(&fb, event_id).map_err(|e| CaptureError::Io(e.to_string()))? {
-                self.remember(event_id, ev.clone());
+            let index = self.state(&c).lock().unwrap_or_else(|e| e.into_inner()).index()?;
+            if let Some(ev) = index.event(event_id).map_err(|e| CaptureError::Io(e.to_string()))? {
                 return Ok(ev);
             }
         }
         Err(unknown())
+    }
+
+    /// Brings the capture index of every corpus that captures up to date (at start, on a thread
+    /// of its own: a first pass over a large feedback file takes a while; see docs/api.md).
+    pub fn warm(&self) {
+        for c in self.root.corpus_homes().into_iter().filter(|c| self.enabled(c)) {
+            if let Err(e) = self.online(&c) {
+                tracing::warn!(corpus = %c, "the capture index: {e}");
+            }
+        }
+    }
+
+    /// Online counts per adapter of `corpus` (none when it has no feedback file).
+    pub fn online(&self, corpus: &CorpusName) -> Result<std::collections::BTreeMap<String, Online>, CaptureError> {
+        let index = {
+            let state = self.state(corpus);
+            let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+            if !st.fb.feedback.exists() {
+                return Ok(Default::default());
+            }
+            st.index()?
+        };
+        index.online().map_err(|e| CaptureError::Io(e.to_string()))
     }
 }

@@ -142,6 +142,10 @@ pub fn run(root: &Root, o: Options) -> anyhow::Result<()> {
         bodies: Arc::new(tokio::sync::Semaphore::new((api::BODIES_IN_FLIGHT * cfg_bodies).div_ceil(1024))),
     });
 
+    {
+        let capture = app.capture.clone();
+        std::thread::Builder::new().name("capture-index".into()).spawn(move || capture.warm())?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let (result, socket) = rt.block_on(serve(root, &o, bound, app.clone(), conns));
     // Requests still held by a connection past the drain are not waited for.

@@ -118,6 +118,12 @@ impl Models {
         models::corpora(&self.root).into_iter().filter(|c| models::current_run(&self.root, c).is_some()).collect()
     }
 
+    /// Whether a request for `corpus` would be served now rather than answered 404 (what
+    /// `/v1/models` lists).
+    pub fn is_servable(&self, corpus: &CorpusName) -> bool {
+        self.servable(corpus.as_str()).is_ok()
+    }
+
     /// Whether `corpus` may be served: a valid name, allowed by `--corpus`, and known here (it has
     /// a home under corpora/ or promoted models), so a typo is a 404, not the base model.
     fn servable(&self, name: &str) -> Result<CorpusName, ResolveError> {

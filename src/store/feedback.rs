@@ -41,7 +41,7 @@ pub fn content_id(text: &str) -> String {
     format!("sha256:{}", h.iter().take(12).map(|b| format!("{b:02x}")).collect::<String>())
 }
 
-fn text_digest(text: &str) -> [u8; 32] {
+pub(super) fn text_digest(text: &str) -> [u8; 32] {
     Sha256::digest(text.as_bytes()).into()
 }
 
@@ -269,13 +269,6 @@ pub fn signal_line(event_id: &str, signal: &str, doc_id: Option<&str>) -> String
     v.to_string()
 }
 
-/// The ids and text digests of a documents file, read incrementally as it grows.
-#[derive(Default)]
-pub struct DocumentIndex {
-    digests: HashMap<String, [u8; 32]>,
-    read_to: u64,
-}
-
 /// The id a document's text is recorded under when its own id was first recorded with another
 /// text (an edited article): `<id>#<the first 12 hex digits of the text's sha256>`, the same for
 /// the same text every time.
@@ -294,81 +287,10 @@ pub fn same_document(recorded: &str, id: &str) -> bool {
 }
 
 /// Where a ranking's documents are recorded: the id of each (its own, or a version id), and the
-/// lines to append for those not recorded yet.
+/// lines to append for those not recorded yet (`FeedbackIndex::resolve`).
 pub struct Recorded {
     pub ids: Vec<String>,
     pub lines: Vec<String>,
-    fresh: Vec<(String, [u8; 32])>,
-}
-
-impl DocumentIndex {
-    /// Reads what was appended since the last call (complete lines only). The caller holds the lock.
-    fn catch_up(&mut self, path: &Path) -> Result<()> {
-        let Some(mut f) = open_existing(path)? else { return Ok(()) };
-        let len = f.metadata().map_err(|e| StoreError::io(path, "reading metadata", e))?.len();
-        if len < self.read_to {
-            // Rewritten by hand: start over.
-            *self = Self::default();
-        }
-        f.seek(SeekFrom::Start(self.read_to)).map_err(|e| StoreError::io(path, "seeking", e))?;
-        let mut reader = std::io::BufReader::new(f);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            let n = reader.read_until(b'\n', &mut line).map_err(|e| StoreError::io(path, "reading", e))?;
-            if n == 0 || line.last() != Some(&b'\n') {
-                break;
-            }
-            self.read_to += n as u64;
-            if let Ok(v) = serde_json::from_slice::<Value>(&line)
-                && let (Some(id), Some(text)) =
-                    (v.get("id").and_then(Value::as_str), v.get("text").and_then(Value::as_str))
-            {
-                self.digests.entry(id.to_string()).or_insert_with(|| text_digest(text));
-            }
-        }
-        Ok(())
-    }
-
-    /// Where each of `docs` (id, text) is recorded. A document whose id was recorded with another
-    /// text is a new version of it, recorded under its [`version_id`]. The caller holds the lock,
-    /// appends `lines`, then calls [`Self::commit`].
-    pub fn resolve(&mut self, path: &Path, docs: &[(String, &str)]) -> Result<Recorded> {
-        self.catch_up(path)?;
-        let mut out = Recorded { ids: Vec::with_capacity(docs.len()), lines: Vec::new(), fresh: Vec::new() };
-        for (id, text) in docs {
-            let d = text_digest(text);
-            let known = |k: &str, out: &Recorded| {
-                self.digests.get(k).copied().or_else(|| out.fresh.iter().find(|(f, _)| f == k).map(|(_, d)| *d))
-            };
-            let mut chosen = id.clone();
-            for candidate in [id.clone(), version_id(id, &d), format!("{id}#{}", hex(&d))] {
-                chosen = candidate;
-                match known(&chosen, &out) {
-                    Some(old) if old == d => break,
-                    Some(_) => continue,
-                    None => {
-                        out.lines.push(json!({"id": chosen, "text": text}).to_string());
-                        out.fresh.push((chosen.clone(), d));
-                        break;
-                    }
-                }
-            }
-            out.ids.push(chosen);
-        }
-        Ok(out)
-    }
-
-    /// Marks the documents of `r` as recorded (after its lines were appended).
-    pub fn commit(&mut self, r: Recorded) {
-        for (id, d) in r.fresh {
-            self.digests.entry(id).or_insert(d);
-        }
-    }
-}
-
-fn hex(d: &[u8; 32]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Online counts of one adapter: rankings served, and the signals given on them.
@@ -408,11 +330,18 @@ pub fn online(path: &Path) -> Result<BTreeMap<String, Online>> {
         }
     }
     for o in out.values_mut() {
-        let n = o.impressions.max(1) as f64;
-        o.positive_rate = (o.positive as f64 / n * 1000.0).round() / 1000.0;
-        o.negative_rate = (o.negative as f64 / n * 1000.0).round() / 1000.0;
+        *o = Online::from_counts(o.impressions, o.positive, o.negative);
     }
     Ok(out)
+}
+
+impl Online {
+    /// The counts with their rates (to three decimals).
+    pub fn from_counts(impressions: u64, positive: u64, negative: u64) -> Self {
+        let n = impressions.max(1) as f64;
+        let rate = |k: u64| (k as f64 / n * 1000.0).round() / 1000.0;
+        Self { impressions, positive, negative, positive_rate: rate(positive), negative_rate: rate(negative) }
+    }
 }
 
 #[cfg(test)]
@@ -435,40 +364,5 @@ mod tests {
         assert!(text.lines().all(|l| serde_json::from_str::<Value>(l).is_ok()), "{text}");
         assert_eq!(signals_after(&fb.feedback, 0).unwrap().0, 1);
         assert_eq!(signals_after(&fb.feedback, s.offset).unwrap(), (1, text.len() as u64));
-    }
-
-    #[test]
-    fn documents_are_recorded_once_and_an_edited_text_is_a_new_version() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = Root { dir: dir.path().to_path_buf() };
-        let fb = CorpusFeedback::new(&root, &crate::ids::CorpusName::parse("c").unwrap());
-        let mut idx = DocumentIndex::default();
-        let docs = vec![("a".to_string(), "alpha"), ("b".to_string(), "beta"), ("a".to_string(), "alpha")];
-        let r = idx.resolve(&fb.documents, &docs).unwrap();
-        assert_eq!((r.ids.clone(), r.lines.len()), (vec!["a".to_string(), "b".into(), "a".into()], 2));
-        fb.append(&fb.documents, &r.lines).unwrap();
-        idx.commit(r);
-        assert!(idx.resolve(&fb.documents, &docs).unwrap().lines.is_empty());
-        // b edited: a version of b, the same id for the same text every time and in every process.
-        let edited = vec![("b".to_string(), "beta, edited")];
-        let r = idx.resolve(&fb.documents, &edited).unwrap();
-        let v = r.ids[0].clone();
-        assert!(v.starts_with("b#") && same_document(&v, "b") && !same_document(&v, "a"), "{v}");
-        fb.append(&fb.documents, &r.lines).unwrap();
-        idx.commit(r);
-        let mut other = DocumentIndex::default();
-        let again = other.resolve(&fb.documents, &edited).unwrap();
-        assert_eq!((again.ids, again.lines.len()), (vec![v.clone()], 0));
-        // The documents file stays loadable: no id twice with two texts.
-        let texts: Vec<Value> =
-            std::fs::read_to_string(&fb.documents).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-        let ids: std::collections::HashSet<&str> = texts.iter().map(|t| t["id"].as_str().unwrap()).collect();
-        assert_eq!(ids.len(), texts.len(), "{texts:?}");
-        // A signal by the client's id finds the version the ranking showed.
-        let ev = Impression { corpus: fb.corpus.clone(), docs: vec!["a".into(), v.clone()] };
-        assert_eq!(check_signal(&ev, "click", None, Some("b")).unwrap(), Some(v.clone()));
-        assert_eq!(check_signal(&ev, "click", Some(1), Some("b")).unwrap(), Some(v));
-        assert_eq!(content_id("alpha"), content_id("alpha"));
-        assert_ne!(content_id("alpha"), content_id("beta"));
     }
 }

@@ -1,6 +1,6 @@
 //! The run store: the files under the state root, their paths and formats. Paths, atomic writes,
 //! the run states and their table, the event log, status, stop requests, checkpoints, promoted
-//! models, feedback and locks. Not yet every file: the spool's claim/accept/reject (in
+//! models, feedback (and its capture index) and locks. Not yet every file: the spool's claim/accept/reject (in
 //! `daemon::intake` and `cli::submit`), the policy's job drop (`daemon::policy`) and the run's
 //! data files (`runner`) still do their own I/O with the store's helpers; moving them here is
 //! what is left of making this module the only one that touches the root.
@@ -9,6 +9,7 @@ pub mod atomic;
 pub mod checkpoint;
 pub mod events;
 pub mod feedback;
+pub mod feedback_index;
 pub mod lock;
 pub mod metrics;
 pub mod models;
