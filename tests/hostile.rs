@@ -348,3 +348,29 @@ fn models_lists_only_what_answers() {
     }
     assert_eq!(s.stop(), Some(0));
 }
+
+/// Every error has a JSON body, those hyper answers before any route too (a request it cannot
+/// parse, a header or a URI over its limits).
+#[test]
+fn requests_that_cannot_be_parsed_get_a_json_error() {
+    let root = Root::new("");
+    let s = Serve::fixture(&root, &[]);
+    let addr = host_port(&s.url);
+    let big_header = format!("GET /health HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n", "a".repeat(900_000));
+    let long_uri = format!("GET /{} HTTP/1.1\r\nHost: localhost\r\n\r\n", "a".repeat(70_000));
+    for (what, req, want) in [
+        ("garbage", "GARBAGE\r\n\r\n".to_string(), 400),
+        ("a header over the limit", big_header, 431),
+        ("a URI over the limit", long_uri, 414),
+    ] {
+        let (status, body, text) = raw(&addr, &req);
+        assert_eq!(status, want, "{what}: {text:.300}");
+        assert!(
+            body["error"]["message"].as_str().is_some_and(|m| m.starts_with(&want.to_string())),
+            "{what}: {text:.300}"
+        );
+    }
+    let (status, _, _) = raw(&addr, "GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    assert_eq!(status, 200);
+    assert_eq!(s.stop(), Some(0));
+}

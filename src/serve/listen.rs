@@ -17,7 +17,7 @@ use anyhow::Context;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{Semaphore, watch};
 
 use super::telemetry::Telemetry;
@@ -203,7 +203,7 @@ where
         tokio::spawn(async move {
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new()).header_read_timeout(conns.header_timeout);
-            let conn = http.serve_connection(TokioIo::new(io), svc);
+            let conn = http.serve_connection(TokioIo::new(JsonProtocolErrors::new(io)), svc);
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
@@ -223,6 +223,127 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     while !*stop.borrow_and_update() {
         if stop.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// A connection's stream that gives hyper's own answers to requests it cannot parse (400, 414,
+/// 431: written before any route runs, with an empty body) a JSON body like every other error.
+/// They are recognised by what only they are: a response head with `connection: close` and
+/// `content-length: 0`, written as one buffer (writes are not vectored here, so hyper flattens).
+struct JsonProtocolErrors<T> {
+    io: T,
+    /// Bytes of a rewritten answer still to be written (reported written to hyper already).
+    pending: Vec<u8>,
+}
+
+impl<T> JsonProtocolErrors<T> {
+    fn new(io: T) -> Self {
+        Self { io, pending: Vec::new() }
+    }
+}
+
+/// `head` with a JSON body naming its status, when it is one of hyper's bodiless error answers.
+fn with_json_body(head: &[u8]) -> Option<Vec<u8>> {
+    const MARK: &[u8] = b"\r\nconnection: close\r\ncontent-length: 0\r\n";
+    if !head.starts_with(b"HTTP/1.1 4") || !head.ends_with(b"\r\n\r\n") {
+        return None;
+    }
+    let at = head.windows(MARK.len()).position(|w| w == MARK)?;
+    let text = std::str::from_utf8(head).ok()?;
+    let status = text.lines().next()?.strip_prefix("HTTP/1.1 ")?;
+    let body = serde_json::json!({"error": {
+        "message": format!("{status}: the request line or headers could not be read (malformed, or over the server's limits)"),
+        "type": "bad_request"}})
+    .to_string();
+    let mut out = head[..at].to_vec();
+    out.extend_from_slice(
+        format!("\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n", body.len())
+            .as_bytes(),
+    );
+    out.extend_from_slice(&head[at + MARK.len()..]);
+    out.extend_from_slice(body.as_bytes());
+    Some(out)
+}
+
+impl<T: AsyncWrite + Unpin> JsonProtocolErrors<T> {
+    /// Writes what is pending; Ready(Ok) once nothing is.
+    fn drain(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        while !self.pending.is_empty() {
+            let n = std::task::ready!(std::pin::Pin::new(&mut self.io).poll_write(cx, &self.pending))?;
+            if n == 0 {
+                return std::task::Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.pending.drain(..n);
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for JsonProtocolErrors<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for JsonProtocolErrors<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::ready!(self.drain(cx))?;
+        if let Some(rewritten) = with_json_body(buf) {
+            self.pending = rewritten;
+            // The whole answer is taken; it goes out with the next write or flush.
+            let _ = self.drain(cx)?;
+            return std::task::Poll::Ready(Ok(buf.len()));
+        }
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::ready!(self.drain(cx))?;
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::ready!(self.drain(cx))?;
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_json_body;
+
+    #[test]
+    fn only_hypers_bodiless_error_answers_get_a_json_body() {
+        let head = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
+        let out = String::from_utf8(with_json_body(head).unwrap()).unwrap();
+        let (h, body) = out.split_once("\r\n\r\n").unwrap();
+        assert!(h.contains("content-type: application/json") && h.contains("date: x"), "{out}");
+        let len: usize = h.lines().find_map(|l| l.strip_prefix("content-length: ")).unwrap().parse().unwrap();
+        assert_eq!(len, body.len());
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert!(v["error"]["message"].as_str().unwrap().starts_with("431 Request Header Fields Too Large"));
+        // Anything else passes unchanged: a response with a body, a 2xx, a partial head.
+        for other in [
+            &b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"[..],
+            &b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"[..],
+            &b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n"[..],
+        ] {
+            assert!(with_json_body(other).is_none(), "{}", String::from_utf8_lossy(other));
         }
     }
 }
