@@ -331,3 +331,72 @@ fn an_untied_base_and_a_sharded_base_export_and_score_alike() {
     eprintln!("sharded in and out ({} files): max |score diff| {ds:.2e}, |logit diff| {dl:.2e}", files.len());
     assert!(ds <= 1e-5 && dl <= 1e-5);
 }
+
+/// What a careless or unlucky user meets: a run that did not complete is refused unless
+/// `--force`; what a killed export left is removed by the next one; a second export to the same
+/// destination while one runs is refused; a destination that is a symlink is written into its
+/// target; every file has the same mode.
+#[test]
+fn exports_refuse_unfinished_runs_clean_up_and_write_through_symlinks() {
+    let root = root_on(&fixture_model());
+    let tmp = root.dir.parent().unwrap().to_path_buf();
+    // A failed run with an adapter (what a dead attempt leaves).
+    let run = "docs__20261127_130000";
+    let dir = root.dir.join("runs").join(run);
+    std::fs::create_dir_all(dir.join("adapter")).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors", "manifest.json"] {
+        std::fs::copy(adapter_dir(&root).join(f), dir.join("adapter").join(f)).unwrap();
+    }
+    let status = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/v1/root/runs/demo__20261203_113020/status.json"),
+    )
+    .unwrap()
+    .replace("demo__20261203_113020", run)
+    .replace("\"demo\"", "\"docs\"")
+    .replace("\"completed\"", "\"failed\"");
+    std::fs::write(dir.join("status.json"), status).unwrap();
+    let out = tmp.join("unfinished");
+    let (code, _, err) = export(&root, &[run, "--format", "merged", "--out", out.to_str().unwrap()]);
+    assert_eq!(code, Some(4), "{err}");
+    assert!(err.contains("failed") && err.contains("--force"), "{err}");
+    assert!(!out.exists());
+    let (code, _, err) = export(&root, &[run, "--format", "merged", "--force", "--out", out.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+
+    // A killed export's temporary directory (of a pid long gone) is removed by the next export.
+    let out = tmp.join("model");
+    let stale = tmp.join(".model.rerankd-export-999999");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("model.safetensors"), vec![0u8; 1 << 20]).unwrap();
+    // Another export to the same destination is running (it holds the lock): refused.
+    let lock = rerankd::store::FileLock::try_acquire(&tmp.join(".model.export.lock")).unwrap().unwrap();
+    let (code, _, err) = export(&root, &["--corpus", "docs", "--format", "merged", "--out", out.to_str().unwrap()]);
+    assert_eq!(code, Some(4), "{err}");
+    assert!(err.contains("another export"), "{err}");
+    assert!(stale.exists(), "a running export's files were touched");
+    drop(lock);
+    let (code, _, err) = export(&root, &["--corpus", "docs", "--format", "merged", "--out", out.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!stale.exists(), "the killed export's directory is left");
+    // Through a symlink to an empty directory.
+    let (target, link) = (tmp.join("target-dir"), tmp.join("link"));
+    std::fs::create_dir(&target).unwrap();
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let (code, _, err) = export(&root, &["--corpus", "docs", "--format", "merged", "--out", link.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert!(target.join("model.safetensors").is_file());
+    use std::os::unix::fs::PermissionsExt;
+    let modes: std::collections::BTreeSet<u32> = std::fs::read_dir(&target)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().permissions().mode() & 0o777)
+        .collect();
+    assert_eq!(modes.len(), 1, "files of different modes: {modes:?}");
+    let leftovers: Vec<String> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("rerankd-export"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

@@ -1,5 +1,11 @@
 //! `rerankd export`: a run's (or a corpus's promoted) adapter folded into its base model, written
 //! as a standard Hugging Face checkpoint in a temporary directory renamed into place at the end.
+//!
+//! One export per destination at a time (`.<name>.export.lock` beside it, a lock file kept like
+//! every lock); under it, temporary directories that killed exports left are removed first. Only
+//! a completed run is exported unless `--force`. A destination that is a symlink to an empty
+//! directory is written into its target. The files get the mode a file created there gets (the
+//! umask's), all alike.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -42,6 +48,9 @@ pub struct ExportArgs {
     /// Default: the base checkpoint's own.
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeArg>,
+    /// Export a run that did not complete (the adapter its last attempt left) all the same.
+    #[arg(long)]
+    pub force: bool,
     /// Largest weights file before splitting into shards with an index (HF's 5 GB by default).
     #[arg(long, hide = true, default_value_t = export::HF_MAX_SHARD_BYTES / 1_000_000)]
     pub max_shard_mb: u64,
@@ -65,6 +74,14 @@ pub fn run(root: &Root, a: ExportArgs) -> anyhow::Result<ExitCode> {
                 super::complain(format!("run {run} ({}) has no adapter to export", st.state.as_str()));
                 return Ok(ExitCode::from(super::EXIT_NOT_FOUND));
             }
+            if st.state != rerankd::store::RunState::Completed && !a.force {
+                super::complain(format!(
+                    "run {run} is {}, not completed: its adapter is what an unfinished attempt left, not what the run \
+                     earned; --force exports it all the same",
+                    st.state.as_str()
+                ));
+                return Ok(ExitCode::from(super::EXIT_REFUSED));
+            }
             (st.run_id, files.adapter())
         }
         (None, Some(c)) => {
@@ -82,7 +99,10 @@ pub fn run(root: &Root, a: ExportArgs) -> anyhow::Result<ExitCode> {
         }
         (None, None) => unreachable!("clap requires one"),
     };
-    if let Ok(mut d) = std::fs::read_dir(&a.out) {
+    // A symlink to a directory is written into its target (renaming onto the link would fail
+    // after all the work).
+    let out_arg = if a.out.is_dir() { std::fs::canonicalize(&a.out)? } else { a.out.clone() };
+    if let Ok(mut d) = std::fs::read_dir(&out_arg) {
         if d.next().is_some() {
             super::complain(format!("{} is not empty; refusing to overwrite it", a.out.display()));
             return Ok(ExitCode::from(super::EXIT_REFUSED));
@@ -107,13 +127,27 @@ pub fn run(root: &Root, a: ExportArgs) -> anyhow::Result<ExitCode> {
         DtypeArg::F32 => candle_core::DType::F32,
     });
     // Built beside the destination and renamed at the end: an interrupted export leaves only a
-    // hidden temporary directory, never something that looks complete.
-    let out = std::path::absolute(&a.out)?;
+    // hidden temporary directory, never something that looks complete (and the next export to
+    // the same destination removes it).
+    let out = std::path::absolute(&out_arg)?;
     let parent = out.parent().context("the output directory has no parent")?;
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let name = out.file_name().context("the output directory has no name")?.to_string_lossy().into_owned();
-    let tmp = parent.join(format!(".{name}.rerankd-export-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
+    let lock_path = parent.join(format!(".{name}.export.lock"));
+    let Some(mut lock) = rerankd::store::FileLock::try_acquire(&lock_path)? else {
+        let holder = rerankd::store::lock::holder_pid(&lock_path).map_or(String::new(), |p| format!(" (pid {p})"));
+        super::complain(format!("another export to {} is running{holder}; wait for it", out.display()));
+        return Ok(ExitCode::from(super::EXIT_REFUSED));
+    };
+    lock.write_pid()?;
+    let stem = format!(".{name}.rerankd-export-");
+    for e in std::fs::read_dir(parent).with_context(|| format!("listing {}", parent.display()))?.flatten() {
+        if e.file_name().to_string_lossy().starts_with(&stem) {
+            eprintln!("removing {}, left by an export that did not finish", e.path().display());
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    let tmp = parent.join(format!("{stem}{}", std::process::id()));
     std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let result = (|| -> anyhow::Result<export::Written> {
         let spec = ExportSpec {
@@ -146,7 +180,12 @@ pub fn run(root: &Root, a: ExportArgs) -> anyhow::Result<ExitCode> {
         info.write(&tmp)?;
         std::fs::write(tmp.join("README.md"), info.model_card(format))?;
         written.files.extend([export::EXPORT_INFO.to_string(), "README.md".to_string()]);
+        // Every file with the mode a new file gets here (README.md's): some writers create theirs
+        // 0600, which a reader running as another user (a container) could not open.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(tmp.join("README.md"))?.permissions().mode() & 0o777;
         for f in &written.files {
+            std::fs::set_permissions(tmp.join(f), std::fs::Permissions::from_mode(mode))?;
             std::fs::File::open(tmp.join(f)).and_then(|f| f.sync_all())?;
         }
         Ok(written)
@@ -158,11 +197,19 @@ pub fn run(root: &Root, a: ExportArgs) -> anyhow::Result<ExitCode> {
             return Err(e);
         }
     };
-    if out.is_dir() {
-        std::fs::remove_dir(&out).with_context(|| format!("replacing the empty {}", out.display()))?;
+    let placed = (|| -> anyhow::Result<()> {
+        if out.is_dir() {
+            std::fs::remove_dir(&out).with_context(|| format!("replacing the empty {}", out.display()))?;
+        }
+        std::fs::rename(&tmp, &out).with_context(|| format!("renaming the export into {}", out.display()))?;
+        rerankd::store::atomic::sync_dir(parent)?;
+        Ok(())
+    })();
+    if let Err(e) = placed {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
     }
-    std::fs::rename(&tmp, &out).with_context(|| format!("renaming the export into {}", out.display()))?;
-    rerankd::store::atomic::sync_dir(parent)?;
+    drop(lock);
     println!(
         "{}",
         serde_json::json!({"out": out, "run_id": run_id, "format": a.format.to_possible_value().map(|v| v.get_name().to_string()),
