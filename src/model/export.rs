@@ -310,7 +310,10 @@ impl ExportInfo {
             .unwrap_or_default();
         let mut y = String::new();
         let _ = writeln!(y, "---");
-        let _ = writeln!(y, "base_model: {}", yaml_str(&self.base_model));
+        // The Hub takes `base_model` only as a model id (`org/name`); a local path is named below.
+        if is_hub_id(&self.base_model) {
+            let _ = writeln!(y, "base_model: {}", yaml_str(&self.base_model));
+        }
         let _ = writeln!(y, "library_name: transformers");
         let _ = writeln!(y, "pipeline_tag: text-ranking");
         let _ = writeln!(y, "tags:\n- reranker\n- cross-encoder\n- qwen3\n- lora\n- rerankd");
@@ -367,35 +370,50 @@ impl ExportInfo {
             "## Prompt\n\nEvery (query, document) pair must be formatted exactly like this (the instruction is the one used in training):\n\n```text\n{prompt}\n```\n"
         );
         let _ = writeln!(y, "## How to call it\n");
+        // Python literals: JSON strings are valid Python strings.
+        let lit = |s: &str| serde_json::to_string(s).expect("a string serialises");
+        let head = format!(
+            "import torch\nfrom transformers import AutoTokenizer, {class}\n\nDIR = \".\"  # this directory\nINSTRUCTION = {}\nMAX_LENGTH = {}\nPREFIX = {}\nSUFFIX = {}\n\ntok = AutoTokenizer.from_pretrained(DIR)\nmodel = {class}.from_pretrained(DIR).eval()\nprefix = tok(PREFIX, add_special_tokens=False).input_ids\nsuffix = tok(SUFFIX, add_special_tokens=False).input_ids\n\n\ndef encode(query, document):\n    # As rerankd: the prompt's own tokens never cut, the end of the document (then of the query) cut to fit.\n    body = tok(f\"<Instruct>: {{INSTRUCTION}}\\n<Query>: {{query}}\\n<Document>: {{document}}\", add_special_tokens=False,\n               truncation=True, max_length=MAX_LENGTH - len(prefix) - len(suffix)).input_ids\n    return prefix + body + suffix\n",
+            lit(&self.instruction),
+            self.max_length,
+            lit(super::prompt::PREFIX),
+            lit(super::prompt::SUFFIX),
+            class = match format {
+                Format::SeqCls => "AutoModelForSequenceClassification",
+                Format::Merged => "AutoModelForCausalLM",
+            }
+        );
+        let rerank = match format {
+            Format::SeqCls => {
+                "\n\ndef rerank(query, documents):\n    batch = tok.pad({\"input_ids\": [encode(query, d) for d in documents]}, padding=True, return_tensors=\"pt\")\n    with torch.no_grad():\n        return torch.sigmoid(model(**batch).logits[:, 0]).tolist()\n"
+            }
+            Format::Merged => {
+                "YES, NO = tok.convert_tokens_to_ids(\"yes\"), tok.convert_tokens_to_ids(\"no\")\ntok.padding_side = \"left\"\n\n\ndef rerank(query, documents):\n    batch = tok.pad({\"input_ids\": [encode(query, d) for d in documents]}, padding=True, return_tensors=\"pt\")\n    with torch.no_grad():\n        last = model(**batch).logits[:, -1]\n    return torch.sigmoid(last[:, YES] - last[:, NO]).tolist()\n"
+            }
+        };
+        let _ = writeln!(
+            y,
+            "transformers (scores as `rerankd score`; `rerank(query, documents)` gives one score in [0, 1] per document):\n\n```python\n{head}{rerank}\n\nprint(rerank(\"what is rust\", [\"Rust is a systems programming language.\", \"Bananas are yellow.\"]))\n```\n"
+        );
         match format {
             Format::SeqCls => {
                 let _ = writeln!(
                     y,
-                    "transformers:\n\n```python\nfrom transformers import AutoTokenizer, AutoModelForSequenceClassification\nimport torch\ntok = AutoTokenizer.from_pretrained(DIR)\nmodel = AutoModelForSequenceClassification.from_pretrained(DIR).eval()\nPROMPT = {prompt:?}\ntexts = [PROMPT.format(query=q, document=d) for q, d in pairs]\nbatch = tok(texts, padding=True, truncation=True, max_length={}, return_tensors=\"pt\")\nscores = torch.sigmoid(model(**batch).logits[:, 0])\n```\n",
-                    self.max_length
+                    "sentence-transformers: `CrossEncoder(DIR)` loads this model, but its own pair tokenization and truncation do not build the prompt above (and a long document loses the prompt's end). Use its model and tokenizer with the function above:\n\n```python\nfrom sentence_transformers import CrossEncoder\n\nce = CrossEncoder(DIR)\ntok, model = ce.tokenizer, ce.model.eval()\nprint(rerank(\"what is rust\", [\"Rust is a systems programming language.\", \"Bananas are yellow.\"]))\n```\n"
                 );
                 let _ = writeln!(
                     y,
-                    "sentence-transformers:\n\n```python\nfrom sentence_transformers import CrossEncoder\nmodel = CrossEncoder(DIR, max_length={})\nscores = model.predict([PROMPT.format(query=q, document=d) for q, d in pairs])  # sigmoid applied\n```\n",
-                    self.max_length
+                    "vLLM (not run by rerankd's tests): `vllm serve DIR --runner pooling` (or `LLM(model=DIR, runner=\"pooling\")` and `llm.score`) scores pairs with its `/rerank` and `/score` endpoints; format the query as `PREFIX + \"<Instruct>: INSTRUCTION\\n<Query>: QUERY\\n\"` and each document as `\"<Document>: DOCUMENT\" + SUFFIX`, as the Qwen3-Reranker examples do, and cut long documents to fit MAX_LENGTH first (vLLM's truncation would cut the prompt's end). The `--task score` flag of older vLLM releases is gone.\n"
                 );
                 let _ = writeln!(
                     y,
-                    "vLLM (format the prompt as above): `LLM(model=DIR, task=\"score\")`, or `vllm serve DIR --task score`.\n"
-                );
-                let _ = writeln!(
-                    y,
-                    "TEI: `text-embeddings-router --model-id DIR` serves `/rerank` for sequence-classification models; send the formatted prompt as the text.\n"
+                    "TEI: text-embeddings-inference does not serve Qwen3 sequence classifiers (\"`classifier` model type is not supported for Qwen3\", as of 1.9.3); serve it with `rerankd serve --model DIR` (TEI's `/rerank` API included) or vLLM.\n"
                 );
             }
             Format::Merged => {
                 let _ = writeln!(
                     y,
-                    "transformers:\n\n```python\nfrom transformers import AutoTokenizer, AutoModelForCausalLM\nimport torch\ntok = AutoTokenizer.from_pretrained(DIR)\nmodel = AutoModelForCausalLM.from_pretrained(DIR).eval()\nyes, no = tok.convert_tokens_to_ids(\"yes\"), tok.convert_tokens_to_ids(\"no\")\nPROMPT = {prompt:?}\ntok.padding_side = \"left\"\nbatch = tok([PROMPT.format(query=q, document=d) for q, d in pairs], padding=True, return_tensors=\"pt\")\nlast = model(**batch).logits[:, -1]\nscores = torch.sigmoid(last[:, yes] - last[:, no])\n```\n"
-                );
-                let _ = writeln!(
-                    y,
-                    "sentence-transformers (`CrossEncoder`), vLLM and TEI load the single-logit form: export with `--format seq-cls` for them (vLLM can also score this causal LM with `--hf-overrides` naming the yes/no tokens, as for Qwen3-Reranker).\n"
+                    "sentence-transformers (`CrossEncoder`) and vLLM load the single-logit form: export with `--format seq-cls` for them (vLLM can also score this causal LM with `--hf-overrides` naming the yes/no tokens, as for Qwen3-Reranker). TEI serves neither Qwen3 form.\n"
                 );
             }
         }
@@ -405,6 +423,17 @@ impl ExportInfo {
         );
         y
     }
+}
+
+/// Whether `s` reads as a Hugging Face Hub model id (`org/name`, no path syntax) rather than a
+/// local directory.
+fn is_hub_id(s: &str) -> bool {
+    let mut parts = s.split('/');
+    let ok = |p: &str| {
+        !p.is_empty() && p != "." && p != ".." && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    matches!((parts.next(), parts.next(), parts.next()), (Some(a), Some(b), None) if ok(a) && ok(b))
+        && !std::path::Path::new(s).exists()
 }
 
 fn yaml_str(s: &str) -> String {
@@ -441,6 +470,14 @@ pub fn copy_tokenizer(base: &CheckpointDir, format: Format, out: &Path) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_hub_ids_are_a_base_model() {
+        assert!(is_hub_id("Qwen/Qwen3-Reranker-0.6B"));
+        for not in ["/models/qwen", "./qwen", "../a/b", "a/b/c", "qwen", "a b/c", ""] {
+            assert!(!is_hub_id(not), "{not}");
+        }
+    }
 
     #[test]
     fn lora_targets_are_found_by_their_hf_names() {
