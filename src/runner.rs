@@ -774,8 +774,20 @@ fn replan(ctx: &mut RunContext, mut job: Job, plan: &Plan, shrink: Option<&str>)
         ctx.log.append(Event::Cap(Cap { field: "train.batch_size".into(), from: plan.micro, to, why }))?;
         micro = to;
     }
+    let asked = job.train.batch_size;
     job.train.batch_size = micro;
     job.train.grad_accum = plan.effective.div_ceil(micro);
+    // Shown by `status` while the run trains under less than the job asked for.
+    let reduced = (micro < asked).then(|| {
+        format!(
+            "micro-batch {micro} (the job's {asked}), effective batch {}: reduced after a death under memory pressure",
+            plan.effective
+        )
+    });
+    if reduced != ctx.status.plan {
+        ctx.status.plan = reduced;
+        ctx.status.write(&ctx.files.status())?;
+    }
     job.train.max_length = plan.max_length;
     // The effective batch is the plan's, whatever batch_size x grad_accum rounds to.
     ctx.info(&format!(

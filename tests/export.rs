@@ -363,6 +363,8 @@ fn exports_refuse_unfinished_runs_clean_up_and_write_through_symlinks() {
     assert!(!out.exists());
     let (code, _, err) = export(&root, &[run, "--format", "merged", "--force", "--out", out.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{err}");
+    let info: Value = serde_json::from_str(&std::fs::read_to_string(out.join("rerankd_export.json")).unwrap()).unwrap();
+    assert_eq!(info["forced_from"], "failed", "{info}");
 
     // A killed export's temporary directory (of a pid long gone) is removed by the next export.
     let out = tmp.join("model");

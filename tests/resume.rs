@@ -229,6 +229,15 @@ fn a_death_under_memory_pressure_shrinks_the_micro_batch_and_keeps_the_steps() {
     assert!(max < 1e-2, "{max}");
     let plan = format!("resuming under the checkpoint's plan: micro-batch {to},");
     assert!(root.events(&id).iter().any(|e| e["message"].as_str().is_some_and(|m| m.starts_with(&plan))), "{plan}");
+    // status: both attempts' starts, the first kept as started_at, and the reduced plan.
+    let st = root.status(&id);
+    let starts = st["attempts"].as_array().expect("the attempts' starts");
+    assert_eq!(starts.len(), 2, "{st}");
+    assert_eq!(st["started_at"], starts[0], "{st}");
+    assert!(st["plan"].as_str().is_some_and(|p| p.starts_with(&format!("micro-batch {to} (the job's 4)"))), "{st}");
+    let out = root.cli_cmd(["status", &id]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("attempt 2, started at") && text.contains("plan: micro-batch"), "{text}");
 }
 
 #[test]

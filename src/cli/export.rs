@@ -64,6 +64,7 @@ fn sha256_file(path: &Path) -> anyhow::Result<String> {
 }
 
 pub fn run(root: &Root, a: ExportArgs) -> anyhow::Result<ExitCode> {
+    let mut forced_from = None;
     let (run_id, adapter) = match (&a.run, &a.corpus) {
         (Some(run), _) => {
             let (files, st) = match super::find_run(root, run) {
@@ -81,6 +82,9 @@ pub fn run(root: &Root, a: ExportArgs) -> anyhow::Result<ExitCode> {
                     st.state.as_str()
                 ));
                 return Ok(ExitCode::from(super::EXIT_REFUSED));
+            }
+            if st.state != rerankd::store::RunState::Completed {
+                forced_from = Some(st.state.as_str().to_string());
             }
             (st.run_id, files.adapter())
         }
@@ -176,6 +180,7 @@ pub fn run(root: &Root, a: ExportArgs) -> anyhow::Result<ExitCode> {
             dtype: written.dtype.clone(),
             metrics: serde_json::to_value(&manifest.metrics)?,
             primary_metric: manifest.primary_metric.clone(),
+            forced_from: forced_from.clone(),
         };
         info.write(&tmp)?;
         std::fs::write(tmp.join("README.md"), info.model_card(format))?;

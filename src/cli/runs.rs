@@ -31,6 +31,13 @@ fn print(runs: &[Status], json: bool) {
     for r in runs {
         let why = r.reason.as_deref().or(r.error.as_deref()).unwrap_or("");
         println!("{:<40} {:<10} {:<28} {}", r.run_id, r.state.as_str(), r.created_at, why);
+        // A run that needed more than one attempt, or trains under a reduced plan, says so.
+        if r.attempts.len() > 1 {
+            println!("    attempt {}, started at {}", r.attempt, r.attempts.join(", "));
+        }
+        if let Some(p) = &r.plan {
+            println!("    plan: {p}");
+        }
     }
 }
 

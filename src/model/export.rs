@@ -286,6 +286,9 @@ pub struct ExportInfo {
     pub metrics: Value,
     #[serde(default)]
     pub primary_metric: Option<String>,
+    /// The run's state when it was exported with `--force` (it had not completed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forced_from: Option<String>,
 }
 
 pub const EXPORT_INFO: &str = "rerankd_export.json";

@@ -23,6 +23,7 @@ pub struct Status {
     pub reason: Option<String>,
     pub error: Option<String>,
     pub created_at: String,
+    /// When its first attempt started (each attempt's start is in `attempts`).
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub pid: Option<u32>,
@@ -46,6 +47,13 @@ pub struct Status {
     /// loop guard parks the run at 2 (`daemon::ending::settle_dead`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub stalled: u32,
+    /// When each attempt started, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<String>,
+    /// The plan the run trains under when it is not the job's (a micro-batch reduced after a
+    /// death under memory pressure), and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -71,6 +79,8 @@ impl Status {
             memory_evidence: None,
             needs_space_mb: None,
             stalled: 0,
+            attempts: Vec::new(),
+            plan: None,
         }
     }
 
@@ -97,7 +107,9 @@ impl Status {
         }
         match state {
             RunState::Running => {
-                self.started_at = Some(now_rfc3339());
+                let now = now_rfc3339();
+                self.started_at.get_or_insert_with(|| now.clone());
+                self.attempts.push(now);
                 self.pid = Some(std::process::id());
                 self.attempt += 1;
             }
