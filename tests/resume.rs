@@ -404,3 +404,56 @@ fn a_run_killed_at_the_shutdown_timeout_and_a_pause_then_stop_resume_and_complet
     assert_eq!(st["state"], "completed", "{st}");
     assert_gap_free(&root, &id);
 }
+
+/// The highest optimizer step the run has logged.
+fn last_step(root: &Root, id: &str) -> u64 {
+    root.events(id).iter().filter(|e| e["type"] == "step").filter_map(|e| e["step"].as_u64()).max().unwrap_or(0)
+}
+
+/// Ten kill -9s at random steps and random moments within them (inside checkpoint writes too) —
+/// of the run, of the daemon (the next one adopts the run), or of both — with a micro-batch of 4:
+/// no kill is evidence of memory pressure, so the plan stays and the run ends with the adapter
+/// bytes, metrics and decision of the uninterrupted run. The seed is printed to replay a failure
+/// (`RERANKD_TEST_SEED`).
+#[test]
+fn ten_random_kills_of_the_daemon_the_run_or_both_end_bitwise() {
+    use rand::{Rng, SeedableRng};
+    let want = reference(4, 1);
+    let total = want.steps.as_u64().unwrap();
+    assert!(total >= 12, "the job has {total} steps: too few for ten kills");
+    let seed = std::env::var("RERANKD_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random::<u64>);
+    eprintln!("seed {seed} ({total} steps)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut targets: Vec<u64> =
+        rand::seq::index::sample(&mut rng, (total - 1) as usize, 10).into_iter().map(|i| i as u64 + 1).collect();
+    targets.sort_unstable();
+    let env = [("RERANKD_TEST_STEP_SLEEP_MS", "30")];
+    let root = Root::new("");
+    let mut d = DaemonGuard(root.daemon_env(&env));
+    let id = root.submit("j.json", &job(&root, 4, 1));
+    let (mut kinds, mut seen) = (Vec::new(), 0);
+    for target in targets {
+        // A step past what the killed attempt had logged: the attempt now running made progress
+        // (two attempts in a row without any would rightly be parked by the crash loop guard).
+        let target = target.max(seen + 1);
+        wait_for(&format!("step {target}"), LONG, || (last_step(&root, &id) >= target).then_some(()));
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..40)));
+        let kind = ["run", "daemon", "both"][rng.random_range(0..3)];
+        if kind != "daemon" {
+            kill_pid(pid_of(&root, &id), libc::SIGKILL);
+        }
+        if kind != "run" {
+            let _ = d.0.kill();
+            let _ = d.0.wait();
+            d = DaemonGuard(root.daemon_env(&env));
+        }
+        seen = last_step(&root, &id);
+        kinds.push(format!("{kind}@{seen}"));
+    }
+    eprintln!("kills: {}", kinds.join(" "));
+    wait_state(&root, &id, &["completed", "failed", "cancelled", "paused"], LONG);
+    drop(d);
+    assert_eq!(outcome(&root, &id), want, "seed {seed}, kills {kinds:?}");
+    assert!(!root.events(&id).iter().any(|e| e["type"] == "cap"), "a cap event without memory evidence");
+    assert_gap_free(&root, &id);
+}
