@@ -767,9 +767,12 @@ fn replan(ctx: &mut RunContext, mut job: Job, plan: &Plan, shrink: Option<&str>)
                  micro-batch, the same effective batch"
             )
         } else {
-            format!(
-                "the previous attempt died under memory pressure ({evidence}), but one row per micro-batch cannot shrink"
-            )
+            // The same plan would meet the same end: say so, instead of dying again.
+            anyhow::bail!(
+                "the previous attempt died under memory pressure ({evidence}) with a micro-batch of {} row, which \
+                 cannot shrink: raise memory_budget_mb or lower train.max_length",
+                plan.micro
+            );
         };
         ctx.log.append(Event::Cap(Cap { field: "train.batch_size".into(), from: plan.micro, to, why }))?;
         micro = to;

@@ -65,8 +65,28 @@ pub fn ignore_cancel() -> bool {
     std::env::var_os(IGNORE_CANCEL_ENV).is_some()
 }
 
+/// `RERANKD_TEST_ALLOC_MB=<n>`: n MB at the run's start. (`<n>@<step>` allocates them at that
+/// optimizer step instead: [`alloc_at_step`].)
 pub fn alloc_mb() -> Option<usize> {
     std::env::var(ALLOC_MB_ENV).ok().and_then(|v| v.parse().ok())
+}
+
+/// With `RERANKD_TEST_ALLOC_MB=<n>@<step>`: allocates and touches n MB, kept for the process's
+/// life, when training reaches that step from an earlier one in this process (`first`: the step it
+/// started at), so an attempt resumed at that step does not (a run that grows past its memory
+/// limit once, after it made progress).
+pub fn alloc_at_step(step: usize, first: usize) {
+    if step == first {
+        return;
+    }
+    static KEPT: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+    let Ok(v) = std::env::var(ALLOC_MB_ENV) else { return };
+    let Some((mb, at)) = v.split_once('@') else { return };
+    if at.parse() == Ok(step)
+        && let Ok(mb) = mb.parse::<usize>()
+    {
+        KEPT.lock().unwrap_or_else(|e| e.into_inner()).push(vec![1u8; mb << 20]);
+    }
 }
 
 /// Sleeps before a micro-step if `RERANKD_TEST_STEP_SLEEP_MS` is set.

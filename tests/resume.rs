@@ -457,3 +457,41 @@ fn ten_random_kills_of_the_daemon_the_run_or_both_end_bitwise() {
     assert!(!root.events(&id).iter().any(|e| e["type"] == "cap"), "a cap event without memory evidence");
     assert_gap_free(&root, &id);
 }
+
+/// The daemon's own memory watchdog is evidence of memory pressure: a run that grows past its hard
+/// limit after making progress (1.5 GB at step 3 under a 256 MB budget, whose hard limit is
+/// 768 MB) is killed, resumes from its checkpoint under a 3/4 micro-batch, and completes; the
+/// `cap` event and `status` name the kill.
+#[test]
+fn a_watchdog_kill_after_progress_resumes_under_a_smaller_plan() {
+    let root = Root::new("");
+    let d = DaemonGuard(root.daemon_env(&[("RERANKD_TEST_STEP_SLEEP_MS", "100"), ("RERANKD_TEST_ALLOC_MB", "1500@3")]));
+    let mut j = job(&root, 4, 1);
+    j["memory_budget_mb"] = 256.into();
+    let id = root.submit("j.json", &j);
+    let st = wait_state(&root, &id, &["completed", "failed", "cancelled", "paused"], LONG);
+    drop(d);
+    assert_eq!(st["state"], "completed", "{st}");
+    let cap = root
+        .events(&id)
+        .into_iter()
+        .find(|e| e["type"] == "cap" && e["field"] == "train.batch_size")
+        .expect("a cap event for the smaller plan");
+    assert!(cap["why"].as_str().unwrap().contains("killed by the daemon: memory"), "{cap}");
+    assert_eq!((cap["from"].as_u64(), cap["to"].as_u64()), (Some(4), Some(3)), "{cap}");
+    let st = root.status(&id);
+    assert_eq!(st["attempts"].as_array().map(Vec::len), Some(2), "{st}");
+    assert!(st["plan"].as_str().is_some_and(|p| p.starts_with("micro-batch 3 (the job's 4)")), "{st}");
+
+    // At a micro-batch of one row the plan cannot shrink: the run fails saying so, rather than
+    // meeting the same end again.
+    let root = Root::new("");
+    let d = DaemonGuard(root.daemon_env(&[("RERANKD_TEST_STEP_SLEEP_MS", "100"), ("RERANKD_TEST_ALLOC_MB", "1500@3")]));
+    let mut j = job(&root, 1, 4);
+    j["memory_budget_mb"] = 256.into();
+    let id = root.submit("j.json", &j);
+    let st = wait_state(&root, &id, &["completed", "failed", "cancelled", "paused"], LONG);
+    drop(d);
+    assert_eq!(st["state"], "failed", "{st}");
+    assert!(st["error"].as_str().unwrap().contains("cannot shrink"), "{st}");
+}

@@ -262,7 +262,9 @@ pub fn finish(root: &Root, a: &Active, exit: &Exit) -> Result<RunState, Unsettle
     let files = RunFiles::new(&root.run_dir(&a.run_id));
     let how = &exit.how;
     let (state, reason, error, resume) = match (&a.killed_for, files.cancel_requested()) {
-        (Some(why), _) => (RunState::Failed, None, Some(why.clone()), Resume::No),
+        // The watchdog's kill is evidence of memory pressure: it resumes from its checkpoint
+        // under a smaller plan (and fails when the plan cannot shrink).
+        (Some(why), _) => (RunState::Failed, None, Some(why.clone()), Resume::Unexplained),
         (None, Some(reason)) => (RunState::Cancelled, Some(reason), None, Resume::No),
         (None, None) if exit.disk_full => {
             (RunState::Failed, None, Some(format!("the disk is full ({how})")), Resume::DiskFull)
@@ -274,7 +276,10 @@ pub fn finish(root: &Root, a: &Active, exit: &Exit) -> Result<RunState, Unsettle
             (RunState::Failed, None, Some(format!("run process died without a result ({how})")), Resume::Unexplained)
         }
     };
-    let memory = (resume == Resume::Unexplained).then(|| a.memory_evidence()).flatten().map(String::into_boxed_str);
+    let memory = match &a.killed_for {
+        Some(why) => Some(why.clone().into_boxed_str()),
+        None => (resume == Resume::Unexplained).then(|| a.memory_evidence()).flatten().map(String::into_boxed_str),
+    };
     let u = Unsettled { run_id: a.run_id.clone(), corpus: a.corpus.clone(), state, reason, error, resume, memory };
     retry(root, u)
 }

@@ -133,6 +133,7 @@ fn run_epochs(
     sched: &Schedule,
     checkpoint: &mut Checkpoint,
 ) -> anyhow::Result<()> {
+    let first_step = cur.step;
     for epoch in cur.epoch..cfg.epochs {
         super::check_cancel(rep)?;
         if !cur.eval_pending {
@@ -147,6 +148,7 @@ fn run_epochs(
                 for mb in group {
                     super::check_cancel(rep)?;
                     crate::testhooks::step_sleep();
+                    crate::testhooks::alloc_at_step(step, first_step);
                     let seqs: Vec<&[u32]> = mb.iter().map(|&i| pairs[i].ids.as_slice()).collect();
                     let labels: Vec<f32> = mb.iter().map(|&i| pairs[i].label).collect();
                     let batch = r.batch(&seqs)?;
