@@ -272,7 +272,7 @@ fn execute(ctx: &mut RunContext, root: &Root, shrink: Option<String>) -> anyhow:
         .transpose()
         .context("reading the run's checkpoint")?;
     let job = match &saved {
-        Some((_, s)) => replan(ctx, job, &s.plan, shrink.as_deref())?,
+        Some((_, s)) => replan(ctx, job, &s.plan, s.planned.unwrap_or(s.plan.micro), shrink.as_deref())?,
         None => govern(ctx, job, &ck, device.is_cpu())?,
     };
     ctx.info(&format!("loading model {} on {:?}", job.model, device.location()))?;
@@ -607,10 +607,15 @@ fn train_and_select(
             (lora, Selection { best, epochs: s.epochs.clone() }, Some(from))
         }
     };
+    // The micro-batch the run was planned with (the governor's, before any shrink), and the epoch
+    // this attempt starts in: the plan returns to it at the next epoch boundary.
+    let planned = resume.as_ref().map_or(job.train.batch_size, |(_, s)| s.planned.unwrap_or(s.plan.micro));
+    let first_epoch = resume.as_ref().map_or(0, |(_, s)| s.cursor.epoch);
     let cfg = TrainConfig {
         epochs: job.train.epochs as usize,
         effective: effective as usize,
         micro_batch: job.train.batch_size as usize,
+        planned_micro: (planned > job.train.batch_size).then_some(planned as usize),
         lr: job.train.lr,
         warmup_ratio: job.train.warmup_ratio,
         seed: job.train.seed,
@@ -637,6 +642,7 @@ fn train_and_select(
     };
     let files = ctx.files.clone();
     let attempt = ctx.status.attempt;
+    let mut plan_restored = false;
     let every = std::time::Duration::from_secs(job.train.checkpoint_every_s);
     let mut last = std::time::Instant::now();
     let mut save = |cur: &Cursor, opt: &AdamW, now: bool, rep: &mut dyn Reporter| -> anyhow::Result<()> {
@@ -644,13 +650,23 @@ fn train_and_select(
             return Ok(());
         }
         let t0 = std::time::Instant::now();
+        let micro = cfg.micro_for(first_epoch, cur.epoch) as u64;
+        if micro == planned && micro != job.train.batch_size && !plan_restored {
+            // Back to the planned micro-batch: `status` no longer shows a reduced plan.
+            if let Ok(mut st) = Status::read(&files.status()) {
+                st.plan = None;
+                st.write(&files.status())?;
+            }
+            plan_restored = true;
+        }
         let sel = sel.borrow();
         let state = Saved {
             version: checkpoint::SEALED_SINCE,
             attempt,
             cursor: *cur,
             optimizer_t: opt.state().2,
-            plan: Plan { micro: job.train.batch_size, effective, max_length: job.train.max_length },
+            plan: Plan { micro, effective, max_length: job.train.max_length },
+            planned: Some(planned),
             baseline: baseline.clone(),
             materialised: Restored {
                 skipped: data.skipped.clone(),
@@ -678,6 +694,10 @@ fn train_and_select(
         save(&Cursor::default(), &AdamW::new(lora.vars().into_iter().cloned().collect(), 0.0)?, true, ctx)?;
     }
     let done = train(r, &lora, pairs, &cfg, ctx, &mut after_epoch, from, &mut save)?;
+    if plan_restored {
+        // (status.json was updated when it happened; this keeps the run's own copy in step.)
+        ctx.status.plan = None;
+    }
     let (steps, last_loss) = (done.steps, done.last_loss);
     let Selection { best, epochs } = sel.into_inner();
     let (best, candidate) = match best {
@@ -749,6 +769,10 @@ struct Saved {
     cursor: Cursor,
     optimizer_t: i32,
     plan: Plan,
+    /// The micro-batch the run was first planned with, when `plan` is smaller (a shrink after a
+    /// death under memory pressure; absent in checkpoints of older runs: `plan.micro`).
+    #[serde(default)]
+    planned: Option<u64>,
     baseline: Baseline,
     materialised: Restored,
     epochs: Vec<EpochEval>,
@@ -756,8 +780,9 @@ struct Saved {
 }
 
 /// A resumed run trains under its checkpoint's plan, not a new one (a new plan would change the
-/// steps); after a death with evidence of memory pressure (`shrink`), under a micro-batch of at most 3/4 of it.
-fn replan(ctx: &mut RunContext, mut job: Job, plan: &Plan, shrink: Option<&str>) -> anyhow::Result<Job> {
+/// steps); after a death with evidence of memory pressure (`shrink`), under a micro-batch of at most 3/4 of it,
+/// until the attempt crosses an epoch boundary (then the `planned` one again).
+fn replan(ctx: &mut RunContext, mut job: Job, plan: &Plan, planned: u64, shrink: Option<&str>) -> anyhow::Result<Job> {
     let mut micro = plan.micro;
     if let Some(evidence) = shrink {
         let to = crate::budget::shrunk_micro_batch(plan.micro);
@@ -777,13 +802,14 @@ fn replan(ctx: &mut RunContext, mut job: Job, plan: &Plan, shrink: Option<&str>)
         ctx.log.append(Event::Cap(Cap { field: "train.batch_size".into(), from: plan.micro, to, why }))?;
         micro = to;
     }
-    let asked = job.train.batch_size;
     job.train.batch_size = micro;
     job.train.grad_accum = plan.effective.div_ceil(micro);
-    // Shown by `status` while the run trains under less than the job asked for.
-    let reduced = (micro < asked).then(|| {
+    // Shown by `status` while the run trains under less than it was planned with (until the next
+    // epoch boundary, where it returns to the plan).
+    let reduced = (micro < planned).then(|| {
         format!(
-            "micro-batch {micro} (the job's {asked}), effective batch {}: reduced after a death under memory pressure",
+            "micro-batch {micro} (planned {planned}), effective batch {}: reduced after a death under memory \
+             pressure, back to {planned} at the next epoch",
             plan.effective
         )
     });

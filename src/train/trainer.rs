@@ -37,6 +37,21 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     pub weight_decay: f64,
     pub dropout: f64,
+    /// The micro-batch the run was planned with, when this attempt runs under a smaller one
+    /// (after a death under memory pressure): from the next epoch boundary on it trains with the
+    /// planned one again ([`Self::micro_for`]).
+    pub planned_micro: Option<usize>,
+}
+
+impl TrainConfig {
+    /// The micro-batch of `epoch` in an attempt that started in `first_epoch`: the reduced one
+    /// until the attempt crosses an epoch boundary, the planned one after.
+    pub fn micro_for(&self, first_epoch: usize, epoch: usize) -> usize {
+        match self.planned_micro {
+            Some(m) if epoch > first_epoch => m,
+            _ => self.micro_batch,
+        }
+    }
 }
 
 /// Where training stands: what a checkpoint records and a resumed run starts from.
@@ -133,11 +148,20 @@ fn run_epochs(
     sched: &Schedule,
     checkpoint: &mut Checkpoint,
 ) -> anyhow::Result<()> {
-    let first_step = cur.step;
+    let (first_step, first_epoch) = (cur.step, cur.epoch);
     for epoch in cur.epoch..cfg.epochs {
         super::check_cancel(rep)?;
         if !cur.eval_pending {
-            let groups = epoch_groups(pairs, cfg.effective, cfg.micro_batch, cfg.seed.wrapping_add(epoch as u64));
+            let micro = cfg.micro_for(first_epoch, epoch);
+            if micro != cfg.micro_batch && epoch == first_epoch + 1 {
+                rep.event(Event::Log(Log::info(format!(
+                    "back to the planned micro-batch of {micro} from epoch {}: this attempt trained under the \
+                     reduced one ({}) without dying",
+                    epoch + 1,
+                    cfg.micro_batch
+                ))))?;
+            }
+            let groups = epoch_groups(pairs, cfg.effective, micro, cfg.seed.wrapping_add(epoch as u64));
             for group in &groups[cur.group.min(groups.len())..] {
                 let t0 = Instant::now();
                 let step = cur.step;
