@@ -410,7 +410,7 @@ impl ExportInfo {
                 );
                 let _ = writeln!(
                     y,
-                    "TEI: text-embeddings-inference does not serve Qwen3 sequence classifiers (\"`classifier` model type is not supported for Qwen3\", as of 1.9.3); serve it with `rerankd serve --model DIR` (TEI's `/rerank` API included) or vLLM.\n"
+                    "TEI: text-embeddings-inference does not serve Qwen3 sequence classifiers (\"`classifier` model type is not supported for Qwen3\", as of 1.9.3: https://github.com/huggingface/text-embeddings-inference/blob/main/backends/candle/src/models/qwen3.rs); serve it with `rerankd serve --model DIR` (TEI's `/rerank` API included) or vLLM.\n"
                 );
             }
             Format::Merged => {
