@@ -228,13 +228,7 @@ fn merged_and_seq_cls_exports_score_as_the_adapter_does() {
         export(&root, &["--corpus", "nosuch", "--format", "merged", "--out", tmp.join("x").to_str().unwrap()]);
     assert_eq!(code, Some(3));
     assert!(!tmp.join("x").exists());
-    let leftovers: Vec<String> = std::fs::read_dir(tmp)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("rerankd-export"))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_no_temporary_exports(tmp);
 }
 
 /// A copy of the fixture model rewritten by `f` (its tensors, its config).
@@ -395,7 +389,12 @@ fn exports_refuse_unfinished_runs_clean_up_and_write_through_symlinks() {
         .map(|e| e.unwrap().metadata().unwrap().permissions().mode() & 0o777)
         .collect();
     assert_eq!(modes.len(), 1, "files of different modes: {modes:?}");
-    let leftovers: Vec<String> = std::fs::read_dir(&tmp)
+    assert_no_temporary_exports(&tmp);
+}
+
+/// No temporary export directory is left in `dir`.
+fn assert_no_temporary_exports(dir: &Path) {
+    let leftovers: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
