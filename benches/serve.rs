@@ -15,7 +15,8 @@
 //! Then the lookups a client can trigger, at a feedback file of `--feedback-mb` (0: skipped):
 //! corpus `bench` gets a feedback.jsonl of that size (query events of 20 documents, each with
 //! three signals), serve is restarted on it, and the JSON line gives the first `/v1/models` (which
-//! builds the capture index in one pass), then the medians of 20 `/v1/models`, 20 feedback
+//! answers at once while serve builds the capture index in one pass) and the time until the
+//! index is ready, then the medians of 20 `/v1/models`, 20 feedback
 //! signals on a known event and 20 on unknown ids, and a small ranking's median latency meanwhile.
 
 mod common;
@@ -191,6 +192,19 @@ fn lookups(root: &Path, model: &Path, mb: u64, query: &str, docs: &[String]) -> 
         Ok((t.elapsed().as_secs_f64(), r.status().as_u16()))
     };
     let first = get("/v1/models")?;
+    // The index reads the file once (serve starts that at launch); `/v1/models` does not wait for
+    // it (`online_pending`): the time until its counts appear.
+    let t = Instant::now();
+    let online = || -> anyhow::Result<bool> {
+        let agent = ureq::Agent::new_with_config(ureq::Agent::config_builder().build());
+        let v: Value =
+            serde_json::from_str(&agent.get(format!("{}/v1/models", serve.url)).call()?.body_mut().read_to_string()?)?;
+        Ok(v["data"].as_array().into_iter().flatten().any(|m| m["id"] == "bench" && m["online"].is_object()))
+    };
+    while !online()? {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let ready = t.elapsed().as_secs_f64() + first;
     let index_mb = std::fs::metadata(home.join("feedback.index")).map(|m| m.len() >> 20).unwrap_or(0);
     let mut models: Vec<f64> = (0..20).map(|_| get("/v1/models")).collect::<anyhow::Result<_>>()?;
     let mut hits = Vec::new();
@@ -215,7 +229,8 @@ fn lookups(root: &Path, model: &Path, mb: u64, query: &str, docs: &[String]) -> 
     }
     let rss = rerankd::sys::process_memory_mb(serve.child.id()).unwrap_or(0);
     let line = json!({
-        "feedback_mb": written >> 20, "events": events, "first_models_s": round3(first), "index_mb": index_mb,
+        "feedback_mb": written >> 20, "events": events, "first_models_s": round3(first),
+        "index_ready_s": round3(ready), "index_mb": index_mb,
         "models_p50_ms": round3(percentile(&mut models, 0.5) * 1e3),
         "feedback_known_p50_ms": round3(percentile(&mut hits, 0.5) * 1e3),
         "feedback_unknown_p50_ms": round3(percentile(&mut misses, 0.5) * 1e3),

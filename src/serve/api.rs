@@ -782,9 +782,11 @@ async fn list_models(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiErro
                 if let Some(e) = error {
                     o["load_error"] = e.into();
                 }
-                match capture.online(&corpus) {
-                    Ok(m) if !m.is_empty() => o["online"] = json!(m),
-                    Ok(_) => {}
+                match capture.online_if_ready(&corpus) {
+                    Ok(Some(m)) if !m.is_empty() => o["online"] = json!(m),
+                    Ok(Some(_)) => {}
+                    // The capture index is still reading a large feedback file (at start).
+                    Ok(None) => o["online_pending"] = true.into(),
                     Err(e) => tracing::warn!("online counts of {corpus}: {e}"),
                 }
                 o

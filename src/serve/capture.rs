@@ -174,14 +174,27 @@ impl Capture {
 
     /// Online counts per adapter of `corpus` (none when it has no feedback file).
     pub fn online(&self, corpus: &CorpusName) -> Result<std::collections::BTreeMap<String, Online>, CaptureError> {
-        let index = {
-            let state = self.state(corpus);
-            let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
-            if !st.fb.feedback.exists() {
-                return Ok(Default::default());
-            }
-            st.index()?
-        };
+        let Some(index) = self.index_of_feedback(corpus)? else { return Ok(Default::default()) };
         index.online().map_err(|e| CaptureError::Io(e.to_string()))
+    }
+
+    /// [`Self::online`], or `None` while the index is still reading the feedback file (the
+    /// first pass over a large one, at start): `/v1/models` does not wait for it.
+    pub fn online_if_ready(
+        &self,
+        corpus: &CorpusName,
+    ) -> Result<Option<std::collections::BTreeMap<String, Online>>, CaptureError> {
+        let Some(index) = self.index_of_feedback(corpus)? else { return Ok(Some(Default::default())) };
+        index.online_if_ready().map_err(|e| CaptureError::Io(e.to_string()))
+    }
+
+    /// The capture index of `corpus`, when it has a feedback file.
+    fn index_of_feedback(&self, corpus: &CorpusName) -> Result<Option<Arc<FeedbackIndex>>, CaptureError> {
+        let state = self.state(corpus);
+        let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+        if !st.fb.feedback.exists() {
+            return Ok(None);
+        }
+        st.index().map(Some)
     }
 }

@@ -139,6 +139,11 @@ impl FeedbackIndex {
     /// Reads what was appended to the file of `kind` since the last call.
     fn catch_up(&self, kind: Kind) -> Result<()> {
         let _one = self.reading[kind as usize].lock().unwrap_or_else(|e| e.into_inner());
+        self.catch_up_held(kind)
+    }
+
+    /// [`Self::catch_up`], its file's reading lock held by the caller.
+    fn catch_up_held(&self, kind: Kind) -> Result<()> {
         let path = self.file(kind).to_path_buf();
         let (ino, len) = match std::fs::metadata(&path) {
             Ok(m) => (m.ino(), m.len()),
@@ -297,6 +302,18 @@ impl FeedbackIndex {
     /// Per adapter (a run id, or `base`): impressions and signals (as `feedback::online`).
     pub fn online(&self) -> Result<BTreeMap<String, Online>> {
         self.catch_up(Kind::Feedback)?;
+        self.counts()
+    }
+
+    /// [`Self::online`], or `None` while another thread is reading the feedback file (a first pass
+    /// over a large one): a listing does not wait for it.
+    pub fn online_if_ready(&self) -> Result<Option<BTreeMap<String, Online>>> {
+        let Ok(_one) = self.reading[Kind::Feedback as usize].try_lock() else { return Ok(None) };
+        self.catch_up_held(Kind::Feedback)?;
+        self.counts().map(Some)
+    }
+
+    fn counts(&self) -> Result<BTreeMap<String, Online>> {
         let tx = self.db.begin_read().map_err(|e| db_err(&self.path, e))?;
         let adapters = match tx.open_table(ADAPTERS) {
             Ok(t) => t,
