@@ -2,6 +2,13 @@
 //! its last write, loads the model, materialises the training pairs, trains, saves the adapter,
 //! and records every state change. A crash here costs this run only; the daemon records it.
 
+mod plan;
+mod saved;
+
+use plan::{Plan, govern, replan};
+pub use saved::write_checkpoint;
+use saved::{EpochEval, Restored, Saved};
+
 use std::path::Path;
 
 use anyhow::Context;
@@ -12,12 +19,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::job::Job;
-use crate::model::checkpoint::{CheckpointDir, SafetensorsWeights};
+use crate::model::checkpoint::CheckpointDir;
 use crate::model::lora::LoraConfig;
 use crate::model::{LoraSet, Reranker};
 use crate::store::atomic::{read_json, write_json};
 use crate::store::checkpoint;
-use crate::store::events::{self, Cap, Event, FeedbackSnapshot, Log, SnapshotFields, Split, Which};
+use crate::store::events::{self, Event, FeedbackSnapshot, Log, SnapshotFields, Split, Which};
 use crate::store::feedback::CorpusFeedback;
 use crate::store::models;
 use crate::store::paths::RunFiles;
@@ -30,7 +37,6 @@ use crate::train::dataset::{
     train_pairs,
 };
 use crate::train::eval::{EvalResult, evaluate};
-use crate::train::memory::{self, Estimate};
 use crate::train::optim::AdamW;
 use crate::train::promotion::{self, Evidence, Paired, Settings};
 use crate::train::trainer::{Cursor, Reporter, Resume, TrainConfig, train};
@@ -385,36 +391,6 @@ fn execute(ctx: &mut RunContext, root: &Root, shrink: Option<String>) -> anyhow:
         "baseline": base_metric, "promoted": promote, "reason": decision.reason}))
 }
 
-/// The memory governor, before anything big is loaded: estimates one micro-step from the
-/// checkpoint's config and picks the largest micro-batch (then max_length) under the budget,
-/// keeping the effective batch. Every change is a `cap` event; the returned job carries them.
-/// `cpu`: the run is on the CPU, where attention is tiled (nothing quadratic in the length) and
-/// the fused blocks keep less for the backward.
-fn govern(ctx: &mut RunContext, mut job: Job, ck: &CheckpointDir, cpu: bool) -> anyhow::Result<Job> {
-    let cfg = ck.read_config()?;
-    let embed_bytes = SafetensorsWeights::open(&ck.weights, &candle_core::Device::Cpu)?
-        .dtype_bytes("model.embed_tokens.weight")
-        .unwrap_or(4) as u64;
-    let lcfg = lora_config(&job);
-    let blocks = memory::Blocks::for_run(cpu, &lcfg.targets);
-    let est = Estimate::for_model(&cfg, lcfg.param_count(&cfg), embed_bytes, blocks);
-    let budget = job.memory_budget_mb;
-    let t = &job.train;
-    let p = memory::plan(&est, budget, t.batch_size as usize, t.grad_accum as usize, t.max_length as usize)
-        .map_err(|e| anyhow::anyhow!("memory governor: {e}; raise memory_budget_mb or use a smaller model"))?;
-    ctx.info(&format!(
-        "memory: a micro-step of {} x {} tokens needs about {:.0} MB of the {budget} MB budget",
-        p.micro_batch, p.max_length, p.estimate_mb
-    ))?;
-    for cap in &p.caps {
-        ctx.log.append(Event::Cap(cap.clone()))?;
-    }
-    job.train.batch_size = p.micro_batch as u64;
-    job.train.grad_accum = p.grad_accum as u64;
-    job.train.max_length = p.max_length as u64;
-    Ok(job)
-}
-
 fn lora_config(job: &Job) -> LoraConfig {
     LoraConfig::new(job.lora.r as usize, job.lora.alpha, job.lora.dropout, &job.lora.target_modules)
 }
@@ -708,122 +684,6 @@ fn train_and_select(
         ctx.log.append(eval_event(Split::Dev, Which::Candidate, Some(*epoch), None, res, None))?;
     }
     Ok(Trained { steps, last_loss, best, candidate, epochs })
-}
-
-/// Writes one checkpoint of a run: the LoRA tensors, the best epoch's adapter, the optimizer's
-/// moments, then `state` (the commit); returns its size in bytes.
-pub fn write_checkpoint(
-    files: &RunFiles,
-    lora: &LoraSet,
-    best: Option<&LoraSet>,
-    opt: &AdamW,
-    state: &impl serde::Serialize,
-    step: u64,
-) -> anyhow::Result<u64> {
-    let p = checkpoint::begin(files)?;
-    lora.save(&p.dir.join("lora"), None)?;
-    if let Some(b) = best {
-        b.save(&p.dir.join("best"), None)?;
-    }
-    let (m, v, _) = opt.state();
-    let mut moments = std::collections::HashMap::new();
-    for (i, (m, v)) in m.iter().zip(v).enumerate() {
-        moments.insert(format!("m.{i}"), m.clone());
-        moments.insert(format!("v.{i}"), v.clone());
-    }
-    candle_core::safetensors::save(&moments, p.dir.join("optimizer.safetensors"))?;
-    Ok(p.commit(state, step)?)
-}
-
-/// The memory plan a checkpoint was made under (the micro-batch may shrink on resume; the
-/// effective batch never changes).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct Plan {
-    micro: u64,
-    effective: u64,
-    max_length: u64,
-}
-
-/// What materialising found that a resumed run cannot recompute from its files.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct Restored {
-    skipped: BTreeMap<String, usize>,
-    no_dev: Option<String>,
-    feedback: Option<SnapshotFields>,
-}
-
-/// One epoch's evaluation on the dev lists, as the checkpoint keeps it and eval.json lists it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct EpochEval {
-    epoch: usize,
-    metrics: BTreeMap<String, f64>,
-}
-
-/// A checkpoint's `state.json`.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Saved {
-    version: u32,
-    /// The attempt that wrote it: a run interrupted again before writing a newer one made no
-    /// progress.
-    attempt: u32,
-    cursor: Cursor,
-    optimizer_t: i32,
-    plan: Plan,
-    /// The micro-batch the run was first planned with, when `plan` is smaller (a shrink after a
-    /// death under memory pressure; absent in checkpoints of older runs: `plan.micro`).
-    #[serde(default)]
-    planned: Option<u64>,
-    baseline: Baseline,
-    materialised: Restored,
-    epochs: Vec<EpochEval>,
-    best: Option<(usize, EvalResult)>,
-}
-
-/// A resumed run trains under its checkpoint's plan, not a new one (a new plan would change the
-/// steps); after a death with evidence of memory pressure (`shrink`), under a micro-batch of at most 3/4 of it,
-/// until the attempt crosses an epoch boundary (then the `planned` one again).
-fn replan(ctx: &mut RunContext, mut job: Job, plan: &Plan, planned: u64, shrink: Option<&str>) -> anyhow::Result<Job> {
-    let mut micro = plan.micro;
-    if let Some(evidence) = shrink {
-        let to = crate::budget::shrunk_micro_batch(plan.micro);
-        let why = if to < plan.micro {
-            format!(
-                "the previous attempt died under memory pressure ({evidence}): resumed with at most 3/4 of its \
-                 micro-batch, the same effective batch"
-            )
-        } else {
-            // The same plan would meet the same end: say so, instead of dying again.
-            anyhow::bail!(
-                "the previous attempt died under memory pressure ({evidence}) with a micro-batch of {} row, which \
-                 cannot shrink: raise memory_budget_mb or lower train.max_length",
-                plan.micro
-            );
-        };
-        ctx.log.append(Event::Cap(Cap { field: "train.batch_size".into(), from: plan.micro, to, why }))?;
-        micro = to;
-    }
-    job.train.batch_size = micro;
-    job.train.grad_accum = plan.effective.div_ceil(micro);
-    // Shown by `status` while the run trains under less than it was planned with (until the next
-    // epoch boundary, where it returns to the plan).
-    let reduced = (micro < planned).then(|| {
-        format!(
-            "micro-batch {micro} (planned {planned}), effective batch {}: reduced after a death under memory \
-             pressure, back to {planned} at the next epoch",
-            plan.effective
-        )
-    });
-    if reduced != ctx.status.plan {
-        ctx.status.plan = reduced;
-        ctx.status.write(&ctx.files.status())?;
-    }
-    job.train.max_length = plan.max_length;
-    // The effective batch is the plan's, whatever batch_size x grad_accum rounds to.
-    ctx.info(&format!(
-        "resuming under the checkpoint's plan: micro-batch {micro}, effective batch {}, max_length {}",
-        plan.effective, plan.max_length
-    ))?;
-    Ok(job)
 }
 
 /// The candidate adapter with its manifest, `eval.json`, and the dev lists in full.
