@@ -248,24 +248,26 @@ fn host_allowed(host: &str, allowed: &[String]) -> bool {
 /// follow for those that are), a loopback listener answers only loopback `Host` names, and a
 /// POST body must be declared JSON.
 async fn guard(State((app, hosts)): State<(Arc<App>, HostGuard)>, req: Request, next: Next) -> Response {
-    let (allowed_hosts, allowed_origins) = {
-        let s = app.settings.read().unwrap_or_else(|e| e.into_inner());
-        (s.allowed_hosts.clone(), s.allowed_origins.clone())
-    };
     let forbidden = |m: String| ApiError::new(StatusCode::FORBIDDEN, "forbidden", m).into_response();
     let origin = req.headers().get(header::ORIGIN).map(|o| String::from_utf8_lossy(o.as_bytes()).to_ascii_lowercase());
-    if let Some(o) = &origin
-        && !allowed_origins.iter().any(|a| a == o)
-    {
-        let shown: String = o.chars().take(100).collect();
+    // (The settings' lists are read in place: nothing is cloned per request.)
+    let (origin_ok, host_ok) = {
+        let s = app.settings.read().unwrap_or_else(|e| e.into_inner());
+        let origin_ok = origin.as_ref().is_none_or(|o| s.allowed_origins.iter().any(|a| a == o));
+        let host_ok = hosts == HostGuard::Any
+            || req
+                .headers()
+                .get(header::HOST)
+                .is_none_or(|h| host_allowed(&String::from_utf8_lossy(h.as_bytes()), &s.allowed_hosts));
+        (origin_ok, host_ok)
+    };
+    if !origin_ok {
+        let shown: String = origin.as_deref().unwrap_or_default().chars().take(100).collect();
         return forbidden(format!(
             "requests from the web page origin `{shown}` are refused; add it to serve.allowed_origins to allow it"
         ));
     }
-    if hosts == HostGuard::Loopback
-        && let Some(h) = req.headers().get(header::HOST)
-        && !host_allowed(&String::from_utf8_lossy(h.as_bytes()), &allowed_hosts)
-    {
+    if !host_ok && let Some(h) = req.headers().get(header::HOST) {
         let shown: String = String::from_utf8_lossy(h.as_bytes()).chars().take(100).collect();
         return forbidden(format!(
             "this server listens on loopback and does not answer for host `{shown}`; add it to serve.allowed_hosts \
