@@ -38,7 +38,12 @@ pub fn valid_signal(s: &str) -> bool {
 /// The id of a document sent without one: a hash of its text.
 pub fn content_id(text: &str) -> String {
     let h = Sha256::digest(text.as_bytes());
-    format!("sha256:{}", h.iter().take(12).map(|b| format!("{b:02x}")).collect::<String>())
+    format!("sha256:{}", hex(&h[..12]))
+}
+
+/// Bytes as lowercase hex digits.
+pub(super) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub(super) fn text_digest(text: &str) -> [u8; 32] {
@@ -273,8 +278,7 @@ pub fn signal_line(event_id: &str, signal: &str, doc_id: Option<&str>) -> String
 /// text (an edited article): `<id>#<the first 12 hex digits of the text's sha256>`, the same for
 /// the same text every time.
 pub fn version_id(id: &str, digest: &[u8; 32]) -> String {
-    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
-    format!("{id}#{hex}")
+    format!("{id}#{}", hex(&digest[..6]))
 }
 
 /// Whether `recorded` is `id` or a version of it ([`version_id`]).

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::{Value, json};
 
-use super::feedback::{CorpusFeedback, Impression, NEGATIVE, Online, POSITIVE, Recorded, text_digest, version_id};
+use super::feedback::{CorpusFeedback, Impression, NEGATIVE, Online, POSITIVE, Recorded, hex, text_digest, version_id};
 use super::{Result, StoreError};
 
 /// Event id -> (the byte offset of its line in feedback.jsonl, the adapter that served it or "").
@@ -80,6 +80,17 @@ struct DocumentLine<'a> {
     id: Option<Cow<'a, str>>,
     #[serde(borrow)]
     text: Option<Cow<'a, str>>,
+}
+
+/// A write transaction's open tables for the lines of one file.
+enum Tables<'t> {
+    Feedback {
+        events: redb::Table<'t, &'static str, (u64, &'static str)>,
+        adapters: redb::Table<'t, &'static str, (u64, u64, u64)>,
+    },
+    Documents {
+        docs: redb::Table<'t, &'static str, &'static [u8]>,
+    },
 }
 
 pub struct FeedbackIndex {
@@ -180,35 +191,57 @@ impl FeedbackIndex {
                 }
             }
         }
-        if len > at {
+        let mut reader = if len > at {
             let mut f = std::fs::File::open(&path).map_err(|e| StoreError::io(&path, "opening", e))?;
             f.seek(SeekFrom::Start(at)).map_err(|e| StoreError::io(&path, "seeking", e))?;
-            let mut reader = std::io::BufReader::with_capacity(1 << 20, f);
-            let (mut line, mut since_commit) = (Vec::new(), 0u64);
-            loop {
-                line.clear();
-                let n = reader.read_until(b'\n', &mut line).map_err(|e| StoreError::io(&path, "reading", e))?;
-                if n == 0 || line.last() != Some(&b'\n') {
-                    break;
-                }
-                self.apply(&tx, kind, &line, at)?;
-                at += n as u64;
-                since_commit += n as u64;
-                if since_commit >= COMMIT_BYTES {
-                    self.mark(&tx, kind, ino, at)?;
-                    self.commit(tx, at - committed)?;
-                    committed = at;
-                    tx = self.write()?;
-                    since_commit = 0;
+            Some(std::io::BufReader::with_capacity(1 << 20, f))
+        } else {
+            None
+        };
+        let mut line = Vec::new();
+        loop {
+            // One transaction per COMMIT_BYTES read, its tables opened once.
+            let mut done = true;
+            {
+                let mut tables = self.tables(&tx, kind)?;
+                while let Some(r) = reader.as_mut() {
+                    line.clear();
+                    let n = r.read_until(b'\n', &mut line).map_err(|e| StoreError::io(&path, "reading", e))?;
+                    if n == 0 || line.last() != Some(&b'\n') {
+                        break;
+                    }
+                    self.apply(&mut tables, &line, at)?;
+                    at += n as u64;
+                    if at - committed >= COMMIT_BYTES {
+                        done = false;
+                        break;
+                    }
                 }
             }
+            self.mark(&tx, kind, ino, at)?;
+            self.commit(tx, at - committed)?;
+            committed = at;
+            if done {
+                break;
+            }
+            tx = self.write()?;
         }
-        self.mark(&tx, kind, ino, at)?;
-        self.commit(tx, at - committed)?;
         if at - start > COMMIT_BYTES {
             tracing::info!(file = %path.display(), mb = (at - start) >> 20, "capture index caught up");
         }
         Ok(())
+    }
+
+    /// The tables the lines of the file of `kind` go into, opened in `tx`.
+    fn tables<'t>(&self, tx: &'t redb::WriteTransaction, kind: Kind) -> Result<Tables<'t>> {
+        let e = |x: redb::TableError| db_err(&self.path, x);
+        Ok(match kind {
+            Kind::Feedback => Tables::Feedback {
+                events: tx.open_table(EVENTS).map_err(e)?,
+                adapters: tx.open_table(ADAPTERS).map_err(e)?,
+            },
+            Kind::Documents => Tables::Documents { docs: tx.open_table(DOCUMENTS).map_err(e)? },
+        })
     }
 
     fn mark(&self, tx: &redb::WriteTransaction, kind: Kind, ino: u64, at: u64) -> Result<()> {
@@ -217,45 +250,42 @@ impl FeedbackIndex {
         Ok(())
     }
 
-    /// One complete line of the file of `kind`, at byte `offset`.
-    fn apply(&self, tx: &redb::WriteTransaction, kind: Kind, line: &[u8], offset: u64) -> Result<()> {
-        let e = |e: redb::Error| db_err(&self.path, e);
-        match kind {
-            Kind::Feedback => {
+    /// One complete line of the file `tables` are of, at byte `offset`.
+    fn apply(&self, tables: &mut Tables, line: &[u8], offset: u64) -> Result<()> {
+        let e = |x: redb::StorageError| db_err(&self.path, x);
+        match tables {
+            Tables::Feedback { events, adapters } => {
                 let Ok(l) = serde_json::from_slice::<FeedbackLine>(line) else { return Ok(()) };
                 let Some(id) = l.event_id else { return Ok(()) };
-                let mut events = tx.open_table(EVENTS).map_err(|x| e(x.into()))?;
-                let mut adapters = tx.open_table(ADAPTERS).map_err(|x| e(x.into()))?;
-                if l.query.is_some() {
+                let query = l.query.is_some();
+                let adapter = if query {
                     let adapter = l.adapter.as_deref().unwrap_or_default();
-                    events.insert(id.as_ref(), (offset, adapter)).map_err(|x| e(x.into()))?;
-                    if !adapter.is_empty() {
-                        let (i, p, n) =
-                            adapters.get(adapter).map_err(|x| e(x.into()))?.map_or((0, 0, 0), |v| v.value());
-                        adapters.insert(adapter, (i + 1, p, n)).map_err(|x| e(x.into()))?;
-                    }
-                } else if let Some(sig) = l.signal {
-                    let adapter = events.get(id.as_ref()).map_err(|x| e(x.into()))?.map(|v| v.value().1.to_string());
-                    if let Some(a) = adapter.filter(|a| !a.is_empty()) {
-                        let (i, mut p, mut n) =
-                            adapters.get(a.as_str()).map_err(|x| e(x.into()))?.map_or((0, 0, 0), |v| v.value());
-                        if POSITIVE.contains(&sig.as_ref()) {
-                            p += 1;
-                        } else if NEGATIVE.contains(&sig.as_ref()) {
-                            n += 1;
-                        }
-                        adapters.insert(a.as_str(), (i, p, n)).map_err(|x| e(x.into()))?;
-                    }
+                    events.insert(id.as_ref(), (offset, adapter)).map_err(e)?;
+                    adapter.to_string()
+                } else if l.signal.is_some() {
+                    events.get(id.as_ref()).map_err(e)?.map(|v| v.value().1.to_string()).unwrap_or_default()
+                } else {
+                    return Ok(());
+                };
+                if adapter.is_empty() {
+                    return Ok(());
                 }
+                let (mut i, mut p, mut n) = adapters.get(adapter.as_str()).map_err(e)?.map_or((0, 0, 0), |v| v.value());
+                match l.signal.as_deref() {
+                    _ if query => i += 1,
+                    Some(sig) if POSITIVE.contains(&sig) => p += 1,
+                    Some(sig) if NEGATIVE.contains(&sig) => n += 1,
+                    _ => {}
+                }
+                adapters.insert(adapter.as_str(), (i, p, n)).map_err(e)?;
             }
-            Kind::Documents => {
+            Tables::Documents { docs } => {
                 let Ok(DocumentLine { id: Some(id), text: Some(text) }) = serde_json::from_slice::<DocumentLine>(line)
                 else {
                     return Ok(());
                 };
-                let mut docs = tx.open_table(DOCUMENTS).map_err(|x| e(x.into()))?;
-                if docs.get(id.as_ref()).map_err(|x| e(x.into()))?.is_none() {
-                    docs.insert(id.as_ref(), text_digest(&text).as_slice()).map_err(|x| e(x.into()))?;
+                if docs.get(id.as_ref()).map_err(e)?.is_none() {
+                    docs.insert(id.as_ref(), text_digest(&text).as_slice()).map_err(e)?;
                 }
             }
         }
@@ -366,10 +396,6 @@ impl FeedbackIndex {
         }
         Ok(out)
     }
-}
-
-fn hex(d: &[u8; 32]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
