@@ -1,25 +1,26 @@
-//! `ROOT/config.toml`: daemon settings, and `rerankd serve`'s under `[serve]`. Optional; a missing file means defaults. Read with serde
-//! and the `toml` crate: an unknown key is an error naming it (and listing the known ones), and
-//! every value is range-checked here, once, so nothing downstream can meet a duration it cannot
-//! represent.
+//! `ROOT/config.toml`: daemon settings, and `rerankd serve`'s under `[serve]`. Optional; a missing
+//! file means defaults. Read in the settings idiom (crate::settings): a raw serde struct, so an
+//! unknown key is an error naming it (and listing the known ones), then one `resolve()` that
+//! range-checks every value, once, so nothing downstream can meet a duration it cannot represent.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::budget::{MAX_MB, MIN_MB};
+use crate::settings::{SettingsError, command, from_toml, int, seconds};
 
 /// What `config.toml` says, as typed (absent keys are `None`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
-    max_concurrent_runs: Option<i64>,
+    max_concurrent_runs: Option<usize>,
     cancel_grace_s: Option<f64>,
     rescan_s: Option<f64>,
     shutdown_timeout_s: Option<f64>,
-    memory_budget_mb: Option<i64>,
-    run_nice: Option<i64>,
+    memory_budget_mb: Option<u64>,
+    run_nice: Option<i32>,
     on_finish: Option<String>,
     on_finish_timeout_s: Option<f64>,
     serve: Option<ServeFile>,
@@ -29,12 +30,12 @@ struct ConfigFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ServeFile {
-    max_documents: Option<i64>,
-    max_body_kb: Option<i64>,
-    max_queue_pairs: Option<i64>,
-    batch_size: Option<i64>,
-    batch_tokens: Option<i64>,
-    max_connections: Option<i64>,
+    max_documents: Option<usize>,
+    max_body_kb: Option<usize>,
+    max_queue_pairs: Option<usize>,
+    batch_size: Option<usize>,
+    batch_tokens: Option<usize>,
+    max_connections: Option<usize>,
     header_timeout_s: Option<f64>,
     allowed_hosts: Option<Vec<String>>,
     allowed_origins: Option<Vec<String>>,
@@ -105,15 +106,6 @@ pub struct DaemonConfig {
     pub serve: ServeConfig,
 }
 
-/// A bad `config.toml`: the file, the key when one is to blame, and what is wrong.
-#[derive(Debug, thiserror::Error)]
-#[error("{}: {}{message}", path.display(), key.as_ref().map(|k| format!("key `{k}`: ")).unwrap_or_default())]
-pub struct ConfigError {
-    pub path: PathBuf,
-    pub key: Option<String>,
-    pub message: String,
-}
-
 /// The longest duration any setting takes: a week.
 const MAX_SECONDS: f64 = 7.0 * 24.0 * 3600.0;
 
@@ -134,98 +126,65 @@ impl Default for DaemonConfig {
 }
 
 impl DaemonConfig {
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let whole = |message: String| ConfigError { path: path.to_path_buf(), key: None, message };
+    pub fn load(path: &Path) -> Result<Self, SettingsError> {
         let text = match std::fs::read(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
-            Err(e) => return Err(whole(format!("cannot read: {e}"))),
+            Err(e) => return Err(SettingsError::whole(format!("cannot read: {e}")).in_file(path)),
         };
-        let text = String::from_utf8(text).map_err(|_| whole("is not UTF-8 text".into()))?;
+        let text = String::from_utf8(text).map_err(|_| SettingsError::whole("is not UTF-8 text").in_file(path))?;
         Self::parse_at(path, &text)
     }
 
     /// Parses config text as if read from `path`: the rules of [`Self::load`].
-    pub fn parse_at(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let err = |key: Option<String>, message: String| ConfigError { path: path.to_path_buf(), key, message };
-        let file: ConfigFile = toml::from_str(text).map_err(|e| {
-            // toml reports a span; the key is the one on that line (`key = value`).
-            let key = e.span().and_then(|span| {
-                let start = text[..span.start.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
-                let k = text[start..].lines().next()?.split('=').next()?.trim();
-                (!k.is_empty() && !k.starts_with('[')).then(|| k.to_string())
-            });
-            err(key, e.message().to_string())
-        })?;
-        Self::resolve(file).map_err(|(key, m)| err(Some(key.to_string()), m))
+    pub fn parse_at(path: &Path, text: &str) -> Result<Self, SettingsError> {
+        from_toml::<ConfigFile>(text).and_then(Self::resolve).map_err(|e| e.in_file(path))
     }
 
     /// [`Self::parse_at`] for text with no file behind it (tests).
-    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+    pub fn parse(text: &str) -> Result<Self, SettingsError> {
         Self::parse_at(Path::new("config.toml"), text)
     }
 
-    fn resolve(f: ConfigFile) -> Result<Self, (&'static str, String)> {
+    fn resolve(f: ConfigFile) -> Result<Self, SettingsError> {
         let serve = resolve_serve(f.serve.unwrap_or_default())?;
         let d = Self::default();
-        let secs = |key: &'static str, v: Option<f64>, lo: f64, dflt: Duration| match v {
-            None => Ok(dflt),
-            Some(x) if x.is_finite() && (lo..=MAX_SECONDS).contains(&x) => Ok(Duration::from_secs_f64(x)),
-            Some(x) => Err((key, format!("must be a finite number of seconds from {lo} to {MAX_SECONDS}, got {x}"))),
-        };
         Ok(Self {
-            max_concurrent_runs: int("max_concurrent_runs", f.max_concurrent_runs, 1, 64, 1)? as usize,
-            cancel_grace: secs("cancel_grace_s", f.cancel_grace_s, 0.0, d.cancel_grace)?,
-            rescan: secs("rescan_s", f.rescan_s, 1.0, d.rescan)?,
-            shutdown_timeout: secs("shutdown_timeout_s", f.shutdown_timeout_s, 1.0, d.shutdown_timeout)?,
-            memory_budget_mb: int(
-                "memory_budget_mb",
-                f.memory_budget_mb,
-                MIN_MB as i64,
-                MAX_MB as i64,
-                d.memory_budget_mb as i64,
-            )? as u64,
-            run_nice: int("run_nice", f.run_nice, 0, 19, d.run_nice as i64)? as i32,
-            on_finish: match f.on_finish {
-                Some(c) if c.trim().is_empty() => {
-                    return Err(("on_finish", "must be a command, got an empty string".into()));
-                }
-                other => other,
-            },
-            on_finish_timeout: secs("on_finish_timeout_s", f.on_finish_timeout_s, 0.1, d.on_finish_timeout)?,
+            max_concurrent_runs: int("max_concurrent_runs", f.max_concurrent_runs, 1, 64, 1)?,
+            cancel_grace: seconds("cancel_grace_s", f.cancel_grace_s, 0.0, MAX_SECONDS, d.cancel_grace)?,
+            rescan: seconds("rescan_s", f.rescan_s, 1.0, MAX_SECONDS, d.rescan)?,
+            shutdown_timeout: seconds(
+                "shutdown_timeout_s",
+                f.shutdown_timeout_s,
+                1.0,
+                MAX_SECONDS,
+                d.shutdown_timeout,
+            )?,
+            memory_budget_mb: int("memory_budget_mb", f.memory_budget_mb, MIN_MB, MAX_MB, d.memory_budget_mb)?,
+            run_nice: int("run_nice", f.run_nice, 0, 19, d.run_nice)?,
+            on_finish: command("on_finish", f.on_finish)?,
+            on_finish_timeout: seconds(
+                "on_finish_timeout_s",
+                f.on_finish_timeout_s,
+                0.1,
+                MAX_SECONDS,
+                d.on_finish_timeout,
+            )?,
             serve,
         })
     }
 }
 
-fn int(key: &'static str, v: Option<i64>, lo: i64, hi: i64, dflt: i64) -> Result<i64, (&'static str, String)> {
-    match v {
-        None => Ok(dflt),
-        Some(n) if (lo..=hi).contains(&n) => Ok(n),
-        Some(n) => Err((key, format!("must be an integer from {lo} to {hi}, got {n}"))),
-    }
-}
-
-fn resolve_serve(f: ServeFile) -> Result<ServeConfig, (&'static str, String)> {
+fn resolve_serve(f: ServeFile) -> Result<ServeConfig, SettingsError> {
     let d = ServeConfig::default();
-    let n = |key, v, lo, hi, dflt: usize| int(key, v, lo, hi, dflt as i64).map(|n| n as usize);
     let c = ServeConfig {
-        max_documents: n("serve.max_documents", f.max_documents, 1, 100_000, d.max_documents)?,
-        max_body_bytes: n("serve.max_body_kb", f.max_body_kb, 1, 1 << 20, d.max_body_bytes >> 10)? << 10,
-        max_queue_pairs: n("serve.max_queue_pairs", f.max_queue_pairs, 1, 1 << 20, d.max_queue_pairs)?,
-        batch_size: n("serve.batch_size", f.batch_size, 1, 1024, d.batch_size)?,
-        batch_tokens: n("serve.batch_tokens", f.batch_tokens, 16, 1 << 22, d.batch_tokens)?,
-        max_connections: n("serve.max_connections", f.max_connections, 1, 1 << 20, d.max_connections)?,
-        header_timeout: match f.header_timeout_s {
-            None => d.header_timeout,
-            Some(x) if x.is_finite() && (0.1..=3600.0).contains(&x) => Duration::from_secs_f64(x),
-            Some(x) => {
-                return Err((
-                    "serve.header_timeout_s",
-                    format!("must be a number of seconds from 0.1 to 3600, got {x}"),
-                ));
-            }
-        },
+        max_documents: int("serve.max_documents", f.max_documents, 1, 100_000, d.max_documents)?,
+        max_body_bytes: int("serve.max_body_kb", f.max_body_kb, 1, 1 << 20, d.max_body_bytes >> 10)? << 10,
+        max_queue_pairs: int("serve.max_queue_pairs", f.max_queue_pairs, 1, 1 << 20, d.max_queue_pairs)?,
+        batch_size: int("serve.batch_size", f.batch_size, 1, 1024, d.batch_size)?,
+        batch_tokens: int("serve.batch_tokens", f.batch_tokens, 16, 1 << 22, d.batch_tokens)?,
+        max_connections: int("serve.max_connections", f.max_connections, 1, 1 << 20, d.max_connections)?,
+        header_timeout: seconds("serve.header_timeout_s", f.header_timeout_s, 0.1, 3600.0, d.header_timeout)?,
         allowed_hosts: names("serve.allowed_hosts", f.allowed_hosts, |h| {
             !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || "-._[]:".contains(c))
         })?,
@@ -236,7 +195,7 @@ fn resolve_serve(f: ServeFile) -> Result<ServeConfig, (&'static str, String)> {
         })?,
     };
     if c.max_queue_pairs < c.max_documents {
-        return Err((
+        return Err(SettingsError::at(
             "serve.max_queue_pairs",
             format!(
                 "is {} but serve.max_documents is {}: a request with that many documents could never be admitted",
@@ -248,14 +207,10 @@ fn resolve_serve(f: ServeFile) -> Result<ServeConfig, (&'static str, String)> {
 }
 
 /// A list of names, each checked by `ok`, lowercased (hosts and origins compare without case).
-fn names(
-    key: &'static str,
-    v: Option<Vec<String>>,
-    ok: impl Fn(&str) -> bool,
-) -> Result<Vec<String>, (&'static str, String)> {
+fn names(field: &str, v: Option<Vec<String>>, ok: impl Fn(&str) -> bool) -> Result<Vec<String>, SettingsError> {
     let v = v.unwrap_or_default();
     match v.iter().find(|x| !ok(x)) {
-        Some(bad) => Err((key, format!("`{bad}` is not a valid entry"))),
+        Some(bad) => Err(SettingsError::at(field, format!("`{bad}` is not a valid entry"))),
         None => Ok(v.into_iter().map(|x| x.to_ascii_lowercase()).collect()),
     }
 }
@@ -314,7 +269,7 @@ mod tests {
             ("[serve]\nallowed_origins = [\"localhost:3000\"]", "serve.allowed_origins"),
         ] {
             let e = DaemonConfig::parse(text).unwrap_err();
-            assert_eq!(e.key.as_deref(), Some(key), "{text}: {e}");
+            assert_eq!(e.field.as_deref(), Some(key), "{text}: {e}");
         }
         let e = DaemonConfig::parse("bogus = 1").unwrap_err().to_string();
         assert!(e.contains("bogus"), "{e}");

@@ -1,43 +1,17 @@
-//! The job file: parsed from what a user dropped into plain values, validated once
-//! into an effective [`Job`] with every default filled in. Every rejection names the field.
+//! The job file: deserialized from what a user dropped into a raw [`JobFile`] of optional fields
+//! (the one schema of what a user may write), then resolved once into the effective [`Job`] with
+//! every range checked, every default filled in and every data path made absolute and checked.
+//! Every rejection names the field (crate::settings).
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+
+use crate::ids::CorpusName;
 
 use crate::model::device::DeviceChoice;
 use crate::model::lora::Target;
-
-/// Why a job file was rejected: the `.error.json` beside it in `spool/rejected/`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct JobError {
-    pub error: String,
-    pub field: Option<String>,
-    pub hint: Option<String>,
-}
-
-impl JobError {
-    fn at(field: &str, error: impl Into<String>, hint: Option<&str>) -> Self {
-        Self { error: error.into(), field: Some(field.to_string()), hint: hint.map(str::to_string) }
-    }
-    pub fn whole(error: impl Into<String>, hint: Option<&str>) -> Self {
-        Self { error: error.into(), field: None, hint: hint.map(str::to_string) }
-    }
-}
-
-impl std::fmt::Display for JobError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.field {
-            Some(field) => write!(f, "field `{field}`: {}", self.error)?,
-            None => write!(f, "{}", self.error)?,
-        }
-        if let Some(h) = &self.hint {
-            write!(f, " (hint: {h})")?;
-        }
-        Ok(())
-    }
-}
+use crate::settings::{SettingsError, Upper, command, from_json, int, num};
 
 /// Where the training data comes from: `triplets` (texts, or document ids when `documents` is
 /// given), or `feedback` + `documents`. Paths are absolute in the effective job.
@@ -189,209 +163,173 @@ pub const METRICS: [&str; 4] = ["ndcg@10", "mrr@10", "recall@10", "map"];
 /// A job file is a few hundred bytes; anything past this is not a job.
 pub const MAX_JOB_BYTES: u64 = 1 << 20;
 
-/// `[A-Za-z0-9._-]{1,64}`, no leading dot.
-use crate::ids::CorpusName;
-
-/// A JSON object whose keys are checked off as they are read, so unknown ones can be named.
-struct Obj<'a> {
-    map: &'a Map<String, Value>,
-    path: String,
-    seen: Vec<&'static str>,
+/// What a job file may hold, as written: every field optional, unknown ones refused, enum
+/// spellings from serde. [`JobFile::resolve`] makes the effective [`Job`] of it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobFile {
+    corpus: Option<String>,
+    model: Option<String>,
+    data: Option<DataFile>,
+    train: Option<TrainFile>,
+    lora: Option<LoraFile>,
+    eval: Option<EvalFile>,
+    promote: Option<Promote>,
+    device: Option<DeviceChoice>,
+    memory_budget_mb: Option<u64>,
+    if_busy: Option<IfBusy>,
+    instruction: Option<String>,
+    origin: Option<Origin>,
+    on_finish: Option<String>,
 }
 
-impl<'a> Obj<'a> {
-    fn new(v: &'a Value, path: &str) -> Result<Self, JobError> {
-        match v.as_object() {
-            Some(map) => Ok(Self { map, path: path.to_string(), seen: Vec::new() }),
-            None => Err(JobError::at(if path.is_empty() { "(root)" } else { path }, "must be a JSON object", None)),
-        }
-    }
-    fn field(&self, k: &str) -> String {
-        if self.path.is_empty() { k.to_string() } else { format!("{}.{k}", self.path) }
-    }
-    fn get(&mut self, k: &'static str) -> Option<&'a Value> {
-        self.seen.push(k);
-        self.map.get(k).filter(|v| !v.is_null())
-    }
-    fn int(&mut self, k: &'static str, default: u64, lo: u64, hi: u64) -> Result<u64, JobError> {
-        Ok(self.opt_int(k, lo, hi)?.unwrap_or(default))
-    }
-    fn opt_int(&mut self, k: &'static str, lo: u64, hi: u64) -> Result<Option<u64>, JobError> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(v) => match v.as_u64() {
-                Some(n) if (lo..=hi).contains(&n) => Ok(Some(n)),
-                _ => Err(JobError::at(&self.field(k), format!("must be an integer from {lo} to {hi}, got {v}"), None)),
-            },
-        }
-    }
-    fn num(&mut self, k: &'static str, default: f64, lo: f64, hi: f64, hi_open: bool) -> Result<f64, JobError> {
-        match self.get(k) {
-            None => Ok(default),
-            Some(v) => match v.as_f64() {
-                Some(x) if x >= lo && (x < hi || (!hi_open && x == hi)) => Ok(x),
-                _ => {
-                    let range = if hi_open { format!("[{lo}, {hi})") } else { format!("[{lo}, {hi}]") };
-                    Err(JobError::at(&self.field(k), format!("must be a number in {range}, got {v}"), None))
-                }
-            },
-        }
-    }
-    fn string(&mut self, k: &'static str) -> Result<Option<&'a str>, JobError> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(v) => Err(JobError::at(&self.field(k), format!("must be a string, got {v}"), None)),
-        }
-    }
-    fn choice<T>(&mut self, k: &'static str, default: T, options: &[(&str, T)]) -> Result<T, JobError>
-    where
-        T: Copy,
-    {
-        match self.string(k)? {
-            None => Ok(default),
-            Some(s) => options.iter().find(|(n, _)| *n == s).map(|(_, t)| *t).ok_or_else(|| {
-                let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
-                JobError::at(
-                    &self.field(k),
-                    format!("unknown value `{s}`"),
-                    Some(&format!("one of {}", names.join(", "))),
-                )
-            }),
-        }
-    }
-    fn finish(self) -> Result<(), JobError> {
-        match self.map.keys().find(|k| !self.seen.contains(&k.as_str())) {
-            Some(k) => Err(JobError::at(
-                &self.field(k),
-                "unknown field",
-                Some(&format!("known fields here: {}", self.seen.join(", "))),
-            )),
-            None => Ok(()),
-        }
-    }
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataFile {
+    triplets: Option<String>,
+    feedback: Option<String>,
+    documents: Option<String>,
+    doc_chars: Option<u64>,
 }
 
-/// Parses and validates a job file's text. `corpus_home(corpus)` is where relative data paths
-/// resolve (ROOT/corpora/<corpus>/); data files must exist and be readable.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrainFile {
+    epochs: Option<u64>,
+    batch_size: Option<u64>,
+    grad_accum: Option<u64>,
+    max_length: Option<u64>,
+    lr: Option<f64>,
+    warmup_ratio: Option<f64>,
+    negative_ratio: Option<u64>,
+    seed: Option<u64>,
+    max_grad_norm: Option<f64>,
+    weight_decay: Option<f64>,
+    checkpoint_every_s: Option<u64>,
+    hard_negatives: Option<HardNegativesFile>,
+}
+
+/// Where hard negatives come from: only the baseline today.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum NegativesFrom {
+    Baseline,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HardNegativesFile {
+    #[allow(dead_code)]
+    from: Option<NegativesFrom>,
+    top_k: Option<u64>,
+    skip_top: Option<u64>,
+    pool: Option<u64>,
+    max_pairs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoraFile {
+    r: Option<u64>,
+    alpha: Option<f64>,
+    dropout: Option<f64>,
+    target_modules: Option<Vec<Target>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EvalFile {
+    primary_metric: Option<String>,
+    dev_fraction: Option<f64>,
+    list_size: Option<u64>,
+    epsilon: Option<f64>,
+    min_dev_queries: Option<u64>,
+    confidence: Option<f64>,
+    resamples: Option<u64>,
+    heldout_max_queries: Option<u64>,
+}
+
+/// A run's job.json written before budgets were recorded reads as the machine's default.
 fn budget_or_default<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     Ok(Option::<u64>::deserialize(d)?.unwrap_or_else(crate::budget::machine_default_mb))
 }
 
-/// Validates a spool job file into the effective job; `default_budget_mb` fills a missing
-/// `memory_budget_mb`.
+const DATA_HINT: &str = "{\"triplets\": path} or {\"feedback\": path, \"documents\": path}";
+
+/// Parses and validates a spool job file's text into the effective job. `corpus_home(corpus)` is
+/// where relative data paths resolve (ROOT/corpora/<corpus>/; data files must exist and be
+/// readable); `default_budget_mb` fills a missing `memory_budget_mb`.
 pub fn parse_job(
     text: &str,
     corpus_home: impl Fn(&CorpusName) -> PathBuf,
     default_budget_mb: u64,
-) -> Result<Job, JobError> {
-    let v: Value = serde_json::from_str(text).map_err(|e| {
-        JobError::whole(format!("not valid JSON: {e}"), Some("a job file is one JSON object, see docs/operations.md"))
-    })?;
-    let mut o = Obj::new(&v, "")?;
-    let corpus = o.string("corpus")?.ok_or_else(|| JobError::at("corpus", "is required", None))?;
-    let corpus = CorpusName::parse(corpus)
-        .map_err(|e| JobError::at("corpus", format!("`{}` is not a valid corpus name", e.shown), Some(e.rule)))?;
-    let home = corpus_home(&corpus);
-    let model = o.string("model")?.unwrap_or(DEFAULT_MODEL).to_string();
-    if model.is_empty() {
-        return Err(JobError::at("model", "must not be empty", None));
-    }
-    let data = parse_data(
-        o.get("data").ok_or_else(|| {
-            JobError::at(
-                "data",
-                "is required",
-                Some("{\"triplets\": path} or {\"feedback\": path, \"documents\": path}"),
-            )
-        })?,
-        &home,
-    )?;
-    let train = parse_train(o.get("train"))?;
-    let lora = parse_lora(o.get("lora"))?;
-    let eval = parse_eval(o.get("eval"))?;
-    let promote = o.choice(
-        "promote",
-        Promote::IfSignificant,
-        &[
-            ("if_significant", Promote::IfSignificant),
-            ("if_improves", Promote::IfImproves),
-            ("always", Promote::Always),
-            ("never", Promote::Never),
-        ],
-    )?;
-    let device = o.choice(
-        "device",
-        DeviceChoice::Auto,
-        &[
-            ("auto", DeviceChoice::Auto),
-            ("cpu", DeviceChoice::Cpu),
-            ("cuda", DeviceChoice::Cuda),
-            ("metal", DeviceChoice::Metal),
-        ],
-    )?;
-    let memory_budget_mb =
-        o.opt_int("memory_budget_mb", crate::budget::MIN_MB, crate::budget::MAX_MB)?.unwrap_or(default_budget_mb);
-    let if_busy = o.choice(
-        "if_busy",
-        IfBusy::Queue,
-        &[("queue", IfBusy::Queue), ("reject", IfBusy::Reject), ("supersede", IfBusy::Supersede)],
-    )?;
-    let instruction = o.string("instruction")?.map(str::to_string);
-    let origin = o.choice("origin", Origin::User, &[("user", Origin::User), ("policy", Origin::Policy)])?;
-    let on_finish = o.string("on_finish")?.map(str::to_string);
-    if on_finish.as_deref().is_some_and(|c| c.trim().is_empty()) {
-        return Err(JobError::at("on_finish", "must be a command, got an empty string", None));
-    }
-    o.finish()?;
-    Ok(Job {
-        corpus,
-        model,
-        data,
-        train,
-        lora,
-        eval,
-        promote,
-        device,
-        memory_budget_mb,
-        if_busy,
-        instruction,
-        origin,
-        on_finish,
-    })
+) -> Result<Job, SettingsError> {
+    let raw: JobFile =
+        from_json(text.as_bytes()).map_err(|e| e.hint("a job file is one JSON object, see docs/operations.md"))?;
+    raw.resolve(corpus_home, default_budget_mb)
 }
 
-fn data_path(o: &mut Obj, k: &'static str, home: &Path, dir_ok: bool) -> Result<PathBuf, JobError> {
-    let s = o.string(k)?.ok_or_else(|| JobError::at(&o.field(k), "is required", None))?;
-    if s.is_empty() {
-        return Err(JobError::at(&o.field(k), "must not be empty", None));
+impl JobFile {
+    /// Checks every range, fills every default, resolves and checks the data paths.
+    pub fn resolve(
+        self,
+        corpus_home: impl Fn(&CorpusName) -> PathBuf,
+        default_budget_mb: u64,
+    ) -> Result<Job, SettingsError> {
+        let corpus = self.corpus.ok_or_else(|| SettingsError::at("corpus", "is required"))?;
+        let corpus = CorpusName::parse(&corpus).map_err(|e| {
+            SettingsError::at("corpus", format!("`{}` is not a valid corpus name", e.shown)).hint(e.rule)
+        })?;
+        let home = corpus_home(&corpus);
+        let model = self.model.unwrap_or_else(|| DEFAULT_MODEL.to_string());
+        if model.is_empty() {
+            return Err(SettingsError::at("model", "must not be empty"));
+        }
+        let data = self.data.ok_or_else(|| SettingsError::at("data", "is required").hint(DATA_HINT))?.resolve(&home)?;
+        Ok(Job {
+            corpus,
+            model,
+            data,
+            train: self.train.unwrap_or_default().resolve()?,
+            lora: self.lora.unwrap_or_default().resolve()?,
+            eval: self.eval.unwrap_or_default().resolve()?,
+            promote: self.promote.unwrap_or(Promote::IfSignificant),
+            device: self.device.unwrap_or_default(),
+            memory_budget_mb: int(
+                "memory_budget_mb",
+                self.memory_budget_mb,
+                crate::budget::MIN_MB,
+                crate::budget::MAX_MB,
+                default_budget_mb,
+            )?,
+            if_busy: self.if_busy.unwrap_or(IfBusy::Queue),
+            instruction: self.instruction,
+            origin: self.origin.unwrap_or_default(),
+            on_finish: command("on_finish", self.on_finish)?,
+        })
     }
-    let p = Path::new(s);
+}
+
+/// A data file the job names: absolute (relative ones resolve in the corpus home), present, and
+/// a regular file that opens without blocking (or, where `dir_ok`, a listable directory).
+fn data_path(field: &str, s: String, home: &Path, dir_ok: bool) -> Result<PathBuf, SettingsError> {
+    let at = |m: String| SettingsError::at(field, m);
+    if s.is_empty() {
+        return Err(at("must not be empty".into()));
+    }
+    let p = Path::new(&s);
     let p = if p.is_absolute() { p.to_path_buf() } else { home.join(p) };
     let meta = std::fs::metadata(&p).map_err(|e| {
-        JobError::at(
-            &o.field(k),
-            format!("cannot read {}: {e}", p.display()),
-            Some("relative paths resolve in ROOT/corpora/<corpus>/"),
-        )
+        at(format!("cannot read {}: {e}", p.display())).hint("relative paths resolve in ROOT/corpora/<corpus>/")
     })?;
     if meta.is_dir() {
         if !dir_ok {
-            return Err(JobError::at(
-                &o.field(k),
-                format!("{} is a directory, expected a JSONL file", p.display()),
-                None,
-            ));
+            return Err(at(format!("{} is a directory, expected a JSONL file", p.display())));
         }
-        std::fs::read_dir(&p)
-            .map_err(|e| JobError::at(&o.field(k), format!("cannot list {}: {e}", p.display()), None))?;
+        std::fs::read_dir(&p).map_err(|e| at(format!("cannot list {}: {e}", p.display())))?;
     } else if !meta.is_file() {
         // A FIFO would block whoever opens it; a device could stream forever.
-        return Err(JobError::at(
-            &o.field(k),
-            format!("{} is not a regular file (a FIFO, device or socket)", p.display()),
-            None,
-        ));
+        return Err(at(format!("{} is not a regular file (a FIFO, device or socket)", p.display())));
     } else {
         use std::os::unix::fs::OpenOptionsExt;
         // O_NONBLOCK: should the path turn into a FIFO after the check, opening still returns.
@@ -399,128 +337,123 @@ fn data_path(o: &mut Obj, k: &'static str, home: &Path, dir_ok: bool) -> Result<
             .read(true)
             .custom_flags(libc::O_NONBLOCK)
             .open(&p)
-            .map_err(|e| JobError::at(&o.field(k), format!("cannot open {}: {e}", p.display()), None))?;
+            .map_err(|e| at(format!("cannot open {}: {e}", p.display())))?;
     }
     Ok(p)
 }
 
-fn parse_data(v: &Value, home: &Path) -> Result<Data, JobError> {
-    let mut o = Obj::new(v, "data")?;
-    let (has_t, has_f) = (o.map.contains_key("triplets"), o.map.contains_key("feedback"));
-    let hint = Some("{\"triplets\": path} or {\"feedback\": path, \"documents\": path}");
-    if has_t == has_f {
-        let msg = if has_t {
-            "give `triplets` or `feedback`, not both"
-        } else {
-            "needs `triplets`, or `feedback` and `documents`"
-        };
-        return Err(JobError::at("data", msg, hint));
-    }
-    if has_f && !o.map.contains_key("documents") {
-        return Err(JobError::at("data.documents", "is required with `feedback`", hint));
-    }
-    let triplets = if has_t { Some(data_path(&mut o, "triplets", home, false)?) } else { None };
-    let feedback = if has_f { Some(data_path(&mut o, "feedback", home, false)?) } else { None };
-    let documents =
-        if o.map.contains_key("documents") { Some(data_path(&mut o, "documents", home, true)?) } else { None };
-    let doc_chars = o.int("doc_chars", 2000, 1, 1_000_000)?;
-    o.finish()?;
-    Ok(Data { triplets, feedback, documents, doc_chars })
-}
-
-fn parse_train(v: Option<&Value>) -> Result<Train, JobError> {
-    let empty = Value::Object(Map::new());
-    let mut o = Obj::new(v.unwrap_or(&empty), "train")?;
-    let t = Train {
-        epochs: o.int("epochs", 2, 1, 1000)?,
-        batch_size: o.int("batch_size", 16, 1, 4096)?,
-        grad_accum: o.int("grad_accum", 1, 1, 4096)?,
-        max_length: o.int("max_length", 512, 32, 32768)?,
-        lr: o.num("lr", 2e-5, 1e-9, 1.0, false)?,
-        warmup_ratio: o.num("warmup_ratio", 0.1, 0.0, 1.0, true)?,
-        negative_ratio: o.int("negative_ratio", 5, 1, 1000)?,
-        seed: o.int("seed", 0, 0, u64::MAX)?,
-        max_grad_norm: o.num("max_grad_norm", 1.0, 0.0, 1e6, false)?,
-        weight_decay: o.num("weight_decay", 0.0, 0.0, 1.0, true)?,
-        checkpoint_every_s: o.int("checkpoint_every_s", default_checkpoint_every_s(), 0, 7 * 86_400)?,
-        hard_negatives: match o.get("hard_negatives") {
-            None => None,
-            Some(v) => Some(parse_hard_negatives(v)?),
-        },
-    };
-    o.finish()?;
-    Ok(t)
-}
-
-fn parse_hard_negatives(v: &Value) -> Result<HardNegatives, JobError> {
-    let mut o = Obj::new(v, "train.hard_negatives")?;
-    o.choice("from", (), &[("baseline", ())])?;
-    let h = HardNegatives {
-        top_k: o.int("top_k", 20, 1, 1000)?,
-        skip_top: o.int("skip_top", 2, 0, 1000)?,
-        pool: o.int("pool", 100, 2, 100_000)?,
-        max_pairs: o.int("max_pairs", 20_000, 1, 10_000_000)?,
-    };
-    o.finish()?;
-    Ok(h)
-}
-
-fn parse_lora(v: Option<&Value>) -> Result<Lora, JobError> {
-    let empty = Value::Object(Map::new());
-    let mut o = Obj::new(v.unwrap_or(&empty), "lora")?;
-    let r = o.int("r", 16, 1, 1024)?;
-    let alpha = o.num("alpha", 2.0 * r as f64, 1e-6, 1e6, false)?;
-    let dropout = o.num("dropout", 0.05, 0.0, 1.0, true)?;
-    let target_modules = match o.get("target_modules") {
-        None => vec![Target::Q, Target::K, Target::V, Target::O],
-        Some(Value::Array(a)) if !a.is_empty() => {
-            let parse = |t: &Value| {
-                t.as_str().and_then(Target::parse).ok_or_else(|| {
-                    JobError::at(
-                        "lora.target_modules",
-                        format!("unknown module {t}"),
-                        Some("q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"),
-                    )
-                })
+impl DataFile {
+    fn resolve(self, home: &Path) -> Result<Data, SettingsError> {
+        let (has_t, has_f) = (self.triplets.is_some(), self.feedback.is_some());
+        if has_t == has_f {
+            let msg = if has_t {
+                "give `triplets` or `feedback`, not both"
+            } else {
+                "needs `triplets`, or `feedback` and `documents`"
             };
-            a.iter().map(parse).collect::<Result<Vec<_>, _>>()?
+            return Err(SettingsError::at("data", msg).hint(DATA_HINT));
         }
-        Some(_) => return Err(JobError::at("lora.target_modules", "must be a non-empty list of module names", None)),
-    };
-    o.finish()?;
-    Ok(Lora { r, alpha, dropout, target_modules })
+        if has_f && self.documents.is_none() {
+            return Err(SettingsError::at("data.documents", "is required with `feedback`").hint(DATA_HINT));
+        }
+        let path = |field, v: Option<String>, dir_ok| v.map(|s| data_path(field, s, home, dir_ok)).transpose();
+        Ok(Data {
+            triplets: path("data.triplets", self.triplets, false)?,
+            feedback: path("data.feedback", self.feedback, false)?,
+            documents: path("data.documents", self.documents, true)?,
+            doc_chars: int("data.doc_chars", self.doc_chars, 1, 1_000_000, 2000)?,
+        })
+    }
 }
 
-fn parse_eval(v: Option<&Value>) -> Result<Eval, JobError> {
-    let empty = Value::Object(Map::new());
-    let mut o = Obj::new(v.unwrap_or(&empty), "eval")?;
-    let primary_metric = o.string("primary_metric")?.unwrap_or("ndcg@10").to_string();
-    if !METRICS.contains(&primary_metric.as_str()) {
-        return Err(JobError::at(
-            "eval.primary_metric",
-            format!("unknown metric `{primary_metric}`"),
-            Some("ndcg@10, mrr@10, recall@10 or map"),
-        ));
+impl TrainFile {
+    fn resolve(self) -> Result<Train, SettingsError> {
+        Ok(Train {
+            epochs: int("train.epochs", self.epochs, 1, 1000, 2)?,
+            batch_size: int("train.batch_size", self.batch_size, 1, 4096, 16)?,
+            grad_accum: int("train.grad_accum", self.grad_accum, 1, 4096, 1)?,
+            max_length: int("train.max_length", self.max_length, 32, 32768, 512)?,
+            lr: num("train.lr", self.lr, 1e-9, Upper::Closed(1.0), 2e-5)?,
+            warmup_ratio: num("train.warmup_ratio", self.warmup_ratio, 0.0, Upper::Open(1.0), 0.1)?,
+            negative_ratio: int("train.negative_ratio", self.negative_ratio, 1, 1000, 5)?,
+            seed: self.seed.unwrap_or(0),
+            max_grad_norm: num("train.max_grad_norm", self.max_grad_norm, 0.0, Upper::Closed(1e6), 1.0)?,
+            weight_decay: num("train.weight_decay", self.weight_decay, 0.0, Upper::Open(1.0), 0.0)?,
+            checkpoint_every_s: int(
+                "train.checkpoint_every_s",
+                self.checkpoint_every_s,
+                0,
+                7 * 86_400,
+                default_checkpoint_every_s(),
+            )?,
+            hard_negatives: self.hard_negatives.map(HardNegativesFile::resolve).transpose()?,
+        })
     }
-    let e = Eval {
-        primary_metric,
-        dev_fraction: o.num("dev_fraction", 0.1, 0.0, 0.9, false)?,
-        list_size: o.int("list_size", 20, 2, 1000)?,
-        epsilon: o.num("epsilon", 0.0, 0.0, 1.0, false)?,
-        min_dev_queries: o.int("min_dev_queries", default_min_dev_queries(), 0, 100_000)?,
-        confidence: o.num("confidence", default_confidence(), 0.5, 1.0, true)?,
-        resamples: o.int("resamples", default_resamples(), 100, 1_000_000)?,
-        heldout_max_queries: o.int("heldout_max_queries", default_heldout_max_queries(), 0, 100_000)?,
-    };
-    o.finish()?;
-    Ok(e)
+}
+
+impl HardNegativesFile {
+    fn resolve(self) -> Result<HardNegatives, SettingsError> {
+        let f = |k: &str| format!("train.hard_negatives.{k}");
+        Ok(HardNegatives {
+            top_k: int(&f("top_k"), self.top_k, 1, 1000, 20)?,
+            skip_top: int(&f("skip_top"), self.skip_top, 0, 1000, 2)?,
+            pool: int(&f("pool"), self.pool, 2, 100_000, 100)?,
+            max_pairs: int(&f("max_pairs"), self.max_pairs, 1, 10_000_000, 20_000)?,
+        })
+    }
+}
+
+impl LoraFile {
+    fn resolve(self) -> Result<Lora, SettingsError> {
+        let r = int("lora.r", self.r, 1, 1024, 16)?;
+        let target_modules = match self.target_modules {
+            None => vec![Target::Q, Target::K, Target::V, Target::O],
+            Some(t) if t.is_empty() => {
+                return Err(SettingsError::at("lora.target_modules", "must be a non-empty list of module names")
+                    .hint("q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"));
+            }
+            Some(t) => t,
+        };
+        Ok(Lora {
+            r,
+            alpha: num("lora.alpha", self.alpha, 1e-6, Upper::Closed(1e6), 2.0 * r as f64)?,
+            dropout: num("lora.dropout", self.dropout, 0.0, Upper::Open(1.0), 0.05)?,
+            target_modules,
+        })
+    }
+}
+
+impl EvalFile {
+    fn resolve(self) -> Result<Eval, SettingsError> {
+        let primary_metric = self.primary_metric.unwrap_or_else(|| "ndcg@10".to_string());
+        if !METRICS.contains(&primary_metric.as_str()) {
+            return Err(SettingsError::at("eval.primary_metric", format!("unknown metric `{primary_metric}`"))
+                .hint("ndcg@10, mrr@10, recall@10 or map"));
+        }
+        Ok(Eval {
+            primary_metric,
+            dev_fraction: num("eval.dev_fraction", self.dev_fraction, 0.0, Upper::Closed(0.9), 0.1)?,
+            list_size: int("eval.list_size", self.list_size, 2, 1000, 20)?,
+            epsilon: num("eval.epsilon", self.epsilon, 0.0, Upper::Closed(1.0), 0.0)?,
+            min_dev_queries: int("eval.min_dev_queries", self.min_dev_queries, 0, 100_000, default_min_dev_queries())?,
+            confidence: num("eval.confidence", self.confidence, 0.5, Upper::Open(1.0), default_confidence())?,
+            resamples: int("eval.resamples", self.resamples, 100, 1_000_000, default_resamples())?,
+            heldout_max_queries: int(
+                "eval.heldout_max_queries",
+                self.heldout_max_queries,
+                0,
+                100_000,
+                default_heldout_max_queries(),
+            )?,
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse(text: &str, home: &Path) -> Result<Job, JobError> {
+    fn parse(text: &str, home: &Path) -> Result<Job, SettingsError> {
         parse_job(text, |_| home.to_path_buf(), 4096)
     }
 
@@ -531,7 +464,7 @@ mod tests {
         let text =
             r#"{"corpus": "c", "data": {"triplets": "t.jsonl"}, "lora": {"target_modules": ["q_proj", "lm_head"]}}"#;
         let e = parse(text, dir.path()).unwrap_err();
-        assert!(e.error.contains("lm_head"), "{e}");
+        assert!(e.message.contains("lm_head"), "{e}");
         // A FIFO as a data file is refused at intake, never opened.
         let fifo = dir.path().join("f.jsonl");
         assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
@@ -567,6 +500,6 @@ mod tests {
             let e = parse(text, dir.path()).unwrap_err();
             assert_eq!(e.field.as_deref(), Some(field), "{text}: {e}");
         }
-        assert!(parse("not json", dir.path()).unwrap_err().error.contains("not valid JSON"));
+        assert!(parse("not json", dir.path()).unwrap_err().message.contains("not valid JSON"));
     }
 }

@@ -17,6 +17,7 @@ pub mod model;
 pub mod report;
 pub mod runner;
 pub mod serve;
+pub mod settings;
 pub mod store;
 pub mod sys;
 pub mod testhooks;

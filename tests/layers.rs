@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 /// The layers, lowest first, as docs/design.md's table gives them.
 const LAYERS: [&[&str]; 7] = [
-    &["model", "ids", "budget", "sys", "testhooks"],
+    &["model", "ids", "budget", "settings", "sys", "testhooks"],
     &["store"],
     &["job", "config", "report"],
     &["train"],

@@ -55,7 +55,7 @@ proptest! {
         let text = v.to_string();
         if let Err(e) = parse_job(&text, |_| home(), 4096) {
             // A rejection of an object names the field; of a non-object, the whole file.
-            prop_assert!(!e.error.is_empty());
+            prop_assert!(!e.message.is_empty());
             if v.is_object() {
                 prop_assert!(e.field.is_some(), "no field named for {text}: {e:?}");
             }

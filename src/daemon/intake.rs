@@ -18,7 +18,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::json;
 
-use crate::job::{Job, JobError, MAX_JOB_BYTES, parse_job};
+use crate::job::{Job, MAX_JOB_BYTES, parse_job};
+use crate::settings::SettingsError;
 use crate::store::atomic::{read_json, sync_dir, temp_name, write_json};
 use crate::store::events::{Event, Log};
 use crate::store::paths::{RunFiles, error_name, free_rejection_name, name_variants};
@@ -36,7 +37,7 @@ pub struct Accepted {
 pub trait Admission {
     /// `Err(error)` rejects the job (e.g. `if_busy: reject` on a busy corpus). Called before the
     /// run is created; `supersede` is handled by the caller after acceptance.
-    fn admit(&mut self, job: &Job) -> Result<(), JobError>;
+    fn admit(&mut self, job: &Job) -> Result<(), SettingsError>;
 }
 
 /// The longest job file name intake takes (the claim adds about 30 bytes; NAME_MAX is 255).
@@ -274,32 +275,32 @@ fn unclaim(claimed: &Path) -> Verdict {
     Verdict::Settled
 }
 
-fn read_claimed(path: &Path) -> Result<String, JobError> {
-    let meta = path.symlink_metadata().map_err(|e| JobError::whole(format!("cannot stat: {e}"), None))?;
+fn read_claimed(path: &Path) -> Result<String, SettingsError> {
+    let meta = path.symlink_metadata().map_err(|e| SettingsError::whole(format!("cannot stat: {e}")))?;
     if meta.file_type().is_symlink() {
-        return Err(JobError::whole(
-            "is a symbolic link, not a regular file",
-            Some("copy the job file into the spool"),
-        ));
+        return Err(
+            SettingsError::whole("is a symbolic link, not a regular file").hint("copy the job file into the spool")
+        );
     }
     if meta.is_dir() {
-        return Err(JobError::whole("is a directory, not a job file", None));
+        return Err(SettingsError::whole("is a directory, not a job file"));
     }
     if !meta.is_file() {
-        return Err(JobError::whole("is not a regular file", None));
+        return Err(SettingsError::whole("is not a regular file"));
     }
     if meta.len() > MAX_JOB_BYTES {
-        return Err(JobError::whole(format!("is {} bytes; a job file is at most {MAX_JOB_BYTES}", meta.len()), None));
+        return Err(SettingsError::whole(format!("is {} bytes; a job file is at most {MAX_JOB_BYTES}", meta.len())));
     }
-    let bytes = std::fs::read(path).map_err(|e| JobError::whole(format!("cannot read: {e}"), None))?;
-    String::from_utf8(bytes).map_err(|_| JobError::whole("is not UTF-8 text", Some("a job file is one JSON object")))
+    let bytes = std::fs::read(path).map_err(|e| SettingsError::whole(format!("cannot read: {e}")))?;
+    String::from_utf8(bytes)
+        .map_err(|_| SettingsError::whole("is not UTF-8 text").hint("a job file is one JSON object"))
 }
 
 /// Moves `from` (a claimed file, or a spool file whose name cannot be kept) into `rejected/` as
 /// `original` (or a free variant). The reason first, then the file: if the reason cannot be
 /// written (a full disk), the file stays where it is and is judged again later, so a rejection
 /// never lacks its reason.
-fn reject(root: &Root, from: &Path, original: &str, err: &JobError) -> Verdict {
+fn reject(root: &Root, from: &Path, original: &str, err: &SettingsError) -> Verdict {
     let dest_name = free_rejection_name(&root.rejected(), original);
     if let Err(e) = write_json(&root.rejected().join(error_name(&dest_name)), err) {
         tracing::error!(file = %original, error = %e, "writing the rejection reason; will retry");
@@ -325,7 +326,7 @@ fn reject_bad_name(root: &Root, name: &std::ffi::OsStr, why: &str) -> Verdict {
     while stem.len() > 100 {
         stem.pop();
     }
-    let err = JobError::whole(why, Some("rename the file to a short UTF-8 name ending in .json"));
+    let err = SettingsError::whole(why).hint("rename the file to a short UTF-8 name ending in .json");
     reject(root, &root.spool().join(name), &format!("{stem}.json"), &err)
 }
 

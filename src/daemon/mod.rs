@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::config::DaemonConfig;
-use crate::job::{IfBusy, Job, JobError};
+use crate::job::{IfBusy, Job};
+use crate::settings::SettingsError;
 use crate::store::events::{Event, Log};
 use crate::store::paths::RunFiles;
 use crate::store::{FileLock, Root, RunState, Status, StopRequest};
@@ -205,13 +206,10 @@ struct Busy<'a> {
 }
 
 impl Admission for Busy<'_> {
-    fn admit(&mut self, job: &Job) -> Result<(), JobError> {
+    fn admit(&mut self, job: &Job) -> Result<(), SettingsError> {
         if job.if_busy == IfBusy::Reject && self.corpora.contains(&job.corpus) {
-            return Err(JobError {
-                error: format!("corpus `{}` has an active or queued run", job.corpus),
-                field: Some("if_busy".into()),
-                hint: Some("use \"queue\" to wait or \"supersede\" to replace it".into()),
-            });
+            return Err(SettingsError::at("if_busy", format!("corpus `{}` has an active or queued run", job.corpus))
+                .hint("use \"queue\" to wait or \"supersede\" to replace it"));
         }
         Ok(())
     }

@@ -18,14 +18,9 @@ pub enum DeviceChoice {
 
 impl std::str::FromStr for DeviceChoice {
     type Err = String;
+    /// Serde's spelling (the job file's), so there is one.
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda),
-            "metal" => Ok(Self::Metal),
-            _ => Err(format!("unknown device `{s}` (expected auto, cpu, cuda or metal)")),
-        }
+        crate::settings::spelled(s)
     }
 }
 

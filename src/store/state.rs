@@ -42,9 +42,10 @@ impl RunState {
 
     /// The state a `state` event or status.json names (serde's own mapping, so there is one).
     pub fn parse(s: &str) -> Option<Self> {
-        Self::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(s)).ok()
+        crate::settings::spelled(s).ok()
     }
 
+    /// Serde's spelling (a unit test holds the two together).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Queued => "queued",
@@ -53,6 +54,19 @@ impl RunState {
             Self::Completed => "completed",
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RunState::{self, *};
+
+    #[test]
+    fn as_str_is_serdes_spelling() {
+        for s in [Queued, Running, Paused, Completed, Failed, Cancelled] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+            assert_eq!(RunState::parse(s.as_str()), Some(s));
         }
     }
 }
