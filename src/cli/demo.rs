@@ -7,9 +7,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
+use rerankd::model::Reranker;
 use rerankd::model::device::DeviceChoice;
 use rerankd::model::reranker::SCORE_BATCH;
-use rerankd::model::{LoraSet, Reranker};
 use rerankd::store::paths::RunFiles;
 use rerankd::store::{Root, Status};
 
@@ -93,7 +93,8 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
 fn show_scores(model: &Path, adapter: &Path) -> anyhow::Result<()> {
     let device = DeviceChoice::Cpu.open()?;
     let r = Reranker::load(&model.display().to_string(), &device)?;
-    let lora = LoraSet::load(adapter, &r.model.cfg, &device)?;
+    let adapter = rerankd::store::models::Adapter::open(adapter)?;
+    let lora = adapter.lora(&r.model.cfg, &device)?;
     let q = "how does espresso work";
     let docs = [
         "Guide to espresso. Espresso is brewed by forcing hot water at high pressure through finely ground coffee.",
@@ -101,8 +102,7 @@ fn show_scores(model: &Path, adapter: &Path) -> anyhow::Result<()> {
         "re: espresso lol same here +1 anyone?? bump",
     ];
     // Score as the run evaluated: its max_length, from the adapter's manifest.
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(adapter.join("manifest.json"))?)?;
-    let max_length = manifest["max_length"].as_u64().context("manifest without max_length")? as usize;
+    let max_length = adapter.max_length().context("manifest without max_length")?;
     let pairs: Vec<(&str, &str)> = docs.iter().map(|d| (q, *d)).collect();
     let base = r.score_pairs(&pairs, max_length, SCORE_BATCH, None)?;
     let tuned = r.score_pairs(&pairs, max_length, SCORE_BATCH, Some(&lora))?;

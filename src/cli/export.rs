@@ -12,7 +12,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use rerankd::model::LoraSet;
 use rerankd::model::checkpoint::CheckpointDir;
 use rerankd::model::export::{self, ExportInfo, ExportSpec, Format};
 use rerankd::model::prompt::PromptBuilder;
@@ -115,11 +114,11 @@ pub fn run(root: &Root, a: ExportArgs) -> anyhow::Result<ExitCode> {
         super::complain(format!("{} exists and is not a directory", a.out.display()));
         return Ok(ExitCode::from(super::EXIT_REFUSED));
     }
-    let manifest = models::Manifest::read(&adapter)?;
+    let opened = models::Adapter::open(&adapter)?;
+    let manifest = opened.manifest.as_ref().context("the adapter has no manifest.json")?;
     let base = CheckpointDir::resolve(&manifest.model)?;
     let cfg = base.read_config()?;
-    let lora = LoraSet::load(&adapter, &cfg, &candle_core::Device::Cpu)
-        .with_context(|| format!("loading adapter {}", adapter.display()))?;
+    let lora = opened.lora(&cfg, &candle_core::Device::Cpu)?;
     let prompt = PromptBuilder::from_file(&base.tokenizer)?;
     let format = match a.format {
         FormatArg::Merged => Format::Merged,
@@ -171,8 +170,8 @@ pub fn run(root: &Root, a: ExportArgs) -> anyhow::Result<ExitCode> {
             corpus: run_id.corpus().map(String::from),
             adapter_digest: sha256_file(&adapter.join("adapter_model.safetensors"))?,
             base_model: manifest.model.clone(),
-            instruction: manifest.scoring_instruction(),
-            max_length: manifest.scoring_max_length(),
+            instruction: opened.scoring_instruction(),
+            max_length: opened.scoring_max_length(),
             format: match format {
                 Format::Merged => "merged".into(),
                 Format::SeqCls => "seq-cls".into(),

@@ -4,11 +4,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Args;
+use rerankd::model::Reranker;
 use rerankd::model::device::DeviceChoice;
 use rerankd::model::reranker::SCORE_BATCH;
-use rerankd::model::{LoraSet, Reranker};
 use rerankd::store::{Root, models};
 use rerankd::train::dataset::jsonl_documents;
 use serde_json::json;
@@ -56,28 +55,25 @@ pub fn run(root: &Root, a: ScoreArgs) -> anyhow::Result<ExitCode> {
         },
         (None, a) => a.clone(),
     };
-    let manifest = adapter_dir.as_deref().map(models::Manifest::read_if_present).transpose()?.flatten();
+    let adapter = adapter_dir.as_deref().map(models::Adapter::open_foreign).transpose()?;
     let model = a
         .model
         .clone()
-        .or_else(|| manifest.as_ref().map(|m| m.model.clone()))
+        .or_else(|| adapter.as_ref().and_then(|m| m.base_model()).map(str::to_string))
         .unwrap_or_else(|| rerankd::job::DEFAULT_MODEL.into());
     let device = a.device.open()?;
     let mut r = Reranker::load(&model, &device)?;
     let max_length = a
         .max_length
-        .or_else(|| manifest.as_ref().and_then(|m| m.max_length))
+        .or_else(|| adapter.as_ref().and_then(|m| m.max_length()))
         .or(r.max_length)
         .unwrap_or(models::DEFAULT_MAX_LENGTH);
-    if let Some(i) = a.instruction.clone().or_else(|| manifest.as_ref().and_then(|m| m.instruction.clone())) {
+    if let Some(i) =
+        a.instruction.clone().or_else(|| adapter.as_ref().and_then(|m| m.instruction()).map(str::to_string))
+    {
         r.instruction = i;
     }
-    let lora = match &adapter_dir {
-        Some(dir) => Some(
-            LoraSet::load(dir, &r.model.cfg, &device).with_context(|| format!("loading adapter {}", dir.display()))?,
-        ),
-        None => None,
-    };
+    let lora = adapter.as_ref().map(|d| d.lora(&r.model.cfg, &device)).transpose()?;
     let (ids, texts): (Vec<Option<String>>, Vec<String>) = match &a.docs {
         Some(path) => {
             // Every input line, duplicates included: one output line per input.

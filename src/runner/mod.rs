@@ -736,14 +736,9 @@ fn write_outputs(
 
 /// The promoted adapter, if it belongs to this job's base model and loads.
 fn load_baseline_adapter(dir: &Path, job: &Job, r: &Reranker) -> Result<LoraSet, String> {
-    let manifest = models::Manifest::read(dir).map_err(|e| e.to_string())?;
-    if manifest.model != job.model {
-        return Err(format!(
-            "the promoted adapter was trained on model `{}`, this job uses `{}`",
-            manifest.model, job.model
-        ));
-    }
-    LoraSet::load(dir, &r.model.cfg, r.model.device()).map_err(|e| e.to_string())
+    let adapter = models::Adapter::open(dir).map_err(|e| e.to_string())?;
+    adapter.check_base(&job.model).map_err(|e| e.to_string())?;
+    adapter.lora(&r.model.cfg, r.model.device()).map_err(|e| e.to_string())
 }
 
 struct Materialised {

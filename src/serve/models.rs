@@ -258,19 +258,16 @@ impl Models {
     /// its LoRA set), or the base model when no run is named.
     fn build(&self, corpus: &CorpusName, run: Option<&RunId>) -> Result<Scorer, String> {
         let Some(run) = run else { return self.build_base(Some(corpus)) };
-        let dir = models::adapter_dir(&self.root, corpus, run)
-            .ok_or_else(|| format!("adapter {run} is missing under {}", self.root.models(corpus).display()))?;
-        let manifest = models::Manifest::read(&dir).map_err(|e| e.to_string())?;
-        let base = self.base(&manifest.model)?;
-        let lora = LoraSet::load(&dir, &base.reranker.model.cfg, &self.device)
-            .map_err(|e| format!("loading adapter {}: {e}", dir.display()))?;
+        let adapter = models::Adapter::promoted(&self.root, corpus, run).map_err(|e| e.to_string())?;
+        let base = self.base(adapter.base_model().unwrap_or_default())?;
+        let lora = adapter.lora(&base.reranker.model.cfg, &self.device).map_err(|e| e.to_string())?;
         Ok(Scorer {
             corpus: Some(corpus.clone()),
             run_id: Some(run.clone()),
             base,
             lora: Some(lora),
-            instruction: manifest.scoring_instruction(),
-            max_length: manifest.scoring_max_length(),
+            instruction: adapter.scoring_instruction(),
+            max_length: adapter.scoring_max_length(),
             last_prefix: Mutex::new(None),
         })
     }

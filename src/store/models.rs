@@ -130,15 +130,83 @@ impl Manifest {
         let sealed = Self { files: Some(files), ..self.clone() };
         super::atomic::write_json(&adapter_dir.join(MANIFEST), &sealed)
     }
+}
 
-    /// The instruction prompts for this adapter are built with: its own, else the template's.
-    pub fn scoring_instruction(&self) -> String {
-        self.instruction.clone().unwrap_or_else(|| crate::model::prompt::DEFAULT_INSTRUCTION.to_string())
+/// An adapter directory, opened: its manifest read and every file it seals proved (or, for a
+/// PEFT directory from elsewhere that [`Adapter::open_foreign`] accepts, no manifest). The one
+/// way an adapter is resolved (adapter directory -> manifest -> base model, instruction,
+/// max_length -> LoRA set), by serve, `score`, `export` and runs alike.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    pub dir: PathBuf,
+    pub manifest: Option<Manifest>,
+}
+
+impl Adapter {
+    /// An adapter rerankd wrote (a run's candidate, a promoted one): its manifest is required.
+    pub fn open(dir: &Path) -> Result<Self> {
+        Ok(Self { dir: dir.to_path_buf(), manifest: Some(Manifest::read(dir)?) })
     }
 
-    /// The max_length pairs are truncated to for this adapter: its own, else [`DEFAULT_MAX_LENGTH`].
+    /// The promoted adapter `run` of `corpus` (current or not).
+    pub fn promoted(root: &Root, corpus: &CorpusName, run: &RunId) -> Result<Self> {
+        let dir = adapter_dir(root, corpus, run).ok_or_else(|| StoreError::Corrupt {
+            path: adapters_dir(root, corpus).join(run.as_str()),
+            message: format!("adapter {run} is missing"),
+        })?;
+        Self::open(&dir)
+    }
+
+    /// Any adapter directory a user names: a manifest, when present, is checked; a PEFT
+    /// directory without one is taken as it is.
+    pub fn open_foreign(dir: &Path) -> Result<Self> {
+        Ok(Self { dir: dir.to_path_buf(), manifest: Manifest::read_if_present(dir)? })
+    }
+
+    /// The base model it was trained on, where its manifest says.
+    pub fn base_model(&self) -> Option<&str> {
+        self.manifest.as_ref().map(|m| m.model.as_str())
+    }
+
+    /// Its own instruction, where its manifest gives one.
+    pub fn instruction(&self) -> Option<&str> {
+        self.manifest.as_ref().and_then(|m| m.instruction.as_deref())
+    }
+
+    /// Its own max_length, where its manifest gives one.
+    pub fn max_length(&self) -> Option<usize> {
+        self.manifest.as_ref().and_then(|m| m.max_length)
+    }
+
+    /// The instruction prompts are built with: its own, else the template's.
+    pub fn scoring_instruction(&self) -> String {
+        self.instruction().unwrap_or(crate::model::prompt::DEFAULT_INSTRUCTION).to_string()
+    }
+
+    /// The max_length pairs are cut to: its own, else [`DEFAULT_MAX_LENGTH`].
     pub fn scoring_max_length(&self) -> usize {
-        self.max_length.unwrap_or(DEFAULT_MAX_LENGTH)
+        self.max_length().unwrap_or(DEFAULT_MAX_LENGTH)
+    }
+
+    /// Refuses an adapter trained on another base model than `model`.
+    pub fn check_base(&self, model: &str) -> Result<()> {
+        match self.base_model() {
+            Some(m) if m != model => Err(StoreError::Corrupt {
+                path: self.dir.clone(),
+                message: format!("the adapter was trained on model `{m}`, this job uses `{model}`"),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Its LoRA weights on `device`, shaped for the model `cfg` describes.
+    pub fn lora(
+        &self,
+        cfg: &crate::model::Qwen3Config,
+        device: &candle_core::Device,
+    ) -> Result<crate::model::lora::LoraSet> {
+        crate::model::lora::LoraSet::load(&self.dir, cfg, device)
+            .map_err(|e| StoreError::Corrupt { path: self.dir.clone(), message: format!("loading the adapter: {e}") })
     }
 }
 
