@@ -160,8 +160,6 @@ pub struct Job {
 
 pub const DEFAULT_MODEL: &str = "Qwen/Qwen3-Reranker-0.6B";
 pub const METRICS: [&str; 4] = ["ndcg@10", "mrr@10", "recall@10", "map"];
-/// A job file is a few hundred bytes; anything past this is not a job.
-pub const MAX_JOB_BYTES: u64 = 1 << 20;
 
 /// What a job file may hold, as written: every field optional, unknown ones refused, enum
 /// spellings from serde. [`JobFile::resolve`] makes the effective [`Job`] of it.

@@ -3,7 +3,6 @@
 
 use std::process::ExitCode;
 
-use rerankd::daemon::intake::is_job_name;
 use rerankd::store::lock::{holder_pid, is_held};
 use rerankd::store::{Root, RunState, models};
 
@@ -70,10 +69,7 @@ pub fn run(root: &Root) -> anyhow::Result<ExitCode> {
         }
         None => r.info("serve is not running (`rerankd serve`, or install-launchd / install-systemd --serve)"),
     }
-    let claimed = std::fs::read_dir(root.claimed()).map(|d| d.count()).unwrap_or(0);
-    let waiting = std::fs::read_dir(root.spool())
-        .map(|d| d.filter_map(|e| e.ok()).filter(|e| is_job_name(&e.file_name())).count())
-        .unwrap_or(0);
+    let (waiting, claimed) = rerankd::store::spool::counts(root);
     if claimed + waiting > 0 {
         r.info(&format!("{waiting} job file(s) waiting in the spool, {claimed} claimed but not judged yet"));
     }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use rerankd::store::Root;
+use rerankd::store::{Root, spool};
 
 #[derive(Args, Debug)]
 pub struct SubmitArgs {
@@ -46,31 +46,26 @@ pub fn run(root: &Root, a: SubmitArgs) -> anyhow::Result<ExitCode> {
     root.ensure()?;
     let text = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
     let name = spool_name(&a.file);
-    let tmp = root.spool_tmp().join(&name);
-    rerankd::store::write_atomic(&tmp, &text)?;
-    std::fs::rename(&tmp, root.spool().join(&name)).context("renaming into the spool")?;
+    spool::drop_job(root, &name, &text)?;
     let deadline = Instant::now() + Duration::from_secs_f64(a.wait);
-    let (acc, rej, err) = (
-        root.accepted().join(&name),
-        root.rejected().join(&name),
-        root.rejected().join(rerankd::store::paths::error_name(&name)),
-    );
     loop {
-        if let Ok(r) = std::fs::read_to_string(&acc) {
-            match serde_json::from_str::<serde_json::Value>(&r) {
-                Ok(v) if super::json() => println!("{v}"),
-                _ => print!("{r}"),
+        match spool::outcome(root, &name) {
+            spool::Outcome::Accepted(r) => {
+                match serde_json::from_str::<serde_json::Value>(&r) {
+                    Ok(v) if super::json() => println!("{v}"),
+                    _ => print!("{r}"),
+                }
+                return Ok(ExitCode::SUCCESS);
             }
-            return Ok(ExitCode::SUCCESS);
-        }
-        if rej.exists() {
-            let why = std::fs::read_to_string(&err).unwrap_or_default();
-            match serde_json::from_str::<serde_json::Value>(&why) {
-                // With --json, the rejection's own {error, field, hint} on stderr.
-                Ok(v) if super::json() => eprintln!("{v}"),
-                _ => super::complain(format!("job rejected: {}", why.trim())),
+            spool::Outcome::Rejected(why) => {
+                match serde_json::from_str::<serde_json::Value>(&why) {
+                    // With --json, the rejection's own {error, field, hint} on stderr.
+                    Ok(v) if super::json() => eprintln!("{v}"),
+                    _ => super::complain(format!("job rejected: {}", why.trim())),
+                }
+                return Ok(ExitCode::from(super::EXIT_REFUSED));
             }
-            return Ok(ExitCode::from(super::EXIT_REFUSED));
+            spool::Outcome::Waiting => {}
         }
         if Instant::now() >= deadline {
             let msg = if a.wait > 0.0 { " (no daemon answered yet)" } else { "" };

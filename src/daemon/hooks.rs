@@ -7,7 +7,6 @@
 
 use crate::ids::RunId;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -28,7 +27,6 @@ struct Running {
     run_id: RunId,
     command: String,
     child: Child,
-    output: PathBuf,
     started: Instant,
     deadline: Instant,
 }
@@ -49,8 +47,8 @@ impl Hooks {
         };
         let Ok(st) = Status::read(&files.status()) else { return };
         let summary = st.summary.clone().unwrap_or(Value::Null);
-        let output = files.dir.join("on_finish.log");
-        let out = match std::fs::File::create(&output) {
+        let output = files.hook_log();
+        let out = match files.create_hook_log() {
             Ok(f) => f,
             Err(e) => {
                 tracing::error!(run_id = %run_id, "on_finish: cannot create {}: {e}", output.display());
@@ -90,7 +88,6 @@ impl Hooks {
                     run_id: run_id.clone(),
                     command,
                     child,
-                    output,
                     started: now,
                     deadline: now + timeout,
                 });
@@ -130,8 +127,7 @@ impl Hooks {
                 continue;
             };
             let h = self.running.remove(i);
-            let bytes = std::fs::read(&h.output).unwrap_or_default();
-            let tail = String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(TAIL_BYTES)..]).into_owned();
+            let tail = RunFiles::new(&root.run_dir(&h.run_id)).hook_log_tail(TAIL_BYTES);
             let secs = (h.started.elapsed().as_secs_f64() * 10.0).round() / 10.0;
             record(
                 root,

@@ -12,18 +12,15 @@
 use crate::ids::RunId;
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde_json::json;
-
-use crate::job::{Job, MAX_JOB_BYTES, parse_job};
+use crate::job::{Job, parse_job};
 use crate::settings::SettingsError;
-use crate::store::atomic::{read_json, sync_dir, temp_name, write_json};
-use crate::store::events::{Event, Log};
-use crate::store::paths::{RunFiles, error_name, free_rejection_name, name_variants};
-use crate::store::{MetricsLog, Root, RunState, Status, all_runs};
+use crate::store::atomic::read_json;
+use crate::store::paths::RunFiles;
+use crate::store::spool::{self, Waiting};
+use crate::store::{Root, all_runs};
 use crate::testhooks::crash_point;
 
 /// A job that passed validation and now has a queued run.
@@ -64,12 +61,6 @@ const RECHECK: Duration = Duration::from_millis(250);
 /// How soon a claim that could not be settled is tried again.
 const RETRY: Duration = Duration::from_secs(5);
 
-/// Only `*.json` names that are not dotfiles are jobs (compared as bytes: any name counts).
-pub fn is_job_name(name: &std::ffi::OsStr) -> bool {
-    let b = name.as_bytes();
-    b.ends_with(b".json") && !b.starts_with(b".")
-}
-
 /// Why this job file's name cannot be used as a name under the root, if it cannot.
 fn bad_name(name: &std::ffi::OsStr) -> Option<String> {
     let Some(s) = name.to_str() else {
@@ -106,12 +97,10 @@ impl Intake {
     /// Processes every file left in `spool/.claimed/`, oldest claim first. Idempotent.
     pub fn reprocess_claimed(&mut self, root: &Root, adm: &mut dyn Admission) -> Vec<Accepted> {
         self.retry_at = None;
-        let Ok(rd) = std::fs::read_dir(root.claimed()) else { return Vec::new() };
-        let mut claimed: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+        let claimed = spool::claims(root);
         if claimed.is_empty() {
             return Vec::new();
         }
-        claimed.sort();
         // Which claims already became runs: read every run's status once for the whole batch.
         let made: HashMap<String, RunId> =
             all_runs(root).into_iter().filter_map(|s| Some((s.source?, s.run_id))).collect();
@@ -130,26 +119,18 @@ impl Intake {
 
     /// One pass over `spool/`; returns the runs created, in arrival (mtime, then name) order.
     pub fn scan(&mut self, root: &Root, adm: &mut dyn Admission) -> Vec<Accepted> {
-        let mut entries: Vec<(SystemTime, OsString, std::fs::Metadata)> = match std::fs::read_dir(root.spool()) {
-            Ok(rd) => rd
-                .filter_map(|e| e.ok())
-                .filter(|e| is_job_name(&e.file_name()))
-                .filter_map(|e| {
-                    let meta = e.path().symlink_metadata().ok()?;
-                    Some((meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), e.file_name(), meta))
-                })
-                .collect(),
+        let entries = match spool::waiting(root) {
+            Ok(w) => w,
             Err(e) => {
-                tracing::warn!(spool = %root.spool().display(), error = %e, "cannot list the spool");
+                tracing::warn!(error = %e, "cannot list the spool");
                 return Vec::new();
             }
         };
-        entries.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         // Forget files that were removed while they settled.
-        self.pending.retain(|name, _| entries.iter().any(|e| &e.1 == name));
+        self.pending.retain(|name, _| entries.iter().any(|e| &e.name == name));
         let mut out = Vec::new();
-        for (_, name, meta) in entries {
-            match self.consider(root, &name, &meta, adm) {
+        for w in entries {
+            match self.consider(root, &w, adm) {
                 Some(Verdict::Accepted(a)) => out.push(*a),
                 Some(Verdict::Retry) => self.retry_at = Some(Instant::now() + RETRY),
                 _ => {}
@@ -159,23 +140,18 @@ impl Intake {
         out
     }
 
-    fn consider(
-        &mut self,
-        root: &Root,
-        name: &std::ffi::OsStr,
-        meta: &std::fs::Metadata,
-        adm: &mut dyn Admission,
-    ) -> Option<Verdict> {
+    fn consider(&mut self, root: &Root, w: &Waiting, adm: &mut dyn Admission) -> Option<Verdict> {
+        let name = &w.name;
         if let Some(why) = bad_name(name) {
-            return Some(reject_bad_name(root, name, &why));
+            let err = SettingsError::whole(why).hint("rename the file to a short UTF-8 name ending in .json");
+            return Some(settle_rejection(spool::reject_bad_name(root, name, &err), &name.to_string_lossy(), &err));
         }
-        if meta.file_type().is_file() && meta.len() <= MAX_JOB_BYTES {
-            let text = std::fs::read(root.spool().join(name)).ok()?;
-            if let Err(e) = serde_json::from_slice::<serde_json::Value>(&text) {
-                let wait = if e.is_eof() { SETTLE_TRUNCATED } else { SETTLE };
-                if !self.settled(name, meta, wait) {
-                    return None; // still being written, probably: look again later
-                }
+        if let Some(text) = spool::peek(root, w)
+            && let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&text)
+        {
+            let wait = if e.is_eof() { SETTLE_TRUNCATED } else { SETTLE };
+            if !self.settled(name, &w.meta, wait) {
+                return None; // still being written, probably: look again later
             }
         }
         self.pending.remove(name);
@@ -203,18 +179,11 @@ impl Intake {
         self.counter += 1;
         let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
         let name = name.to_string_lossy(); // UTF-8: checked by bad_name
-        let claimed = root.claimed().join(format!("{nanos}-{}-{}__{name}", std::process::id(), self.counter));
-        match std::fs::rename(root.spool().join(&*name), &claimed) {
-            Ok(()) => {
-                let _ = sync_dir(&root.spool());
-                Some(claimed)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => {
-                tracing::warn!(file = %name, error = %e, "could not claim a job file; will retry at the next scan");
-                None
-            }
-        }
+        let unique = format!("{nanos}-{}-{}", std::process::id(), self.counter);
+        spool::claim(root, &name, &unique).unwrap_or_else(|e| {
+            tracing::warn!(file = %name, error = %e, "could not claim a job file; will retry at the next scan");
+            None
+        })
     }
 
     /// Accepts or rejects a claimed file. `existing`: the run already made from this claim (a
@@ -227,10 +196,10 @@ impl Intake {
         existing: Option<RunId>,
     ) -> Verdict {
         let cname = claimed.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let original = cname.split_once("__").map(|(_, n)| n.to_string()).unwrap_or(cname.clone());
+        let original = spool::original_name(claimed);
         if let Some(run_id) = existing {
             let job: Option<Job> = read_json(&RunFiles::new(&root.run_dir(&run_id)).job()).ok();
-            return match write_receipt(root, &original, &run_id, job.as_ref()) {
+            return match spool::write_receipt(root, &original, &run_id, job.as_ref()) {
                 Ok(()) => unclaim(claimed),
                 Err(e) => {
                     tracing::error!(file = %original, error = %e, "writing the receipt; will retry");
@@ -238,14 +207,14 @@ impl Intake {
                 }
             };
         }
-        let job = read_claimed(claimed)
+        let job = spool::read_claimed(claimed)
             .and_then(|text| parse_job(&text, |c| root.corpus_home(c), self.default_budget_mb))
             .and_then(|j| adm.admit(&j).map(|_| j));
         let job = match job {
-            Err(err) => return reject(root, claimed, &original, &err),
+            Err(err) => return settle_rejection(spool::reject(root, claimed, &original, &err), &original, &err),
             Ok(j) => j,
         };
-        let run_id = match create_run(root, &job, &cname) {
+        let run_id = match spool::create_run(root, &job.corpus, &job, &job.eval.primary_metric, &cname) {
             Ok(id) => id,
             Err(e) => {
                 tracing::error!(file = %original, error = %e, "creating the run failed; will retry");
@@ -254,7 +223,7 @@ impl Intake {
         };
         crash_point("intake.after_create_run");
         tracing::info!(file = %original, run_id = %run_id, corpus = %job.corpus, "job accepted");
-        if let Err(e) = write_receipt(root, &original, &run_id, Some(&job)) {
+        if let Err(e) = spool::write_receipt(root, &original, &run_id, Some(&job)) {
             // The run exists and is queued; the claim stays until its receipt is written.
             tracing::error!(file = %original, error = %e, "writing the receipt; will retry");
             self.retry_at = Some(Instant::now() + RETRY);
@@ -267,108 +236,22 @@ impl Intake {
 }
 
 fn unclaim(claimed: &Path) -> Verdict {
-    if let Err(e) = std::fs::remove_file(claimed)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::error!(file = %claimed.display(), error = %e, "removing a settled claim");
+    if let Err(e) = spool::unclaim(claimed) {
+        tracing::error!(error = %e, "removing a settled claim");
     }
     Verdict::Settled
 }
 
-fn read_claimed(path: &Path) -> Result<String, SettingsError> {
-    let meta = path.symlink_metadata().map_err(|e| SettingsError::whole(format!("cannot stat: {e}")))?;
-    if meta.file_type().is_symlink() {
-        return Err(
-            SettingsError::whole("is a symbolic link, not a regular file").hint("copy the job file into the spool")
-        );
-    }
-    if meta.is_dir() {
-        return Err(SettingsError::whole("is a directory, not a job file"));
-    }
-    if !meta.is_file() {
-        return Err(SettingsError::whole("is not a regular file"));
-    }
-    if meta.len() > MAX_JOB_BYTES {
-        return Err(SettingsError::whole(format!("is {} bytes; a job file is at most {MAX_JOB_BYTES}", meta.len())));
-    }
-    let bytes = std::fs::read(path).map_err(|e| SettingsError::whole(format!("cannot read: {e}")))?;
-    String::from_utf8(bytes)
-        .map_err(|_| SettingsError::whole("is not UTF-8 text").hint("a job file is one JSON object"))
-}
-
-/// Moves `from` (a claimed file, or a spool file whose name cannot be kept) into `rejected/` as
-/// `original` (or a free variant). The reason first, then the file: if the reason cannot be
-/// written (a full disk), the file stays where it is and is judged again later, so a rejection
-/// never lacks its reason.
-fn reject(root: &Root, from: &Path, original: &str, err: &SettingsError) -> Verdict {
-    let dest_name = free_rejection_name(&root.rejected(), original);
-    if let Err(e) = write_json(&root.rejected().join(error_name(&dest_name)), err) {
-        tracing::error!(file = %original, error = %e, "writing the rejection reason; will retry");
-        return Verdict::Retry;
-    }
-    crash_point("intake.after_reason");
-    match std::fs::rename(from, root.rejected().join(&dest_name)) {
-        Ok(()) => tracing::warn!(file = %original, reason = %err, "job rejected"),
+/// A rejection written (settled), or not yet (a write failed: retried later).
+fn settle_rejection(written: crate::store::Result<()>, file: &str, err: &SettingsError) -> Verdict {
+    match written {
+        Ok(()) => {
+            tracing::warn!(file = %file, reason = %err, "job rejected");
+            Verdict::Settled
+        }
         Err(e) => {
-            tracing::error!(file = %original, error = %e, "moving a rejected job; will retry");
-            return Verdict::Retry;
+            tracing::error!(file = %file, error = %e, "rejecting a job; will retry");
+            Verdict::Retry
         }
     }
-    let _ = sync_dir(&root.rejected());
-    Verdict::Settled
-}
-
-/// A job file whose name cannot be kept (not UTF-8, too long) goes straight from the spool into
-/// `rejected/` under a safe name (the name lossily decoded, cut to fit), with the reason.
-fn reject_bad_name(root: &Root, name: &std::ffi::OsStr, why: &str) -> Verdict {
-    let lossy = name.to_string_lossy().replace(['/', '\u{fffd}'], "_");
-    let mut stem = lossy.strip_suffix(".json").unwrap_or(&lossy).to_string();
-    while stem.len() > 100 {
-        stem.pop();
-    }
-    let err = SettingsError::whole(why).hint("rename the file to a short UTF-8 name ending in .json");
-    reject(root, &root.spool().join(name), &format!("{stem}.json"), &err)
-}
-
-/// The receipt `accepted/<name>.json` (or `name.N.json` on a collision). Written once per run:
-/// walking the names a receipt for `original` may have, one that already holds this run (a crash
-/// after the receipt, before the claim was removed) is kept rather than doubled.
-fn write_receipt(root: &Root, original: &str, run_id: &RunId, job: Option<&Job>) -> crate::store::Result<()> {
-    let dir = root.accepted();
-    for name in name_variants(original) {
-        let path = dir.join(&name);
-        if path.symlink_metadata().is_err() {
-            return write_json(&path, &json!({"run_id": run_id, "run_dir": root.run_dir(run_id), "job": job}));
-        }
-        if read_json::<serde_json::Value>(&path).is_ok_and(|v| v["run_id"] == run_id.as_str()) {
-            return Ok(());
-        }
-    }
-    unreachable!("name_variants never ends")
-}
-
-/// Creates `runs/<corpus>__<UTC time>[__N]/` with job.json, metrics.jsonl (the locked primary
-/// metric, then the `queued` state) and status.json, all inside a hidden temporary directory
-/// renamed into place at the end: a crash leaves either a whole run or a temp that the boot
-/// sweep removes, never a run directory without a status.
-fn create_run(root: &Root, job: &Job, source: &str) -> anyhow::Result<RunId> {
-    let time = crate::store::time::compact(SystemTime::now());
-    let run_id = (1..)
-        .map(|n| RunId::new(&job.corpus, &time, n))
-        .find(|id| root.run_dir(id).symlink_metadata().is_err())
-        .expect("a free run id");
-    let tmp = root.runs().join(temp_name(&run_id));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp)?;
-    let files = RunFiles::new(&tmp);
-    write_json(&files.job(), job)?;
-    let mut log = MetricsLog::open(&files.metrics(), &run_id)?;
-    log.append(Event::Log(Log::info(format!("primary metric locked: {}", job.eval.primary_metric))))?;
-    log.append(Event::State { state: RunState::Queued, reason: None, attempt: None, error: None })?;
-    log.sync()?;
-    Status::new_queued(&run_id, &job.corpus, Some(source.to_string())).write(&files.status())?;
-    crash_point("intake.before_publish_run");
-    std::fs::rename(&tmp, root.run_dir(&run_id))?;
-    sync_dir(&root.runs())?;
-    Ok(run_id)
 }

@@ -13,11 +13,11 @@ pub mod ending;
 pub mod hooks;
 pub mod intake;
 pub mod policy;
+pub mod runs;
 pub mod supervise;
 pub mod sweep;
 
 use crate::ids::{CorpusName, RunId};
-use std::collections::VecDeque;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -32,6 +32,7 @@ use crate::store::paths::RunFiles;
 use crate::store::{FileLock, Root, RunState, Status, StopRequest};
 use ending::Unsettled;
 use intake::{Accepted, Admission, Intake};
+use runs::{Queued, Run, Runs};
 use supervise::{Active, Proc};
 
 /// The watchdog's sampling interval while runs are active.
@@ -51,26 +52,11 @@ enum Wake {
 /// How often feedback arriving re-evaluates the retraining policies, at most.
 const FEEDBACK_SETTLE: Duration = Duration::from_secs(1);
 
-/// A run waiting to start.
-struct Queued {
-    run_id: RunId,
-    corpus: CorpusName,
-    budget_mb: u64,
-    /// Its last attempt met a full disk: it starts once this many MB are free on the root's file
-    /// system (checked at each tick it could start).
-    needs_space_mb: Option<u64>,
-}
-
 struct Daemon {
     root: Root,
     cfg: DaemonConfig,
-    /// Arrival order.
-    queue: VecDeque<Queued>,
-    active: Vec<Active>,
-    /// Ends of runs that could not be recorded yet (a full disk); their corpora stay busy.
-    unsettled: Vec<Unsettled>,
-    /// Paused runs: (run id, corpus). Each keeps its corpus until resumed or cancelled.
-    paused: Vec<(RunId, CorpusName)>,
+    /// Every run the daemon knows: queued, active, ending unrecorded, paused.
+    runs: Runs,
     /// Shutting down: interrupted runs stay queued for the next daemon.
     stopping: bool,
     intake: Intake,
@@ -110,33 +96,28 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
     let mut d = Daemon {
         root: root.clone(),
         cfg,
-        queue: VecDeque::new(),
-        active: Vec::new(),
-        unsettled: Vec::new(),
-        paused: swept
-            .paused
-            .iter()
-            .filter(|st| !st.parked())
-            .map(|st| (st.run_id.clone(), st.corpus.clone()))
-            .collect(),
+        runs: Runs::default(),
         stopping: false,
         intake,
         policies: Default::default(),
         hooks: Default::default(),
     };
+    for st in swept.paused.into_iter().filter(|st| !st.parked()) {
+        d.runs.put(Run::Paused { run_id: st.run_id, corpus: st.corpus });
+    }
     for a in swept.adopted {
         tracing::warn!(run_id = %a.run_id, pid = a.pid, "adopting a run that outlived the previous daemon");
         let budget = d.budget_of(&a.run_id);
-        d.active.push(Active::new(a.run_id, a.corpus, Proc::Adopted { pid: a.pid }, budget));
+        d.runs.started(Active::new(a.run_id, a.corpus, Proc::Adopted { pid: a.pid }, budget));
     }
     for st in swept.queued {
         let budget_mb = d.budget_of(&st.run_id);
-        d.queue.push_back(Queued {
+        d.runs.put(Run::Queued(Queued {
             run_id: st.run_id,
             corpus: st.corpus,
             budget_mb,
             needs_space_mb: st.needs_space_mb,
-        });
+        }));
     }
     // Runs the sweep settled ended like any other: their report and hook.
     for id in &swept.settled {
@@ -193,7 +174,12 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
         d.supervise();
         d.cancel_queued();
         d.start_runs();
-        if until_idle && d.active.is_empty() && d.queue.is_empty() && d.unsettled.is_empty() && spool_is_empty(root) {
+        if until_idle
+            && d.runs.active_count() == 0
+            && d.runs.queued().next().is_none()
+            && !d.runs.any_unsettled()
+            && crate::store::spool::is_idle(root)
+        {
             tracing::info!("idle: exiting");
             return Ok(());
         }
@@ -219,9 +205,9 @@ impl Daemon {
     /// When the loop must wake even if nothing happens.
     fn next_tick(&self, next_scan: Instant) -> Instant {
         let now = Instant::now();
-        let tick = if !self.active.is_empty() {
+        let tick = if self.runs.active_count() > 0 {
             Some(now + ACTIVE_TICK)
-        } else if !self.queue.is_empty() || !self.unsettled.is_empty() {
+        } else if self.runs.queued().next().is_some() || self.runs.any_unsettled() {
             Some(now + WAITING_TICK)
         } else {
             None
@@ -259,31 +245,26 @@ impl Daemon {
             .unwrap_or(self.cfg.memory_budget_mb)
     }
 
-    fn busy_corpora(&self) -> Vec<CorpusName> {
-        let active = self.active.iter().map(|a| &a.corpus);
-        let queued = self.queue.iter().map(|q| &q.corpus);
-        let paused = self.paused.iter().map(|p| &p.1);
-        active.chain(queued).chain(paused).chain(self.unsettled.iter().map(|u| &u.corpus)).cloned().collect()
-    }
-
     /// What other processes did to runs while the daemon was not looking: a paused run resumed
     /// (`rerankd resume` queues it) or cancelled. Read on every rescan (the timer, a spool
     /// change, SIGHUP), not on every tick.
     fn reconcile_runs(&mut self) {
-        let known = |id: &str, d: &Self| {
-            d.queue.iter().any(|q| q.run_id == id)
-                || d.active.iter().any(|a| a.run_id == id)
-                || d.unsettled.iter().any(|u| u.run_id == id)
-        };
+        // Paused runs are read afresh: the disk says which are paused now.
+        self.runs.take_where(|r| matches!(r, Run::Paused { .. }));
         let mut ended = Vec::new();
         let mut paused = Vec::new();
         for mut st in crate::store::all_runs(&self.root) {
             match st.state {
-                RunState::Queued if !known(&st.run_id, self) => {
+                RunState::Queued if !self.runs.knows(&st.run_id) => {
                     tracing::info!(run_id = %st.run_id, "run queued again (resumed)");
                     let budget_mb = self.budget_of(&st.run_id);
                     let needs_space_mb = st.needs_space_mb;
-                    self.queue.push_back(Queued { run_id: st.run_id, corpus: st.corpus, budget_mb, needs_space_mb });
+                    self.runs.put(Run::Queued(Queued {
+                        run_id: st.run_id,
+                        corpus: st.corpus,
+                        budget_mb,
+                        needs_space_mb,
+                    }));
                 }
                 RunState::Paused => {
                     let files = RunFiles::new(&self.root.run_dir(&st.run_id));
@@ -297,14 +278,16 @@ impl Daemon {
                                 Err(e) => tracing::error!(run_id = %st.run_id, error = %e, "cancelling a paused run"),
                             }
                         }
-                        None if !st.parked() => paused.push((st.run_id, st.corpus)),
+                        None if !st.parked() => paused.push(Run::Paused { run_id: st.run_id, corpus: st.corpus }),
                         None => {}
                     }
                 }
                 _ => {}
             }
         }
-        self.paused = paused;
+        for p in paused {
+            self.runs.put(p);
+        }
         for id in ended {
             self.finished(&id);
         }
@@ -321,7 +304,7 @@ impl Daemon {
             tracing::info!(from = self.intake.default_budget_mb, to = budget, "default memory budget of new runs");
             self.intake.default_budget_mb = budget;
         }
-        let busy = self.busy_corpora();
+        let busy = self.runs.busy_corpora();
         let mut adm = Busy { corpora: &busy };
         let mut accepted = if claims { self.intake.reprocess_claimed(&self.root, &mut adm) } else { Vec::new() };
         accepted.extend(self.intake.scan(&self.root, &mut adm));
@@ -332,7 +315,7 @@ impl Daemon {
 
     /// Drops the job of every corpus whose retraining policy is due (see `policy.rs`).
     fn policy_pass(&mut self) {
-        let busy = self.busy_corpora();
+        let busy = self.runs.busy_corpora();
         self.policies.pass(&self.root, &busy);
     }
 
@@ -350,92 +333,79 @@ impl Daemon {
         }
         if a.job.if_busy == IfBusy::Supersede {
             let reason = format!("superseded by {}", a.run_id);
-            let active = self.active.iter().filter(|x| x.corpus == a.job.corpus).map(|x| &x.run_id);
-            let queued = self.queue.iter().filter(|q| q.corpus == a.job.corpus).map(|q| &q.run_id);
-            let paused = self.paused.iter().filter(|p| p.1 == a.job.corpus).map(|p| &p.0);
-            for id in active.chain(queued).chain(paused) {
+            let superseded = self.runs.on_corpus(&a.job.corpus).filter(|r| !matches!(r, Run::Unsettled(_)));
+            for id in superseded.map(Run::run_id) {
                 if let Err(e) = RunFiles::new(&self.root.run_dir(id)).request_cancel(&reason) {
                     tracing::error!(run_id = %id, error = %e, "writing the cancel sentinel");
                 }
             }
         }
         let budget_mb = a.job.memory_budget_mb;
-        self.queue.push_back(Queued { run_id: a.run_id, corpus: a.job.corpus, budget_mb, needs_space_mb: None });
+        self.runs.put(Run::Queued(Queued { run_id: a.run_id, corpus: a.job.corpus, budget_mb, needs_space_mb: None }));
     }
 
     /// Queued runs with a cancel sentinel are cancelled without ever starting (and those with a
     /// pause request paused).
     fn cancel_queued(&mut self) {
         let root = self.root.clone();
-        let mut ended = Vec::new();
-        let mut paused = Vec::new();
-        self.queue.retain(|q| {
-            let files = RunFiles::new(&root.run_dir(&q.run_id));
-            // A queued run has no live attempt: only a user's cancel or pause stops it.
-            let (state, reason) = match files.stop_request(None) {
-                Some(StopRequest::Cancel { reason }) => (RunState::Cancelled, reason),
-                Some(StopRequest::Pause) => (RunState::Paused, "paused while queued".to_string()),
-                _ => return true,
-            };
+        // A queued run has no live attempt: only a user's cancel or pause stops it.
+        let stop_of = |q: &Queued| match RunFiles::new(&root.run_dir(&q.run_id)).stop_request(None) {
+            Some(StopRequest::Cancel { reason }) => Some((RunState::Cancelled, reason)),
+            Some(StopRequest::Pause) => Some((RunState::Paused, "paused while queued".to_string())),
+            _ => None,
+        };
+        let stopped: Vec<(RunId, RunState, String)> =
+            self.runs.queued().filter_map(|q| stop_of(q).map(|(s, r)| (q.run_id.clone(), s, r))).collect();
+        for (run_id, state, reason) in stopped {
+            let files = RunFiles::new(&root.run_dir(&run_id));
             match Status::read(&files.status()) {
                 Ok(mut st) => match crate::store::settle(&files, &mut st, state, Some(reason), None) {
                     Ok(_) if state == RunState::Paused => {
                         files.clear_pause();
-                        tracing::info!(run_id = %q.run_id, "queued run paused");
-                        paused.push((q.run_id.clone(), q.corpus.clone()));
+                        tracing::info!(run_id = %run_id, "queued run paused");
+                        self.runs.put(Run::Paused { run_id, corpus: st.corpus });
                     }
                     Ok(_) => {
-                        tracing::info!(run_id = %q.run_id, "queued run cancelled");
+                        tracing::info!(run_id = %run_id, "queued run cancelled");
                         crate::store::checkpoint::remove(&files);
-                        ended.push(q.run_id.clone());
+                        self.runs.take(&run_id);
+                        self.finished(&run_id);
                     }
                     Err(e) => {
-                        tracing::error!(run_id = %q.run_id, error = %e, "recording a cancelled queued run; will retry");
-                        return true;
+                        tracing::error!(run_id = %run_id, error = %e, "recording a cancelled queued run; will retry");
                     }
                 },
-                Err(e) => tracing::error!(run_id = %q.run_id, error = %e, "a queued run's status is unreadable"),
+                Err(e) => {
+                    tracing::error!(run_id = %run_id, error = %e, "a queued run's status is unreadable");
+                    self.runs.take(&run_id);
+                }
             }
-            false
-        });
-        self.paused.extend(paused);
-        for id in ended {
-            self.finished(&id);
         }
     }
 
     fn start_runs(&mut self) {
-        let mut i = 0;
-        while i < self.queue.len() && self.active.len() < self.cfg.max_concurrent_runs {
-            let corpus = &self.queue[i].corpus;
-            // What the daemon knows first; the lock (a `promote` by hand) is probed last, and only
-            // for a run that could otherwise start: not once per waiting run and tick.
-            let busy = self.active.iter().any(|a| &a.corpus == corpus)
-                || self.unsettled.iter().any(|u| &u.corpus == corpus)
-                || self.paused.iter().any(|p| &p.1 == corpus)
-                || self.queue.iter().take(i).any(|q| &q.corpus == corpus)
-                || crate::store::lock::is_held(&self.root.corpus_lock(corpus)).unwrap_or_else(|e| {
-                    tracing::error!(corpus = %corpus, error = %e, "cannot probe the corpus lock; the run waits");
+        while self.runs.active_count() < self.cfg.max_concurrent_runs {
+            let root = &self.root;
+            // What the table knows first; the lock (a `promote` by hand) is probed last, and only
+            // for a run that could otherwise start: not once per waiting run and tick. A run that
+            // met a full disk waits for space (the disk is asked at each tick; the queue keeps the
+            // daemon ticking), holding its corpus, without counting an attempt.
+            let next = self.runs.next_to_start(|q| {
+                let locked = crate::store::lock::is_held(&root.corpus_lock(&q.corpus)).unwrap_or_else(|e| {
+                    tracing::error!(corpus = %q.corpus, error = %e, "cannot probe the corpus lock; the run waits");
                     true
                 });
-            if busy {
-                i += 1;
-                continue;
-            }
-            // A run that met a full disk waits for space (the disk is asked at each tick; the
-            // queue keeps the daemon ticking), holding its corpus, without counting an attempt.
-            if let Some(need) = self.queue[i].needs_space_mb
-                && crate::sys::free_space_mb(&self.root.dir).is_some_and(|free| free < need)
-            {
-                i += 1;
-                continue;
-            }
-            let q = self.queue.remove(i).expect("index in range");
+                let no_space = q
+                    .needs_space_mb
+                    .is_some_and(|need| crate::sys::free_space_mb(&root.dir).is_some_and(|free| free < need));
+                !locked && !no_space
+            });
+            let Some(Run::Queued(q)) = next.and_then(|id| self.runs.take(&id)) else { return };
             match self.spawn(&q.run_id) {
                 Ok(mut child) => {
                     tracing::info!(run_id = %q.run_id, pid = child.id(), budget_mb = q.budget_mb, "run started");
                     let stderr = supervise::capture_stderr(&q.run_id, &mut child);
-                    self.active.push(Active::new(q.run_id, q.corpus, Proc::Child { child, stderr }, q.budget_mb));
+                    self.runs.started(Active::new(q.run_id, q.corpus, Proc::Child { child, stderr }, q.budget_mb));
                 }
                 Err(e) => {
                     tracing::error!(run_id = %q.run_id, error = %e, "could not start the run");
@@ -450,7 +420,7 @@ impl Daemon {
                         memory: None,
                     };
                     if let Err(u) = ending::retry(&self.root, u) {
-                        self.unsettled.push(u);
+                        self.runs.put(Run::Unsettled(u));
                     }
                 }
             }
@@ -472,34 +442,46 @@ impl Daemon {
             .context("spawning the run process")
     }
 
+    /// Reaps ended runs (recording what they could not), polices live ones, retries ends not
+    /// yet recorded, and files each run by the state it is in now.
     fn supervise(&mut self) {
-        let mut reaped = supervise::supervise(&self.root, &mut self.active, self.cfg.cancel_grace);
-        for u in std::mem::take(&mut self.unsettled) {
-            let (id, corpus) = (u.run_id.clone(), u.corpus.clone());
-            reaped.file(id, corpus, ending::retry(&self.root, u));
-        }
-        self.unsettled.extend(reaped.unsettled);
-        // Interrupted runs go back in line (a shutting-down daemon leaves them for the next one).
-        if !self.stopping {
-            for (run_id, corpus) in reaped.requeued {
-                tracing::info!(run_id = %run_id, "run interrupted; queued again to resume from its checkpoint");
-                let budget_mb = self.budget_of(&run_id);
-                let needs_space_mb = Status::read(&RunFiles::new(&self.root.run_dir(&run_id)).status())
-                    .ok()
-                    .and_then(|st| st.needs_space_mb);
-                self.queue.push_back(Queued { run_id, corpus, budget_mb, needs_space_mb });
+        let (root, grace) = (self.root.clone(), self.cfg.cancel_grace);
+        let exited: Vec<(RunId, supervise::Exit)> =
+            self.runs.active_mut().filter_map(|a| a.tick(&root, grace).map(|e| (a.run_id.clone(), e))).collect();
+        let mut now: Vec<(RunId, CorpusName, Result<RunState, Unsettled>)> = Vec::new();
+        for (id, exit) in exited {
+            if let Some(Run::Active(a)) = self.runs.take(&id) {
+                now.push((id, a.corpus.clone(), supervise::finish(&root, &a, &exit)));
             }
         }
-        // A run the crash loop guard parked does not hold its corpus.
-        let root = &self.root;
-        self.paused.extend(
-            reaped.paused.into_iter().filter(|(id, _)| {
-                !Status::read(&RunFiles::new(&root.run_dir(id)).status()).is_ok_and(|st| st.parked())
-            }),
-        );
-        // Runs whose terminal state is now recorded: their on_finish hooks.
-        for id in reaped.settled {
-            self.finished(&id);
+        for r in self.runs.take_where(|r| matches!(r, Run::Unsettled(_))) {
+            if let Run::Unsettled(u) = r {
+                now.push((u.run_id.clone(), u.corpus.clone(), ending::retry(&root, u)));
+            }
+        }
+        for (run_id, corpus, state) in now {
+            match state {
+                // Interrupted runs go back in line (a shutting-down daemon leaves them for the
+                // next one).
+                Ok(RunState::Queued) if self.stopping => {}
+                Ok(RunState::Queued) => {
+                    tracing::info!(run_id = %run_id, "run interrupted; queued again to resume from its checkpoint");
+                    let budget_mb = self.budget_of(&run_id);
+                    let needs_space_mb = Status::read(&RunFiles::new(&root.run_dir(&run_id)).status())
+                        .ok()
+                        .and_then(|st| st.needs_space_mb);
+                    self.runs.put(Run::Queued(Queued { run_id, corpus, budget_mb, needs_space_mb }));
+                }
+                // A run the crash loop guard parked does not hold its corpus.
+                Ok(RunState::Paused) => {
+                    if !Status::read(&RunFiles::new(&root.run_dir(&run_id)).status()).is_ok_and(|st| st.parked()) {
+                        self.runs.put(Run::Paused { run_id, corpus });
+                    }
+                }
+                // Runs whose terminal state is now recorded: their on_finish hooks.
+                Ok(_) => self.finished(&run_id),
+                Err(u) => self.runs.put(Run::Unsettled(u)),
+            }
         }
         self.hooks.poll(&self.root);
     }
@@ -524,7 +506,7 @@ impl Daemon {
     fn shutdown(&mut self) {
         self.stopping = true;
         self.hooks.stop_all(&self.root);
-        for a in &mut self.active {
+        for a in self.runs.active_mut() {
             a.shutdown = true;
             let files = RunFiles::new(&self.root.run_dir(&a.run_id));
             // The attempt running now, or the one about to start (its process has not yet
@@ -539,28 +521,20 @@ impl Daemon {
             }
         }
         let deadline = Instant::now() + self.cfg.shutdown_timeout;
-        while !self.active.is_empty() && Instant::now() < deadline {
+        while self.runs.active_count() > 0 && Instant::now() < deadline {
             self.supervise();
             std::thread::sleep(Duration::from_millis(50));
         }
-        for a in &mut self.active {
+        for a in self.runs.active_mut() {
             a.signal(&self.root, libc::SIGKILL);
         }
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !self.active.is_empty() && Instant::now() < deadline {
+        while self.runs.active_count() > 0 && Instant::now() < deadline {
             self.supervise();
             std::thread::sleep(Duration::from_millis(20));
         }
         tracing::info!("daemon stopped");
     }
-}
-
-fn spool_is_empty(root: &Root) -> bool {
-    let claimed_empty = std::fs::read_dir(root.claimed()).map(|mut r| r.next().is_none()).unwrap_or(true);
-    let spool_jobs = std::fs::read_dir(root.spool())
-        .map(|rd| rd.filter_map(|e| e.ok()).any(|e| intake::is_job_name(&e.file_name())))
-        .unwrap_or(false);
-    claimed_empty && !spool_jobs
 }
 
 fn install_signals(tx: mpsc::Sender<Wake>) -> anyhow::Result<std::thread::JoinHandle<()>> {

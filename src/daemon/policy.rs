@@ -46,16 +46,12 @@ pub struct Policies {
 
 /// The byte offset where the newest run of the corpus that took a feedback snapshot stopped
 /// reading (0 when none did), from that run's snapshot event.
-fn last_snapshot(root: &Root, runs: &[&Status], feedback: &std::path::Path) -> u64 {
-    let same = |p: &str| {
-        let (a, b) = (std::fs::canonicalize(p), std::fs::canonicalize(feedback));
-        a.is_ok() && a.ok() == b.ok()
-    };
+fn last_snapshot(root: &Root, runs: &[&Status], fb: &CorpusFeedback) -> u64 {
     for st in runs {
         let events = read_events(&RunFiles::new(&root.run_dir(&st.run_id)).metrics()).unwrap_or_default();
         let snap = events.iter().rev().find_map(|e| {
             let at = e.event.snapshot()?;
-            same(at.path.to_str()?).then_some(at.offset)
+            fb.is_this_file(&at.path).then_some(at.offset)
         });
         if let Some(off) = snap {
             return off;
@@ -64,9 +60,9 @@ fn last_snapshot(root: &Root, runs: &[&Status], feedback: &std::path::Path) -> u
     0
 }
 
-/// When a run was created: its job.json, which is never rewritten.
+/// When a run was created.
 fn created(root: &Root, run_id: &RunId) -> Option<SystemTime> {
-    std::fs::metadata(RunFiles::new(&root.run_dir(run_id)).job()).and_then(|m| m.modified()).ok()
+    RunFiles::new(&root.run_dir(run_id)).created()
 }
 
 impl Policies {
@@ -77,7 +73,7 @@ impl Policies {
         let mut all: Option<Vec<Status>> = None;
         // A dropped job that left the spool without being accepted (rejected): forget it; the
         // interval since the drop still holds the next try back.
-        self.reasons.retain(|_, (_, file)| file.exists());
+        self.reasons.retain(|_, (_, file)| crate::store::spool::still_waiting(file));
         for corpus in root.corpus_homes() {
             let w = self.watched.entry(corpus.clone()).or_default();
             let p = match policy::read(root, &corpus) {
@@ -100,7 +96,7 @@ impl Policies {
             let mut runs: Vec<&Status> = all.iter().filter(|s| s.corpus == corpus).collect();
             runs.sort_by(|a, b| b.created_at.cmp(&a.created_at));
             let fb = CorpusFeedback::new(root, &corpus);
-            let size = std::fs::metadata(&fb.feedback).map_or(0, |m| m.len());
+            let (size, changed) = fb.stat();
             if w.looked_at == Some((size, runs.len())) {
                 continue;
             }
@@ -109,12 +105,10 @@ impl Policies {
                 && last.state == crate::store::RunState::Failed
                 && read_json::<Job>(&RunFiles::new(&root.run_dir(&last.run_id)).job())
                     .is_ok_and(|j| j.origin == Origin::Policy)
+                && changed.is_none_or(|t| created(root, &last.run_id).is_some_and(|c| t <= c))
             {
-                let grew = std::fs::metadata(&fb.feedback).and_then(|m| m.modified()).ok();
-                if grew.is_none_or(|t| created(root, &last.run_id).is_some_and(|c| t <= c)) {
-                    w.looked_at = Some((size, runs.len()));
-                    continue;
-                }
+                w.looked_at = Some((size, runs.len()));
+                continue;
             }
             let since = runs.first().and_then(|r| created(root, &r.run_id)).into_iter().chain(w.last_drop).max();
             let interval = Duration::from_secs_f64(p.min_interval_s);
@@ -123,7 +117,7 @@ impl Policies {
             {
                 continue; // not looked at: the interval, not the data, holds it back
             }
-            let from = last_snapshot(root, &runs, &fb.feedback);
+            let from = last_snapshot(root, &runs, &fb);
             let (base, start) = match w.counted {
                 Some((f, upto, n)) if f == from && upto <= size => (n, upto),
                 _ => (0, from),
@@ -147,7 +141,7 @@ impl Policies {
                 fb.feedback.display()
             );
             w.last_drop = Some(SystemTime::now());
-            match drop_job(root, &corpus, &p.job) {
+            match drop_job(root, &corpus, &p) {
                 Ok(file) => {
                     w.last_error = None;
                     tracing::info!(corpus = %corpus, file = %file.display(), "{reason}");
@@ -165,28 +159,23 @@ impl Policies {
     }
 }
 
-/// Writes the corpus's job template, with `"origin": "policy"`, into the spool (through
-/// spool/tmp and a rename, as any writer must).
-fn drop_job(root: &Root, corpus: &CorpusName, template: &std::path::Path) -> Result<PathBuf, String> {
-    let path = root.corpus_home(corpus).join(template);
-    let text = std::fs::read(&path).map_err(|e| format!("reading the job template {}: {e}", path.display()))?;
+/// Writes the corpus's job template, with `"origin": "policy"`, into the spool.
+fn drop_job(root: &Root, corpus: &CorpusName, p: &policy::Policy) -> Result<PathBuf, String> {
+    let text = policy::read_template(root, corpus, p).map_err(|e| e.to_string())?;
+    let shown = p.job.display();
     let mut job: Value =
-        serde_json::from_slice(&text).map_err(|e| format!("the job template {} is not JSON: {e}", path.display()))?;
+        serde_json::from_slice(&text).map_err(|e| format!("the job template {shown} is not JSON: {e}"))?;
     let Value::Object(o) = &mut job else {
-        return Err(format!("the job template {} is not a JSON object", path.display()));
+        return Err(format!("the job template {shown} is not a JSON object"));
     };
     match o.get("corpus").and_then(Value::as_str) {
         None => {
             o.insert("corpus".into(), json!(corpus));
         }
         Some(c) if c == corpus.as_str() => {}
-        Some(c) => return Err(format!("the job template {} is for corpus `{c}`", path.display())),
+        Some(c) => return Err(format!("the job template {shown} is for corpus `{c}`")),
     }
     o.insert("origin".into(), json!("policy"));
     let name = format!("policy-{corpus}-{}.json", crate::store::time::compact(SystemTime::now()));
-    let tmp = root.spool_tmp().join(&name);
-    std::fs::write(&tmp, job.to_string()).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-    let dest = root.spool().join(&name);
-    std::fs::rename(&tmp, &dest).map_err(|e| format!("renaming into {}: {e}", dest.display()))?;
-    Ok(dest)
+    crate::store::spool::drop_job(root, &name, job.to_string().as_bytes()).map_err(|e| e.to_string())
 }

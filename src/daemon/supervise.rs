@@ -135,7 +135,17 @@ impl Active {
         }
     }
 
-    /// One supervision tick for a live run: the memory watchdog, then cancel escalation.
+    /// One supervision tick: `Some(how it ended)` once the process is gone (to be recorded
+    /// with [`finish`]), else the memory watchdog and cancel escalation.
+    pub fn tick(&mut self, root: &Root, grace: Duration) -> Option<Exit> {
+        if let Some(exit) = self.exited(root) {
+            return Some(exit);
+        }
+        self.police(root, grace);
+        None
+    }
+
+    /// The memory watchdog, then cancel escalation.
     fn police(&mut self, root: &Root, grace: Duration) {
         let files = RunFiles::new(&root.run_dir(&self.run_id));
         let sampled = crate::sys::process_memory_mb(self.pid());
@@ -212,48 +222,6 @@ fn describe(exit: ExitStatus) -> String {
         (_, Some(s)) => format!("killed by signal {s}"),
         _ => "unknown exit".to_string(),
     }
-}
-
-/// What supervision found this tick.
-#[derive(Default)]
-pub struct Reaped {
-    /// Runs whose terminal state is now recorded.
-    pub settled: Vec<RunId>,
-    /// Runs back in the queue (interrupted, to resume from their checkpoint): (run id, corpus).
-    pub requeued: Vec<(RunId, CorpusName)>,
-    /// Runs that paused: (run id, corpus).
-    pub paused: Vec<(RunId, CorpusName)>,
-    /// Ends that could not be recorded yet (retried every tick).
-    pub unsettled: Vec<Unsettled>,
-}
-
-impl Reaped {
-    /// Files a run by the state it is now in.
-    pub fn file(&mut self, run_id: RunId, corpus: CorpusName, state: Result<RunState, Unsettled>) {
-        match state {
-            Ok(RunState::Queued) => self.requeued.push((run_id, corpus)),
-            Ok(RunState::Paused) => self.paused.push((run_id, corpus)),
-            Ok(_) => self.settled.push(run_id),
-            Err(u) => self.unsettled.push(u),
-        }
-    }
-}
-
-/// Reaps finished runs (recording what they could not) and polices live ones.
-pub fn supervise(root: &Root, active: &mut Vec<Active>, grace: Duration) -> Reaped {
-    let mut out = Reaped::default();
-    let mut i = 0;
-    while i < active.len() {
-        if let Some(how) = active[i].exited(root) {
-            let a = active.remove(i);
-            let state = finish(root, &a, &how);
-            out.file(a.run_id, a.corpus, state);
-            continue;
-        }
-        active[i].police(root, grace);
-        i += 1;
-    }
-    out
 }
 
 /// After a run's process is gone: if it left its run running, record why, or queue it again to

@@ -11,7 +11,6 @@
 //! - `queued` runs are returned in their original order.
 
 use crate::ids::{CorpusName, RunId};
-use crate::store::atomic::remove_stale_temps;
 use crate::store::metrics::{read_events, terminal_state};
 use crate::store::paths::RunFiles;
 
@@ -42,7 +41,7 @@ pub struct Swept {
 }
 
 pub fn sweep(root: &Root) -> anyhow::Result<Swept> {
-    let mut out = Swept { temps_removed: remove_temps(root), ..Swept::default() };
+    let mut out = Swept { temps_removed: root.remove_stale_temps(), ..Swept::default() };
     for mut st in all_runs(root) {
         let files = RunFiles::new(&root.run_dir(&st.run_id));
         if st.state.is_terminal() {
@@ -91,18 +90,4 @@ pub fn sweep(root: &Root) -> anyhow::Result<Swept> {
         }
     }
     Ok(out)
-}
-
-/// Removes crashed writers' temporary files wherever the store makes them.
-fn remove_temps(root: &Root) -> usize {
-    let mut dirs = vec![root.runs(), root.accepted(), root.rejected(), root.dir.clone()];
-    for parent in [root.runs(), root.dir.join("models")] {
-        if let Ok(rd) = std::fs::read_dir(&parent) {
-            dirs.extend(rd.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).map(|e| e.path()));
-        }
-    }
-    for c in models::corpora(root) {
-        dirs.push(root.models(&c).join("adapters"));
-    }
-    dirs.iter().map(|d| remove_stale_temps(d)).sum()
 }

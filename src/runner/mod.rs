@@ -22,7 +22,7 @@ use crate::job::Job;
 use crate::model::checkpoint::CheckpointDir;
 use crate::model::lora::LoraConfig;
 use crate::model::{LoraSet, Reranker};
-use crate::store::atomic::{read_json, write_json};
+use crate::store::atomic::{read_json, read_jsonl, write_json, write_jsonl};
 use crate::store::checkpoint;
 use crate::store::events::{self, Event, FeedbackSnapshot, Log, SnapshotFields, Split, Which};
 use crate::store::feedback::CorpusFeedback;
@@ -290,7 +290,7 @@ fn execute(ctx: &mut RunContext, root: &Root, shrink: Option<String>) -> anyhow:
     let (data, baseline, heldout, resume) = match saved {
         Some((dir, s)) => {
             let data = restore_data(&ctx.files, &s)?;
-            let heldout = read_lines::<DevList>(&ctx.files.heldout_lists())?;
+            let heldout = read_jsonl::<DevList>(&ctx.files.heldout_lists())?;
             let baseline = s.baseline.clone();
             (data, baseline, heldout, Some((dir, s)))
         }
@@ -302,9 +302,9 @@ fn execute(ctx: &mut RunContext, root: &Root, shrink: Option<String>) -> anyhow:
                 mine_hard_negatives(ctx, &job, &r, &base, &mut data, h)?;
             }
             write_triplets(ctx, &data)?;
-            write_lines(&ctx.files.dev_lists(), &data.dev_lists)?;
+            write_jsonl(&ctx.files.dev_lists(), &data.dev_lists)?;
             let heldout = heldout_lists(ctx, root, &job, &data)?;
-            write_lines(&ctx.files.heldout_lists(), &heldout)?;
+            write_jsonl(&ctx.files.heldout_lists(), &heldout)?;
             let baseline = evaluate_baseline(ctx, &job, &r, &base, &data, &heldout)?;
             (data, baseline, heldout, None)
         }
@@ -469,10 +469,7 @@ fn heldout_lists(ctx: &mut RunContext, root: &Root, job: &Job, data: &Materialis
     let mut by_query: BTreeMap<String, DevList> = BTreeMap::new();
     let mut skipped = 0;
     for (_, path) in &files {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            let l: DevList =
-                serde_json::from_str(line).with_context(|| format!("{}: a line is not a dev list", path.display()))?;
+        for l in read_jsonl::<DevList>(path)? {
             by_query.insert(normalise(&l.query), l);
         }
     }
@@ -878,7 +875,7 @@ fn restore_data(files: &RunFiles, s: &Saved) -> anyhow::Result<Materialised> {
         split: String,
     }
     let (mut queries, mut dev) = (Vec::new(), Vec::new());
-    for row in read_lines::<Row>(&files.triplets())? {
+    for row in read_jsonl::<Row>(&files.triplets())? {
         dev.push(row.split == "dev");
         queries.push(QueryRows { query: row.query, positives: row.positives, negatives: row.negatives });
     }
@@ -886,37 +883,12 @@ fn restore_data(files: &RunFiles, s: &Saved) -> anyhow::Result<Materialised> {
     Ok(Materialised {
         queries,
         dev,
-        dev_lists: read_lines(&files.dev_lists())?,
+        dev_lists: read_jsonl(&files.dev_lists())?,
         pool: Vec::new(),
         skipped: m.skipped.clone(),
         no_dev: m.no_dev.clone(),
         feedback: m.feedback.clone(),
     })
-}
-
-/// A JSONL file of `T`, every line (an absent file is empty).
-fn read_lines<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<Vec<T>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", path.display())),
-    };
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .enumerate()
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}: line {}", path.display(), i + 1)))
-        .collect()
-}
-
-/// Writes `items` as JSONL, atomically.
-fn write_lines<T: serde::Serialize>(path: &Path, items: &[T]) -> anyhow::Result<()> {
-    let mut out = String::new();
-    for x in items {
-        out.push_str(&serde_json::to_string(x)?);
-        out.push('\n');
-    }
-    crate::store::write_atomic(path, out.as_bytes())?;
-    Ok(())
 }
 
 /// An `eval` event of `res`.

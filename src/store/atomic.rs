@@ -43,6 +43,36 @@ pub fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
 }
 
 /// Reads a JSON file into `T`, naming the file on error.
+/// A JSONL file of `T`, every non-blank line (an absent file is empty); a bad line is an error
+/// naming the file and line.
+pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(StoreError::io(path, "reading", e)),
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| StoreError::Corrupt { path: path.to_path_buf(), message: format!("line {}: {e}", i + 1) })
+        })
+        .collect()
+}
+
+/// Writes `items` as JSONL, atomically.
+pub fn write_jsonl<T: serde::Serialize>(path: &Path, items: &[T]) -> Result<()> {
+    let mut out = String::new();
+    for x in items {
+        let line = serde_json::to_string(x)
+            .map_err(|e| StoreError::Corrupt { path: path.to_path_buf(), message: format!("serializing: {e}") })?;
+        out.push_str(&line);
+        out.push('\n');
+    }
+    write_atomic(path, out.as_bytes())
+}
+
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| StoreError::io(path, "reading", e))?;
     serde_json::from_str(&text).map_err(|e| StoreError::Corrupt { path: path.into(), message: e.to_string() })

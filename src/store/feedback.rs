@@ -70,6 +70,20 @@ impl CorpusFeedback {
         }
     }
 
+    /// The feedback file's size (0 when absent) and last change.
+    pub fn stat(&self) -> (u64, Option<std::time::SystemTime>) {
+        match std::fs::metadata(&self.feedback) {
+            Ok(m) => (m.len(), m.modified().ok()),
+            Err(_) => (0, None),
+        }
+    }
+
+    /// Whether `path` (as a snapshot event recorded it) names this corpus's feedback file.
+    pub fn is_this_file(&self, path: &Path) -> bool {
+        let (a, b) = (std::fs::canonicalize(path), std::fs::canonicalize(&self.feedback));
+        a.is_ok() && a.ok() == b.ok()
+    }
+
     /// The corpus's feedback lock, held for one append or one snapshot.
     pub fn lock(&self) -> Result<FileLock> {
         if let Some(dir) = self.lock.parent() {

@@ -1,9 +1,7 @@
 //! The run store: the files under the state root, their paths and formats. Paths, atomic writes,
 //! the run states and their table, the event log, status, stop requests, checkpoints, promoted
-//! models, feedback (and its capture index) and locks. Not yet every file: the spool's claim/accept/reject (in
-//! `daemon::intake` and `cli::submit`), the policy's job drop (`daemon::policy`) and the run's
-//! data files (`runner`) still do their own I/O with the store's helpers; moving them here is
-//! what is left of making this module the only one that touches the root.
+//! models, feedback (and its capture index), the spool (drops, claims, receipts, rejections, run
+//! creation) and locks: every file under the state root is read and written here.
 
 pub mod atomic;
 pub mod checkpoint;
@@ -16,6 +14,7 @@ pub mod models;
 pub mod paths;
 pub mod policy;
 pub mod serving;
+pub mod spool;
 pub mod state;
 pub mod status;
 pub mod stop;

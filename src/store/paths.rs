@@ -11,6 +11,21 @@ pub struct Root {
 }
 
 impl Root {
+    /// Removes crashed writers' temporary files wherever the store makes them; how many.
+    pub fn remove_stale_temps(&self) -> usize {
+        let mut dirs = vec![self.runs(), self.accepted(), self.rejected(), self.dir.clone()];
+        for parent in [self.runs(), self.dir.join("models")] {
+            if let Ok(rd) = std::fs::read_dir(&parent) {
+                dirs.extend(rd.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).map(|e| e.path()));
+            }
+        }
+        // Each corpus's promoted adapters: models/<corpus>/adapters.
+        if let Ok(rd) = std::fs::read_dir(self.dir.join("models")) {
+            dirs.extend(rd.filter_map(|e| e.ok()).map(|e| e.path().join("adapters")).filter(|p| p.is_dir()));
+        }
+        dirs.iter().map(|d| super::atomic::remove_stale_temps(d)).sum()
+    }
+
     /// `--root`, else `$RERANKD_ROOT`, else the platform default.
     pub fn resolve(arg: Option<&Path>) -> Self {
         let dir = arg
@@ -163,6 +178,23 @@ impl RunFiles {
     }
     pub fn job(&self) -> PathBuf {
         self.dir.join("job.json")
+    }
+    /// The output of the run's on_finish hook.
+    pub fn hook_log(&self) -> PathBuf {
+        self.dir.join("on_finish.log")
+    }
+    /// Creates (or empties) the hook's output file.
+    pub fn create_hook_log(&self) -> std::io::Result<std::fs::File> {
+        std::fs::File::create(self.hook_log())
+    }
+    /// The last `bytes` of the hook's output, as text.
+    pub fn hook_log_tail(&self, bytes: usize) -> String {
+        let all = std::fs::read(self.hook_log()).unwrap_or_default();
+        String::from_utf8_lossy(&all[all.len().saturating_sub(bytes)..]).into_owned()
+    }
+    /// When the run was created: its job.json, which is never rewritten.
+    pub fn created(&self) -> Option<std::time::SystemTime> {
+        std::fs::metadata(self.job()).and_then(|m| m.modified()).ok()
     }
     pub fn status(&self) -> PathBuf {
         self.dir.join("status.json")

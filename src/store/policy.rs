@@ -72,3 +72,13 @@ impl PolicyFile {
         Ok(Policy { capture: self.capture, retrain_after_events: self.retrain_after_events, min_interval_s, job })
     }
 }
+
+/// The text of the corpus's job template (`policy.job`, in the corpus home), at most 1 MB.
+pub fn read_template(root: &Root, corpus: &CorpusName, policy: &Policy) -> Result<Vec<u8>, SettingsError> {
+    let path = root.corpus_home(corpus).join(&policy.job);
+    let text = std::fs::read(&path).map_err(|e| SettingsError::whole(format!("cannot read: {e}")).in_file(&path))?;
+    if text.len() as u64 > super::spool::MAX_JOB_BYTES {
+        return Err(SettingsError::whole("is over 1 MB").in_file(&path));
+    }
+    Ok(text)
+}
