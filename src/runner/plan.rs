@@ -1,9 +1,10 @@
 //! The memory plan of a run: the governor's first plan under the budget, and the plan a resumed
 //! run trains under (its checkpoint's, reduced after a death under memory pressure).
 
-use super::{RunContext, lora_config};
+use super::context::RunContext;
 use crate::job::Job;
 use crate::model::checkpoint::{CheckpointDir, SafetensorsWeights};
+use crate::model::lora::LoraConfig;
 use crate::store::events::{Cap, Event};
 use crate::train::memory::{self, Estimate};
 
@@ -97,4 +98,9 @@ pub(super) fn replan(
         plan.effective, plan.max_length
     ))?;
     Ok(job)
+}
+
+/// The adapter the job asks for.
+pub(super) fn lora_config(job: &Job) -> LoraConfig {
+    LoraConfig::new(job.lora.r as usize, job.lora.alpha, job.lora.dropout, &job.lora.target_modules)
 }

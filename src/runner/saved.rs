@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use super::Baseline;
 use super::plan::Plan;
 use crate::model::LoraSet;
 use crate::store::checkpoint;
@@ -71,4 +70,13 @@ pub fn write_checkpoint(
     }
     candle_core::safetensors::save(&moments, p.dir.join("optimizer.safetensors"))?;
     Ok(p.commit(state, step)?)
+}
+
+/// What the baseline scored: on dev (None without a dev split or a usable baseline) and on the
+/// held-out lists of earlier promotions.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub(super) struct Baseline {
+    pub(super) what: String,
+    pub(super) dev: Result<EvalResult, String>,
+    pub(super) heldout: Option<EvalResult>,
 }
