@@ -9,7 +9,6 @@ use std::path::Path;
 use anyhow::Context;
 use plotters::coord::Shift;
 use plotters::prelude::*;
-use serde_json::Value;
 
 use crate::store::Status;
 use crate::store::atomic::write_atomic;
@@ -72,10 +71,8 @@ impl RunData {
             primary: "ndcg@10".into(),
             ..Self::default()
         };
-        if let Ok(job) = crate::store::atomic::read_json::<Value>(&files.job())
-            && let Some(p) = job["eval"]["primary_metric"].as_str()
-        {
-            d.primary = p.to_string();
+        if let Ok(job) = crate::store::atomic::read_json::<crate::job::Job>(&files.job()) {
+            d.primary = job.eval.primary_metric;
         }
         for e in &events {
             d.add(e);

@@ -26,6 +26,15 @@ pub const SKIPPED_ENV: &str = "RERANKD_SKIPPED";
 /// requires what the machine has, so a skip there is a failure.
 pub const REQUIRE_ENV: &str = "RERANKD_REQUIRE";
 
+/// The fault hooks set in this process's environment (none outside tests): the daemon and serve
+/// log them at start, and `doctor` reports them, so a hook left in a service's environment is seen.
+pub fn active() -> Vec<&'static str> {
+    [CRASH_AT_ENV, IGNORE_CANCEL_ENV, ALLOC_MB_ENV, STEP_SLEEP_MS_ENV, SCORE_SLEEP_MS_ENV]
+        .into_iter()
+        .filter(|v| std::env::var_os(v).is_some())
+        .collect()
+}
+
 /// A test that cannot exercise its subject here says so, visibly: a `SKIPPED` line on stderr and
 /// in the file `RERANKD_SKIPPED` names, or a panic if `RERANKD_REQUIRE` lists `needs`.
 pub fn skipped(test: &str, needs: &str, why: &str) {

@@ -29,6 +29,9 @@ impl Report {
 pub fn run(root: &Root) -> anyhow::Result<ExitCode> {
     let mut r = Report { problems: 0 };
     r.info(&format!("root: {}", root.dir.display()));
+    for hook in rerankd::testhooks::active() {
+        r.warn(&format!("the test-only fault hook {hook} is set"), "unset it: it exists for the test suite only");
+    }
     if !root.dir.is_dir() {
         r.warn("the root does not exist yet", "start the daemon (it creates the layout) or `rerankd submit` a job");
         return Ok(ExitCode::from(super::EXIT_FAILURE));

@@ -77,6 +77,9 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
     lock.write_pid()?;
     let cfg = DaemonConfig::load(&root.config())?;
     tracing::info!(root = %root.dir.display(), pid = std::process::id(), "daemon starting");
+    for hook in crate::testhooks::active() {
+        tracing::warn!(variable = hook, "a test-only fault hook is set in the daemon's environment; unset it");
+    }
 
     let (tx, rx) = mpsc::channel();
     let _signals = install_signals(tx.clone())?;

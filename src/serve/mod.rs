@@ -108,6 +108,9 @@ pub fn run(root: &Root, o: Options) -> anyhow::Result<()> {
     // socket this process bound is ever removed.
     let bound = listen::Bound::bind(listen, o.socket.as_deref())?;
     tracing::info!(root = %root.dir.display(), pid = std::process::id(), "serve starting");
+    for hook in crate::testhooks::active() {
+        tracing::warn!(variable = hook, "a test-only fault hook is set in serve's environment; unset it");
+    }
 
     let only: BTreeSet<CorpusName> = o.corpora.iter().cloned().collect();
     let models = Arc::new(Models::new(root, o.device.clone(), o.model.clone(), only));
