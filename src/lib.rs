@@ -1,12 +1,16 @@
 //! rerankd: fine-tunes a Qwen3 yes/no cross-encoder reranker with LoRA on a user's own relevance
 //! feedback, as a job-queue daemon. See README.md and docs/.
 //!
-//! - [`model`]: Qwen3 + LoRA + fused differentiable ops + prompt + scoring (pure candle).
-//! - [`train`]: optimizer, schedule, clipping, accumulation, the training loop.
-//! - [`job`]: the job file, validated into an effective job.
-//! - [`report`]: report.svg, the picture of a run.
-//! - [`serve`]: the resident HTTP rerank service with hot reload.
-//! - [`store`]: the run store; the only code that touches files under the state root.
+//! The layers, lowest first (docs/design.md states them; `tests/layers.rs` checks them):
+//!
+//! 1. [`model`] (Qwen3 + LoRA + the CPU kernels + prompt + scoring, pure candle), [`ids`] (the
+//!    names that become paths), [`budget`] (the memory budget's rules), [`settings`] (how a
+//!    settings file is read), [`sys`] (every OS question), [`testhooks`] (test-only fault hooks);
+//! 2. [`store`]: every file under the state root;
+//! 3. [`job`], [`config`], [`report`]: the job file, `config.toml`, the picture of a run;
+//! 4. [`train`]: data, the loop, evaluation, promotion statistics (no files);
+//! 5. [`daemon`]: intake, scheduling, supervision, the boot sweep, hooks, policy;
+//! 6. [`serve`] and [`runner`]: the HTTP service and one run, each its own process.
 
 pub mod budget;
 pub mod config;

@@ -18,7 +18,7 @@ pub struct Unsettled {
     pub reason: Option<String>,
     pub error: Option<String>,
     /// Whether the run may resume from a checkpoint instead.
-    pub resume: Resume,
+    pub resume: MayResume,
     /// Evidence that it died of memory pressure (`supervise::Active::memory_evidence`): only then
     /// does its next attempt run under a smaller plan.
     pub memory: Option<Box<str>>,
@@ -26,7 +26,7 @@ pub struct Unsettled {
 
 /// Whether a run whose process died may go back to the queue to resume from its checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resume {
+pub enum MayResume {
     /// No: it was cancelled, or killed for a reason that would recur.
     No,
     /// Yes; the daemon knows why it died (its own shutdown).
@@ -60,10 +60,10 @@ pub fn settle_dead(
     state: RunState,
     reason: Option<String>,
     error: Option<String>,
-    resume: Resume,
+    resume: MayResume,
     memory: Option<String>,
 ) -> crate::store::Result<()> {
-    let checked = (resume != Resume::No).then(|| checkpoint::checked::<checkpoint::Header>(files));
+    let checked = (resume != MayResume::No).then(|| checkpoint::checked::<checkpoint::Header>(files));
     let (ckpt, damaged) = checked.map_or((None, Vec::new()), |c| (c.found, c.damaged));
     if ckpt.is_none() && !damaged.is_empty() {
         // Every checkpoint it has is damaged: it starts over (its next attempt names them).
@@ -73,14 +73,14 @@ pub fn settle_dead(
     } else if let Some((_, Ok(ck))) = ckpt {
         let step = ck.cursor.step;
         let how = error.clone().or(reason.clone()).unwrap_or_default();
-        let counts = resume == Resume::Unexplained;
+        let counts = resume == MayResume::Unexplained;
         st.stalled = if !counts || progressed(files, st.attempt) { 0 } else { st.stalled + 1 };
         if st.stalled < 2 {
             st.shrink_memory = memory.is_some();
             st.memory_evidence = memory;
             let plan = if st.shrink_memory { " under a smaller memory plan" } else { "" };
             let mut why = format!("interrupted at step {step} ({how}); resumes from its checkpoint{plan}");
-            if resume == Resume::DiskFull {
+            if resume == MayResume::DiskFull {
                 let need = checkpoint::space_needed_mb(files);
                 st.needs_space_mb = Some(need);
                 why = format!("{why} once {need} MB are free on {}", root.dir.display());

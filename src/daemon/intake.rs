@@ -31,7 +31,7 @@ pub struct Accepted {
 }
 
 /// What intake needs from the scheduler: may this job start (or queue) now?
-pub trait Admission {
+pub trait Admit {
     /// `Err(error)` rejects the job (e.g. `if_busy: reject` on a busy corpus). Called before the
     /// run is created; `supersede` is handled by the caller after acceptance.
     fn admit(&mut self, job: &Job) -> Result<(), SettingsError>;
@@ -95,7 +95,7 @@ impl Intake {
     }
 
     /// Processes every file left in `spool/.claimed/`, oldest claim first. Idempotent.
-    pub fn reprocess_claimed(&mut self, root: &Root, adm: &mut dyn Admission) -> Vec<Accepted> {
+    pub fn reprocess_claimed(&mut self, root: &Root, adm: &mut dyn Admit) -> Vec<Accepted> {
         self.retry_at = None;
         let claimed = spool::claims(root);
         if claimed.is_empty() {
@@ -118,7 +118,7 @@ impl Intake {
     }
 
     /// One pass over `spool/`; returns the runs created, in arrival (mtime, then name) order.
-    pub fn scan(&mut self, root: &Root, adm: &mut dyn Admission) -> Vec<Accepted> {
+    pub fn scan(&mut self, root: &Root, adm: &mut dyn Admit) -> Vec<Accepted> {
         let entries = match spool::waiting(root) {
             Ok(w) => w,
             Err(e) => {
@@ -140,7 +140,7 @@ impl Intake {
         out
     }
 
-    fn consider(&mut self, root: &Root, w: &Waiting, adm: &mut dyn Admission) -> Option<Verdict> {
+    fn consider(&mut self, root: &Root, w: &Waiting, adm: &mut dyn Admit) -> Option<Verdict> {
         let name = &w.name;
         if let Some(why) = bad_name(name) {
             let err = SettingsError::whole(why).hint("rename the file to a short UTF-8 name ending in .json");
@@ -192,7 +192,7 @@ impl Intake {
         &mut self,
         root: &Root,
         claimed: &Path,
-        adm: &mut dyn Admission,
+        adm: &mut dyn Admit,
         existing: Option<RunId>,
     ) -> Verdict {
         let cname = claimed.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

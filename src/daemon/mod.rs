@@ -31,7 +31,7 @@ use crate::store::events::{Event, Log};
 use crate::store::paths::RunFiles;
 use crate::store::{FileLock, Root, RunState, Status, StopRequest};
 use ending::Unsettled;
-use intake::{Accepted, Admission, Intake};
+use intake::{Accepted, Admit, Intake};
 use runs::{Queued, Run, Runs};
 use supervise::{Active, Proc};
 
@@ -190,11 +190,11 @@ pub fn run(root: &Root, until_idle: bool) -> anyhow::Result<()> {
 }
 
 /// The corpora that are busy (active or queued) when a job arrives.
-struct Busy<'a> {
+struct BusyCorpora<'a> {
     corpora: &'a [CorpusName],
 }
 
-impl Admission for Busy<'_> {
+impl Admit for BusyCorpora<'_> {
     fn admit(&mut self, job: &Job) -> Result<(), SettingsError> {
         if job.if_busy == IfBusy::Reject && self.corpora.contains(&job.corpus) {
             return Err(SettingsError::at("if_busy", format!("corpus `{}` has an active or queued run", job.corpus))
@@ -308,7 +308,7 @@ impl Daemon {
             self.intake.default_budget_mb = budget;
         }
         let busy = self.runs.busy_corpora();
-        let mut adm = Busy { corpora: &busy };
+        let mut adm = BusyCorpora { corpora: &busy };
         let mut accepted = if claims { self.intake.reprocess_claimed(&self.root, &mut adm) } else { Vec::new() };
         accepted.extend(self.intake.scan(&self.root, &mut adm));
         for a in accepted {
@@ -419,7 +419,7 @@ impl Daemon {
                         state: RunState::Failed,
                         reason: None,
                         error,
-                        resume: ending::Resume::No,
+                        resume: ending::MayResume::No,
                         memory: None,
                     };
                     if let Err(u) = ending::retry(&self.root, u) {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::store::paths::RunFiles;
 use crate::store::{EXIT_DISK_FULL, Root, RunState, StopRequest};
 
-use super::ending::{Resume, Unsettled, retry, run_is_alive};
+use super::ending::{MayResume, Unsettled, retry, run_is_alive};
 
 /// How long after SIGTERM a run that ignores it gets SIGKILL.
 pub const TERM_TO_KILL: Duration = Duration::from_secs(3);
@@ -232,21 +232,21 @@ pub fn finish(root: &Root, a: &Active, exit: &Exit) -> Result<RunState, Unsettle
     let (state, reason, error, resume) = match (&a.killed_for, files.cancel_requested()) {
         // The watchdog's kill is evidence of memory pressure: it resumes from its checkpoint
         // under a smaller plan (and fails when the plan cannot shrink).
-        (Some(why), _) => (RunState::Failed, None, Some(why.clone()), Resume::Unexplained),
-        (None, Some(reason)) => (RunState::Cancelled, Some(reason), None, Resume::No),
+        (Some(why), _) => (RunState::Failed, None, Some(why.clone()), MayResume::Unexplained),
+        (None, Some(reason)) => (RunState::Cancelled, Some(reason), None, MayResume::No),
         (None, None) if exit.disk_full => {
-            (RunState::Failed, None, Some(format!("the disk is full ({how})")), Resume::DiskFull)
+            (RunState::Failed, None, Some(format!("the disk is full ({how})")), MayResume::DiskFull)
         }
         (None, None) if a.shutdown => {
-            (RunState::Cancelled, Some(StopRequest::Shutdown.reason().to_string()), None, Resume::Explained)
+            (RunState::Cancelled, Some(StopRequest::Shutdown.reason().to_string()), None, MayResume::Explained)
         }
         (None, None) => {
-            (RunState::Failed, None, Some(format!("run process died without a result ({how})")), Resume::Unexplained)
+            (RunState::Failed, None, Some(format!("run process died without a result ({how})")), MayResume::Unexplained)
         }
     };
     let memory = match &a.killed_for {
         Some(why) => Some(why.clone().into_boxed_str()),
-        None => (resume == Resume::Unexplained).then(|| a.memory_evidence()).flatten().map(String::into_boxed_str),
+        None => (resume == MayResume::Unexplained).then(|| a.memory_evidence()).flatten().map(String::into_boxed_str),
     };
     let u = Unsettled { run_id: a.run_id.clone(), corpus: a.corpus.clone(), state, reason, error, resume, memory };
     retry(root, u)

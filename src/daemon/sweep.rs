@@ -14,7 +14,7 @@ use crate::ids::{CorpusName, RunId};
 use crate::store::metrics::{read_events, terminal_state};
 use crate::store::paths::RunFiles;
 
-use super::ending::{Resume, run_is_alive, settle_dead};
+use super::ending::{MayResume, run_is_alive, settle_dead};
 use crate::store::{FileLock, Root, RunState, Status, StopRequest, all_runs, models, settle};
 
 pub const ORPHANED: &str = "orphaned: found running at boot with no live owner";
@@ -65,9 +65,9 @@ pub fn sweep(root: &Root) -> anyhow::Result<Swept> {
                 // A cancel asked for while no daemon ran is answered; an attempt the last daemon
                 // stopped for its shutdown resumes as interrupted; any other orphan may resume.
                 let (reason, resume) = match files.stop_request(Some(st.attempt)) {
-                    Some(StopRequest::Cancel { reason }) => (reason, Resume::No),
-                    Some(StopRequest::Shutdown) => (StopRequest::Shutdown.reason().to_string(), Resume::Explained),
-                    _ => (ORPHANED.to_string(), Resume::Unexplained),
+                    Some(StopRequest::Cancel { reason }) => (reason, MayResume::No),
+                    Some(StopRequest::Shutdown) => (StopRequest::Shutdown.reason().to_string(), MayResume::Explained),
+                    _ => (ORPHANED.to_string(), MayResume::Unexplained),
                 };
                 // No evidence of memory pressure survives a daemon's death (a reboot, a power
                 // loss): the plan stays.

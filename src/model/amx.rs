@@ -23,9 +23,7 @@
 //! every product of a layout it takes, whatever its size, as CI runs the fixture tests;
 //! `RERANKD_AMX=off` none), and only where the CPU has AMX-BF16 and AVX-512 and Linux grants the
 //! tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); anywhere else weights stay f32 and sgemm in
-//! f32. On the virtual Xeon this was measured on, the tile unit ran at two speeds, 1.9-2.7
-//! TFLOP/s (bf16, one core) part of the time and 0.6-1.0 the rest, switching within a run with no
-//! steal time counted; the gains quoted are over both.
+//! f32. Measurements: docs/performance.md.
 
 use std::arch::asm;
 use std::sync::OnceLock;

@@ -344,12 +344,8 @@ impl ExportInfo {
                 "a `Qwen3ForSequenceClassification` with one logit, whose row is E[yes] - E[no]: score = sigmoid(logit)"
             }
         };
-        let prompt = format!(
-            "{}<Instruct>: {}\n<Query>: {{query}}\n<Document>: {{document}}{}",
-            super::prompt::PREFIX,
-            self.instruction,
-            super::prompt::SUFFIX
-        );
+        // The template itself, with the placeholders the recipes fill.
+        let prompt = super::prompt::render(&self.instruction, "{query}", "{document}");
         let _ = writeln!(y, "# {}\n", self.run_id);
         let _ = writeln!(
             y,

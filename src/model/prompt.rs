@@ -29,7 +29,7 @@ pub struct PromptBuilder {
     pub max_token_bytes: usize,
 }
 
-fn render(instruction: &str, query: &str, doc: &str) -> String {
+pub(crate) fn render(instruction: &str, query: &str, doc: &str) -> String {
     format!("{PREFIX}<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}{SUFFIX}")
 }
 

@@ -29,7 +29,7 @@ use crate::train::trainer::{Cursor, Reporter, Resume, TrainConfig, train};
 use super::context::RunContext;
 use super::data::{Materialised, heldout_lists, materialise, restore_data, write_triplets};
 use super::plan::lora_config;
-use super::plan::{Plan, govern, replan};
+use super::plan::{CheckpointPlan, govern, replan};
 use super::saved::{Baseline, EpochEval, Restored, Saved, write_checkpoint};
 
 /// The baseline: the corpus's promoted adapter or the base model, loaded once (for hard-negative
@@ -376,7 +376,7 @@ fn train_and_select(
             attempt,
             cursor: *cur,
             optimizer_t: opt.state().2,
-            plan: Plan { micro, effective, max_length: job.train.max_length },
+            plan: CheckpointPlan { micro, effective, max_length: job.train.max_length },
             planned: Some(planned),
             baseline: baseline.clone(),
             materialised: Restored {

@@ -11,7 +11,7 @@ use crate::train::memory::{self, Estimate};
 /// The memory plan a checkpoint was made under (the micro-batch may shrink on resume; the
 /// effective batch never changes).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub(super) struct Plan {
+pub(super) struct CheckpointPlan {
     pub(super) micro: u64,
     pub(super) effective: u64,
     pub(super) max_length: u64,
@@ -53,7 +53,7 @@ pub(super) fn govern(ctx: &mut RunContext, mut job: Job, ck: &CheckpointDir, cpu
 pub(super) fn replan(
     ctx: &mut RunContext,
     mut job: Job,
-    plan: &Plan,
+    plan: &CheckpointPlan,
     planned: u64,
     shrink: Option<&str>,
 ) -> anyhow::Result<Job> {

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::plan::Plan;
+use super::plan::CheckpointPlan;
 use crate::model::LoraSet;
 use crate::store::checkpoint;
 use crate::store::events::SnapshotFields;
@@ -36,7 +36,7 @@ pub(super) struct Saved {
     pub(super) attempt: u32,
     pub(super) cursor: Cursor,
     pub(super) optimizer_t: i32,
-    pub(super) plan: Plan,
+    pub(super) plan: CheckpointPlan,
     /// The micro-batch the run was first planned with, when `plan` is smaller (a shrink after a
     /// death under memory pressure; absent in checkpoints of older runs: `plan.micro`).
     #[serde(default)]

@@ -79,7 +79,7 @@ pub struct Log {
     pub negatives: Option<BTreeMap<String, u64>>,
     /// What hard-negative mining did, and in how many seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hard_negatives: Option<Mined>,
+    pub hard_negatives: Option<HardNegativesMined>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seconds: Option<f64>,
     /// Feedback events skipped, by why.
@@ -148,7 +148,7 @@ pub struct FeedbackSnapshot {
 
 /// What hard-negative mining did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Mined {
+pub struct HardNegativesMined {
     pub queries: usize,
     /// Candidates scored per query (at most).
     pub pool: usize,

@@ -15,7 +15,7 @@ use crate::model::reranker::SCORE_BATCH;
 use crate::model::{LoraSet, Reranker};
 
 /// What mining did: the type the run's `log` event carries.
-pub use crate::store::events::Mined;
+pub use crate::store::events::HardNegativesMined;
 
 /// The candidates per query that fit the budget: `pool`, shrunk so all queries together score
 /// at most `max_pairs` pairs (never below 2).
@@ -73,9 +73,9 @@ pub fn mine(
     max_length: usize,
     seed: u64,
     cancelled: &mut dyn FnMut() -> Option<crate::store::StopRequest>,
-) -> anyhow::Result<Mined> {
+) -> anyhow::Result<HardNegativesMined> {
     let size = pool_size(cfg, queries.len(), corpus.len());
-    let mut m = Mined { queries: queries.len(), pool: size, ..Mined::default() };
+    let mut m = HardNegativesMined { queries: queries.len(), pool: size, ..HardNegativesMined::default() };
     for (i, q) in queries.iter_mut().enumerate() {
         if let Some(req) = cancelled() {
             return Err(super::Cancelled(req).into());
