@@ -84,19 +84,12 @@ pub fn sweep(root: &Root) -> anyhow::Result<ExitCode> {
 /// Daemonizes before any thread exists (the watcher and signal threads start later).
 fn detach(root: &Root) -> anyhow::Result<()> {
     use anyhow::Context;
-    let logs = root.dir.join("logs");
-    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
-    let open = |name: &str| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(logs.join(name))
-            .with_context(|| format!("opening {}", logs.join(name).display()))
-    };
+    let logs = root.logs();
+    let open = |name: &str| root.open_log(name).with_context(|| format!("opening {}", logs.join(name).display()));
     let (out, err) = (open("daemon.out.log")?, open("daemon.log")?);
-    println!("rerankd: detaching; pid in {}, logs in {}", root.dir.join("daemon.pid").display(), logs.display());
+    println!("rerankd: detaching; pid in {}, logs in {}", root.daemon_pid_file().display(), logs.display());
     daemonize::Daemonize::new()
-        .pid_file(root.dir.join("daemon.pid"))
+        .pid_file(root.daemon_pid_file())
         .chown_pid_file(false)
         .working_directory(&root.dir)
         .stdout(out)

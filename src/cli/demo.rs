@@ -44,16 +44,13 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     // The shipped job names the fixture model relative to the repository.
     let model = repo.join(job["model"].as_str().unwrap_or("tests/fixtures/tiny-qwen3"));
     job["model"] = model.display().to_string().into();
-    let tmp = root.spool_tmp().join("demo.json");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&job)?)?;
-    std::fs::rename(&tmp, root.spool().join("demo.json"))?;
+    rerankd::store::spool::drop_job(&root, "demo.json", serde_json::to_string_pretty(&job)?.as_bytes())?;
     println!("dropped demo.json into {}; running the daemon until the run is done...", root.spool().display());
     rerankd::daemon::run(&root, true)?;
-    let receipt: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root.accepted().join("demo.json")).context("the demo job was not accepted")?,
-    )?;
-    let run_id = receipt["run_id"].as_str().context("receipt without run_id")?;
-    let files = RunFiles::new(&root.run_dir(&rerankd::ids::RunId::parse(run_id)?));
+    let receipt: rerankd::store::spool::Receipt<serde_json::Value> =
+        rerankd::store::spool::read_receipt(&root, "demo.json").context("the demo job was not accepted")?;
+    let run_id = receipt.run_id;
+    let files = RunFiles::new(&root.run_dir(&run_id));
     let st = Status::read(&files.status())?;
     println!("\nrun {run_id}: {}", st.state.as_str());
     if let Some(s) = &st.summary {

@@ -139,6 +139,19 @@ impl Root {
     pub fn locks(&self) -> PathBuf {
         self.dir.join("locks")
     }
+    /// Where a detached daemon's output goes.
+    pub fn logs(&self) -> PathBuf {
+        self.dir.join("logs")
+    }
+    /// Opens `logs/<name>` for appending (creating the directory).
+    pub fn open_log(&self, name: &str) -> std::io::Result<std::fs::File> {
+        std::fs::create_dir_all(self.logs())?;
+        std::fs::OpenOptions::new().create(true).append(true).open(self.logs().join(name))
+    }
+    /// The pid file of a detached daemon.
+    pub fn daemon_pid_file(&self) -> PathBuf {
+        self.dir.join("daemon.pid")
+    }
     pub fn corpus_lock(&self, corpus: &CorpusName) -> PathBuf {
         self.locks().join(format!("{corpus}.lock"))
     }

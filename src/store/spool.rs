@@ -196,6 +196,11 @@ pub fn write_receipt<J: Serialize>(root: &Root, original: &str, run_id: &RunId, 
     unreachable!("name_variants never ends")
 }
 
+/// The receipt of a job file dropped as `name`, if it was accepted.
+pub fn read_receipt<J: serde::de::DeserializeOwned>(root: &Root, name: &str) -> Result<Receipt<J>> {
+    read_json(&root.accepted().join(name))
+}
+
 /// What became of a job file dropped as `name`, as its writer sees it: the receipt's text, or the
 /// rejection's reason (its `.error.json` text), or neither yet.
 pub enum Outcome {
