@@ -356,7 +356,8 @@ unsafe fn drive(
     let a = kept.as_slice();
     let blocks = np / 32;
     let parts = rayon::current_num_threads().min(blocks);
-    let out = SendPtr(dst);
+    // SAFETY: dst is valid for these writes and only this product writes it (this fn's contract).
+    let out = unsafe { SendPtr::from_raw(dst) };
     let out = &out;
     (0..parts).into_par_iter().for_each(|t| {
         configure();

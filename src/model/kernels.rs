@@ -71,7 +71,7 @@ pub fn sgemm(
     if parts > 1 {
         // Each thread its own columns, so each packs only its own part of rhs.
         let per = n.div_ceil(parts).next_multiple_of(16);
-        let out = SendPtr(dst.as_mut_ptr());
+        let out = SendPtr::new(dst);
         let (out, lhs, rhs) = (&out, &lhs, &rhs);
         rayon::scope(|s| {
             for j0 in (0..n).step_by(per) {

@@ -90,13 +90,28 @@ pub trait PackedWeight: Send + Sync {
     fn backward_ready(&self);
 }
 
-/// A raw pointer to a product's destination handed to the threads of [`sgemm`]'s column split
-/// (and of AMX's product), each writing its own columns.
-pub(crate) struct SendPtr(pub(crate) *mut f32);
-// SAFETY: only used for disjoint column blocks of one destination, inside a rayon scope that
-// ends before the product returns (so never past the borrow of its destination).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+/// A product's destination handed to the threads of a column split (sgemm's, the bf16 pairs',
+/// AMX's), each writing its own columns. It holds the destination's borrow for `'a`, so it can
+/// never outlive it; that the threads' columns are disjoint is each caller's SAFETY argument.
+pub(crate) struct SendPtr<'a>(pub(crate) *mut f32, std::marker::PhantomData<&'a mut [f32]>);
+
+impl<'a> SendPtr<'a> {
+    pub(crate) fn new(dst: &'a mut [f32]) -> Self {
+        Self(dst.as_mut_ptr(), std::marker::PhantomData)
+    }
+
+    /// # Safety
+    /// `dst` is valid for writes for `'a` and written by no one else meanwhile (but the threads
+    /// given this pointer, each in its own part).
+    pub(crate) unsafe fn from_raw(dst: *mut f32) -> Self {
+        Self(dst, std::marker::PhantomData)
+    }
+}
+
+// SAFETY: a `&mut [f32]`'s pointer, shared only for disjoint column blocks, and bound to the
+// borrow's lifetime (the threads that hold it end before the product returns).
+unsafe impl Send for SendPtr<'_> {}
+unsafe impl Sync for SendPtr<'_> {}
 
 /// `x` rounded to the nearest bf16 (ties to even), and the bf16 nearest to what is left. Finite
 /// values only (no NaN branch; a NaN or infinity comes out a NaN or infinity either way, with a

@@ -183,7 +183,7 @@ fn drive(m: usize, b: &Panels, dst: &mut [f32], ld: usize, strip: impl Fn(usize,
     let panels = b.cols.div_ceil(NR);
     let parts = rayon::current_num_threads().min(panels).max(1);
     let block = rows_per_block(b.inner);
-    let out = SendPtr(dst.as_mut_ptr());
+    let out = SendPtr::new(dst);
     let (out, strip) = (&out, &strip);
     (0..parts).into_par_iter().for_each(|t| {
         for r0 in (0..m).step_by(block) {
