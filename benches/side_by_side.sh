@@ -12,6 +12,8 @@
 #   KERNELS="auto avx512 f32": rerankd runs once per CPU kernel path (RERANKD_KERNEL, see
 #   src/model/cpu.rs) in each round: "rerankd" as it runs by default (auto: the best path this CPU
 #   has), "rerankd-<path>" for a named one; the table compares each with the peer. Default: auto.
+#   PRECISION=bf16: scoring shapes in reduced precision on both sides (rerankd --precision bf16,
+#   the peer under torch.autocast(bfloat16)); training shapes are refused then.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-1}; shift || true
@@ -23,6 +25,8 @@ bin=${RERANKD:-target/release/rerankd}
 config=${CONFIG:-tests/fixtures/qwen3-0.6b.config.json}
 steps=${STEPS:-3}
 read -r -a kernels <<< "${KERNELS:-auto}"
+precision=${PRECISION:-f32}
+peer_precision=""; [ "$precision" = bf16 ] && peer_precision="--bf16"
 threads=${THREADS:-$(nproc)}
 [ -x "$bin" ] || cargo build --release
 out=$(mktemp)
@@ -32,15 +36,15 @@ for ((r = 1; r <= rounds; r++)); do
     for kernel in "${kernels[@]}"; do
       tool=rerankd; [ "$kernel" = auto ] || tool=rerankd-$kernel
       if [ "$mode" = docs ]; then
-        ours=$(RERANKD_KERNEL=$kernel RAYON_NUM_THREADS=$threads "$bin" bench --config "$config" --docs "$b" --doc-len "$l" --query-len 16 --score-batch "$b" --steps "$steps" --json)
+        ours=$(RERANKD_KERNEL=$kernel RAYON_NUM_THREADS=$threads "$bin" bench --config "$config" --docs "$b" --doc-len "$l" --query-len 16 --score-batch "$b" --steps "$steps" --precision "$precision" --json)
       else
-        ours=$(RERANKD_KERNEL=$kernel RAYON_NUM_THREADS=$threads "$bin" bench --config "$config" --batch "$b" --length "$l" --steps "$steps" --only "$mode" --json)
+        ours=$(RERANKD_KERNEL=$kernel RAYON_NUM_THREADS=$threads "$bin" bench --config "$config" --batch "$b" --length "$l" --steps "$steps" --only "$mode" --precision "$precision" --json)
       fi
       echo "{\"tool\":\"$tool\",\"shape\":\"$s\",\"round\":$r,\"out\":$ours}" | tee -a "$out"
     done
     flag=""; [ "$mode" = train ] || flag="--score"
     [ "$mode" = docs ] && l=$((60 + 16 + l))
-    peer=$("$py" "$peer_dir/peer_torch_lora.py" $flag --batch "$b" --seq "$l" --steps "$steps" --threads "$threads" 2>/dev/null | tail -1)
+    peer=$("$py" "$peer_dir/peer_torch_lora.py" $flag --batch "$b" --seq "$l" --steps "$steps" --threads "$threads" $peer_precision 2>/dev/null | tail -1)
     echo "{\"tool\":\"torch\",\"shape\":\"$s\",\"round\":$r,\"out\":$peer}" | tee -a "$out"
   done
 done

@@ -202,3 +202,63 @@ fn the_chosen_kernel_path_carries_the_fixture() {
     }
     eprintln!("fixture: kernel path {} ({})", chosen.name(), cpu::describe());
 }
+
+/// `--precision bf16` (opt-in, scoring only) against the default f32 on the fixture, through the
+/// real binary (the precision is a process's setting): the fixture's reference documents for one
+/// of its queries, scored both ways. The scores move by little and the ranking is kept (nDCG@10
+/// of the bf16 order against the f32 order, Kendall's tau, the top document). The numbers are
+/// printed for docs/performance.md. A CPU without AVX512_BF16 refuses the option: reported as
+/// skipped.
+#[test]
+fn bf16_precision_keeps_the_fixtures_ranking() {
+    use rerankd::train::metrics::{agreement_ndcg10, kendall_tau};
+    let (_, pairs) = reference();
+    let query = pairs[0].query.clone();
+    // Twenty documents: the reference's documents and queries, and sentences of their words.
+    let mut docs: Vec<String> = pairs.iter().flat_map(|p| [p.document.clone(), p.query.clone()]).collect();
+    let words: Vec<String> = docs.join(" ").split_whitespace().map(str::to_string).collect();
+    for i in 0..20 {
+        docs.push((0..8 + i % 5).map(|j| words[(7 * i + 3 * j) % words.len()].as_str()).collect::<Vec<_>>().join(" "));
+    }
+    docs.sort();
+    docs.dedup();
+    docs.truncate(20);
+    let run = |precision: &str| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rerankd"));
+        cmd.args(["--json", "score", "--model", fixture().to_str().unwrap(), "--query", &query]);
+        cmd.args(["--precision", precision]);
+        for d in &docs {
+            cmd.args(["--doc", d]);
+        }
+        cmd.output().unwrap()
+    };
+    let scores = |out: &std::process::Output| -> Vec<f64> {
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["score"].as_f64().unwrap()).collect()
+    };
+    let exact = run("f32");
+    assert!(exact.status.success(), "{}", String::from_utf8_lossy(&exact.stderr));
+    let reduced = run("bf16");
+    if rerankd::model::cpu::chosen() == rerankd::model::cpu::Kernel::F32 {
+        assert!(!reduced.status.success(), "--precision bf16 was accepted on the f32 path");
+        let why = "RERANKD_KERNEL=f32 has no bf16 products (the option is refused)";
+        rerankd::testhooks::skipped("fixture::bf16_precision_keeps_the_fixtures_ranking", "a packed kernel path", why);
+        return;
+    }
+    if let Some(why) = rerankd::model::cpu::Kernel::Avx512Bf16.unavailable() {
+        assert!(!reduced.status.success(), "--precision bf16 was accepted without AVX512_BF16");
+        rerankd::testhooks::skipped("fixture::bf16_precision_keeps_the_fixtures_ranking", "avx512bf16", &why);
+        return;
+    }
+    assert!(reduced.status.success(), "{}", String::from_utf8_lossy(&reduced.stderr));
+    let (f, b) = (scores(&exact), scores(&reduced));
+    assert_eq!(f.len(), docs.len());
+    let diff = f.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let (ndcg, tau) = (agreement_ndcg10(&f, &b), kendall_tau(&f, &b));
+    eprintln!(
+        "fixture, bf16 against f32: {} documents, max |score diff| {diff:.2e}, nDCG@10 {ndcg:.4}, Kendall tau {tau:.4}",
+        f.len()
+    );
+    assert!(diff < 0.02, "bf16 moved a score by {diff}");
+    assert!(ndcg > 0.98 && tau > 0.9, "bf16 changed the ranking: nDCG@10 {ndcg}, tau {tau}");
+}

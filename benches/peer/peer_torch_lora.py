@@ -18,6 +18,7 @@ p.add_argument("--full-logits", action="store_true", help="materialize B x L x V
 p.add_argument("--threads", type=int, default=0)
 p.add_argument("--device", default="cpu", help="cpu or cuda")
 p.add_argument("--score", action="store_true", help="time scoring (no grad) instead of a training step")
+p.add_argument("--bf16", action="store_true", help="score under torch.autocast(bfloat16), the peer of rerankd --precision bf16")
 a = p.parse_args()
 if a.threads:
     torch.set_num_threads(a.threads)
@@ -40,7 +41,9 @@ def gpu_mb():
 times = []
 if a.score:
     model.eval()
-    with torch.no_grad():
+    import contextlib
+    cast = torch.autocast(a.device, dtype=torch.bfloat16) if a.bf16 else contextlib.nullcontext()
+    with torch.no_grad(), cast:
         for s in range(a.steps + 1):
             t0 = time.perf_counter()
             logits = model(input_ids=ids, logits_to_keep=1).logits[:, -1, :]
@@ -49,7 +52,7 @@ if a.score:
             if s > 0:
                 times.append(time.perf_counter() - t0)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peer": "torch", "mode": "score", "seq": a.seq, "batch": a.batch, "layers": a.layers,
+    print(json.dumps({"peer": "torch", "mode": "score", "precision": "bf16" if a.bf16 else "f32", "seq": a.seq, "batch": a.batch, "layers": a.layers,
                       "batch_s_median": round(statistics.median(times), 3), "pairs_per_s": round(a.batch / statistics.median(times), 2),
                       "peak_rss_mb": round(rss_mb), "device": a.device, "peak_gpu_mb": gpu_mb()}))
     raise SystemExit(0)

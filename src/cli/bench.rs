@@ -10,10 +10,12 @@ use std::time::Instant;
 use clap::Args;
 use rand::{Rng, SeedableRng};
 use rerankd::model::Qwen3Config;
+use rerankd::model::cpu::{Precision, set_precision};
 use rerankd::model::device::DeviceChoice;
 use rerankd::model::lora::{LoraConfig, LoraSet, Target};
 use rerankd::model::qwen3::{Adapters, Batch, Qwen3, yes_no_loss};
 use rerankd::model::random::RandomWeights;
+use rerankd::train::metrics::{agreement_ndcg10, kendall_tau};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -45,6 +47,15 @@ pub struct BenchArgs {
     /// Time only training micro-steps or only scoring forwards (default: both).
     #[arg(long, value_enum)]
     pub only: Option<Only>,
+    /// The precision of the frozen products (as `serve --precision`); bf16 times scoring only.
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
+    /// Ranking agreement of `--precision bf16` with f32 instead of timing: this many queries,
+    /// each with `--docs` documents of `--doc-len` tokens (random), scored by the model packed
+    /// both ways; prints the score differences, nDCG@10 of the bf16 order with the f32 order as
+    /// the reference, Kendall's tau and top-1 agreement.
+    #[arg(long, default_value_t = 0)]
+    pub agreement: usize,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +71,14 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     let cfg = Qwen3Config::from_file(&a.config)?;
     let device = a.device.open()?;
     let w = RandomWeights { seed: 0, dtype: candle_core::DType::BF16, device: device.clone() };
+    if a.agreement > 0 {
+        return agreement(&a, &cfg, &w, &device);
+    }
+    anyhow::ensure!(
+        a.precision == Precision::F32 || a.only == Some(Only::Score) || a.docs > 0,
+        "--precision bf16 is for scoring: add --only score (or --docs)"
+    );
+    set_precision(a.precision).map_err(anyhow::Error::msg)?;
     let model = Qwen3::load(&cfg, &w, 9693, 2152, &device)?;
     let lcfg = LoraConfig::new(a.lora_r, 2.0 * a.lora_r as f64, 0.0, &[Target::Q, Target::K, Target::V, Target::O]);
     let lora = LoraSet::init(&lcfg, &cfg, 0, &device)?;
@@ -132,6 +151,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         "cpu": rerankd::model::cpu::describe(),
         "matmul": rerankd::model::kernels::training(rerankd::model::kernels::matmul_kind),
         "score_matmul": rerankd::model::kernels::matmul_kind(),
+        "precision": a.precision,
     });
     if super::json() {
         println!("{line}");
@@ -188,6 +208,7 @@ fn score_mode(
         "weights": model.weights_kind(),
         "cpu": rerankd::model::cpu::describe(),
         "matmul": rerankd::model::kernels::matmul_kind(),
+        "precision": a.precision,
     });
     if super::json() {
         println!("{line}");
@@ -195,6 +216,82 @@ fn score_mode(
         println!("{}", serde_json::to_string_pretty(&line)?);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--agreement`: the same random model packed for f32 and for bf16, the same queries and
+/// documents scored by both (each query's documents after its shared prefix, as serve does).
+fn agreement(
+    a: &BenchArgs,
+    cfg: &Qwen3Config,
+    w: &RandomWeights,
+    device: &candle_core::Device,
+) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(a.docs >= 2, "--agreement needs --docs of at least 2");
+    set_precision(Precision::F32).map_err(anyhow::Error::msg)?;
+    let exact = Qwen3::load(cfg, w, 9693, 2152, device)?;
+    set_precision(Precision::Bf16).map_err(anyhow::Error::msg)?;
+    let reduced = Qwen3::load(cfg, w, 9693, 2152, device)?;
+    set_precision(Precision::F32).map_err(anyhow::Error::msg)?;
+    let lcfg = LoraConfig::new(a.lora_r, 2.0 * a.lora_r as f64, 0.0, &[Target::Q, Target::K, Target::V, Target::O]);
+    // A trained adapter's B is not zero: a random B as well as A, so the LoRA path counts.
+    let lora = LoraSet::init(&lcfg, cfg, 3, device)?;
+    for layer in 0..cfg.num_hidden_layers {
+        for t in [Target::Q, Target::K, Target::V, Target::O] {
+            if let Some(p) = lora.get(layer, t) {
+                let b = candle_core::Tensor::randn(0f32, 0.02, p.b.as_tensor().dims(), device)?;
+                p.b.set(&b)?;
+            }
+        }
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let scores = |model: &Qwen3, prefix: &[u32], docs: &[Vec<u32>]| -> anyhow::Result<Vec<f64>> {
+        let mut ad = Adapters { lora: Some(&lora), dropout: None, train: false };
+        let cache = model.prefix_cache(prefix, &mut ad)?;
+        let mut out = Vec::new();
+        for chunk in docs.chunks(a.score_batch.max(1)) {
+            let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+            let l =
+                model.yes_no_logits_after(&cache, &Batch::new(&refs, 151643, device)?, &mut ad)?.to_vec2::<f32>()?;
+            out.extend(l.iter().map(|r| f64::from(r[1] - r[0])));
+        }
+        Ok(out)
+    };
+    let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
+    let (mut max_diff, mut sum_diff, mut max_logit_diff, mut n) = (0f64, 0f64, 0f64, 0usize);
+    let (mut ndcg, mut tau, mut top1) = (Vec::new(), Vec::new(), 0usize);
+    for _ in 0..a.agreement {
+        let mut tok = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect() };
+        let prefix = tok(TEMPLATE_TOKENS + a.query_len);
+        let docs: Vec<Vec<u32>> = (0..a.docs).map(|_| tok(a.doc_len)).collect();
+        let (f, b) = (scores(&exact, &prefix, &docs)?, scores(&reduced, &prefix, &docs)?);
+        for (x, y) in f.iter().zip(&b) {
+            let d = (sigmoid(*x) - sigmoid(*y)).abs();
+            (max_diff, sum_diff, n) = (max_diff.max(d), sum_diff + d, n + 1);
+            max_logit_diff = max_logit_diff.max((x - y).abs());
+        }
+        ndcg.push(agreement_ndcg10(&f, &b));
+        tau.push(kendall_tau(&f, &b));
+        top1 += usize::from(argmax(&f) == argmax(&b));
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+    let line = serde_json::json!({
+        "agreement": "bf16 against f32", "queries": a.agreement, "docs": a.docs, "doc_len": a.doc_len,
+        "prefix_len": TEMPLATE_TOKENS + a.query_len,
+        "score_abs_diff_max": max_diff, "score_abs_diff_mean": sum_diff / n as f64,
+        "logit_abs_diff_max": max_logit_diff,
+        "ndcg10_mean": mean(&ndcg), "ndcg10_min": min(&ndcg),
+        "kendall_tau_mean": mean(&tau), "kendall_tau_min": min(&tau),
+        "top1_agreement": top1 as f64 / a.agreement as f64,
+        "weights_f32": exact.weights_kind(), "weights_bf16": reduced.weights_kind(),
+        "cpu": rerankd::model::cpu::describe(), "threads": rayon::current_num_threads(),
+    });
+    println!("{line}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn argmax(v: &[f64]) -> usize {
+    (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap_or(0)
 }
 
 fn round1(x: f64) -> f64 {

@@ -41,9 +41,16 @@ pub struct ScoreArgs {
     pub batch_size: usize,
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
+    /// f32 (default), or bf16 (opt-in, as `serve --precision`).
+    #[arg(long, default_value = "f32")]
+    pub precision: rerankd::model::cpu::Precision,
 }
 
 pub fn run(root: &Root, a: ScoreArgs) -> anyhow::Result<ExitCode> {
+    if let Err(why) = rerankd::model::cpu::set_precision(a.precision) {
+        super::complain(why);
+        return Ok(ExitCode::from(super::EXIT_REFUSED));
+    }
     let adapter_dir = match (&a.corpus, &a.adapter) {
         (Some(c), _) => match models::current(root, &rerankd::ids::CorpusName::parse(c)?) {
             Some((_, dir)) => Some(dir),

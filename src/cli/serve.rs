@@ -32,6 +32,11 @@ pub struct ServeArgs {
     pub model: String,
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
+    /// The precision of the products against the frozen weights: f32 (exact to the fixture
+    /// tolerances), or bf16 (opt-in, CPUs with AVX512_BF16: faster, scores within about 1e-2;
+    /// docs/performance.md has its ranking agreement).
+    #[arg(long, default_value = "f32")]
+    pub precision: rerankd::model::cpu::Precision,
     /// Capture every corpus's rankings as feedback events (else only corpora whose
     /// policy.json has `"capture": true`).
     #[arg(long)]
@@ -53,6 +58,11 @@ pub fn run(root: &Root, a: ServeArgs) -> anyhow::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     super::daemon::init_logging(a.log_format);
+    if let Err(why) = rerankd::model::cpu::set_precision(a.precision) {
+        super::complain(why);
+        return Ok(ExitCode::from(super::EXIT_REFUSED));
+    }
+    tracing::info!(precision = ?a.precision, "products against the frozen weights");
     let o = Options {
         listen: a.listen,
         socket: a.socket,

@@ -18,6 +18,49 @@
 
 use std::sync::OnceLock;
 
+/// The precision of the products against frozen weights that a process asks for, before it
+/// loads a model: `f32` (the default: every kernel path within the fixture tolerances), or
+/// `bf16`, opt-in for scoring (`serve --precision bf16`, `score --precision bf16`): the activation
+/// rounded to bf16 and multiplied by `vdpbf16ps` against the bf16 weight with f32 sums, one
+/// instruction per pair where the exact split takes two. Only where the CPU has AVX512_BF16;
+/// training always runs `f32`. Its effect on scores and rankings: docs/performance.md.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        crate::settings::spelled(s)
+    }
+}
+
+static BF16: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks for `p` for the frozen weights packed from now on (a model loaded after this call).
+/// Refuses `bf16` where the CPU cannot run it, or where `RERANKD_KERNEL=f32` asked for gemm.
+pub fn set_precision(p: Precision) -> Result<(), String> {
+    if p == Precision::Bf16 {
+        if let Some(why) = Kernel::Avx512Bf16.unavailable() {
+            return Err(format!("--precision bf16 needs AVX512_BF16: {why}"));
+        }
+        if chosen() == Kernel::F32 {
+            return Err("--precision bf16 with RERANKD_KERNEL=f32: the f32 path has no bf16 products".into());
+        }
+    }
+    BF16.store(p == Precision::Bf16, std::sync::atomic::Ordering::SeqCst);
+    Ok(())
+}
+
+/// The precision frozen weights are packed for now.
+pub fn precision() -> Precision {
+    if BF16.load(std::sync::atomic::Ordering::SeqCst) { Precision::Bf16 } else { Precision::F32 }
+}
+
 /// A kernel path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {

@@ -166,6 +166,10 @@ impl Frozen {
 
 /// `w [n x k]` packed for `kernel`, where that path packs and every value is a bf16.
 fn pack(kernel: Kernel, w: &[f32], n: usize, k: usize) -> Option<Box<dyn PackedWeight>> {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu::precision() == super::cpu::Precision::Bf16 && kernel != Kernel::F32 {
+        return super::pairs::Pairs::new(w, n, k, super::pairs::PairKernel::DotBf16).map(|p| Box::new(p) as _);
+    }
     match kernel {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         Kernel::Amx => super::amx::Packed::new(w, n, k).map(|p| Box::new(p) as Box<dyn PackedWeight>),

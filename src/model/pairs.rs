@@ -8,6 +8,9 @@
 //! - [`Dot`](PairKernel::Dot) (`avx512-bf16`): the other operand split as `hi + lo` (two bf16s, 16
 //!   significant bits), two `vdpbf16ps` per pair of the summed index, f32 sums; what is dropped is
 //!   the operand's bits past the 16th (a relative error near 2^-16 per term, as AMX's).
+//! - [`DotBf16`](PairKernel::DotBf16) (`--precision bf16`, opt-in for scoring): the operand
+//!   rounded to one bf16, one `vdpbf16ps` per pair: not exact (a relative error near 2^-9 per
+//!   term), twice the products per instruction of the others.
 //! - [`Fma`](PairKernel::Fma) (`avx512`): each pair widened to two f32 vectors in registers (a
 //!   shift and a mask) and multiplied by AVX-512 FMA against the f32 operand: the f32 product.
 //!
@@ -31,6 +34,8 @@ const MR: usize = 8;
 pub enum PairKernel {
     /// `vdpbf16ps`, the operand as `hi + lo` (AVX512_BF16).
     Dot,
+    /// `vdpbf16ps`, the operand rounded to bf16 (AVX512_BF16): reduced precision, opt-in.
+    DotBf16,
     /// Widened to f32, AVX-512 FMA.
     Fma,
 }
@@ -39,7 +44,7 @@ impl PairKernel {
     /// Why this CPU cannot run it, if it cannot.
     pub fn unavailable(self) -> Option<String> {
         match self {
-            PairKernel::Dot => super::cpu::Kernel::Avx512Bf16.unavailable(),
+            PairKernel::Dot | PairKernel::DotBf16 => super::cpu::Kernel::Avx512Bf16.unavailable(),
             PairKernel::Fma => super::cpu::Kernel::Avx512.unavailable(),
         }
     }
@@ -130,7 +135,8 @@ impl Pairs {
         match self.kernel {
             // SAFETY: a Pairs with this kernel exists only where the CPU runs it (`new`); a, b
             // and dst checked above.
-            PairKernel::Dot => unsafe { drive_dot(m, a, b, dst, ld, accumulate) },
+            PairKernel::Dot => unsafe { drive_dot::<true>(m, a, b, dst, ld, accumulate) },
+            PairKernel::DotBf16 => unsafe { drive_dot::<false>(m, a, b, dst, ld, accumulate) },
             PairKernel::Fma => unsafe { drive_fma(m, a, b, dst, ld, accumulate) },
         }
     }
@@ -202,17 +208,25 @@ fn drive(m: usize, b: &Panels, dst: &mut [f32], ld: usize, strip: impl Fn(usize,
 /// consecutive pairs as u32 lanes, the operand `vdpbf16ps` broadcasts. Into the calling thread's
 /// kept buffer (`m * w` u16 each), handed back by [`keep_split`]: fresh buffers per product (50 MB
 /// at 2048 rows of 6144) cost their page faults at every call.
-fn split_rows(a: Mat, m: usize, inner: usize) -> Vec<u16> {
+fn split_rows<const LO: bool>(a: Mat, m: usize, inner: usize) -> Vec<u16> {
     let w = inner.next_multiple_of(2);
     let mut both = SPLIT.with(std::cell::Cell::take);
     both.clear();
-    both.resize(2 * m * w, 0);
-    let (hi, lo) = both.split_at_mut(m * w);
-    hi.par_chunks_mut(w).zip(lo.par_chunks_mut(w)).enumerate().for_each(|(r, (h, l))| {
-        for (i, &v) in a.line(r * a.rs(), inner).iter().enumerate() {
-            (h[i], l[i]) = bf16_split(v);
-        }
-    });
+    both.resize(if LO { 2 } else { 1 } * m * w, 0);
+    if LO {
+        let (hi, lo) = both.split_at_mut(m * w);
+        hi.par_chunks_mut(w).zip(lo.par_chunks_mut(w)).enumerate().for_each(|(r, (h, l))| {
+            for (i, &v) in a.line(r * a.rs(), inner).iter().enumerate() {
+                (h[i], l[i]) = bf16_split(v);
+            }
+        });
+    } else {
+        both.par_chunks_mut(w).enumerate().for_each(|(r, h)| {
+            for (i, &v) in a.line(r * a.rs(), inner).iter().enumerate() {
+                h[i] = bf16_split(v).0;
+            }
+        });
+    }
     both
 }
 
@@ -225,29 +239,31 @@ thread_local! {
     static SPLIT: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
+/// `LO`: the operand as `hi + lo` (exact to 16 bits), else as `hi` alone (`--precision bf16`).
+///
 /// # Safety
 /// AVX512_BF16 on this CPU; `a`, `b` and `dst` checked for the product by the caller.
-unsafe fn drive_dot(m: usize, a: Mat, b: &Panels, dst: &mut [f32], ld: usize, accumulate: bool) {
-    let both = split_rows(a, m, b.inner);
+unsafe fn drive_dot<const LO: bool>(m: usize, a: Mat, b: &Panels, dst: &mut [f32], ld: usize, accumulate: bool) {
+    let both = split_rows::<LO>(a, m, b.inner);
     let (kp, cols) = (b.kp(), b.cols);
     let (hi, lo) = both.split_at(m * 2 * kp);
     drive(m, b, dst, ld, |rows, r0, p, out| {
         let w = &b.lines[p * kp * 2..][..kp * 2];
         let h = &hi[r0 * 2 * kp..][..rows * 2 * kp];
-        let l = &lo[r0 * 2 * kp..][..rows * 2 * kp];
+        let l = if LO { &lo[r0 * 2 * kp..][..rows * 2 * kp] } else { &[][..] };
         let valid = NR.min(cols - p * NR);
         // SAFETY: the CPU has AVX512_BF16 (the caller's); the operands are sliced to the strip
         // and the panel; out holds `rows` rows of `valid` columns at ld (the caller's checks).
         unsafe {
             match rows {
-                8 => dot::<8>(h, l, w, kp, out, ld, valid, accumulate),
-                7 => dot::<7>(h, l, w, kp, out, ld, valid, accumulate),
-                6 => dot::<6>(h, l, w, kp, out, ld, valid, accumulate),
-                5 => dot::<5>(h, l, w, kp, out, ld, valid, accumulate),
-                4 => dot::<4>(h, l, w, kp, out, ld, valid, accumulate),
-                3 => dot::<3>(h, l, w, kp, out, ld, valid, accumulate),
-                2 => dot::<2>(h, l, w, kp, out, ld, valid, accumulate),
-                _ => dot::<1>(h, l, w, kp, out, ld, valid, accumulate),
+                8 => dot::<8, LO>(h, l, w, kp, out, ld, valid, accumulate),
+                7 => dot::<7, LO>(h, l, w, kp, out, ld, valid, accumulate),
+                6 => dot::<6, LO>(h, l, w, kp, out, ld, valid, accumulate),
+                5 => dot::<5, LO>(h, l, w, kp, out, ld, valid, accumulate),
+                4 => dot::<4, LO>(h, l, w, kp, out, ld, valid, accumulate),
+                3 => dot::<3, LO>(h, l, w, kp, out, ld, valid, accumulate),
+                2 => dot::<2, LO>(h, l, w, kp, out, ld, valid, accumulate),
+                _ => dot::<1, LO>(h, l, w, kp, out, ld, valid, accumulate),
             }
         }
     });
@@ -310,14 +326,14 @@ unsafe fn store<const R: usize>(acc: &[__m512; 16], out: *mut f32, ld: usize, va
     }
 }
 
-/// One strip by `vdpbf16ps`: `hi`, `lo` the strip's `R` rows of `2 kp` bf16, `w` the panel's `2 kp`
-/// lines.
+/// One strip by `vdpbf16ps`: `hi`, `lo` the strip's `R` rows of `2 kp` bf16 (`lo` only with
+/// `LO`), `w` the panel's `2 kp` lines.
 ///
 /// # Safety
 /// AVX512_BF16; `out` as for [`store`].
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn dot<const R: usize>(
+unsafe fn dot<const R: usize, const LO: bool>(
     hi: &[u16],
     lo: &[u16],
     w: &[Line],
@@ -327,7 +343,7 @@ unsafe fn dot<const R: usize>(
     valid: usize,
     accumulate: bool,
 ) {
-    assert!(hi.len() >= R * 2 * kp && lo.len() >= R * 2 * kp && w.len() >= 2 * kp);
+    assert!(hi.len() >= R * 2 * kp && (!LO || lo.len() >= R * 2 * kp) && w.len() >= 2 * kp);
     let mut acc = [_mm512_setzero_ps(); 16];
     let (hp, lp, wp) = (hi.as_ptr().cast::<i32>(), lo.as_ptr().cast::<i32>(), w.as_ptr());
     for q in 0..kp {
@@ -339,9 +355,11 @@ unsafe fn dot<const R: usize>(
                 let h: __m512bh = std::mem::transmute(_mm512_set1_epi32(hp.add(r * kp + q).read_unaligned()));
                 acc[2 * r] = _mm512_dpbf16_ps(acc[2 * r], h, w0);
                 acc[2 * r + 1] = _mm512_dpbf16_ps(acc[2 * r + 1], h, w1);
-                let l: __m512bh = std::mem::transmute(_mm512_set1_epi32(lp.add(r * kp + q).read_unaligned()));
-                acc[2 * r] = _mm512_dpbf16_ps(acc[2 * r], l, w0);
-                acc[2 * r + 1] = _mm512_dpbf16_ps(acc[2 * r + 1], l, w1);
+                if LO {
+                    let l: __m512bh = std::mem::transmute(_mm512_set1_epi32(lp.add(r * kp + q).read_unaligned()));
+                    acc[2 * r] = _mm512_dpbf16_ps(acc[2 * r], l, w0);
+                    acc[2 * r + 1] = _mm512_dpbf16_ps(acc[2 * r + 1], l, w1);
+                }
             }
         }
     }
@@ -411,14 +429,15 @@ mod tests {
 
     /// Both products of a packed weight, for each kernel this CPU runs, against an f64 product:
     /// within 2^-16 of the sum of the terms' magnitudes for `Dot` (the operand split in two
-    /// bf16s), 2^-20 for `Fma` (f32 sums); accumulating and not; the columns past the product's
+    /// bf16s), 2^-8 for `DotBf16` (the operand rounded to one bf16, at most 2^-9 of each term),
+    /// 2^-20 for `Fma` (f32 sums); accumulating and not; the columns past the product's
     /// untouched; the weight read back exactly; a weight with a value that is not a bf16 not packed.
     /// A kernel this CPU lacks is reported as skipped.
     #[test]
     fn pair_products_match_f64_for_every_kernel_this_cpu_runs() {
-        for (kernel, tol) in [(PairKernel::Dot, 65536.0), (PairKernel::Fma, 1048576.0)] {
+        for (kernel, tol) in [(PairKernel::Dot, 65536.0), (PairKernel::DotBf16, 256.0), (PairKernel::Fma, 1048576.0)] {
             if let Some(why) = kernel.unavailable() {
-                let needs = if kernel == PairKernel::Dot { "avx512bf16" } else { "avx512" };
+                let needs = if kernel == PairKernel::Fma { "avx512" } else { "avx512bf16" };
                 crate::testhooks::skipped("model::pairs::tests", needs, &why);
                 continue;
             }

@@ -44,9 +44,53 @@ pub fn rank_and_measure(scores: &[f32], labels: &[u8], k: usize) -> ListMetrics 
     list_metrics(&ranked, k)
 }
 
+/// How far a second scoring (`got`, e.g. `--precision bf16`) keeps a reference ranking (`want`):
+/// nDCG@10 of the order `got` gives, the reference order `want` giving the gains: its top
+/// document 10, the next 9, ..., its eleventh and below 0 (1.0 when the top 10 agree in order).
+pub fn agreement_ndcg10(want: &[f64], got: &[f64]) -> f64 {
+    let order = |s: &[f64]| {
+        let mut o: Vec<usize> = (0..s.len()).collect();
+        o.sort_by(|&i, &j| s[j].total_cmp(&s[i]));
+        o
+    };
+    let mut gain = vec![0f64; want.len()];
+    for (rank, &i) in order(want).iter().enumerate().take(10) {
+        gain[i] = (10 - rank) as f64;
+    }
+    let dcg = |o: &[usize]| o.iter().take(10).enumerate().map(|(r, &i)| gain[i] / (r as f64 + 2.0).log2()).sum::<f64>();
+    dcg(&order(got)) / dcg(&order(want))
+}
+
+/// Kendall's tau-b of two score lists.
+pub fn kendall_tau(x: &[f64], y: &[f64]) -> f64 {
+    let (mut c, mut d, mut tx, mut ty) = (0f64, 0f64, 0f64, 0f64);
+    for i in 0..x.len() {
+        for j in i + 1..x.len() {
+            let (a, b) = ((x[i] - x[j]).signum(), (y[i] - y[j]).signum());
+            match (x[i] == x[j], y[i] == y[j]) {
+                (true, true) => {}
+                (true, false) => tx += 1.0,
+                (false, true) => ty += 1.0,
+                _ if a == b => c += 1.0,
+                _ => d += 1.0,
+            }
+        }
+    }
+    (c - d) / ((c + d + tx) * (c + d + ty)).sqrt()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agreement_measures() {
+        let a = [0.9, 0.1, 0.5, 0.3];
+        assert_eq!(kendall_tau(&a, &a), 1.0);
+        assert_eq!(kendall_tau(&a, &[0.1, 0.9, 0.5, 0.7]), -1.0);
+        assert!((agreement_ndcg10(&a, &a) - 1.0).abs() < 1e-12);
+        assert!(agreement_ndcg10(&a, &[0.1, 0.9, 0.5, 0.7]) < 0.9);
+    }
 
     fn close(a: f64, b: f64) {
         assert!((a - b).abs() < 1e-9, "{a} vs {b}");
