@@ -43,6 +43,9 @@ impl Frozen {
         if w.device().is_cpu() {
             let kernel = super::cpu::chosen();
             let packed = with_host(&w, "frozen weight", |v| Ok(pack(kernel, v, n, k)))?;
+            // `--precision bf16` packs for `vdpbf16ps` whatever path was chosen (pack's first rule).
+            let bf16 = super::cpu::precision() == super::cpu::Precision::Bf16 && kernel != Kernel::F32;
+            let kernel = if bf16 { Kernel::Avx512Bf16 } else { kernel };
             if let Some(p) = packed {
                 return Ok(Self(Arc::new(Repr::Packed { w: p, kernel, device: w.device().clone() })));
             }
@@ -59,7 +62,8 @@ impl Frozen {
     }
 
     /// The kernel path this weight's products run on (how it is held): `F32` for an f32 tensor,
-    /// `Amx` for tiles, `Avx512Bf16` or `Avx512` for bf16 pairs.
+    /// `Amx` for tiles, `Avx512Bf16` or `Avx512` for bf16 pairs (`Avx512Bf16` also under
+    /// `--precision bf16`).
     pub fn runs_on(&self) -> Kernel {
         match &*self.0 {
             Repr::Tensor(_) => Kernel::F32,
