@@ -89,7 +89,11 @@ mod tests {
         assert_eq!(kendall_tau(&a, &a), 1.0);
         assert_eq!(kendall_tau(&a, &[0.1, 0.9, 0.5, 0.7]), -1.0);
         assert!((agreement_ndcg10(&a, &a) - 1.0).abs() < 1e-12);
-        assert!(agreement_ndcg10(&a, &[0.1, 0.9, 0.5, 0.7]) < 0.9);
+        // The reversed order: gains 7, 8, 9, 10 where the reference has 10, 9, 8, 7.
+        let dcg = |g: [f64; 4]| g.iter().enumerate().map(|(r, x)| x / (r as f64 + 2.0).log2()).sum::<f64>();
+        let want = dcg([7.0, 8.0, 9.0, 10.0]) / dcg([10.0, 9.0, 8.0, 7.0]);
+        assert!((agreement_ndcg10(&a, &[0.1, 0.9, 0.5, 0.7]) - want).abs() < 1e-12);
+        assert!(want < 0.95);
     }
 
     fn close(a: f64, b: f64) {
