@@ -67,27 +67,16 @@ impl std::error::Error for SettingsError {}
 /// A field path as `serde_path_to_error` gives it, for people: the root is `(root)`, and list
 /// indices are dropped (`lora.target_modules[1]` names `lora.target_modules`; the message names
 /// the value).
-fn field_of(path: &serde_path_to_error::Path) -> Option<String> {
-    let mut out = String::new();
-    for seg in path.iter() {
-        use serde_path_to_error::Segment;
-        match seg {
-            Segment::Map { key } => {
-                if !out.is_empty() {
-                    out.push('.');
-                }
-                out.push_str(key);
-            }
-            Segment::Enum { variant } => {
-                if !out.is_empty() {
-                    out.push('.');
-                }
-                out.push_str(variant);
-            }
-            Segment::Seq { .. } | Segment::Unknown => {}
-        }
-    }
-    Some(if out.is_empty() { "(root)".to_string() } else { out })
+fn field_of(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let names: Vec<&str> = path
+        .iter()
+        .filter_map(|seg| match seg {
+            Segment::Map { key: name } | Segment::Enum { variant: name } => Some(name.as_str()),
+            Segment::Seq { .. } | Segment::Unknown => None,
+        })
+        .collect();
+    if names.is_empty() { "(root)".to_string() } else { names.join(".") }
 }
 
 /// The raw struct a JSON settings text holds, or the error at its field.
@@ -95,7 +84,7 @@ pub fn from_json<T: DeserializeOwned>(text: &[u8]) -> Result<T, SettingsError> {
     let mut de = serde_json::Deserializer::from_slice(text);
     let raw = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let syntax = e.inner().is_syntax() || e.inner().is_eof();
-        let field = if syntax { None } else { field_of(e.path()) };
+        let field = (!syntax).then(|| field_of(e.path()));
         let message = e.into_inner().to_string();
         match field {
             None => SettingsError::whole(format!("not valid JSON: {message}")),
@@ -111,7 +100,7 @@ pub fn from_toml<T: DeserializeOwned>(text: &str) -> Result<T, SettingsError> {
     let de = toml::Deserializer::parse(text)
         .map_err(|e| SettingsError::whole(format!("not valid TOML: {}", e.message().trim())))?;
     serde_path_to_error::deserialize(de).map_err(|e| {
-        let field = field_of(e.path()).filter(|f| f != "(root)");
+        let field = Some(field_of(e.path())).filter(|f| f != "(root)");
         let message = e.into_inner().message().trim().to_string();
         match field {
             None => SettingsError::whole(message),

@@ -460,19 +460,26 @@ fn ten_random_kills_of_the_daemon_the_run_or_both_end_bitwise() {
     assert_gap_free(&root, &id);
 }
 
+/// A run of `micro` x `accum` under a 256 MB budget that allocates 1.5 GB at optimizer step 3
+/// (the daemon's watchdog kills it), to its end: the root, the run and its final status.
+fn run_killed_by_the_watchdog_at_step_3(micro: u64, accum: u64) -> (Root, String, Value) {
+    let root = Root::new("");
+    let d = DaemonGuard(root.daemon_env(&[("RERANKD_TEST_STEP_SLEEP_MS", "100"), ("RERANKD_TEST_ALLOC_MB", "1500@3")]));
+    let mut j = job(&root, micro, accum);
+    j["memory_budget_mb"] = 256.into();
+    let id = root.submit("j.json", &j);
+    let st = wait_state(&root, &id, &["completed", "failed", "cancelled", "paused"], LONG);
+    drop(d);
+    (root, id, st)
+}
+
 /// The daemon's own memory watchdog is evidence of memory pressure: a run that grows past its hard
 /// limit after making progress (1.5 GB at step 3 under a 256 MB budget, whose hard limit is
 /// 768 MB) is killed, resumes from its checkpoint under a 3/4 micro-batch, and completes; the
 /// `cap` event and `status` name the kill.
 #[test]
 fn a_watchdog_kill_after_progress_resumes_under_a_smaller_plan() {
-    let root = Root::new("");
-    let d = DaemonGuard(root.daemon_env(&[("RERANKD_TEST_STEP_SLEEP_MS", "100"), ("RERANKD_TEST_ALLOC_MB", "1500@3")]));
-    let mut j = job(&root, 4, 1);
-    j["memory_budget_mb"] = 256.into();
-    let id = root.submit("j.json", &j);
-    let st = wait_state(&root, &id, &["completed", "failed", "cancelled", "paused"], LONG);
-    drop(d);
+    let (root, id, st) = run_killed_by_the_watchdog_at_step_3(4, 1);
     assert_eq!(st["state"], "completed", "{st}");
     let cap = root
         .events(&id)
@@ -487,13 +494,7 @@ fn a_watchdog_kill_after_progress_resumes_under_a_smaller_plan() {
 
     // At a micro-batch of one row the plan cannot shrink: the run fails saying so, rather than
     // meeting the same end again.
-    let root = Root::new("");
-    let d = DaemonGuard(root.daemon_env(&[("RERANKD_TEST_STEP_SLEEP_MS", "100"), ("RERANKD_TEST_ALLOC_MB", "1500@3")]));
-    let mut j = job(&root, 1, 4);
-    j["memory_budget_mb"] = 256.into();
-    let id = root.submit("j.json", &j);
-    let st = wait_state(&root, &id, &["completed", "failed", "cancelled", "paused"], LONG);
-    drop(d);
+    let (_root, _, st) = run_killed_by_the_watchdog_at_step_3(1, 4);
     assert_eq!(st["state"], "failed", "{st}");
     assert!(st["error"].as_str().unwrap().contains("cannot shrink"), "{st}");
 }

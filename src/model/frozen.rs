@@ -41,12 +41,8 @@ impl Frozen {
         let w = w.to_dtype(DType::F32)?.contiguous()?;
         let (n, k) = w.dims2()?;
         if w.device().is_cpu() {
-            let kernel = super::cpu::chosen();
-            let packed = with_host(&w, "frozen weight", |v| Ok(pack(kernel, v, n, k)))?;
-            // `--precision bf16` packs for `vdpbf16ps` whatever path was chosen (pack's first rule).
-            let bf16 = super::cpu::precision() == super::cpu::Precision::Bf16 && kernel != Kernel::F32;
-            let kernel = if bf16 { Kernel::Avx512Bf16 } else { kernel };
-            if let Some(p) = packed {
+            let packed = with_host(&w, "frozen weight", |v| Ok(pack(super::cpu::chosen(), v, n, k)))?;
+            if let Some((kernel, p)) = packed {
                 return Ok(Self(Arc::new(Repr::Packed { w: p, kernel, device: w.device().clone() })));
             }
         }
@@ -168,13 +164,16 @@ impl Frozen {
     }
 }
 
-/// `w [n x k]` packed for `kernel`, where that path packs and every value is a bf16.
-fn pack(kernel: Kernel, w: &[f32], n: usize, k: usize) -> Option<Box<dyn PackedWeight>> {
+/// `w [n x k]` packed for `kernel`, where that path packs and every value is a bf16, with the path
+/// its products then run on: under `--precision bf16`, `vdpbf16ps` on the operand rounded to bf16
+/// (reported as `Avx512Bf16`) whatever path was chosen but `F32`.
+fn pack(kernel: Kernel, w: &[f32], n: usize, k: usize) -> Option<(Kernel, Box<dyn PackedWeight>)> {
     #[cfg(target_arch = "x86_64")]
     if super::cpu::precision() == super::cpu::Precision::Bf16 && kernel != Kernel::F32 {
-        return super::pairs::Pairs::new(w, n, k, super::pairs::PairKernel::DotBf16).map(|p| Box::new(p) as _);
+        let p = super::pairs::Pairs::new(w, n, k, super::pairs::PairKernel::DotBf16)?;
+        return Some((Kernel::Avx512Bf16, Box::new(p)));
     }
-    match kernel {
+    let packed: Option<Box<dyn PackedWeight>> = match kernel {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         Kernel::Amx => super::amx::Packed::new(w, n, k).map(|p| Box::new(p) as Box<dyn PackedWeight>),
         #[cfg(target_arch = "x86_64")]
@@ -187,7 +186,8 @@ fn pack(kernel: Kernel, w: &[f32], n: usize, k: usize) -> Option<Box<dyn PackedW
             let _ = (w, n, k);
             None
         }
-    }
+    };
+    packed.map(|p| (kernel, p))
 }
 
 /// That `len` values hold `m` rows of `cols` at `ld` per row.
